@@ -1,0 +1,122 @@
+//! The appliance's Prometheus metrics: one struct, registered once, shared by every edge.
+//!
+//! Labels are small closed sets (error kinds, routes, actions) taken from the `kind()` of
+//! each module's error enum, so a dashboard can tell *what* went wrong without reading logs.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// One label pair; values come from closed sets, so cardinality stays bounded.
+pub type Labels = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
+
+/// Every metric the appliance exports.
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<Labels2, Counter>,
+    pub http_bytes_sent: Counter,
+    pub tftp_requests: Family<Labels, Counter>,
+    pub tftp_transfers: Family<Labels, Counter>,
+    pub tftp_active: Gauge,
+    pub tftp_bytes_sent: Counter,
+    pub tftp_retransmits: Counter,
+    pub tftp_errors: Family<Labels, Counter>,
+    pub boot_decisions: Family<Labels, Counter>,
+    pub registrations: Family<Labels, Counter>,
+    pub configdata: Family<Labels, Counter>,
+    pub inventory_errors: Family<Labels, Counter>,
+    pub boot_script_seconds: Histogram,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric under the `arges` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("arges");
+        let m = Metrics {
+            http_requests: Family::default(),
+            http_bytes_sent: Counter::default(),
+            tftp_requests: Family::default(),
+            tftp_transfers: Family::default(),
+            tftp_active: Gauge::default(),
+            tftp_bytes_sent: Counter::default(),
+            tftp_retransmits: Counter::default(),
+            tftp_errors: Family::default(),
+            boot_decisions: Family::default(),
+            registrations: Family::default(),
+            configdata: Family::default(),
+            inventory_errors: Family::default(),
+            boot_script_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("http_requests", "HTTP requests by route and status class", m.http_requests.clone());
+        r.register("http_body_bytes_sent", "HTTP body bytes sent", m.http_bytes_sent.clone());
+        r.register("tftp_requests", "TFTP requests by result", m.tftp_requests.clone());
+        r.register("tftp_transfers", "Finished TFTP transfers by outcome", m.tftp_transfers.clone());
+        r.register("tftp_active_transfers", "TFTP transfers in progress", m.tftp_active.clone());
+        r.register("tftp_bytes_sent", "TFTP payload bytes sent", m.tftp_bytes_sent.clone());
+        r.register("tftp_retransmits", "TFTP packets sent again after a timeout or loss", m.tftp_retransmits.clone());
+        r.register("tftp_errors", "Malformed or refused TFTP packets by kind", m.tftp_errors.clone());
+        r.register("boot_decisions", "Boot decisions by action", m.boot_decisions.clone());
+        r.register("registrations", "Agent registrations by result", m.registrations.clone());
+        r.register("configdata_requests", "/configdata requests by result", m.configdata.clone());
+        r.register("inventory_errors", "Inventory store failures by operation", m.inventory_errors.clone());
+        r.register("boot_script_seconds", "Time to decide and render a boot script", m.boot_script_seconds.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Counts one event in a single-label family.
+    pub fn inc(family: &Family<Labels, Counter>, key: &'static str, value: &'static str) {
+        family.get_or_create(&[(key, value)]).inc();
+    }
+
+    /// Counts an HTTP request.
+    pub fn http_request(&self, route: &'static str, status: u16) {
+        let class = match status {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.http_requests.get_or_create(&[("route", route), ("status", class)]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_registered_metrics() {
+        let m = Metrics::new();
+        Metrics::inc(&m.tftp_errors, "kind", "truncated");
+        m.http_request("boot", 200);
+        let text = m.render();
+        assert!(text.contains("arges_tftp_errors_total{kind=\"truncated\"} 1"), "{text}");
+        assert!(text.contains("arges_http_requests_total{route=\"boot\",status=\"2xx\"} 1"), "{text}");
+    }
+}

@@ -1,0 +1,279 @@
+//! TFTP server (RFC 1350, 2347, 2348, 2349, 7440): read-only, tokio, root-confined.
+//!
+//! Why our own engine: the Rust crates evaluated fall short of what boot storms need.
+//! `async-tftp` has no windowsize (RFC 7440) and no per-client limits; `tftpd` is
+//! thread-per-transfer and blocking; `tftp_server` is unmaintained and lockstep-only. The
+//! wire format and the window logic are small (see [`packet`] and [`transfer`]); owning them
+//! lets us serve hot files from memory and keep the engine measurable as a library.
+//!
+//! Each transfer runs on its own socket bound to a fresh port (its TID), connected to the
+//! client so stray datagrams from other hosts never reach it. A global and a per-client cap
+//! bound the work a flood of abandoned requests can cause; a retransmitted RRQ from a client
+//! whose transfer is already running is dropped rather than starting a second one.
+
+pub mod packet;
+pub mod transfer;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use crate::files::{FileError, FileRoot};
+use crate::metrics::Metrics;
+use packet::ErrorCode;
+
+/// Tunables of the TFTP engine.
+#[derive(Debug, Clone)]
+pub struct TftpSettings {
+    /// Transfers in progress at once, across all clients.
+    pub max_transfers: usize,
+    /// Transfers in progress at once from one client address.
+    pub max_transfers_per_client: usize,
+    /// First retransmission timeout (a client's `timeout` option overrides it).
+    pub timeout: Duration,
+    /// Backoff ceiling.
+    pub max_timeout: Duration,
+    /// Retransmissions of one packet before giving up.
+    pub retries: u32,
+    /// Largest block size granted (8..=65464).
+    pub max_blksize: u16,
+    /// Largest window granted.
+    pub max_windowsize: u16,
+}
+
+impl Default for TftpSettings {
+    fn default() -> Self {
+        TftpSettings {
+            max_transfers: 2000,
+            max_transfers_per_client: 32,
+            timeout: Duration::from_secs(1),
+            max_timeout: Duration::from_secs(4),
+            retries: 5,
+            max_blksize: 65464,
+            max_windowsize: 256,
+        }
+    }
+}
+
+/// Why a transfer ended without delivering the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TftpError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("client aborted with error {code}: {message}")]
+    ClientAborted { code: u16, message: String },
+    #[error("client stopped answering")]
+    Timeout,
+    #[error("netascii file of {0} bytes is too large to convert")]
+    NetasciiTooLarge(u64),
+    #[error("socket error: {0}")]
+    Io(#[source] std::io::Error),
+}
+
+impl TftpError {
+    /// Stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TftpError::File(e) => e.kind(),
+            TftpError::ClientAborted { .. } => "client_aborted",
+            TftpError::Timeout => "timeout",
+            TftpError::NetasciiTooLarge(_) => "netascii_too_large",
+            TftpError::Io(_) => "io",
+        }
+    }
+}
+
+#[derive(Default)]
+struct Active {
+    clients: HashSet<SocketAddr>,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// Releases a transfer's slot when the transfer ends, however it ends.
+struct Slot {
+    server: Arc<TftpServer>,
+    client: SocketAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut active = self.server.active.lock().unwrap_or_else(|p| p.into_inner());
+        active.clients.remove(&self.client);
+        if let Some(n) = active.per_ip.get_mut(&self.client.ip()) {
+            *n -= 1;
+            if *n == 0 {
+                active.per_ip.remove(&self.client.ip());
+            }
+        }
+        self.server.metrics.tftp_active.dec();
+    }
+}
+
+/// A TFTP server over one file root.
+pub struct TftpServer {
+    settings: TftpSettings,
+    files: Arc<FileRoot>,
+    metrics: Arc<Metrics>,
+    active: Mutex<Active>,
+}
+
+impl TftpServer {
+    /// A server for `files`.
+    pub fn new(settings: TftpSettings, files: Arc<FileRoot>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(TftpServer { settings, files, metrics, active: Mutex::new(Active::default()) })
+    }
+
+    /// Serves requests arriving on `socket` until `cancel` fires; running transfers are
+    /// cancelled with it.
+    pub async fn serve(self: Arc<Self>, socket: UdpSocket, cancel: CancellationToken) -> std::io::Result<()> {
+        let local = socket.local_addr()?;
+        tracing::info!(%local, "TFTP listening");
+        let mut buf = vec![0u8; packet::MAX_REQUEST_LEN + 1];
+        loop {
+            let (n, peer) = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = socket.recv_from(&mut buf) => match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // ICMP errors surface here on some kernels; never stop serving for them.
+                        tracing::debug!(error = %e, "TFTP receive error");
+                        continue;
+                    }
+                },
+            };
+            self.handle_request(&socket, local, &buf[..n], peer, &cancel).await;
+        }
+    }
+
+    async fn handle_request(
+        self: &Arc<Self>,
+        socket: &UdpSocket,
+        local: SocketAddr,
+        raw: &[u8],
+        peer: SocketAddr,
+        cancel: &CancellationToken,
+    ) {
+        let req = match packet::decode_request(raw) {
+            Ok(r) => r,
+            Err(e) => {
+                Metrics::inc(&self.metrics.tftp_errors, "kind", e.kind());
+                tracing::warn!(%peer, error = %e, "malformed TFTP request");
+                transfer::send_error(socket, Some(peer), ErrorCode::IllegalOperation, &e.to_string()).await;
+                return;
+            }
+        };
+        if req.write {
+            Metrics::inc(&self.metrics.tftp_requests, "result", "write_refused");
+            tracing::warn!(%peer, file = %req.filename, "TFTP write refused");
+            transfer::send_error(socket, Some(peer), ErrorCode::AccessViolation, "server is read-only").await;
+            return;
+        }
+        let slot = match self.claim(peer) {
+            Claim::Granted(slot) => slot,
+            Claim::Duplicate => {
+                Metrics::inc(&self.metrics.tftp_requests, "result", "duplicate");
+                return;
+            }
+            Claim::Busy(why) => {
+                Metrics::inc(&self.metrics.tftp_requests, "result", "busy");
+                tracing::warn!(%peer, why, "TFTP request refused");
+                transfer::send_error(socket, Some(peer), ErrorCode::NotDefined, why).await;
+                return;
+            }
+        };
+        Metrics::inc(&self.metrics.tftp_requests, "result", "accepted");
+        let server = Arc::clone(self);
+        let cancel = cancel.child_token();
+        tokio::spawn(async move {
+            let _slot = slot;
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = server.run_transfer(local, peer, req) => {}
+            }
+        });
+    }
+
+    fn claim(self: &Arc<Self>, peer: SocketAddr) -> Claim {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if active.clients.contains(&peer) {
+            return Claim::Duplicate;
+        }
+        if active.clients.len() >= self.settings.max_transfers {
+            return Claim::Busy("server busy, try again");
+        }
+        let n = active.per_ip.entry(peer.ip()).or_default();
+        if *n >= self.settings.max_transfers_per_client {
+            return Claim::Busy("too many transfers from this client");
+        }
+        *n += 1;
+        active.clients.insert(peer);
+        self.metrics.tftp_active.inc();
+        Claim::Granted(Slot { server: Arc::clone(self), client: peer })
+    }
+
+    async fn run_transfer(&self, local: SocketAddr, peer: SocketAddr, req: packet::Request) {
+        let sock = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot bind a TFTP transfer socket");
+                return;
+            }
+        };
+        if let Err(e) = sock.connect(peer).await {
+            tracing::warn!(%peer, error = %e, "cannot reach TFTP client");
+            return;
+        }
+        let files = Arc::clone(&self.files);
+        let name = req.filename.clone();
+        let opened = tokio::task::spawn_blocking(move || files.open(&name)).await;
+        let file = match opened {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                let code = match e {
+                    FileError::Forbidden(_) => ErrorCode::AccessViolation,
+                    FileError::NotFound(_) => ErrorCode::FileNotFound,
+                    FileError::Io { .. } => ErrorCode::NotDefined,
+                };
+                Metrics::inc(&self.metrics.tftp_transfers, "outcome", e.kind());
+                tracing::warn!(%peer, file = %req.filename, error = %e, "TFTP request refused");
+                transfer::send_error(&sock, None, code, &e.to_string()).await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "file open task failed");
+                return;
+            }
+        };
+        let mut stats = transfer::TransferStats::default();
+        let result = transfer::send_file(&sock, &req, file, &self.settings, &mut stats).await;
+        self.metrics.tftp_bytes_sent.inc_by(stats.bytes);
+        self.metrics.tftp_retransmits.inc_by(stats.retransmits);
+        match result {
+            Ok(()) => {
+                Metrics::inc(&self.metrics.tftp_transfers, "outcome", "complete");
+                tracing::debug!(%peer, file = %req.filename, bytes = stats.bytes, retransmits = stats.retransmits, "TFTP transfer complete");
+            }
+            Err(e @ TftpError::ClientAborted { .. }) => {
+                Metrics::inc(&self.metrics.tftp_transfers, "outcome", e.kind());
+                tracing::debug!(%peer, file = %req.filename, error = %e, "TFTP transfer ended by client");
+            }
+            Err(e) => {
+                Metrics::inc(&self.metrics.tftp_transfers, "outcome", e.kind());
+                tracing::warn!(%peer, file = %req.filename, error = %e, "TFTP transfer failed");
+                if !matches!(e, TftpError::Timeout) {
+                    transfer::send_error(&sock, None, ErrorCode::NotDefined, &e.to_string()).await;
+                }
+            }
+        }
+    }
+}
+
+enum Claim {
+    Granted(Slot),
+    Duplicate,
+    Busy(&'static str),
+}

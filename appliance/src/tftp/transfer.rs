@@ -1,0 +1,330 @@
+//! One read transfer: option negotiation, then a sliding window of DATA blocks.
+//!
+//! Lockstep (RFC 1350) is the window-of-one case of RFC 7440. Loss is repaired go-back-N
+//! from the oldest unacknowledged block, with exponential backoff, and a retry limit ends a
+//! transfer whose client went away. A duplicate ACK never triggers a resend in lockstep mode
+//! (that is the Sorcerer's Apprentice storm); with a window it triggers at most one resend
+//! per window position, which is how RFC 7440 receivers report a gap. Block numbers roll
+//! over from 65535 to 0, as tftp-hpa, curl and iPXE expect.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::UdpSocket;
+use tokio::time::{Instant, timeout_at};
+
+use super::packet::{self, ClientPacket, ErrorCode, Mode, Request};
+use super::{TftpError, TftpSettings};
+use crate::files::{Contents, OpenFile};
+
+/// Netascii files are converted in memory; bigger ones are refused.
+const NETASCII_MAX: u64 = 16 << 20;
+/// Bytes read from disk at a time for files that are not held in memory.
+const CHUNK_BYTES: u64 = 1 << 20;
+
+/// What was agreed with the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    pub blksize: u16,
+    pub windowsize: u16,
+    pub timeout: Duration,
+    /// Options to acknowledge in an OACK, in request order; empty means "send DATA 1".
+    pub oack: Vec<(&'static str, String)>,
+}
+
+/// Applies RFC 2347/2348/2349/7440 to the requested options. Unknown or invalid options
+/// are left out of the OACK (never acknowledge what the client did not send or what we
+/// did not accept).
+pub fn negotiate(req: &Request, size: u64, settings: &TftpSettings) -> Negotiated {
+    let mut n = Negotiated { blksize: 512, windowsize: 1, timeout: settings.timeout, oack: Vec::new() };
+    for (name, value) in &req.options {
+        match name.as_str() {
+            "blksize" => {
+                if let Ok(v) = value.parse::<u32>() {
+                    if v >= 8 {
+                        n.blksize = v.min(u32::from(settings.max_blksize)).min(65464) as u16;
+                        n.oack.push(("blksize", n.blksize.to_string()));
+                    }
+                }
+            }
+            "windowsize" => {
+                if let Ok(v) = value.parse::<u32>() {
+                    if v >= 1 {
+                        n.windowsize = v.min(u32::from(settings.max_windowsize)).min(65535) as u16;
+                        n.oack.push(("windowsize", n.windowsize.to_string()));
+                    }
+                }
+            }
+            "timeout" => {
+                if let Ok(v) = value.parse::<u8>() {
+                    if v >= 1 {
+                        n.timeout = Duration::from_secs(u64::from(v));
+                        n.oack.push(("timeout", v.to_string()));
+                    }
+                }
+            }
+            "tsize" => n.oack.push(("tsize", size.to_string())),
+            _ => {}
+        }
+    }
+    n
+}
+
+/// Converts to netascii: LF becomes CR LF, a bare CR becomes CR NUL (RFC 764).
+pub fn to_netascii(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 32);
+    for &b in data {
+        match b {
+            b'\n' => out.extend_from_slice(b"\r\n"),
+            b'\r' => out.extend_from_slice(b"\r\0"),
+            _ => out.push(b),
+        }
+    }
+    out
+}
+
+/// Serves blocks of a file, reading on-disk files a chunk at a time off the reactor.
+struct Blocks {
+    file: OpenFile,
+    blksize: u64,
+    chunk_start: u64,
+    chunk: Bytes,
+}
+
+impl Blocks {
+    async fn new(file: OpenFile, mode: Mode, blksize: u16) -> Result<Self, TftpError> {
+        let file = match mode {
+            Mode::Octet => file,
+            Mode::Netascii => {
+                if file.len > NETASCII_MAX {
+                    return Err(TftpError::NetasciiTooLarge(file.len));
+                }
+                let raw = read_blocking(file.clone(), 0, file.len as usize).await?;
+                let converted = Bytes::from(to_netascii(&raw));
+                OpenFile { len: converted.len() as u64, contents: Contents::Memory(converted), ..file }
+            }
+        };
+        Ok(Blocks { file, blksize: u64::from(blksize), chunk_start: 0, chunk: Bytes::new() })
+    }
+
+    fn len(&self) -> u64 {
+        self.file.len
+    }
+
+    /// Blocks in the transfer: the last one is short, possibly empty.
+    fn count(&self) -> u64 {
+        self.file.len / self.blksize + 1
+    }
+
+    async fn get(&mut self, block: u64) -> Result<Bytes, TftpError> {
+        let start = (block - 1) * self.blksize;
+        let end = (start + self.blksize).min(self.file.len);
+        if let Contents::Memory(b) = &self.file.contents {
+            return Ok(b.slice(start as usize..end as usize));
+        }
+        let chunk_end = self.chunk_start + self.chunk.len() as u64;
+        if start < self.chunk_start || end > chunk_end {
+            // Chunks are whole blocks, so a block never straddles two chunks.
+            let span = (CHUNK_BYTES / self.blksize).max(1) * self.blksize;
+            self.chunk = read_blocking(self.file.clone(), start, span as usize).await?;
+            self.chunk_start = start;
+            if (self.chunk.len() as u64) < end - start {
+                return Err(TftpError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file shrank during transfer",
+                )));
+            }
+        }
+        let off = (start - self.chunk_start) as usize;
+        Ok(self.chunk.slice(off..off + (end - start) as usize))
+    }
+}
+
+async fn read_blocking(file: OpenFile, offset: u64, len: usize) -> Result<Bytes, TftpError> {
+    tokio::task::spawn_blocking(move || file.read_at(offset, len))
+        .await
+        .map_err(|e| TftpError::Io(std::io::Error::other(e)))?
+        .map_err(TftpError::Io)
+}
+
+/// Counters of one finished transfer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TransferStats {
+    pub bytes: u64,
+    pub retransmits: u64,
+}
+
+/// Maps a 16-bit ACK onto the absolute block range `lo..=hi` (at most 65536 wide).
+fn resolve_ack(n: u16, lo: u64, hi: u64) -> Option<u64> {
+    let a = lo + u64::from(n.wrapping_sub(lo as u16));
+    (a <= hi).then_some(a)
+}
+
+/// Runs a read transfer on a socket connected to the client. Returns when the last block
+/// is acknowledged, the client aborts, or retries run out.
+pub async fn send_file(
+    sock: &UdpSocket,
+    req: &Request,
+    file: OpenFile,
+    settings: &TftpSettings,
+    stats: &mut TransferStats,
+) -> Result<(), TftpError> {
+    let blksize = negotiate(req, 0, settings).blksize;
+    let mut blocks = Blocks::new(file, req.mode, blksize).await?;
+    // tsize announces what will be sent, which netascii conversion may have lengthened.
+    let neg = negotiate(req, blocks.len(), settings);
+    let mut buf = vec![0u8; 2048];
+
+    if !neg.oack.is_empty() {
+        let oack = packet::encode_oack(&neg.oack);
+        let mut wait = neg.timeout;
+        let mut tries = 0;
+        sock.send(&oack).await.map_err(TftpError::Io)?;
+        let mut deadline = Instant::now() + wait;
+        loop {
+            match timeout_at(deadline, sock.recv(&mut buf)).await {
+                Ok(Ok(n)) => match packet::decode_client(&buf[..n]) {
+                    Ok(ClientPacket::Ack(0)) => break,
+                    Ok(ClientPacket::Error { code, message }) => {
+                        // EDK2 and others probe tsize and abort: a normal end, not a failure.
+                        return Err(TftpError::ClientAborted { code, message });
+                    }
+                    _ => continue,
+                },
+                Ok(Err(e)) => return Err(TftpError::Io(e)),
+                Err(_) => {
+                    tries += 1;
+                    if tries > settings.retries {
+                        return Err(TftpError::Timeout);
+                    }
+                    stats.retransmits += 1;
+                    wait = (wait * 2).min(settings.max_timeout);
+                    sock.send(&oack).await.map_err(TftpError::Io)?;
+                    deadline = Instant::now() + wait;
+                }
+            }
+        }
+    }
+
+    let window = u64::from(neg.windowsize);
+    let last = blocks.count();
+    let mut base: u64 = 1; // oldest unacknowledged block
+    let mut next: u64 = 1; // next block to send
+    let mut highest_sent: u64 = 0;
+    let mut resent_for_dup = false;
+    let mut wait = neg.timeout;
+    let mut tries = 0;
+    let mut out = Vec::with_capacity(usize::from(neg.blksize) + 4);
+    let mut deadline = Instant::now() + wait;
+    loop {
+        while next < base + window && next <= last {
+            let data = blocks.get(next).await?;
+            packet::encode_data(&mut out, next as u16, &data);
+            sock.send(&out).await.map_err(TftpError::Io)?;
+            if next <= highest_sent {
+                stats.retransmits += 1;
+            } else {
+                highest_sent = next;
+                stats.bytes += data.len() as u64;
+            }
+            next += 1;
+        }
+        match timeout_at(deadline, sock.recv(&mut buf)).await {
+            Ok(Ok(n)) => match packet::decode_client(&buf[..n]) {
+                Ok(ClientPacket::Ack(ack)) => match resolve_ack(ack, base - 1, next - 1) {
+                    Some(a) if a >= base => {
+                        base = a + 1;
+                        if base > last {
+                            return Ok(());
+                        }
+                        next = next.max(base);
+                        resent_for_dup = false;
+                        tries = 0;
+                        wait = neg.timeout;
+                        deadline = Instant::now() + wait;
+                    }
+                    Some(_) if window > 1 && !resent_for_dup && next > base => {
+                        // The receiver saw a gap and re-acknowledged its last good block.
+                        next = base;
+                        resent_for_dup = true;
+                    }
+                    // Duplicate or stale ACK: ignoring it is what prevents the storm.
+                    _ => {}
+                },
+                Ok(ClientPacket::Error { code, message }) => {
+                    return Err(TftpError::ClientAborted { code, message });
+                }
+                Err(_) => {}
+            },
+            Ok(Err(e)) => return Err(TftpError::Io(e)),
+            Err(_) => {
+                tries += 1;
+                if tries > settings.retries {
+                    return Err(TftpError::Timeout);
+                }
+                wait = (wait * 2).min(settings.max_timeout);
+                deadline = Instant::now() + wait;
+                next = base;
+            }
+        }
+    }
+}
+
+/// Sends an ERROR to `to`; failures to send are not worth more than a debug line.
+pub async fn send_error(sock: &UdpSocket, to: Option<SocketAddr>, code: ErrorCode, msg: &str) {
+    let pkt = packet::encode_error(code, msg);
+    let res = match to {
+        Some(addr) => sock.send_to(&pkt, addr).await,
+        None => sock.send(&pkt).await,
+    };
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "could not send TFTP error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(options: &[(&str, &str)]) -> Request {
+        Request {
+            write: false,
+            filename: "f".into(),
+            mode: Mode::Octet,
+            options: options.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+        }
+    }
+
+    #[test]
+    fn negotiation_clamps_and_ignores() {
+        let s = TftpSettings { max_blksize: 1468, max_windowsize: 16, ..TftpSettings::default() };
+        let n = negotiate(
+            &req(&[("blksize", "65464"), ("windowsize", "64"), ("tsize", "0"), ("msftwindow", "31416")]),
+            1234,
+            &s,
+        );
+        assert_eq!(n.blksize, 1468);
+        assert_eq!(n.windowsize, 16);
+        assert_eq!(
+            n.oack,
+            vec![("blksize", "1468".into()), ("windowsize", "16".into()), ("tsize", "1234".into())]
+        );
+        let n = negotiate(&req(&[("blksize", "4"), ("timeout", "0"), ("windowsize", "x")]), 1, &s);
+        assert!(n.oack.is_empty(), "invalid values are not acknowledged");
+        assert_eq!((n.blksize, n.windowsize), (512, 1));
+    }
+
+    #[test]
+    fn ack_resolution_handles_rollover() {
+        assert_eq!(resolve_ack(0, 65535, 65540), Some(65536));
+        assert_eq!(resolve_ack(65535, 65535, 65540), Some(65535));
+        assert_eq!(resolve_ack(10, 65535, 65540), None);
+        assert_eq!(resolve_ack(3, 0, 3), Some(3));
+    }
+
+    #[test]
+    fn netascii_conversion() {
+        assert_eq!(to_netascii(b"a\nb\rc"), b"a\r\nb\r\0c".to_vec());
+    }
+}
