@@ -6,5 +6,6 @@
 //! The discovery [`agent`] shares only the [`registration`] wire types with the HTTP edge.
 
 pub mod files;
+pub mod ipxe;
 pub mod metrics;
 pub mod tftp;
