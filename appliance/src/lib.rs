@@ -9,3 +9,12 @@ pub mod files;
 pub mod ipxe;
 pub mod metrics;
 pub mod tftp;
+pub mod config;
+
+/// A fresh random token: 32 bytes from the OS, hex-encoded.
+pub fn random_token() -> String {
+    let mut b = [0u8; 32];
+    // The OS RNG failing is unrecoverable for anything security-related.
+    getrandom::fill(&mut b).expect("the operating system's random number generator failed");
+    hex::encode(b)
+}

@@ -1,0 +1,252 @@
+//! The `appliance.toml` file as written by operators: every section, every default.
+//!
+//! These types mirror the file one to one (`deny_unknown_fields`, so a typo is an error
+//! that names the key); [`super::Config`] is what the rest of the appliance uses, made from
+//! these by validation.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+fn is_root() -> bool {
+    // SAFETY-free check: /proc/self/status is always readable by the process itself.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfigFile {
+    pub http: HttpSection,
+    pub tftp: TftpSection,
+    /// Folder of boot assets (kernels, initrds) served over HTTP.
+    pub assets_dir: Option<PathBuf>,
+    /// Folder of the inventory and generated secrets.
+    pub data_dir: Option<PathBuf>,
+    /// Folder of `.wasm` plugins.
+    pub plugins_dir: Option<PathBuf>,
+    pub tokens: TokensSection,
+    pub policy: PolicySection,
+    pub discovery: DiscoverySection,
+    /// Boot environments by name.
+    pub environments: BTreeMap<String, EnvironmentSection>,
+    pub templates: TemplatesSection,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// Addresses to listen on.
+    pub listen: Vec<SocketAddr>,
+    /// Base URL machines use to reach the appliance; by default taken from each request's
+    /// Host header.
+    pub public_url: Option<String>,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection { listen: vec![SocketAddr::from(([127, 0, 0, 1], 8080))], public_url: None }
+    }
+}
+
+/// `[tftp]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TftpSection {
+    /// Addresses to listen on; port 69 when run as root, 6969 otherwise.
+    pub listen: Vec<SocketAddr>,
+    /// Folder served read-only.
+    pub root: Option<PathBuf>,
+    pub max_transfers: usize,
+    pub max_transfers_per_client: usize,
+    /// First retransmission timeout, milliseconds.
+    pub timeout_ms: u64,
+    /// Backoff ceiling, milliseconds.
+    pub max_timeout_ms: u64,
+    pub retries: u32,
+    /// Largest block size granted, 8..=65464.
+    pub max_blksize: u32,
+    /// Largest RFC 7440 window granted, 1..=1024.
+    pub max_windowsize: u32,
+    /// Files up to this size are served from memory.
+    pub cache_file_bytes: u64,
+    /// Memory the file cache may use in all.
+    pub cache_total_bytes: u64,
+}
+
+impl Default for TftpSection {
+    fn default() -> Self {
+        let s = crate::tftp::TftpSettings::default();
+        let c = crate::files::CacheLimits::default();
+        let port = if is_root() { 69 } else { 6969 };
+        TftpSection {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], port))],
+            root: None,
+            max_transfers: s.max_transfers,
+            max_transfers_per_client: s.max_transfers_per_client,
+            timeout_ms: s.timeout.as_millis() as u64,
+            max_timeout_ms: s.max_timeout.as_millis() as u64,
+            retries: s.retries,
+            max_blksize: u32::from(s.max_blksize),
+            max_windowsize: u32::from(s.max_windowsize),
+            cache_file_bytes: c.file_bytes,
+            cache_total_bytes: c.total_bytes,
+        }
+    }
+}
+
+/// `[tokens]`: each token inline, from a file, or (neither) generated once into the data
+/// folder.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokensSection {
+    pub registration: Option<String>,
+    pub registration_file: Option<PathBuf>,
+    pub admin: Option<String>,
+    pub admin_file: Option<PathBuf>,
+}
+
+/// What a registered but not yet accepted machine boots.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unaccepted {
+    /// Boot from local disk until accepted.
+    #[default]
+    LocalDisk,
+    /// Run discovery again (refreshes the hardware record).
+    Discover,
+}
+
+/// How "boot from local disk" is told to the firmware.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LocalDiskMethod {
+    /// iPXE `exit`: the firmware tries its next boot device (most BIOS, many UEFI).
+    #[default]
+    Exit,
+    /// iPXE `sanboot` of the first disk (firmware that loops back to the network on exit).
+    Sanboot,
+    /// Answer `/boot.ipxe` with HTTP 404 so iPXE fails and the firmware moves on.
+    Http404,
+}
+
+impl LocalDiskMethod {
+    /// The method's name in config and templates.
+    pub fn name(self) -> &'static str {
+        match self {
+            LocalDiskMethod::Exit => "exit",
+            LocalDiskMethod::Sanboot => "sanboot",
+            LocalDiskMethod::Http404 => "http-404",
+        }
+    }
+}
+
+/// `[policy]`: the built-in boot policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicySection {
+    pub unaccepted: Unaccepted,
+    /// Environment for accepted machines that have none of their own.
+    pub default_environment: Option<String>,
+    pub local_disk_method: LocalDiskMethod,
+    /// Per-architecture override of `local_disk_method` (keys: `x86_64`, `i386`, `arm64`, …).
+    pub local_disk_method_by_arch: BTreeMap<String, LocalDiskMethod>,
+    /// How long a boot token stays valid for `/configdata`, seconds.
+    pub boot_token_ttl_secs: u64,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        PolicySection {
+            unaccepted: Unaccepted::default(),
+            default_environment: None,
+            local_disk_method: LocalDiskMethod::default(),
+            local_disk_method_by_arch: BTreeMap::new(),
+            boot_token_ttl_secs: 3600,
+        }
+    }
+}
+
+/// `[discovery]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoverySection {
+    /// The environment unknown machines boot to register.
+    pub environment: String,
+    /// The environment a wipe boots (default: the discovery one, with `arges.mode=wipe`).
+    pub wipe_environment: Option<String>,
+}
+
+impl Default for DiscoverySection {
+    fn default() -> Self {
+        DiscoverySection { environment: "discovery".into(), wipe_environment: None }
+    }
+}
+
+/// A file of an environment: a path (relative to the assets folder), optionally pinned.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum AssetEntry {
+    Path(PathBuf),
+    Pinned {
+        path: PathBuf,
+        /// Hex sha256 the file must have; checked at load.
+        sha256: Option<String>,
+    },
+}
+
+impl AssetEntry {
+    pub fn path(&self) -> &PathBuf {
+        match self {
+            AssetEntry::Path(p) | AssetEntry::Pinned { path: p, .. } => p,
+        }
+    }
+    pub fn sha256(&self) -> Option<&str> {
+        match self {
+            AssetEntry::Path(_) => None,
+            AssetEntry::Pinned { sha256, .. } => sha256.as_deref(),
+        }
+    }
+}
+
+/// `[environments.NAME]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentSection {
+    pub kernel: AssetEntry,
+    #[serde(default)]
+    pub initrds: Vec<AssetEntry>,
+    /// Kernel command line, a template (see the `ipxe` module for the variables).
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+/// `[templates]`: files replacing the built-in iPXE templates.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default, rename_all = "kebab-case")]
+pub struct TemplatesSection {
+    pub discover: Option<PathBuf>,
+    pub environment: Option<PathBuf>,
+    pub local_disk: Option<PathBuf>,
+    pub wipe: Option<PathBuf>,
+    pub deny: Option<PathBuf>,
+}
+
+/// The discovery environment every default config has.
+pub fn default_discovery_environment() -> EnvironmentSection {
+    EnvironmentSection {
+        kernel: AssetEntry::Path("discovery/vmlinuz".into()),
+        initrds: vec![AssetEntry::Path("discovery/initramfs.img".into())],
+        cmdline: DEFAULT_DISCOVERY_CMDLINE.into(),
+    }
+}
+
+/// Kernel command line of the default discovery environment.
+pub const DEFAULT_DISCOVERY_CMDLINE: &str = "console=tty0 console=ttyS0,115200 \
+arges.appliance={{ appliance.url }} arges.token={{ registration_token }} arges.mode={{ action }}";
