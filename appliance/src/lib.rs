@@ -6,8 +6,10 @@
 //! The discovery [`agent`] shares only the [`registration`] wire types with the HTTP edge.
 
 pub mod files;
+pub mod inventory;
 pub mod ipxe;
 pub mod metrics;
+pub mod registration;
 pub mod tftp;
 pub mod config;
 

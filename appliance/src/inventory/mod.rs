@@ -1,0 +1,408 @@
+//! The inventory: Servers and their configuration blobs in an embedded redb store.
+//!
+//! redb commits are copy-on-write with checksummed commit slots and fsync before a commit
+//! returns, so a write that was acknowledged survives `kill -9` or a power cut, and a torn
+//! write can never be read back. Records are JSON (small, debuggable, forward-compatible
+//! with `serde(default)`); two indexes map MACs and UUIDs to server ids.
+//!
+//! Identity: a machine is its SMBIOS UUID *and* its MACs. Some firmware ships every board
+//! with the same UUID; a registration whose UUID is known but whose MACs match none of the
+//! servers with that UUID becomes a new server `<uuid>-<mac>`, and all of them are flagged
+//! `uuid_conflict`.
+
+pub mod model;
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::Path;
+
+use redb::{Database, MultimapTableDefinition, ReadableMultimapTable, ReadableTable, TableDefinition, WriteTransaction};
+
+pub use model::{BootGrant, BootRecord, Server, now};
+use crate::registration::{RegistrationRequest, normalize_mac};
+
+const SERVERS: TableDefinition<&str, &[u8]> = TableDefinition::new("servers");
+const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("configs");
+const BY_MAC: TableDefinition<&str, &str> = TableDefinition::new("servers_by_mac");
+const BY_UUID: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("servers_by_uuid");
+
+/// Inventory failures.
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("inventory store: {0}")]
+    Store(#[from] redb::Error),
+    #[error("server {0:?} not found")]
+    NotFound(String),
+    #[error("record {id:?} is unreadable: {source}")]
+    Corrupt {
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("invalid registration: {0}")]
+    Invalid(String),
+}
+
+impl InventoryError {
+    /// Stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            InventoryError::Store(_) => "store",
+            InventoryError::NotFound(_) => "not_found",
+            InventoryError::Corrupt { .. } => "corrupt",
+            InventoryError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+macro_rules! store_err {
+    ($($t:ty),*) => {$(impl From<$t> for InventoryError {
+        fn from(e: $t) -> Self { InventoryError::Store(e.into()) }
+    })*};
+}
+store_err!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+/// Result alias of this module.
+pub type Result<T> = std::result::Result<T, InventoryError>;
+
+/// The outcome of a registration.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub server: Server,
+    pub created: bool,
+}
+
+/// The embedded store.
+pub struct Inventory {
+    db: Database,
+}
+
+impl std::fmt::Debug for Inventory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Inventory")
+    }
+}
+
+fn decode(id: &str, bytes: &[u8]) -> Result<Server> {
+    serde_json::from_slice(bytes).map_err(|source| InventoryError::Corrupt { id: id.to_string(), source })
+}
+
+fn encode(s: &Server) -> Vec<u8> {
+    // Serialising plain data structs to JSON cannot fail.
+    serde_json::to_vec(s).unwrap_or_default()
+}
+
+impl Inventory {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(SERVERS)?;
+        txn.open_table(CONFIGS)?;
+        txn.open_table(BY_MAC)?;
+        txn.open_multimap_table(BY_UUID)?;
+        txn.commit()?;
+        Ok(Inventory { db })
+    }
+
+    /// Every server, ordered by id.
+    pub fn list(&self) -> Result<Vec<Server>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(SERVERS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// One server by id.
+    pub fn get(&self, id: &str) -> Result<Server> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(SERVERS)?;
+        let v = t.get(id)?.ok_or_else(|| InventoryError::NotFound(id.to_string()))?;
+        decode(id, v.value())
+    }
+
+    /// The server a booting machine is, from what its firmware says: the MAC decides when
+    /// it is known (and agrees with the UUID); else a UUID that only one server has.
+    pub fn find_for_boot(&self, uuid: Option<&str>, mac: Option<&str>) -> Result<Option<Server>> {
+        let txn = self.db.begin_read()?;
+        let servers = txn.open_table(SERVERS)?;
+        let load = |id: &str| -> Result<Option<Server>> {
+            servers.get(id)?.map(|v| decode(id, v.value())).transpose()
+        };
+        if let Some(mac) = mac {
+            let by_mac = txn.open_table(BY_MAC)?;
+            let id = by_mac.get(mac)?.map(|g| g.value().to_string());
+            if let Some(id) = id {
+                if let Some(s) = load(&id)? {
+                    if uuid.is_none_or(|u| u == s.uuid) {
+                        return Ok(Some(s));
+                    }
+                }
+            }
+        }
+        if let Some(uuid) = uuid {
+            let by_uuid = txn.open_multimap_table(BY_UUID)?;
+            let ids: Vec<String> = by_uuid.get(uuid)?.map(|g| g.map(|g| g.value().to_string())).collect::<std::result::Result<_, _>>()?;
+            // With several servers behind one UUID and no matching MAC, guessing would boot
+            // the wrong machine's environment: treat it as unknown.
+            if let [id] = ids.as_slice() {
+                return load(id);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records a registration from the agent, creating or updating the server.
+    pub fn register(&self, req: &RegistrationRequest, uuid: &str) -> Result<Registered> {
+        let macs: Vec<String> = {
+            let mut seen = HashSet::new();
+            req.hardware.nics.iter().filter_map(|n| normalize_mac(&n.mac)).filter(|m| seen.insert(m.clone())).collect()
+        };
+        let txn = self.db.begin_write()?;
+        let result = {
+            let mut servers = txn.open_table(SERVERS)?;
+            let mut by_uuid = txn.open_multimap_table(BY_UUID)?;
+            let mut candidates = Vec::new();
+            for id in by_uuid.get(uuid)? {
+                let id = id?.value().to_string();
+                if let Some(v) = servers.get(id.as_str())? {
+                    candidates.push(decode(&id, v.value())?);
+                }
+            }
+            let now = now();
+            let same = candidates
+                .iter()
+                .position(|s| s.macs.is_empty() || macs.is_empty() || s.macs.iter().any(|m| macs.contains(m)));
+            let (mut server, created) = match same {
+                Some(i) => (candidates.swap_remove(i), false),
+                None => {
+                    let conflict = !candidates.is_empty();
+                    let id = if conflict {
+                        let suffix = macs.first().map(|m| m.replace(':', "")).ok_or_else(|| {
+                            InventoryError::Invalid(format!("UUID {uuid} is already registered and this machine reports no MAC to tell it apart"))
+                        })?;
+                        format!("{uuid}-{suffix}")
+                    } else {
+                        uuid.to_string()
+                    };
+                    if conflict {
+                        tracing::warn!(uuid, id, "another machine already registered with this UUID; keeping both apart by MAC");
+                        for other in &mut candidates {
+                            other.uuid_conflict = true;
+                            servers.insert(other.id.as_str(), encode(other).as_slice())?;
+                        }
+                    }
+                    let s = Server {
+                        id,
+                        uuid: uuid.to_string(),
+                        macs: Vec::new(),
+                        hardware: Default::default(),
+                        labels: Default::default(),
+                        accepted: false,
+                        cordoned: false,
+                        environment: None,
+                        bmc_address: None,
+                        uuid_conflict: conflict,
+                        has_config: false,
+                        registered_at: now,
+                        updated_at: now,
+                        boot_history: Default::default(),
+                        last_boot: None,
+                    };
+                    by_uuid.insert(uuid, s.id.as_str())?;
+                    (s, true)
+                }
+            };
+            let mut new_macs = server.macs.clone();
+            for m in &macs {
+                if !new_macs.contains(m) {
+                    new_macs.push(m.clone());
+                }
+            }
+            server.macs = new_macs;
+            server.hardware = req.hardware.clone();
+            if let Some(bmc) = &req.hardware.bmc {
+                if !bmc.ip.is_empty() {
+                    server.bmc_address = Some(bmc.ip.clone());
+                }
+            }
+            server.updated_at = now;
+            servers.insert(server.id.as_str(), encode(&server).as_slice())?;
+            Self::index_macs(&txn, &server)?;
+            Registered { server, created }
+        };
+        txn.commit()?;
+        Ok(result)
+    }
+
+    fn index_macs(txn: &WriteTransaction, server: &Server) -> Result<()> {
+        let mut by_mac = txn.open_table(BY_MAC)?;
+        for m in &server.macs {
+            by_mac.insert(m.as_str(), server.id.as_str())?;
+        }
+        Ok(())
+    }
+
+    /// Applies `change` to a server and stores it, in one transaction.
+    pub fn update<F: FnOnce(&mut Server)>(&self, id: &str, change: F) -> Result<Server> {
+        let txn = self.db.begin_write()?;
+        let server = {
+            let mut t = txn.open_table(SERVERS)?;
+            let mut s = match t.get(id)? {
+                Some(v) => decode(id, v.value())?,
+                None => return Err(InventoryError::NotFound(id.to_string())),
+            };
+            change(&mut s);
+            s.updated_at = now();
+            t.insert(id, encode(&s).as_slice())?;
+            s
+        };
+        txn.commit()?;
+        Ok(server)
+    }
+
+    /// Stores (or with `None`, removes) a server's configuration blob.
+    pub fn set_config(&self, id: &str, blob: Option<&[u8]>) -> Result<Server> {
+        let txn = self.db.begin_write()?;
+        let server = {
+            let mut t = txn.open_table(SERVERS)?;
+            let mut s = match t.get(id)? {
+                Some(v) => decode(id, v.value())?,
+                None => return Err(InventoryError::NotFound(id.to_string())),
+            };
+            let mut c = txn.open_table(CONFIGS)?;
+            match blob {
+                Some(b) => {
+                    c.insert(id, b)?;
+                }
+                None => {
+                    c.remove(id)?;
+                }
+            }
+            s.has_config = blob.is_some();
+            s.updated_at = now();
+            t.insert(id, encode(&s).as_slice())?;
+            s
+        };
+        txn.commit()?;
+        Ok(server)
+    }
+
+    /// A server's configuration blob.
+    pub fn config(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        let txn = self.db.begin_read()?;
+        let c = txn.open_table(CONFIGS)?;
+        Ok(c.get(id)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Removes a server, its indexes and its configuration.
+    pub fn delete(&self, id: &str) -> Result<Server> {
+        let txn = self.db.begin_write()?;
+        let server = {
+            let mut t = txn.open_table(SERVERS)?;
+            let s = match t.remove(id)? {
+                Some(v) => decode(id, v.value())?,
+                None => return Err(InventoryError::NotFound(id.to_string())),
+            };
+            txn.open_table(CONFIGS)?.remove(id)?;
+            txn.open_multimap_table(BY_UUID)?.remove(s.uuid.as_str(), id)?;
+            let mut by_mac = txn.open_table(BY_MAC)?;
+            for m in &s.macs {
+                let owner = by_mac.get(m.as_str())?.map(|g| g.value().to_string());
+                if owner.as_deref() == Some(id) {
+                    by_mac.remove(m.as_str())?;
+                }
+            }
+            s
+        };
+        txn.commit()?;
+        Ok(server)
+    }
+
+    /// Records a served boot script and its grant.
+    pub fn record_boot(&self, id: &str, record: BootRecord, grant: Option<BootGrant>) -> Result<Server> {
+        self.update(id, |s| {
+            s.push_boot(record);
+            if grant.is_some() {
+                s.last_boot = grant;
+            }
+        })
+    }
+
+    /// The address a server last booted from (for `/configdata`'s same-source rule).
+    pub fn last_boot_source(&self, id: &str) -> Result<Option<IpAddr>> {
+        Ok(self.get(id)?.last_boot.and_then(|g| g.source))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registration::{Hardware, Nic};
+
+    fn req(macs: &[&str]) -> RegistrationRequest {
+        RegistrationRequest {
+            uuid: String::new(),
+            hardware: Hardware {
+                vendor: "QEMU".into(),
+                nics: macs.iter().map(|m| Nic { name: "eth0".into(), mac: m.to_string(), addresses: vec![] }).collect(),
+                ..Default::default()
+            },
+            mode: "discover".into(),
+        }
+    }
+
+    const U: &str = "03000200-0400-0500-0006-000700080009";
+
+    #[test]
+    fn duplicate_uuids_do_not_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let inv = Inventory::open(&dir.path().join("i.redb")).unwrap();
+        let a = inv.register(&req(&["52:54:00:00:00:01"]), U).unwrap();
+        assert!(a.created);
+        assert_eq!(a.server.id, U);
+        let again = inv.register(&req(&["52:54:00:00:00:01", "52:54:00:00:01:01"]), U).unwrap();
+        assert!(!again.created, "same UUID and a shared MAC is the same machine");
+        let b = inv.register(&req(&["52:54:00:00:00:02"]), U).unwrap();
+        assert!(b.created);
+        assert_eq!(b.server.id, format!("{U}-525400000002"));
+        assert!(b.server.uuid_conflict);
+        assert!(inv.get(U).unwrap().uuid_conflict);
+        assert_eq!(inv.list().unwrap().len(), 2);
+        // Booting: the MAC tells them apart; the UUID alone is ambiguous.
+        assert_eq!(inv.find_for_boot(Some(U), Some("52:54:00:00:00:02")).unwrap().unwrap().id, b.server.id);
+        assert_eq!(inv.find_for_boot(Some(U), Some("52:54:00:00:01:01")).unwrap().unwrap().id, U);
+        assert!(inv.find_for_boot(Some(U), None).unwrap().is_none());
+        assert!(inv.register(&req(&[]), U).is_ok(), "no MACs: updates the first, not an error");
+    }
+
+    #[test]
+    fn update_config_delete_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.redb");
+        {
+            let inv = Inventory::open(&path).unwrap();
+            inv.register(&req(&["52:54:00:00:00:01"]), U).unwrap();
+            inv.update(U, |s| s.accepted = true).unwrap();
+            inv.set_config(U, Some(b"machine: {}")).unwrap();
+            for i in 0..30 {
+                inv.record_boot(U, BootRecord { at: i, action: "discover".into(), environment: None, source: None }, None).unwrap();
+            }
+        }
+        let inv = Inventory::open(&path).unwrap();
+        let s = inv.get(U).unwrap();
+        assert!(s.accepted && s.has_config);
+        assert_eq!(s.boot_history.len(), model::BOOT_HISTORY_LEN);
+        assert_eq!(s.boot_history.back().unwrap().at, 29);
+        assert_eq!(inv.config(U).unwrap().unwrap(), b"machine: {}");
+        inv.delete(U).unwrap();
+        assert!(matches!(inv.get(U), Err(InventoryError::NotFound(_))));
+        assert!(inv.config(U).unwrap().is_none());
+        assert!(inv.find_for_boot(Some(U), Some("52:54:00:00:00:01")).unwrap().is_none());
+        assert!(matches!(inv.update("nope", |_| {}), Err(InventoryError::NotFound(_))));
+    }
+}
