@@ -156,6 +156,21 @@ impl Inventory {
         Ok(None)
     }
 
+    /// Every server registered under `uuid` (more than one only for duplicate UUIDs).
+    pub fn with_uuid(&self, uuid: &str) -> Result<Vec<Server>> {
+        let txn = self.db.begin_read()?;
+        let servers = txn.open_table(SERVERS)?;
+        let by_uuid = txn.open_multimap_table(BY_UUID)?;
+        let mut out = Vec::new();
+        for id in by_uuid.get(uuid)? {
+            let id = id?.value().to_string();
+            if let Some(v) = servers.get(id.as_str())? {
+                out.push(decode(&id, v.value())?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Records a registration from the agent, creating or updating the server.
     pub fn register(&self, req: &RegistrationRequest, uuid: &str) -> Result<Registered> {
         let macs: Vec<String> = {

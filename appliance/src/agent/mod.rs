@@ -1,0 +1,151 @@
+//! The discovery agent (`arges agent`): runs in the discovery initramfs, reads the
+//! machine's hardware, registers it with the appliance and says what to do next.
+//!
+//! It prints the appliance's answer (`power-off`, `reboot` or `wait`) on stdout for the
+//! initramfs's init to act on, so the agent itself never needs to be PID 1. Registration is
+//! retried with backoff while the network comes up. It carries no cluster credentials: only
+//! the registration token from its kernel command line.
+
+pub mod bmc;
+pub mod facts;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+
+use crate::registration::{RegistrationRequest, RegistrationResponse};
+
+/// Agent failures.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("the appliance refused the registration ({status}): {body}")]
+    Refused { status: u16, body: String },
+    #[error("could not reach the appliance at {url} within {waited:?}: {last}")]
+    Unreachable { url: String, waited: Duration, last: String },
+}
+
+/// What the agent needs to run.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Base URL of the appliance (`http://host:port`).
+    pub appliance: String,
+    pub token: String,
+    /// `discover` or `wipe`.
+    pub mode: String,
+    /// Where sysfs and procfs are found (`/`).
+    pub root: PathBuf,
+    /// Overrides the SMBIOS UUID (machines whose firmware reports none).
+    pub uuid: Option<String>,
+    /// The IPMI device to read the BMC address from.
+    pub ipmi_device: String,
+    /// How long to keep trying.
+    pub timeout: Duration,
+}
+
+/// Reads the facts of this machine into a registration.
+pub fn collect(opts: &AgentOptions) -> Result<RegistrationRequest, AgentError> {
+    let reader = facts::FactReader::new(&opts.root);
+    let uuid = opts.uuid.clone().unwrap_or_else(|| reader.uuid());
+    if uuid.is_empty() {
+        return Err(AgentError::Usage(format!(
+            "no SMBIOS UUID under {}; pass --uuid",
+            opts.root.join("sys/class/dmi/id/product_uuid").display()
+        )));
+    }
+    let mut hardware = reader.hardware();
+    if opts.root == std::path::Path::new("/") {
+        facts::add_live_addresses(&mut hardware);
+        hardware.bmc = bmc::read_bmc(&opts.ipmi_device);
+    }
+    Ok(RegistrationRequest { uuid, hardware, mode: opts.mode.clone() })
+}
+
+struct Endpoint {
+    authority: String,
+    host_port: String,
+    path_prefix: String,
+}
+
+fn parse_url(url: &str) -> Result<Endpoint, AgentError> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| AgentError::Usage(format!("appliance URL {url:?} must start with http://")))?;
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    if authority.is_empty() {
+        return Err(AgentError::Usage(format!("appliance URL {url:?} has no host")));
+    }
+    let host_port = if authority.starts_with('[') {
+        if authority.contains("]:") { authority.to_string() } else { format!("{authority}:80") }
+    } else if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    Ok(Endpoint { authority: authority.to_string(), host_port, path_prefix: format!("/{}", path.trim_end_matches('/')).trim_end_matches('/').to_string() })
+}
+
+async fn post_once(ep: &Endpoint, token: &str, body: Bytes) -> Result<(u16, Bytes), String> {
+    let stream = tokio::net::TcpStream::connect(&ep.host_port).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = Request::post(format!("{}/api/v1/register", ep.path_prefix))
+        .header(hyper::header::HOST, &ep.authority)
+        .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, body))
+}
+
+/// Registers, retrying connection failures and server errors until `opts.timeout`.
+pub async fn register(opts: &AgentOptions, reg: &RegistrationRequest) -> Result<RegistrationResponse, AgentError> {
+    let ep = parse_url(&opts.appliance)?;
+    let body = Bytes::from(serde_json::to_vec(reg).map_err(|e| AgentError::Usage(e.to_string()))?);
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let last = match post_once(&ep, &opts.token, body.clone()).await {
+            Ok((200, b)) => {
+                return serde_json::from_slice(&b).map_err(|e| AgentError::Refused { status: 200, body: format!("unreadable answer: {e}") });
+            }
+            // The appliance understood and said no: retrying would not change its mind.
+            Ok((status @ 400..=499, b)) => {
+                return Err(AgentError::Refused { status, body: String::from_utf8_lossy(&b).trim().to_string() });
+            }
+            Ok((status, b)) => format!("HTTP {status}: {}", String::from_utf8_lossy(&b).trim()),
+            Err(e) => e,
+        };
+        if started.elapsed() + delay > opts.timeout {
+            return Err(AgentError::Unreachable { url: opts.appliance.clone(), waited: started.elapsed(), last });
+        }
+        tracing::warn!(error = %last, retry_in = ?delay, "registration failed; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let e = parse_url("http://10.0.0.1:8080").unwrap();
+        assert_eq!((e.host_port.as_str(), e.path_prefix.as_str()), ("10.0.0.1:8080", ""));
+        let e = parse_url("http://boot.example/arges/").unwrap();
+        assert_eq!((e.host_port.as_str(), e.path_prefix.as_str()), ("boot.example:80", "/arges"));
+        let e = parse_url("http://[::1]:8080").unwrap();
+        assert_eq!(e.host_port, "[::1]:8080");
+        assert!(parse_url("https://x").is_err());
+        assert!(parse_url("http://").is_err());
+    }
+}

@@ -1,0 +1,89 @@
+//! The command line: `arges run`, `arges check-config`, `arges agent`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Arges: turns bare machines into Kubernetes nodes.
+#[derive(Debug, Parser)]
+#[command(name = "arges", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the appliance (embedded defaults without --config).
+    Run(RunArgs),
+    /// Validate a config file and print what it resolves to.
+    CheckConfig {
+        /// The appliance.toml to check.
+        file: PathBuf,
+    },
+    /// Register this machine with an appliance (runs in the discovery environment).
+    Agent(AgentArgs),
+}
+
+/// `arges run`
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// appliance.toml; without it, embedded defaults (loopback, high ports, ./arges-data).
+    #[arg(long, short, env = "ARGES_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// HTTP listen address (repeatable); replaces the config's.
+    #[arg(long = "http", value_name = "ADDR")]
+    pub http: Vec<SocketAddr>,
+    /// TFTP listen address (repeatable); replaces the config's.
+    #[arg(long = "tftp", value_name = "ADDR")]
+    pub tftp: Vec<SocketAddr>,
+    /// Folder served over TFTP.
+    #[arg(long, value_name = "DIR")]
+    pub tftp_root: Option<PathBuf>,
+    /// Folder of boot assets served over HTTP.
+    #[arg(long, value_name = "DIR")]
+    pub assets: Option<PathBuf>,
+    /// Folder of the inventory and generated tokens.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Folder of WebAssembly plugins.
+    #[arg(long, value_name = "DIR")]
+    pub plugins: Option<PathBuf>,
+    /// Write the bound addresses here as JSON once serving.
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
+}
+
+/// `arges agent`
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Appliance base URL; default: arges.appliance= on the kernel command line.
+    #[arg(long)]
+    pub appliance: Option<String>,
+    /// Registration token; default: arges.token= on the kernel command line.
+    #[arg(long, env = "ARGES_REGISTRATION_TOKEN")]
+    pub token: Option<String>,
+    /// discover or wipe; default: arges.mode= on the kernel command line, else discover.
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Kernel command line to read arges.* parameters from.
+    #[arg(long, default_value = "/proc/cmdline")]
+    pub cmdline: PathBuf,
+    /// Root under which /sys and /proc are read.
+    #[arg(long, default_value = "/")]
+    pub root: PathBuf,
+    /// SMBIOS UUID to report instead of the firmware's.
+    #[arg(long)]
+    pub uuid: Option<String>,
+    /// IPMI device for the BMC address.
+    #[arg(long, default_value = "/dev/ipmi0")]
+    pub ipmi_device: String,
+    /// Seconds to keep trying to reach the appliance.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Print the collected facts as JSON and exit without registering.
+    #[arg(long)]
+    pub dry_run: bool,
+}

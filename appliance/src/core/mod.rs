@@ -1,0 +1,399 @@
+//! The core: the one door the protocol edges use.
+//!
+//! Four operations: decide a boot (and render its script), register a machine, hand out a
+//! machine's configuration, and administer the inventory. The edges (HTTP now, the
+//! Kubernetes controller later) call only these; the services behind them (inventory,
+//! policy, templates, config) are never reached around. Inventory writes are blocking
+//! (fsync on commit), so they run on the blocking pool.
+
+pub mod policy;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::config::{Config, LocalDiskMethod};
+use crate::inventory::{BootGrant, BootRecord, Inventory, InventoryError, Server, now};
+use crate::ipxe::{ScriptKind, TemplateError};
+use crate::metrics::Metrics;
+use crate::registration::{NextAction, RegistrationRequest, RegistrationResponse, normalize_mac, normalize_uuid};
+pub use policy::{BootAction, BootPolicy, DefaultPolicy, HardwareSummary, InventoryFacts, MachineFacts, PolicyError};
+
+/// Failures of core operations; the HTTP edge maps each to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error(transparent)]
+    Inventory(#[from] InventoryError),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl CoreError {
+    /// Stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CoreError::Inventory(e) => e.kind(),
+            CoreError::Template(_) => "template",
+            CoreError::Invalid(_) => "invalid",
+            CoreError::Forbidden(_) => "forbidden",
+            CoreError::NotFound(_) => "not_found",
+            CoreError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// Result alias of the core.
+pub type Result<T> = std::result::Result<T, CoreError>;
+
+/// What a booting machine said about itself.
+#[derive(Debug, Clone)]
+pub struct BootRequest {
+    pub uuid: Option<String>,
+    pub mac: Option<String>,
+    pub arch: Option<String>,
+    pub source: IpAddr,
+    /// Base URL the machine reached us at (`http://host:port`), used in scripts.
+    pub base_url: String,
+}
+
+/// A rendered answer to `/boot.ipxe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootScript {
+    /// An iPXE script.
+    Script { action: &'static str, body: String },
+    /// Answer 404 so the firmware falls through to its next boot device.
+    FallThrough,
+}
+
+/// The core facade.
+pub struct Core {
+    config: Arc<Config>,
+    inventory: Arc<Inventory>,
+    policy: Arc<dyn BootPolicy>,
+    fallback: DefaultPolicy,
+    metrics: Arc<Metrics>,
+    registration_token: String,
+    admin_token: String,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").field("policy", &self.policy.name()).finish_non_exhaustive()
+    }
+}
+
+/// Compares secrets in time independent of where they differ.
+pub fn secret_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| CoreError::Internal(e.to_string()))?
+}
+
+impl Core {
+    /// Builds the core. `policy` is the active boot policy (the built-in one when no
+    /// plugins are loaded); it falls back to the built-in one on any failure.
+    pub fn new(
+        config: Arc<Config>,
+        inventory: Arc<Inventory>,
+        policy: Option<Arc<dyn BootPolicy>>,
+        metrics: Arc<Metrics>,
+        registration_token: String,
+        admin_token: String,
+    ) -> Self {
+        let fallback = DefaultPolicy { config: config.policy.clone() };
+        let policy = policy.unwrap_or_else(|| Arc::new(fallback.clone()));
+        Core { config, inventory, policy, fallback, metrics, registration_token, admin_token }
+    }
+
+    /// The configuration the core runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The metrics every edge records into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Whether `token` is the admin token.
+    pub fn is_admin(&self, token: &str) -> bool {
+        secret_eq(token, &self.admin_token)
+    }
+
+    /// Whether `token` is the registration token.
+    pub fn is_registration(&self, token: &str) -> bool {
+        secret_eq(token, &self.registration_token)
+    }
+
+    // ---- boot ----
+
+    /// Decides how a machine boots and renders the script it gets.
+    #[tracing::instrument(skip(self, req), fields(uuid = req.uuid.as_deref(), mac = req.mac.as_deref(), source = %req.source))]
+    pub async fn decide_boot(&self, req: BootRequest) -> Result<BootScript> {
+        let started = Instant::now();
+        let uuid = req.uuid.as_deref().and_then(normalize_uuid);
+        let mac = req.mac.as_deref().and_then(normalize_mac);
+        let arch = req.arch.as_deref().filter(|a| !a.is_empty() && a.len() <= 32 && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        let server = {
+            let inv = Arc::clone(&self.inventory);
+            let (u, m) = (uuid.clone(), mac.clone());
+            blocking(move || Ok(inv.find_for_boot(u.as_deref(), m.as_deref())?)).await?
+        };
+        let facts = facts_for(uuid.clone(), mac.clone(), arch.map(String::from), req.source, server.as_ref());
+        let action = match self.policy.decide(&facts).await {
+            Ok(a) => a,
+            Err(e) => {
+                Metrics::inc(&self.metrics.inventory_errors, "op", "policy");
+                tracing::warn!(error = %e, "boot policy failed; using the built-in decision");
+                self.fallback.decide_now(&facts)
+            }
+        };
+        Metrics::inc(&self.metrics.boot_decisions, "action", action.name());
+        let token = crate::random_token();
+        let (script, env_name) = self.render(&action, &facts, server.as_ref(), &req.base_url, arch.unwrap_or(""), &token)?;
+        if let Some(server) = server {
+            let record = BootRecord { at: now(), action: action.name().into(), environment: env_name.clone(), source: Some(req.source) };
+            let grant = env_name.as_ref().map(|_| BootGrant { token, source: Some(req.source), issued_at: now() });
+            let inv = Arc::clone(&self.inventory);
+            let id = server.id.clone();
+            blocking(move || Ok(inv.record_boot(&id, record, grant)?)).await?;
+        }
+        self.metrics.boot_script_seconds.observe(started.elapsed().as_secs_f64());
+        tracing::info!(action = action.name(), environment = env_name.as_deref(), "boot decided");
+        Ok(script)
+    }
+
+    fn render(
+        &self,
+        action: &BootAction,
+        facts: &MachineFacts,
+        server: Option<&Server>,
+        base_url: &str,
+        arch: &str,
+        token: &str,
+    ) -> Result<(BootScript, Option<String>)> {
+        let base_url = self.config.public_url.as_deref().unwrap_or(base_url);
+        let method = self.config.policy.local_disk_method(arch);
+        let (kind, env, reason) = match action {
+            BootAction::Discover => (ScriptKind::Discover, Some(self.config.discovery_environment.as_str()), None),
+            BootAction::Wipe => (ScriptKind::Wipe, Some(self.config.wipe_environment.as_str()), None),
+            BootAction::Environment(name) => (ScriptKind::Environment, Some(name.as_str()), None),
+            BootAction::LocalDisk if method == LocalDiskMethod::Http404 => return Ok((BootScript::FallThrough, None)),
+            BootAction::LocalDisk => (ScriptKind::LocalDisk, None, None),
+            BootAction::Deny(r) => (ScriptKind::Deny, None, Some(r.as_str())),
+            BootAction::Script(text) => {
+                let body = if text.starts_with("#!ipxe") { text.clone() } else { format!("#!ipxe\n{text}") };
+                return Ok((BootScript::Script { action: "script", body }, None));
+            }
+        };
+        let env = match env {
+            Some(name) => match self.config.environments.get(name) {
+                Some(e) => Some(e),
+                None => {
+                    // A policy naming an environment we do not have must not boot something else.
+                    tracing::error!(environment = name, "boot policy chose an undefined environment");
+                    let deny = BootAction::Deny(format!("environment {name} is not defined"));
+                    return self.render(&deny, facts, server, base_url, arch, token);
+                }
+            },
+            None => None,
+        };
+        let server_json = server.map(|s| serde_json::to_value(s).unwrap_or_default()).unwrap_or_else(|| json!({}));
+        let mut ctx = json!({
+            "action": kind.name(),
+            "appliance": {"url": base_url},
+            "machine": {
+                "uuid": facts.uuid.clone().unwrap_or_default(),
+                "mac": facts.mac.clone().unwrap_or_default(),
+                "arch": arch,
+                "address": facts.client_address.to_string(),
+            },
+            "server": server_json,
+            "boot_token": token,
+            "registration_token": self.registration_token,
+            "local_disk": {"method": method.name()},
+            "reason": reason.unwrap_or_default(),
+            "env": {},
+        });
+        if let Some(env) = env {
+            let file_url = |p: &std::path::Path| {
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                // Unescaped here: the template escapes every value it prints.
+                let url = format!("{base_url}/env/{}/{name}", env.name);
+                (name, url)
+            };
+            let (kernel_name, kernel_url) = file_url(&env.kernel);
+            let initrds: Vec<_> = env.initrds.iter().map(|p| {
+                let (name, url) = file_url(p);
+                json!({"name": name, "url": url})
+            }).collect();
+            ctx["env"] = json!({"name": env.name, "kernel_url": kernel_url, "kernel_name": kernel_name, "initrds": initrds});
+            let cmdline = env.cmdline.render(&ctx)?;
+            ctx["env"]["cmdline"] = json!(cmdline);
+        }
+        let body = self.config.templates.get(kind).render(&ctx)?;
+        Ok((BootScript::Script { action: kind.name(), body }, env.map(|e| e.name.clone())))
+    }
+
+    // ---- registration ----
+
+    /// Registers a machine reported by the discovery agent.
+    #[tracing::instrument(skip(self, req), fields(uuid = %req.uuid, source = %source))]
+    pub async fn register(&self, req: RegistrationRequest, source: IpAddr) -> Result<RegistrationResponse> {
+        let uuid = normalize_uuid(&req.uuid).ok_or_else(|| {
+            Metrics::inc(&self.metrics.registrations, "result", "invalid");
+            CoreError::Invalid(format!("{:?} is not an SMBIOS UUID", req.uuid))
+        })?;
+        let inv = Arc::clone(&self.inventory);
+        let mode = req.mode.clone();
+        let registered = blocking(move || Ok(inv.register(&req, &uuid)?)).await.inspect_err(|e| {
+            Metrics::inc(&self.metrics.registrations, "result", e.kind());
+        })?;
+        let s = &registered.server;
+        Metrics::inc(&self.metrics.registrations, "result", if registered.created { "created" } else { "updated" });
+        tracing::info!(id = %s.id, created = registered.created, mode, conflict = s.uuid_conflict, "machine registered");
+        let facts = facts_for(Some(s.uuid.clone()), s.macs.first().cloned(), None, source, Some(s));
+        let action = match self.fallback.decide_now(&facts) {
+            BootAction::Environment(_) | BootAction::Wipe => NextAction::Reboot,
+            _ => NextAction::PowerOff,
+        };
+        Ok(RegistrationResponse { server_id: s.id.clone(), action, uuid_conflict: s.uuid_conflict })
+    }
+
+    // ---- configuration ----
+
+    /// The configuration blob of the machine `uuid`, for the machine itself only: it must
+    /// present the token of its latest boot, or ask from the address it booted from, within
+    /// the token's lifetime.
+    pub async fn config_for(&self, uuid: &str, token: Option<&str>, source: IpAddr) -> Result<Vec<u8>> {
+        let result = self.config_for_inner(uuid, token, source).await;
+        Metrics::inc(&self.metrics.configdata, "result", match &result {
+            Ok(_) => "served",
+            Err(e) => e.kind(),
+        });
+        result
+    }
+
+    async fn config_for_inner(&self, uuid: &str, token: Option<&str>, source: IpAddr) -> Result<Vec<u8>> {
+        let denied = || CoreError::Forbidden("this configuration belongs to another machine".into());
+        let uuid = normalize_uuid(uuid).ok_or_else(denied)?;
+        let inv = Arc::clone(&self.inventory);
+        let candidates = blocking(move || Ok(inv.with_uuid(&uuid)?)).await?;
+        let ttl = self.config.policy.boot_token_ttl.as_secs();
+        let server = candidates
+            .into_iter()
+            .find(|s| {
+                s.last_boot.as_ref().is_some_and(|g| {
+                    let fresh = now().saturating_sub(g.issued_at) <= ttl;
+                    let by_token = token.is_some_and(|t| secret_eq(t, &g.token));
+                    let by_source = token.is_none() && g.source == Some(source);
+                    fresh && (by_token || by_source)
+                })
+            })
+            .ok_or_else(denied)?;
+        let inv = Arc::clone(&self.inventory);
+        let id = server.id.clone();
+        blocking(move || inv.config(&id)?.ok_or_else(|| CoreError::NotFound(format!("server {id} has no configuration")))).await
+    }
+
+    // ---- administration ----
+
+    /// Every server.
+    pub async fn servers(&self) -> Result<Vec<Server>> {
+        let inv = Arc::clone(&self.inventory);
+        blocking(move || Ok(inv.list()?)).await
+    }
+
+    /// One server.
+    pub async fn server(&self, id: &str) -> Result<Server> {
+        let inv = Arc::clone(&self.inventory);
+        let id = id.to_string();
+        blocking(move || Ok(inv.get(&id)?)).await
+    }
+
+    /// Changes a server with an administrative edit.
+    pub async fn edit_server(&self, id: &str, edit: ServerEdit) -> Result<Server> {
+        if let ServerEdit::Environment(Some(env)) = &edit {
+            if !self.config.environments.contains_key(env) {
+                return Err(CoreError::Invalid(format!("environment {env:?} is not defined")));
+            }
+        }
+        let inv = Arc::clone(&self.inventory);
+        let id = id.to_string();
+        let s = blocking(move || {
+            Ok(match edit {
+                ServerEdit::Config(blob) => inv.set_config(&id, blob.as_deref())?,
+                other => inv.update(&id, |s| match other {
+                    ServerEdit::Accepted(v) => s.accepted = v,
+                    ServerEdit::Cordoned(v) => s.cordoned = v,
+                    ServerEdit::Environment(e) => s.environment = e,
+                    ServerEdit::Labels(l) => s.labels = l,
+                    ServerEdit::BmcAddress(a) => s.bmc_address = a,
+                    ServerEdit::Config(_) => {}
+                })?,
+            })
+        })
+        .await?;
+        tracing::info!(id = %s.id, "server changed by the admin API");
+        Ok(s)
+    }
+
+    /// Deletes a server.
+    pub async fn delete_server(&self, id: &str) -> Result<Server> {
+        let inv = Arc::clone(&self.inventory);
+        let id = id.to_string();
+        blocking(move || Ok(inv.delete(&id)?)).await
+    }
+}
+
+/// One administrative change to a server.
+#[derive(Debug, Clone)]
+pub enum ServerEdit {
+    Accepted(bool),
+    Cordoned(bool),
+    Environment(Option<String>),
+    Labels(std::collections::BTreeMap<String, String>),
+    BmcAddress(Option<String>),
+    Config(Option<Vec<u8>>),
+}
+
+fn facts_for(uuid: Option<String>, mac: Option<String>, arch: Option<String>, source: IpAddr, server: Option<&Server>) -> MachineFacts {
+    MachineFacts {
+        uuid,
+        mac,
+        arch,
+        client_address: source,
+        inventory: server
+            .map(|s| InventoryFacts {
+                registered: true,
+                server_id: Some(s.id.clone()),
+                accepted: s.accepted,
+                cordoned: s.cordoned,
+                environment: s.environment.clone(),
+                labels: s.labels.clone(),
+            })
+            .unwrap_or_default(),
+        hardware: server
+            .map(|s| HardwareSummary {
+                vendor: s.hardware.vendor.clone(),
+                product: s.hardware.product.clone(),
+                cpus: s.hardware.cpu.count,
+                memory_bytes: s.hardware.memory_bytes,
+                disks: s.hardware.disks.len() as u32,
+                nics: s.hardware.nics.len() as u32,
+            })
+            .unwrap_or_default(),
+    }
+}

@@ -1,0 +1,160 @@
+//! HTTP edge (hyper 1): boot scripts, boot assets, `/configdata`, the registration and
+//! admin API, `/healthz` and `/metrics`.
+//!
+//! The server takes an already bound listener and a cancellation token (tests bind port
+//! 0); each connection is served by hyper's HTTP/1 machinery and shut down gracefully when
+//! the token fires. Handlers live beside this file by concern and reach the rest of the
+//! appliance only through [`Core`].
+
+mod api;
+mod assets;
+mod boot;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::{Core, CoreError};
+use crate::files::FileRoot;
+
+/// Response body: either whole bytes or a file stream.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// What the HTTP handlers share.
+pub struct HttpContext {
+    pub core: Arc<Core>,
+    /// The assets folder (`/assets/...`).
+    pub assets: Arc<FileRoot>,
+}
+
+fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).map_err(|never: Infallible| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let mut b = body.into();
+    if !b.ends_with('\n') {
+        b.push('\n');
+    }
+    full(status, "text/plain; charset=utf-8", b)
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(v) => full(status, "application/json", v),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn json_error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": message.to_string() }))
+}
+
+fn status_of(e: &CoreError) -> StatusCode {
+    use crate::inventory::InventoryError;
+    match e {
+        CoreError::Inventory(InventoryError::NotFound(_)) | CoreError::NotFound(_) => StatusCode::NOT_FOUND,
+        CoreError::Inventory(InventoryError::Invalid(_)) | CoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+        CoreError::Forbidden(_) => StatusCode::FORBIDDEN,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The value of `name` in a query string.
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// The bearer token of a request.
+fn bearer(req: &Request<Incoming>) -> Option<&str> {
+    req.headers().get(hyper::header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
+}
+
+/// Reads a body of at most `limit` bytes.
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Body>> {
+    match http_body_util::Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(json_error(StatusCode::PAYLOAD_TOO_LARGE, format!("body larger than {limit} bytes")))
+        }
+        Err(e) => Err(json_error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"))),
+    }
+}
+
+async fn route(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>) -> (&'static str, Response<Body>) {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    match (method, path.as_str()) {
+        (Method::GET, "/healthz") => ("healthz", text(StatusCode::OK, "ok")),
+        (Method::GET, "/metrics") => {
+            ("metrics", full(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", ctx.core.metrics().render()))
+        }
+        (Method::GET, "/boot.ipxe") => ("boot", boot::boot_script(&ctx, peer, &req).await),
+        (Method::GET, "/configdata") => ("configdata", boot::configdata(&ctx, peer, &req).await),
+        (Method::GET | Method::HEAD, p) if p.starts_with("/env/") => ("env", assets::environment_file(&ctx, &req).await),
+        (Method::GET | Method::HEAD, p) if p.starts_with("/assets/") => ("assets", assets::asset(&ctx, &req).await),
+        (_, "/api/v1/register") => ("register", api::register(&ctx, peer, req).await),
+        (_, p) if p.starts_with("/api/v1/") => ("admin", api::admin(&ctx, req).await),
+        _ => ("other", text(StatusCode::NOT_FOUND, format!("no such resource: {path}"))),
+    }
+}
+
+async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let (route, resp) = route(Arc::clone(&ctx), peer, req).await;
+    ctx.core.metrics().http_request(route, resp.status().as_u16());
+    Ok(resp)
+}
+
+/// Serves HTTP on `listener` until `cancel` fires.
+pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, cancel: CancellationToken) -> std::io::Result<()> {
+    tracing::info!(local = %listener.local_addr()?, "HTTP listening");
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly, keep serving.
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = Arc::clone(&ctx);
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(Arc::clone(&ctx), peer, req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(30))
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                },
+                _ = cancel.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
