@@ -26,6 +26,12 @@ use crate::files::{FileError, FileRoot};
 use crate::metrics::Metrics;
 use packet::ErrorCode;
 
+/// How long a request from a client whose transfer is still running waits for it to end.
+const DUPLICATE_GRACE: Duration = Duration::from_millis(50);
+/// Receive buffer asked for on the well-known port, so a boot storm's burst of requests is
+/// queued rather than dropped (the kernel caps it at `net.core.rmem_max`).
+const LISTEN_RCVBUF: usize = 8 << 20;
+
 /// Tunables of the TFTP engine.
 #[derive(Debug, Clone)]
 pub struct TftpSettings {
@@ -131,6 +137,9 @@ impl TftpServer {
     /// cancelled with it.
     pub async fn serve(self: Arc<Self>, socket: UdpSocket, cancel: CancellationToken) -> std::io::Result<()> {
         let local = socket.local_addr()?;
+        if let Err(e) = socket2::SockRef::from(&socket).set_recv_buffer_size(LISTEN_RCVBUF) {
+            tracing::debug!(error = %e, "cannot enlarge the TFTP receive buffer");
+        }
         tracing::info!(%local, "TFTP listening");
         let mut buf = vec![0u8; packet::MAX_REQUEST_LEN + 1];
         loop {
@@ -175,7 +184,25 @@ impl TftpServer {
         let slot = match self.claim(peer) {
             Claim::Granted(slot) => slot,
             Claim::Duplicate => {
-                Metrics::inc(&self.metrics.tftp_requests, "result", "duplicate");
+                // Either a retransmitted RRQ (the running transfer answers it by its own
+                // retransmission) or a new request racing the end of the previous one, as
+                // after an EDK2 tsize probe. Give the old one a moment to finish.
+                let server = Arc::clone(self);
+                let cancel = cancel.child_token();
+                tokio::spawn(async move {
+                    tokio::time::sleep(DUPLICATE_GRACE).await;
+                    match server.claim(peer) {
+                        Claim::Granted(slot) => {
+                            Metrics::inc(&server.metrics.tftp_requests, "result", "accepted");
+                            let _slot = slot;
+                            tokio::select! {
+                                _ = cancel.cancelled() => {}
+                                _ = server.run_transfer(local, peer, req) => {}
+                            }
+                        }
+                        _ => Metrics::inc(&server.metrics.tftp_requests, "result", "duplicate"),
+                    }
+                });
                 return;
             }
             Claim::Busy(why) => {

@@ -64,7 +64,9 @@ pub fn negotiate(req: &Request, size: u64, settings: &TftpSettings) -> Negotiate
                     }
                 }
             }
-            "tsize" => n.oack.push(("tsize", size.to_string())),
+            // curl rejects `tsize 0` in an OACK; leaving the option out (RFC 2349 allows
+            // it) tells every client the same thing: nothing to expect in advance.
+            "tsize" if size > 0 => n.oack.push(("tsize", size.to_string())),
             _ => {}
         }
     }
