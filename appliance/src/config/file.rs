@@ -133,6 +133,7 @@ pub enum LocalDiskMethod {
     /// iPXE `sanboot` of the first disk (firmware that loops back to the network on exit).
     Sanboot,
     /// Answer `/boot.ipxe` with HTTP 404 so iPXE fails and the firmware moves on.
+    #[serde(rename = "http-404")]
     Http404,
 }
 
