@@ -30,7 +30,9 @@ pub struct Bound {
 
 fn bind_hint(e: &std::io::Error, addr: &SocketAddr) -> &'static str {
     match e.kind() {
-        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        }
         std::io::ErrorKind::AddrInUse => " (another program is using it)",
         std::io::ErrorKind::AddrNotAvailable => " (no interface has this address)",
         _ => "",
@@ -38,17 +40,28 @@ fn bind_hint(e: &std::io::Error, addr: &SocketAddr) -> &'static str {
 }
 
 /// Runs the appliance until `cancel` fires or a server fails.
-pub async fn run(config: Config, ready_file: Option<PathBuf>, cancel: CancellationToken) -> Result<()> {
+pub async fn run(
+    config: Config,
+    ready_file: Option<PathBuf>,
+    cancel: CancellationToken,
+) -> Result<()> {
     for (what, dir) in [
         ("data", &config.data_dir),
         ("TFTP root", &config.tftp_root),
         ("assets", &config.assets_dir),
         ("plugins", &config.plugins_dir),
     ] {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create the {what} folder {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the {what} folder {}", dir.display()))?;
     }
-    let registration_token = config.registration_token.resolve().context("cannot read the registration token")?;
-    let admin_token = config.admin_token.resolve().context("cannot read the admin token")?;
+    let registration_token = config
+        .registration_token
+        .resolve()
+        .context("cannot read the registration token")?;
+    let admin_token = config
+        .admin_token
+        .resolve()
+        .context("cannot read the admin token")?;
     let db_path = config.data_dir.join("inventory.redb");
     let inventory = {
         let p = db_path.clone();
@@ -58,19 +71,40 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>, cancel: Cancellati
     };
     let metrics = Arc::new(Metrics::new());
     let config = Arc::new(config);
-    let core = Arc::new(Core::new(Arc::clone(&config), Arc::new(inventory), None, Arc::clone(&metrics), registration_token, admin_token));
+    let core = Arc::new(Core::new(
+        Arc::clone(&config),
+        Arc::new(inventory),
+        None,
+        Arc::clone(&metrics),
+        registration_token,
+        admin_token,
+    ));
 
     let mut tasks = JoinSet::new();
-    let mut bound = Bound { http: Vec::new(), tftp: Vec::new() };
-    let http_ctx = Arc::new(HttpContext { core: Arc::clone(&core), assets: Arc::new(FileRoot::new(&config.assets_dir, config.cache)) });
+    let mut bound = Bound {
+        http: Vec::new(),
+        tftp: Vec::new(),
+    };
+    let http_ctx = Arc::new(HttpContext {
+        core: Arc::clone(&core),
+        assets: Arc::new(FileRoot::new(&config.assets_dir, config.cache)),
+    });
     for addr in &config.http_listen {
-        let l = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot bind HTTP to {addr}: {e}{}", bind_hint(&e, addr)))?;
+        let l = TcpListener::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!("cannot bind HTTP to {addr}: {e}{}", bind_hint(&e, addr))
+        })?;
         bound.http.push(l.local_addr()?);
         tasks.spawn(http::serve(l, Arc::clone(&http_ctx), cancel.clone()));
     }
-    let tftp = TftpServer::new(config.tftp.clone(), Arc::new(FileRoot::new(&config.tftp_root, config.cache)), Arc::clone(&metrics));
+    let tftp = TftpServer::new(
+        config.tftp.clone(),
+        Arc::new(FileRoot::new(&config.tftp_root, config.cache)),
+        Arc::clone(&metrics),
+    );
     for addr in &config.tftp_listen {
-        let s = UdpSocket::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot bind TFTP to {addr}: {e}{}", bind_hint(&e, addr)))?;
+        let s = UdpSocket::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!("cannot bind TFTP to {addr}: {e}{}", bind_hint(&e, addr))
+        })?;
         bound.tftp.push(s.local_addr()?);
         tasks.spawn(Arc::clone(&tftp).serve(s, cancel.clone()));
     }
@@ -81,7 +115,8 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>, cancel: Cancellati
     );
     if let Some(path) = ready_file {
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&bound)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::write(&tmp, serde_json::to_vec(&bound)?)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
     }
     let result = tokio::select! {

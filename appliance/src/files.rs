@@ -105,7 +105,10 @@ pub struct CacheLimits {
 
 impl Default for CacheLimits {
     fn default() -> Self {
-        CacheLimits { file_bytes: 8 << 20, total_bytes: 128 << 20 }
+        CacheLimits {
+            file_bytes: 8 << 20,
+            total_bytes: 128 << 20,
+        }
     }
 }
 
@@ -160,7 +163,11 @@ pub fn sanitize(name: &str) -> Result<PathBuf, FileError> {
 impl FileRoot {
     /// A root at `root` (need not exist yet; lookups then find nothing).
     pub fn new(root: impl Into<PathBuf>, limits: CacheLimits) -> Self {
-        FileRoot { root: root.into(), limits, cache: Mutex::new(HashMap::new()) }
+        FileRoot {
+            root: root.into(),
+            limits,
+            cache: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The configured root folder.
@@ -185,12 +192,17 @@ impl FileRoot {
     /// Opens an operator-configured path (no client input in it, so no confinement).
     pub fn open_trusted(&self, path: &Path) -> Result<OpenFile, FileError> {
         let shown = path.display().to_string();
-        let path = path.canonicalize().map_err(|_| FileError::NotFound(shown.clone()))?;
+        let path = path
+            .canonicalize()
+            .map_err(|_| FileError::NotFound(shown.clone()))?;
         self.open_resolved(path, &shown)
     }
 
     fn open_resolved(&self, path: PathBuf, shown: &str) -> Result<OpenFile, FileError> {
-        let io = |source| FileError::Io { path: shown.to_string(), source };
+        let io = |source| FileError::Io {
+            path: shown.to_string(),
+            source,
+        };
         let file = File::open(&path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
         if !meta.is_file() {
@@ -200,10 +212,20 @@ impl FileRoot {
         let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         if len <= self.limits.file_bytes {
             if let Some(bytes) = self.cached(&path, len, modified, &file).map_err(io)? {
-                return Ok(OpenFile { path, len, modified, contents: Contents::Memory(bytes) });
+                return Ok(OpenFile {
+                    path,
+                    len,
+                    modified,
+                    contents: Contents::Memory(bytes),
+                });
             }
         }
-        Ok(OpenFile { path, len, modified, contents: Contents::File(Arc::new(file)) })
+        Ok(OpenFile {
+            path,
+            len,
+            modified,
+            contents: Contents::File(Arc::new(file)),
+        })
     }
 
     fn cached(
@@ -226,13 +248,20 @@ impl FileRoot {
         }
         let mut buf = Vec::with_capacity(len as usize);
         use std::io::Read;
-        (&*file).take(len).read_to_end(&mut buf)?;
+        file.take(len).read_to_end(&mut buf)?;
         if buf.len() as u64 != len {
             // Changed under us; serve from disk this time.
             return Ok(None);
         }
         let bytes = Bytes::from(buf);
-        cache.insert(path.to_path_buf(), Cached { len, modified, bytes: bytes.clone() });
+        cache.insert(
+            path.to_path_buf(),
+            Cached {
+                len,
+                modified,
+                bytes: bytes.clone(),
+            },
+        );
         Ok(Some(bytes))
     }
 }
@@ -244,13 +273,27 @@ mod tests {
     #[test]
     fn sanitize_refuses_escapes() {
         for bad in [
-            "", "..", "../etc/passwd", "a/../../b", "..\\..\\windows", "a\\..\\..\\b", "c:",
-            "/", "a\nb", "a\0b",
+            "",
+            "..",
+            "../etc/passwd",
+            "a/../../b",
+            "..\\..\\windows",
+            "a\\..\\..\\b",
+            "c:",
+            "/",
+            "a\nb",
+            "a\0b",
         ] {
             assert!(sanitize(bad).is_err(), "{bad:?} must be refused");
         }
-        assert_eq!(sanitize("/pxelinux.0").unwrap(), PathBuf::from("pxelinux.0"));
-        assert_eq!(sanitize("boot\\x64\\wdsnbp.com").unwrap(), PathBuf::from("boot/x64/wdsnbp.com"));
+        assert_eq!(
+            sanitize("/pxelinux.0").unwrap(),
+            PathBuf::from("pxelinux.0")
+        );
+        assert_eq!(
+            sanitize("boot\\x64\\wdsnbp.com").unwrap(),
+            PathBuf::from("boot/x64/wdsnbp.com")
+        );
         assert_eq!(sanitize("./a//b").unwrap(), PathBuf::from("a/b"));
     }
 
@@ -271,14 +314,23 @@ mod tests {
         assert_eq!(&f.read_at(2, 100).unwrap()[..], b"side");
         // A rewrite with a different size is seen at once.
         std::fs::write(root.join("ok"), b"changed!").unwrap();
-        assert_eq!(&fr.open("ok").unwrap().read_at(0, 100).unwrap()[..], b"changed!");
+        assert_eq!(
+            &fr.open("ok").unwrap().read_at(0, 100).unwrap()[..],
+            b"changed!"
+        );
     }
 
     #[test]
     fn large_files_stay_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("big"), vec![7u8; 4096]).unwrap();
-        let fr = FileRoot::new(dir.path(), CacheLimits { file_bytes: 1024, total_bytes: 1 << 20 });
+        let fr = FileRoot::new(
+            dir.path(),
+            CacheLimits {
+                file_bytes: 1024,
+                total_bytes: 1 << 20,
+            },
+        );
         let f = fr.open("big").unwrap();
         assert!(matches!(f.contents, Contents::File(_)));
         assert_eq!(f.read_at(4000, 200).unwrap().len(), 96);

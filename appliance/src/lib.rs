@@ -5,6 +5,10 @@
 //! edges use; and the *services* behind it ([`inventory`], [`ipxe`], [`config`], [`files`]).
 //! The discovery [`agent`] shares only the [`registration`] wire types with the HTTP edge.
 
+pub mod agent;
+pub mod app;
+pub mod config;
+pub mod core;
 pub mod files;
 pub mod http;
 pub mod inventory;
@@ -12,10 +16,6 @@ pub mod ipxe;
 pub mod metrics;
 pub mod registration;
 pub mod tftp;
-pub mod agent;
-pub mod app;
-pub mod config;
-pub mod core;
 
 /// A fresh random token: 32 bytes from the OS, hex-encoded.
 pub fn random_token() -> String {

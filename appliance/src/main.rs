@@ -14,22 +14,30 @@ mod cli;
 use cli::{AgentArgs, Cli, Command, RunArgs};
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ARGES_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ARGES_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let result = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime").and_then(|rt| {
-        rt.block_on(async {
-            match cli.command {
-                Command::Run(args) => run(args).await,
-                Command::CheckConfig { file } => check_config(&file),
-                Command::Agent(args) => run_agent(args).await,
-            }
-        })
-    });
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+        .and_then(|rt| {
+            rt.block_on(async {
+                match cli.command {
+                    Command::Run(args) => run(args).await,
+                    Command::CheckConfig { file } => check_config(&file),
+                    Command::Agent(args) => run_agent(args).await,
+                }
+            })
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -55,13 +63,14 @@ async fn run(args: RunArgs) -> Result<()> {
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot watch SIGTERM");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch SIGTERM");
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -76,15 +85,31 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     let c = Config::load(file, &Overrides::default())?;
     println!("{}: ok", file.display());
     println!("  http:         {:?}", c.http_listen);
-    println!("  tftp:         {:?} serving {}", c.tftp_listen, c.tftp_root.display());
+    println!(
+        "  tftp:         {:?} serving {}",
+        c.tftp_listen,
+        c.tftp_root.display()
+    );
     println!("  assets:       {}", c.assets_dir.display());
     println!("  data:         {}", c.data_dir.display());
     println!("  plugins:      {}", c.plugins_dir.display());
     println!("  discovery:    {}", c.discovery_environment);
     for env in c.environments.values() {
-        let missing: Vec<_> = env.files().filter(|p| !p.exists()).map(|p| p.display().to_string()).collect();
-        let note = if missing.is_empty() { String::new() } else { format!("  (missing: {})", missing.join(", ")) };
-        println!("  environment:  {} kernel {}{note}", env.name, env.kernel.display());
+        let missing: Vec<_> = env
+            .files()
+            .filter(|p| !p.exists())
+            .map(|p| p.display().to_string())
+            .collect();
+        let note = if missing.is_empty() {
+            String::new()
+        } else {
+            format!("  (missing: {})", missing.join(", "))
+        };
+        println!(
+            "  environment:  {} kernel {}{note}",
+            env.name,
+            env.kernel.display()
+        );
     }
     Ok(())
 }
@@ -93,9 +118,18 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     let cmdline = std::fs::read_to_string(&args.cmdline).unwrap_or_default();
     let param = |key: &str| agent::facts::cmdline_param(&cmdline, key);
     let opts = AgentOptions {
-        appliance: args.appliance.or_else(|| param("arges.appliance")).unwrap_or_default(),
-        token: args.token.or_else(|| param("arges.token")).unwrap_or_default(),
-        mode: args.mode.or_else(|| param("arges.mode")).unwrap_or_else(|| "discover".into()),
+        appliance: args
+            .appliance
+            .or_else(|| param("arges.appliance"))
+            .unwrap_or_default(),
+        token: args
+            .token
+            .or_else(|| param("arges.token"))
+            .unwrap_or_default(),
+        mode: args
+            .mode
+            .or_else(|| param("arges.mode"))
+            .unwrap_or_else(|| "discover".into()),
         root: args.root,
         uuid: args.uuid,
         ipmi_device: args.ipmi_device,
@@ -107,7 +141,9 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         return Ok(());
     }
     if opts.appliance.is_empty() || opts.token.is_empty() {
-        anyhow::bail!("the appliance URL and the registration token are needed (--appliance/--token or arges.appliance=/arges.token= on the kernel command line)");
+        anyhow::bail!(
+            "the appliance URL and the registration token are needed (--appliance/--token or arges.appliance=/arges.token= on the kernel command line)"
+        );
     }
     let resp = agent::register(&opts, &reg).await?;
     tracing::info!(server = %resp.server_id, action = ?resp.action, conflict = resp.uuid_conflict, "registered");

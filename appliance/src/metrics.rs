@@ -65,19 +65,71 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("http_requests", "HTTP requests by route and status class", m.http_requests.clone());
-        r.register("http_body_bytes_sent", "HTTP body bytes sent", m.http_bytes_sent.clone());
-        r.register("tftp_requests", "TFTP requests by result", m.tftp_requests.clone());
-        r.register("tftp_transfers", "Finished TFTP transfers by outcome", m.tftp_transfers.clone());
-        r.register("tftp_active_transfers", "TFTP transfers in progress", m.tftp_active.clone());
-        r.register("tftp_bytes_sent", "TFTP payload bytes sent", m.tftp_bytes_sent.clone());
-        r.register("tftp_retransmits", "TFTP packets sent again after a timeout or loss", m.tftp_retransmits.clone());
-        r.register("tftp_errors", "Malformed or refused TFTP packets by kind", m.tftp_errors.clone());
-        r.register("boot_decisions", "Boot decisions by action", m.boot_decisions.clone());
-        r.register("registrations", "Agent registrations by result", m.registrations.clone());
-        r.register("configdata_requests", "/configdata requests by result", m.configdata.clone());
-        r.register("inventory_errors", "Inventory store failures by operation", m.inventory_errors.clone());
-        r.register("boot_script_seconds", "Time to decide and render a boot script", m.boot_script_seconds.clone());
+        r.register(
+            "http_requests",
+            "HTTP requests by route and status class",
+            m.http_requests.clone(),
+        );
+        r.register(
+            "http_body_bytes_sent",
+            "HTTP body bytes sent",
+            m.http_bytes_sent.clone(),
+        );
+        r.register(
+            "tftp_requests",
+            "TFTP requests by result",
+            m.tftp_requests.clone(),
+        );
+        r.register(
+            "tftp_transfers",
+            "Finished TFTP transfers by outcome",
+            m.tftp_transfers.clone(),
+        );
+        r.register(
+            "tftp_active_transfers",
+            "TFTP transfers in progress",
+            m.tftp_active.clone(),
+        );
+        r.register(
+            "tftp_bytes_sent",
+            "TFTP payload bytes sent",
+            m.tftp_bytes_sent.clone(),
+        );
+        r.register(
+            "tftp_retransmits",
+            "TFTP packets sent again after a timeout or loss",
+            m.tftp_retransmits.clone(),
+        );
+        r.register(
+            "tftp_errors",
+            "Malformed or refused TFTP packets by kind",
+            m.tftp_errors.clone(),
+        );
+        r.register(
+            "boot_decisions",
+            "Boot decisions by action",
+            m.boot_decisions.clone(),
+        );
+        r.register(
+            "registrations",
+            "Agent registrations by result",
+            m.registrations.clone(),
+        );
+        r.register(
+            "configdata_requests",
+            "/configdata requests by result",
+            m.configdata.clone(),
+        );
+        r.register(
+            "inventory_errors",
+            "Inventory store failures by operation",
+            m.inventory_errors.clone(),
+        );
+        r.register(
+            "boot_script_seconds",
+            "Time to decide and render a boot script",
+            m.boot_script_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -94,7 +146,9 @@ impl Metrics {
             400..=499 => "4xx",
             _ => "5xx",
         };
-        self.http_requests.get_or_create(&[("route", route), ("status", class)]).inc();
+        self.http_requests
+            .get_or_create(&[("route", route), ("status", class)])
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.
@@ -116,7 +170,13 @@ mod tests {
         Metrics::inc(&m.tftp_errors, "kind", "truncated");
         m.http_request("boot", 200);
         let text = m.render();
-        assert!(text.contains("arges_tftp_errors_total{kind=\"truncated\"} 1"), "{text}");
-        assert!(text.contains("arges_http_requests_total{route=\"boot\",status=\"2xx\"} 1"), "{text}");
+        assert!(
+            text.contains("arges_tftp_errors_total{kind=\"truncated\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("arges_http_requests_total{route=\"boot\",status=\"2xx\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -95,12 +95,21 @@ pub struct RegistrationResponse {
 /// Normalises a MAC address to lower-case, colon-separated form; `None` if it is not one.
 pub fn normalize_mac(mac: &str) -> Option<String> {
     let hex: String = mac.chars().filter(|c| c.is_ascii_hexdigit()).collect();
-    let seps_ok = mac.chars().all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '-' | '.'));
+    let seps_ok = mac
+        .chars()
+        .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '-' | '.'));
     if hex.len() != 12 || !seps_ok {
         return None;
     }
     let lower = hex.to_ascii_lowercase();
-    Some(lower.as_bytes().chunks(2).map(|c| std::str::from_utf8(c).unwrap_or("00")).collect::<Vec<_>>().join(":"))
+    Some(
+        lower
+            .as_bytes()
+            .chunks(2)
+            .map(|c| std::str::from_utf8(c).unwrap_or("00"))
+            .collect::<Vec<_>>()
+            .join(":"),
+    )
 }
 
 /// Normalises an SMBIOS UUID to lower case; `None` if it is not a UUID.
@@ -109,7 +118,10 @@ pub fn normalize_uuid(uuid: &str) -> Option<String> {
     let groups: Vec<&str> = u.split('-').collect();
     let shape = [8, 4, 4, 4, 12];
     let ok = groups.len() == 5
-        && groups.iter().zip(shape).all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()));
+        && groups
+            .iter()
+            .zip(shape)
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()));
     ok.then_some(u)
 }
 
@@ -119,8 +131,14 @@ mod tests {
 
     #[test]
     fn normalizes_identifiers() {
-        assert_eq!(normalize_mac("52-54-00-AB-cd-01").as_deref(), Some("52:54:00:ab:cd:01"));
-        assert_eq!(normalize_mac("5254.00ab.cd01").as_deref(), Some("52:54:00:ab:cd:01"));
+        assert_eq!(
+            normalize_mac("52-54-00-AB-cd-01").as_deref(),
+            Some("52:54:00:ab:cd:01")
+        );
+        assert_eq!(
+            normalize_mac("5254.00ab.cd01").as_deref(),
+            Some("52:54:00:ab:cd:01")
+        );
         assert_eq!(normalize_mac("52:54:00:ab:cd"), None);
         assert_eq!(normalize_mac("52:54:00:ab:cd:0g"), None);
         assert_eq!(
@@ -128,6 +146,9 @@ mod tests {
             Some("4c4c4544-0042-3510-8051-b4c04f595031")
         );
         assert_eq!(normalize_uuid("not-a-uuid"), None);
-        assert_eq!(normalize_uuid("../../etc/passwd-0000-0000-0000-000000000000"), None);
+        assert_eq!(
+            normalize_uuid("../../etc/passwd-0000-0000-0000-000000000000"),
+            None
+        );
     }
 }

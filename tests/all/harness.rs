@@ -15,7 +15,10 @@ pub fn require(program: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
         .unwrap_or(false);
-    assert!(found, "this test needs `{program}` (run the README's test command, which installs it)");
+    assert!(
+        found,
+        "this test needs `{program}` (run the README's test command, which installs it)"
+    );
 }
 
 pub fn bin() -> &'static str {
@@ -46,8 +49,12 @@ impl Appliance {
     pub fn start(extra: &str) -> Appliance {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("appliance.toml"), config(extra)).expect("write config");
-        for (p, body) in [("assets/discovery/vmlinuz", "discovery kernel"), ("assets/discovery/initramfs.img", "discovery initrd"),
-            ("assets/talos/vmlinuz", "talos kernel"), ("assets/talos/initramfs.xz", "talos initrd")] {
+        for (p, body) in [
+            ("assets/discovery/vmlinuz", "discovery kernel"),
+            ("assets/discovery/initramfs.img", "discovery initrd"),
+            ("assets/talos/vmlinuz", "talos kernel"),
+            ("assets/talos/initramfs.xz", "talos initrd"),
+        ] {
             let p = dir.path().join("data").join(p);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, body).unwrap();
@@ -58,15 +65,25 @@ impl Appliance {
     /// Starts in an existing folder holding `appliance.toml` (restarts use this).
     pub fn start_in(dir: tempfile::TempDir, extra_args: &[&str]) -> Appliance {
         let mut args: Vec<String> = vec![
-            "run".into(), "--config".into(), dir.path().join("appliance.toml").display().to_string(),
-            "--data-dir".into(), dir.path().join("data").display().to_string(),
-            "--http".into(), "127.0.0.1:0".into(),
+            "run".into(),
+            "--config".into(),
+            dir.path().join("appliance.toml").display().to_string(),
+            "--data-dir".into(),
+            dir.path().join("data").display().to_string(),
+            "--http".into(),
+            "127.0.0.1:0".into(),
         ];
-        if !extra_args.iter().any(|a| *a == "--tftp") {
+        if !extra_args.contains(&"--tftp") {
             args.extend(["--tftp".into(), "127.0.0.1:0".into()]);
         }
         args.extend(extra_args.iter().map(|s| s.to_string()));
-        let mut a = Appliance { dir, http: "0.0.0.0:0".parse().unwrap(), tftp: "0.0.0.0:0".parse().unwrap(), child: None, args };
+        let mut a = Appliance {
+            dir,
+            http: "0.0.0.0:0".parse().unwrap(),
+            tftp: "0.0.0.0:0".parse().unwrap(),
+            child: None,
+            args,
+        };
         a.spawn();
         a
     }
@@ -74,7 +91,11 @@ impl Appliance {
     fn spawn(&mut self) {
         let ready = self.dir.path().join("ready.json");
         let _ = std::fs::remove_file(&ready);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("arges.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("arges.log"))
+            .unwrap();
         let mut args = self.args.clone();
         args.extend(["--ready-file".into(), ready.display().to_string()]);
         let child = Command::new(bin())
@@ -96,7 +117,11 @@ impl Appliance {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("arges exited with {status}:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "arges did not become ready:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "arges did not become ready:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -131,18 +156,16 @@ impl Appliance {
         self.spawn();
     }
 
-    pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
-    }
-
     /// One HTTP request over a plain socket (for hammering without a process per call).
-    pub fn request(&self, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, Vec<u8>) {
-        raw_http(self.http, method, path, token, body).unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log()))
-    }
-
-    pub fn admin(&self, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-        let (status, body) = self.request(method, path, Some(ADMIN_TOKEN), body.as_bytes());
-        (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &[u8],
+    ) -> (u16, Vec<u8>) {
+        raw_http(self.http, method, path, token, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log()))
     }
 }
 
@@ -156,19 +179,41 @@ impl Drop for Appliance {
 }
 
 /// A minimal HTTP/1.1 client: one request per connection.
-pub fn raw_http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+pub fn raw_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n", body.len())?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
     s.write_all(body)?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp)?;
-    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| std::io::Error::other("no header end"))?;
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no header end"))?;
     let head = String::from_utf8_lossy(&resp[..split]).to_string();
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| std::io::Error::other("no status"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no status"))?;
     let mut body = resp[split + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         body = dechunk(&body);
     }
     Ok((status, body))
@@ -189,12 +234,16 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 
 /// Runs a command and returns its output; panics with stderr when it cannot start.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// Writes `len` bytes of deterministic pseudo-random data.
 pub fn random_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
     let mut data = Vec::with_capacity(len);
     while data.len() < len {
         x ^= x << 13;

@@ -13,9 +13,24 @@ pub fn curl(args: &[&str]) -> (u16, Vec<u8>, String) {
     require("curl");
     let dir = tempfile::tempdir().unwrap();
     let (body, head) = (dir.path().join("body"), dir.path().join("head"));
-    let o = run(Command::new("curl").args(["-sS", "--max-time", "120", "-o"]).arg(&body).arg("-D").arg(&head).args(["-w", "%{http_code}"]).args(args));
-    let status = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap_or(0);
-    (status, std::fs::read(&body).unwrap_or_default(), std::fs::read_to_string(&head).unwrap_or_default().to_ascii_lowercase())
+    let o = run(Command::new("curl")
+        .args(["-sS", "--max-time", "120", "-o"])
+        .arg(&body)
+        .arg("-D")
+        .arg(&head)
+        .args(["-w", "%{http_code}"])
+        .args(args));
+    let status = String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (
+        status,
+        std::fs::read(&body).unwrap_or_default(),
+        std::fs::read_to_string(&head)
+            .unwrap_or_default()
+            .to_ascii_lowercase(),
+    )
 }
 
 pub fn boot(a: &Appliance, from: &str) -> (u16, String) {
@@ -25,12 +40,31 @@ pub fn boot(a: &Appliance, from: &str) -> (u16, String) {
 }
 
 pub fn register_machine(a: &Appliance, machine: &str) -> std::process::Output {
-    run(Command::new(crate::harness::bin()).args(["agent", "--appliance", &a.url(""), "--token", REG_TOKEN, "--timeout", "10", "--root"])
+    run(Command::new(crate::harness::bin())
+        .args([
+            "agent",
+            "--appliance",
+            &a.url(""),
+            "--token",
+            REG_TOKEN,
+            "--timeout",
+            "10",
+            "--root",
+        ])
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/machines/").to_string() + machine))
 }
 
 fn admin(a: &Appliance, method: &str, path: &str, body: &str) -> u16 {
-    curl(&["-X", method, "-H", &format!("Authorization: Bearer {ADMIN_TOKEN}"), "--data-binary", body, &a.url(path)]).0
+    curl(&[
+        "-X",
+        method,
+        "-H",
+        &format!("Authorization: Bearer {ADMIN_TOKEN}"),
+        "--data-binary",
+        body,
+        &a.url(path),
+    ])
+    .0
 }
 
 #[test]
@@ -40,9 +74,24 @@ fn a_machine_through_its_life() {
     let (s, script) = boot(&a, "127.0.0.1");
     assert_eq!(s, 200);
     assert!(script.starts_with("#!ipxe\n"), "{script}");
-    assert!(script.contains(&format!("kernel {}/env/discovery/vmlinuz initrd=initramfs.img console=ttyS0", a.url(""))), "{script}");
-    assert!(script.contains(&format!("arges.token={REG_TOKEN} arges.mode=discover")), "{script}");
-    assert!(script.contains(&format!("initrd --name initramfs.img {}/env/discovery/initramfs.img", a.url(""))), "{script}");
+    assert!(
+        script.contains(&format!(
+            "kernel {}/env/discovery/vmlinuz initrd=initramfs.img console=ttyS0",
+            a.url("")
+        )),
+        "{script}"
+    );
+    assert!(
+        script.contains(&format!("arges.token={REG_TOKEN} arges.mode=discover")),
+        "{script}"
+    );
+    assert!(
+        script.contains(&format!(
+            "initrd --name initramfs.img {}/env/discovery/initramfs.img",
+            a.url("")
+        )),
+        "{script}"
+    );
     // The assets it names are there.
     let (s, body, _) = curl(&[&a.url("/env/discovery/initramfs.img")]);
     assert_eq!((s, body.as_slice()), (200, b"discovery initrd".as_slice()));
@@ -53,54 +102,138 @@ fn a_machine_through_its_life() {
 
     // Registered, not accepted: local disk by default.
     let (_, script) = boot(&a, "127.0.0.1");
-    assert!(script.contains("\nexit\n") && !script.contains("kernel"), "{script}");
+    assert!(
+        script.contains("\nexit\n") && !script.contains("kernel"),
+        "{script}"
+    );
 
     // Accepted with an environment: that environment, with a boot token.
-    assert_eq!(admin(&a, "POST", &format!("/api/v1/servers/{UUID_A}/accept"), ""), 200);
-    assert_eq!(admin(&a, "PUT", &format!("/api/v1/servers/{UUID_A}/environment"), r#"{"environment":"talos"}"#), 200);
-    assert_eq!(admin(&a, "PUT", &format!("/api/v1/servers/{UUID_A}/config"), "machine:\n  type: controlplane\n"), 200);
+    assert_eq!(
+        admin(&a, "POST", &format!("/api/v1/servers/{UUID_A}/accept"), ""),
+        200
+    );
+    assert_eq!(
+        admin(
+            &a,
+            "PUT",
+            &format!("/api/v1/servers/{UUID_A}/environment"),
+            r#"{"environment":"talos"}"#
+        ),
+        200
+    );
+    assert_eq!(
+        admin(
+            &a,
+            "PUT",
+            &format!("/api/v1/servers/{UUID_A}/config"),
+            "machine:\n  type: controlplane\n"
+        ),
+        200
+    );
     let (_, script) = boot(&a, "127.0.0.1");
-    assert!(script.contains("/env/talos/vmlinuz initrd=initramfs.xz talos.platform=metal"), "{script}");
-    let token = script.split("token=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    assert!(
+        script.contains("/env/talos/vmlinuz initrd=initramfs.xz talos.platform=metal"),
+        "{script}"
+    );
+    let token = script
+        .split("token=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
     assert_eq!(token.len(), 64);
-    assert!(script.contains(&format!("talos.config={}/configdata?uuid={UUID_A}&token={token}", a.url(""))), "{script}");
+    assert!(
+        script.contains(&format!(
+            "talos.config={}/configdata?uuid={UUID_A}&token={token}",
+            a.url("")
+        )),
+        "{script}"
+    );
 
     // /configdata: the machine's token works from anywhere; its boot address works without one;
     // any other machine gets 403.
-    let cfg = |from: &str, q: &str| curl(&["--interface", from, &a.url(&format!("/configdata?uuid={UUID_A}{q}"))]);
+    let cfg = |from: &str, q: &str| {
+        curl(&[
+            "--interface",
+            from,
+            &a.url(&format!("/configdata?uuid={UUID_A}{q}")),
+        ])
+    };
     let (s, body, _) = cfg("127.0.0.3", &format!("&token={token}"));
-    assert_eq!((s, body.as_slice()), (200, b"machine:\n  type: controlplane\n".as_slice()));
+    assert_eq!(
+        (s, body.as_slice()),
+        (200, b"machine:\n  type: controlplane\n".as_slice())
+    );
     assert_eq!(cfg("127.0.0.1", "").0, 200, "same source as the boot");
-    assert_eq!(cfg("127.0.0.2", "").0, 403, "another machine without the token");
-    assert_eq!(cfg("127.0.0.1", "&token=0000").0, 403, "a wrong token is refused even from the boot address");
+    assert_eq!(
+        cfg("127.0.0.2", "").0,
+        403,
+        "another machine without the token"
+    );
+    assert_eq!(
+        cfg("127.0.0.1", "&token=0000").0,
+        403,
+        "a wrong token is refused even from the boot address"
+    );
     assert_eq!(cfg("127.0.0.2", "").0, 403);
     // A new boot replaces the token.
     boot(&a, "127.0.0.5");
-    assert_eq!(cfg("127.0.0.3", &format!("&token={token}")).0, 403, "the previous boot's token is spent");
-    assert_eq!(cfg("127.0.0.1", "").0, 403, "the old address is no longer the boot address");
+    assert_eq!(
+        cfg("127.0.0.3", &format!("&token={token}")).0,
+        403,
+        "the previous boot's token is spent"
+    );
+    assert_eq!(
+        cfg("127.0.0.1", "").0,
+        403,
+        "the old address is no longer the boot address"
+    );
 
     // Cordoned: local disk again.
-    assert_eq!(admin(&a, "POST", &format!("/api/v1/servers/{UUID_A}/cordon"), ""), 200);
+    assert_eq!(
+        admin(&a, "POST", &format!("/api/v1/servers/{UUID_A}/cordon"), ""),
+        200
+    );
     let (_, script) = boot(&a, "127.0.0.1");
     assert!(script.contains("\nexit\n"), "{script}");
 
-    let (_, server, _) = curl(&["-H", &format!("Authorization: Bearer {ADMIN_TOKEN}"), &a.url(&format!("/api/v1/servers/{UUID_A}"))]);
+    let (_, server, _) = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {ADMIN_TOKEN}"),
+        &a.url(&format!("/api/v1/servers/{UUID_A}")),
+    ]);
     let server: serde_json::Value = serde_json::from_slice(&server).unwrap();
     assert_eq!(server["hardware"]["product"], "PowerEdge R640");
     assert_eq!(server["environment"], "talos");
-    let history: Vec<&str> = server["boot_history"].as_array().unwrap().iter().map(|b| b["action"].as_str().unwrap()).collect();
-    assert_eq!(history, vec!["local-disk", "environment", "environment", "local-disk"]);
+    let history: Vec<&str> = server["boot_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        history,
+        vec!["local-disk", "environment", "environment", "local-disk"]
+    );
 
     let metrics = String::from_utf8_lossy(&curl(&[&a.url("/metrics")]).1).into_owned();
-    for want in ["arges_boot_decisions_total{action=\"discover\"} 1", "arges_registrations_total{result=\"created\"} 1",
-        "arges_configdata_requests_total{result=\"forbidden\"} 5", "arges_configdata_requests_total{result=\"served\"} 2"] {
+    for want in [
+        "arges_boot_decisions_total{action=\"discover\"} 1",
+        "arges_registrations_total{result=\"created\"} 1",
+        "arges_configdata_requests_total{result=\"forbidden\"} 5",
+        "arges_configdata_requests_total{result=\"served\"} 2",
+    ] {
         assert!(metrics.contains(want), "{want} missing:\n{metrics}");
     }
 }
 
 #[test]
 fn local_disk_by_http_404_and_sanboot_per_arch() {
-    let a = Appliance::start("[policy]\nlocal_disk_method = \"http-404\"\nunaccepted = \"local-disk\"\n[policy.local_disk_method_by_arch]\ni386 = \"sanboot\"\n");
+    let a = Appliance::start(
+        "[policy]\nlocal_disk_method = \"http-404\"\nunaccepted = \"local-disk\"\n[policy.local_disk_method_by_arch]\ni386 = \"sanboot\"\n",
+    );
     assert!(register_machine(&a, "a").status.success());
     assert_eq!(boot(&a, "127.0.0.1").0, 404);
     let (s, b, _) = curl(&[&a.url(&format!("/boot.ipxe?uuid={UUID_A}&mac={MAC_A}&arch=i386"))]);
@@ -116,20 +249,63 @@ fn assets_ranges_validators_and_confinement() {
     let big = random_file(&assets.join("images/rootfs.img"), 256 << 20, 21);
     let (s, body, head) = curl(&[&a.url("/assets/images/rootfs.img")]);
     assert_eq!(s, 200);
-    assert!(head.contains(&format!("content-length: {}", big.len())), "{head}");
-    assert!(body == big, "the 256 MiB file differs ({} bytes received)", body.len());
-    let (s, body, head) = curl(&["-r", "100000000-100000099", &a.url("/assets/images/rootfs.img")]);
+    assert!(
+        head.contains(&format!("content-length: {}", big.len())),
+        "{head}"
+    );
+    assert!(
+        body == big,
+        "the 256 MiB file differs ({} bytes received)",
+        body.len()
+    );
+    let (s, body, head) = curl(&[
+        "-r",
+        "100000000-100000099",
+        &a.url("/assets/images/rootfs.img"),
+    ]);
     assert_eq!(s, 206);
     assert_eq!(body, &big[100_000_000..100_000_100]);
-    assert!(head.contains(&format!("content-range: bytes 100000000-100000099/{}", big.len())), "{head}");
+    assert!(
+        head.contains(&format!(
+            "content-range: bytes 100000000-100000099/{}",
+            big.len()
+        )),
+        "{head}"
+    );
     let (s, _, head) = curl(&["-I", &a.url("/assets/images/rootfs.img")]);
-    assert!(s == 200 && head.contains(&format!("content-length: {}", big.len())), "{head}");
-    assert_eq!(a.request("HEAD", "/assets/images/rootfs.img", None, b""), (200, vec![]), "HEAD sends no body");
-    let etag = head.lines().find_map(|l| l.strip_prefix("etag: ")).unwrap().trim().to_string();
-    let (s, body, _) = curl(&["-H", &format!("If-None-Match: {etag}"), &a.url("/assets/images/rootfs.img")]);
+    assert!(
+        s == 200 && head.contains(&format!("content-length: {}", big.len())),
+        "{head}"
+    );
+    assert_eq!(
+        a.request("HEAD", "/assets/images/rootfs.img", None, b""),
+        (200, vec![]),
+        "HEAD sends no body"
+    );
+    let etag = head
+        .lines()
+        .find_map(|l| l.strip_prefix("etag: "))
+        .unwrap()
+        .trim()
+        .to_string();
+    let (s, body, _) = curl(&[
+        "-H",
+        &format!("If-None-Match: {etag}"),
+        &a.url("/assets/images/rootfs.img"),
+    ]);
     assert_eq!((s, body.len()), (304, 0));
-    let (s, body, _) = curl(&["-r", "0-9", "-H", "If-Range: \"stale\"", &a.url("/assets/images/rootfs.img")]);
-    assert_eq!((s, body.len()), (200, big.len()), "a stale If-Range gets the whole file");
+    let (s, body, _) = curl(&[
+        "-r",
+        "0-9",
+        "-H",
+        "If-Range: \"stale\"",
+        &a.url("/assets/images/rootfs.img"),
+    ]);
+    assert_eq!(
+        (s, body.len()),
+        (200, big.len()),
+        "a stale If-Range gets the whole file"
+    );
     let (s, _, head) = curl(&["-r", "999999999-", &a.url("/assets/images/rootfs.img")]);
     assert_eq!(s, 416);
     assert!(head.contains(&format!("content-range: bytes */{}", big.len())));
@@ -139,10 +315,18 @@ fn assets_ranges_validators_and_confinement() {
     assert_eq!((s, body.as_slice()), (206, &small[990..]));
 
     std::fs::write(a.dir.path().join("secret"), "no").unwrap();
-    for path in ["/assets/../appliance.toml", "/assets/%2e%2e/%2e%2e/appliance.toml", "/assets/..%2F..%2Fappliance.toml", "/assets/images/../../../secret"] {
+    for path in [
+        "/assets/../appliance.toml",
+        "/assets/%2e%2e/%2e%2e/appliance.toml",
+        "/assets/..%2F..%2Fappliance.toml",
+        "/assets/images/../../../secret",
+    ] {
         let (s, body, _) = curl(&["--path-as-is", &a.url(path)]);
         assert!(s == 403 || s == 404, "{path}: {s}");
-        assert!(!String::from_utf8_lossy(&body).contains("token"), "{path} leaked the config");
+        assert!(
+            !String::from_utf8_lossy(&body).contains("token"),
+            "{path} leaked the config"
+        );
     }
     // Only files the config names are served under /env/.
     assert_eq!(curl(&[&a.url("/env/talos/initramfs.img")]).0, 404);
@@ -155,10 +339,32 @@ fn admin_api_refusals() {
     let url = a.url("/api/v1/servers");
     assert_eq!(curl(&[&url]).0, 401);
     assert_eq!(curl(&["-H", "Authorization: Bearer wrong", &url]).0, 401);
-    assert_eq!(curl(&["-H", &format!("Authorization: Bearer {REG_TOKEN}"), &url]).0, 401, "the registration token is not an admin token");
+    assert_eq!(
+        curl(&["-H", &format!("Authorization: Bearer {REG_TOKEN}"), &url]).0,
+        401,
+        "the registration token is not an admin token"
+    );
     let reg = a.url("/api/v1/register");
-    assert_eq!(curl(&["-H", &format!("Authorization: Bearer {ADMIN_TOKEN}"), "--data-binary", "{}", &reg]).0, 401);
-    let as_agent = |body: &str| curl(&["-H", &format!("Authorization: Bearer {REG_TOKEN}"), "--data-binary", body, &reg]);
+    assert_eq!(
+        curl(&[
+            "-H",
+            &format!("Authorization: Bearer {ADMIN_TOKEN}"),
+            "--data-binary",
+            "{}",
+            &reg
+        ])
+        .0,
+        401
+    );
+    let as_agent = |body: &str| {
+        curl(&[
+            "-H",
+            &format!("Authorization: Bearer {REG_TOKEN}"),
+            "--data-binary",
+            body,
+            &reg,
+        ])
+    };
     let (s, body, _) = as_agent("{not json");
     assert_eq!(s, 400);
     assert!(String::from_utf8_lossy(&body).contains("malformed registration"));
@@ -166,13 +372,53 @@ fn admin_api_refusals() {
     assert_eq!(s, 400, "{}", String::from_utf8_lossy(&body));
     let huge = a.dir.path().join("huge");
     std::fs::write(&huge, vec![b' '; 2 << 20]).unwrap();
-    assert_eq!(curl(&["-H", &format!("Authorization: Bearer {REG_TOKEN}"), "--data-binary", &format!("@{}", huge.display()), &reg]).0, 413);
+    assert_eq!(
+        curl(&[
+            "-H",
+            &format!("Authorization: Bearer {REG_TOKEN}"),
+            "--data-binary",
+            &format!("@{}", huge.display()),
+            &reg
+        ])
+        .0,
+        413
+    );
     assert_eq!(admin(&a, "GET", "/api/v1/servers/nope", ""), 404);
     assert!(register_machine(&a, "a").status.success());
-    assert_eq!(admin(&a, "PUT", &format!("/api/v1/servers/{UUID_A}/environment"), r#"{"environment":"nope"}"#), 400);
-    assert_eq!(admin(&a, "PUT", &format!("/api/v1/servers/{UUID_A}/labels"), r#"{"rack":"r1","role":"cp"}"#), 200);
-    assert_eq!(admin(&a, "PUT", &format!("/api/v1/servers/{UUID_A}/labels"), r#"["x"]"#), 400);
-    assert_eq!(admin(&a, "DELETE", &format!("/api/v1/servers/{UUID_A}"), ""), 200);
-    assert_eq!(admin(&a, "GET", &format!("/api/v1/servers/{UUID_A}"), ""), 404);
+    assert_eq!(
+        admin(
+            &a,
+            "PUT",
+            &format!("/api/v1/servers/{UUID_A}/environment"),
+            r#"{"environment":"nope"}"#
+        ),
+        400
+    );
+    assert_eq!(
+        admin(
+            &a,
+            "PUT",
+            &format!("/api/v1/servers/{UUID_A}/labels"),
+            r#"{"rack":"r1","role":"cp"}"#
+        ),
+        200
+    );
+    assert_eq!(
+        admin(
+            &a,
+            "PUT",
+            &format!("/api/v1/servers/{UUID_A}/labels"),
+            r#"["x"]"#
+        ),
+        400
+    );
+    assert_eq!(
+        admin(&a, "DELETE", &format!("/api/v1/servers/{UUID_A}"), ""),
+        200
+    );
+    assert_eq!(
+        admin(&a, "GET", &format!("/api/v1/servers/{UUID_A}"), ""),
+        404
+    );
     assert_eq!(curl(&[&a.url("/healthz")]).0, 200);
 }

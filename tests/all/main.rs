@@ -1,6 +1,8 @@
 //! Integration tests: the real `arges` binary against real clients on loopback.
 
 mod agent;
+mod config;
+mod crash;
 mod harness;
 mod http;
 mod tftp;

@@ -9,17 +9,34 @@ use arges::tftp::packet::{self, encode_ack, encode_rrq};
 
 use crate::harness::{Appliance, random_file, require, run};
 
-fn curl_get(a: &Appliance, file: &str, blksize: Option<u32>, host: &str) -> (bool, Vec<u8>, String) {
+fn curl_get(
+    a: &Appliance,
+    file: &str,
+    blksize: Option<u32>,
+    host: &str,
+) -> (bool, Vec<u8>, String) {
     require("curl");
-    let out = a.dir.path().join(format!("curl-{}-{}", file.replace('/', "_"), blksize.unwrap_or(0)));
+    let out = a.dir.path().join(format!(
+        "curl-{}-{}",
+        file.replace('/', "_"),
+        blksize.unwrap_or(0)
+    ));
     let mut cmd = Command::new("curl");
-    cmd.arg("-sS").arg("--max-time").arg("120").arg("-o").arg(&out);
+    cmd.arg("-sS")
+        .arg("--max-time")
+        .arg("120")
+        .arg("-o")
+        .arg(&out);
     if let Some(b) = blksize {
         cmd.arg("--tftp-blksize").arg(b.to_string());
     }
     cmd.arg(format!("tftp://{host}:{}/{file}", a.tftp.port()));
     let o = run(&mut cmd);
-    (o.status.success(), std::fs::read(&out).unwrap_or_default(), String::from_utf8_lossy(&o.stderr).into())
+    (
+        o.status.success(),
+        std::fs::read(&out).unwrap_or_default(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
 }
 
 #[test]
@@ -33,9 +50,18 @@ fn curl_fetches_byte_for_byte_at_every_block_size() {
     for blksize in [512, 1468, 65464] {
         let (ok, got, err) = curl_get(&a, "big.bin", Some(blksize), "127.0.0.1");
         assert!(ok, "blksize {blksize}: {err}\n{}", a.log());
-        assert!(got == big, "blksize {blksize}: content differs ({} of {} bytes)", got.len(), big.len());
+        assert!(
+            got == big,
+            "blksize {blksize}: content differs ({} of {} bytes)",
+            got.len(),
+            big.len()
+        );
     }
-    for (name, want) in [("ipxe/undionly.kpxe", &small), ("exact.bin", &exact), ("empty.bin", &empty)] {
+    for (name, want) in [
+        ("ipxe/undionly.kpxe", &small),
+        ("exact.bin", &exact),
+        ("empty.bin", &empty),
+    ] {
         let (ok, got, err) = curl_get(&a, name, Some(1468), "127.0.0.1");
         assert!(ok && &got == want, "{name}: {err}");
     }
@@ -49,16 +75,43 @@ fn tftp_hpa_octet_and_netascii() {
     require("tftp");
     let a = Appliance::start("");
     let data = random_file(&a.tftp_root().join("pxelinux.0"), 300_000, 5);
-    std::fs::write(a.tftp_root().join("menu.txt"), "line one\nline two\r\nend\n").unwrap();
+    std::fs::write(
+        a.tftp_root().join("menu.txt"),
+        "line one\nline two\r\nend\n",
+    )
+    .unwrap();
     let out = a.dir.path().join("hpa.out");
-    let o = run(Command::new("tftp").args(["127.0.0.1", &a.tftp.port().to_string(), "-m", "binary", "-c", "get", "pxelinux.0"]).arg(&out));
+    let o = run(Command::new("tftp")
+        .args([
+            "127.0.0.1",
+            &a.tftp.port().to_string(),
+            "-m",
+            "binary",
+            "-c",
+            "get",
+            "pxelinux.0",
+        ])
+        .arg(&out));
     assert!(o.status.success(), "{o:?}");
     assert_eq!(std::fs::read(&out).unwrap(), data);
     let txt = a.dir.path().join("menu.out");
-    let o = run(Command::new("tftp").args(["127.0.0.1", &a.tftp.port().to_string(), "-m", "ascii", "-c", "get", "menu.txt"]).arg(&txt));
+    let o = run(Command::new("tftp")
+        .args([
+            "127.0.0.1",
+            &a.tftp.port().to_string(),
+            "-m",
+            "ascii",
+            "-c",
+            "get",
+            "menu.txt",
+        ])
+        .arg(&txt));
     assert!(o.status.success(), "{o:?}");
     // The client converts netascii back to local line ends: the round trip is exact.
-    assert_eq!(std::fs::read_to_string(&txt).unwrap(), "line one\nline two\r\nend\n");
+    assert_eq!(
+        std::fs::read_to_string(&txt).unwrap(),
+        "line one\nline two\r\nend\n"
+    );
 }
 
 #[test]
@@ -69,17 +122,36 @@ fn atftp_with_windowsize() {
     for window in [1, 8, 16, 64] {
         let out = a.dir.path().join(format!("atftp-{window}"));
         let o = run(Command::new("atftp")
-            .args(["-g", "-r", "initrd.img", "-l"]).arg(&out)
-            .args(["--option", "blksize 1468", "--option", &format!("windowsize {window}"), "127.0.0.1", &a.tftp.port().to_string()]));
-        assert!(o.status.success(), "windowsize {window}: {o:?}\n{}", a.log());
-        assert!(std::fs::read(&out).unwrap() == data, "windowsize {window}: content differs");
+            .args(["-g", "-r", "initrd.img", "-l"])
+            .arg(&out)
+            .args([
+                "--option",
+                "blksize 1468",
+                "--option",
+                &format!("windowsize {window}"),
+                "127.0.0.1",
+                &a.tftp.port().to_string(),
+            ]));
+        assert!(
+            o.status.success(),
+            "windowsize {window}: {o:?}\n{}",
+            a.log()
+        );
+        assert!(
+            std::fs::read(&out).unwrap() == data,
+            "windowsize {window}: content differs"
+        );
     }
 }
 
 #[test]
 fn ipv6_loopback() {
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("appliance.toml"), crate::harness::config("")).unwrap();
+    std::fs::write(
+        tmp.path().join("appliance.toml"),
+        crate::harness::config(""),
+    )
+    .unwrap();
     let a = Appliance::start_in(tmp, &["--tftp", "[::1]:0"]);
     assert!(a.tftp.is_ipv6());
     let data = random_file(&a.tftp_root().join("v6.bin"), 100_000, 7);
@@ -101,7 +173,8 @@ fn recv(s: &UdpSocket) -> (Vec<u8>, SocketAddr) {
 }
 
 fn error_code(pkt: &[u8]) -> Option<u16> {
-    (pkt.len() >= 4 && pkt[1] == packet::OP_ERROR as u8).then(|| u16::from_be_bytes([pkt[2], pkt[3]]))
+    (pkt.len() >= 4 && pkt[1] == packet::OP_ERROR as u8)
+        .then(|| u16::from_be_bytes([pkt[2], pkt[3]]))
 }
 
 #[test]
@@ -111,7 +184,14 @@ fn refuses_escapes_writes_and_garbage_and_keeps_serving() {
     std::fs::write(a.dir.path().join("secret"), b"outside the root").unwrap();
     std::os::unix::fs::symlink(a.dir.path().join("secret"), a.tftp_root().join("link")).unwrap();
     let s = client();
-    for (name, code) in [("../appliance.toml", 2), ("../../../../etc/passwd", 2), ("..\\..\\secret", 2), ("/etc/passwd", 1), ("link", 2), ("missing", 1)] {
+    for (name, code) in [
+        ("../appliance.toml", 2),
+        ("../../../../etc/passwd", 2),
+        ("..\\..\\secret", 2),
+        ("/etc/passwd", 1),
+        ("link", 2),
+        ("missing", 1),
+    ] {
         s.send_to(&encode_rrq(name, "octet", &[]), a.tftp).unwrap();
         let (pkt, _) = recv(&s);
         assert_eq!(error_code(&pkt), Some(code), "{name}: {pkt:?}");
@@ -123,12 +203,24 @@ fn refuses_escapes_writes_and_garbage_and_keeps_serving() {
     assert_eq!(error_code(&recv(&s).0), Some(2));
     assert!(!a.tftp_root().join("new.bin").exists());
     // Malformed and oversized: each answered with an error, none crashes anything.
-    let long_opts: Vec<(String, String)> = (0..40).map(|i| (format!("opt{i}"), "x".repeat(40))).collect();
-    let long_opts: Vec<(&str, &str)> = long_opts.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let long_opts: Vec<(String, String)> = (0..40)
+        .map(|i| (format!("opt{i}"), "x".repeat(40)))
+        .collect();
+    let long_opts: Vec<(&str, &str)> = long_opts
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
     let garbage: Vec<Vec<u8>> = vec![
-        vec![0], vec![0, 1], vec![0, 1, b'a'], vec![0, 1, b'a', 0, b'o', b'c'], vec![0, 9, 0, 0],
-        vec![0, 3, 0, 1, 1, 2, 3], vec![0, 1, 0xff, 0xfe, 0, b'o', b'c', b't', b'e', b't', 0],
-        encode_rrq("ok.bin", "mail", &[]), encode_rrq("ok.bin", "octet", &long_opts), vec![0xab; 3000],
+        vec![0],
+        vec![0, 1],
+        vec![0, 1, b'a'],
+        vec![0, 1, b'a', 0, b'o', b'c'],
+        vec![0, 9, 0, 0],
+        vec![0, 3, 0, 1, 1, 2, 3],
+        vec![0, 1, 0xff, 0xfe, 0, b'o', b'c', b't', b'e', b't', 0],
+        encode_rrq("ok.bin", "mail", &[]),
+        encode_rrq("ok.bin", "octet", &long_opts),
+        vec![0xab; 3000],
         encode_rrq("ok.bin", "octet", &[("blksize", "99999999999999999999")]),
     ];
     for g in &garbage {
@@ -137,7 +229,8 @@ fn refuses_escapes_writes_and_garbage_and_keeps_serving() {
     let mut answers = 0;
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut buf = [0u8; 2048];
-    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     while Instant::now() < deadline {
         if let Ok((n, _)) = s.recv_from(&mut buf) {
             if error_code(&buf[..n]).is_some() {
@@ -147,13 +240,23 @@ fn refuses_escapes_writes_and_garbage_and_keeps_serving() {
             }
         }
     }
-    assert!(answers >= garbage.len() - 1, "each bad packet gets an answer ({answers} of {})", garbage.len());
+    assert!(
+        answers >= garbage.len() - 1,
+        "each bad packet gets an answer ({answers} of {})",
+        garbage.len()
+    );
     let (ok, got, err) = curl_get(&a, "ok.bin", Some(1468), "127.0.0.1");
     assert!(ok && got == data, "still serving after abuse: {err}");
     let metrics = a.request("GET", "/metrics", None, b"").1;
     let metrics = String::from_utf8_lossy(&metrics);
-    assert!(metrics.contains("arges_tftp_errors_total{kind=\"truncated\"}"), "{metrics}");
-    assert!(metrics.contains("arges_tftp_requests_total{result=\"write_refused\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("arges_tftp_errors_total{kind=\"truncated\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("arges_tftp_requests_total{result=\"write_refused\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -161,15 +264,31 @@ fn oack_only_for_options_sent_and_tsize_probe_abort() {
     let a = Appliance::start("");
     random_file(&a.tftp_root().join("f.bin"), 10_000, 9);
     let s = client();
-    s.send_to(&encode_rrq("f.bin", "octet", &[("tsize", "0"), ("msftwindow", "31416"), ("blksize", "1432")]), a.tftp).unwrap();
+    s.send_to(
+        &encode_rrq(
+            "f.bin",
+            "octet",
+            &[("tsize", "0"), ("msftwindow", "31416"), ("blksize", "1432")],
+        ),
+        a.tftp,
+    )
+    .unwrap();
     let (pkt, tid) = recv(&s);
     assert_ne!(tid.port(), a.tftp.port(), "a fresh port per transfer");
     assert_eq!(&pkt[..2], &[0, 6]);
     assert_eq!(&pkt[2..], b"tsize\x0010000\x00blksize\x001432\x00");
     // EDK2 style: abort after the size probe with error 8.
-    s.send_to(&packet::encode_error(packet::ErrorCode::OptionRefused, "probe only"), tid).unwrap();
+    s.send_to(
+        &packet::encode_error(packet::ErrorCode::OptionRefused, "probe only"),
+        tid,
+    )
+    .unwrap();
     // The real request follows and works.
-    s.send_to(&encode_rrq("f.bin", "octet", &[("blksize", "1432")]), a.tftp).unwrap();
+    s.send_to(
+        &encode_rrq("f.bin", "octet", &[("blksize", "1432")]),
+        a.tftp,
+    )
+    .unwrap();
     let (pkt, tid2) = recv(&s);
     assert_eq!(&pkt[..2], &[0, 6]);
     s.send_to(&encode_ack(0), tid2).unwrap();
@@ -184,13 +303,15 @@ fn duplicate_acks_cause_no_storm_and_gaps_are_resent() {
     let data = random_file(&a.tftp_root().join("f.bin"), 512 * 10 + 7, 10);
     // Lockstep: ACK 1 three times; DATA 2 must come exactly once.
     let s = client();
-    s.send_to(&encode_rrq("f.bin", "octet", &[]), a.tftp).unwrap();
+    s.send_to(&encode_rrq("f.bin", "octet", &[]), a.tftp)
+        .unwrap();
     let (pkt, tid) = recv(&s);
     assert_eq!(&pkt[..4], &[0, 3, 0, 1]);
     for _ in 0..3 {
         s.send_to(&encode_ack(1), tid).unwrap();
     }
-    s.set_read_timeout(Some(Duration::from_millis(600))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(600)))
+        .unwrap();
     let mut data2 = 0;
     let mut buf = [0u8; 1024];
     while let Ok((n, _)) = s.recv_from(&mut buf) {
@@ -198,18 +319,28 @@ fn duplicate_acks_cause_no_storm_and_gaps_are_resent() {
             data2 += 1;
         }
     }
-    assert_eq!(data2, 1, "a duplicate ACK must not trigger a resend in lockstep mode");
+    assert_eq!(
+        data2, 1,
+        "a duplicate ACK must not trigger a resend in lockstep mode"
+    );
 
     // Windowed: take blocks 1..4 but pretend 3 was lost; ACK 2; the server resends from 3.
     let s = client();
-    s.send_to(&encode_rrq("f.bin", "octet", &[("windowsize", "4")]), a.tftp).unwrap();
+    s.send_to(
+        &encode_rrq("f.bin", "octet", &[("windowsize", "4")]),
+        a.tftp,
+    )
+    .unwrap();
     let (_, tid) = recv(&s);
     s.send_to(&encode_ack(0), tid).unwrap();
     let mut got = Vec::new();
     for _ in 0..4 {
         got.push(recv(&s).0);
     }
-    assert_eq!(got.iter().map(|p| p[3]).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert_eq!(
+        got.iter().map(|p| p[3]).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
     s.send_to(&encode_ack(2), tid).unwrap();
     let mut file = Vec::new();
     file.extend_from_slice(&got[0][4..]);
@@ -236,21 +367,31 @@ fn duplicate_acks_cause_no_storm_and_gaps_are_resent() {
 
 #[test]
 fn abandoned_transfer_flood_does_not_starve_others() {
-    let a = Appliance::start("[tftp]\nmax_transfers_per_client = 16\ntimeout_ms = 200\nmax_timeout_ms = 400\nretries = 2\n");
+    let a = Appliance::start(
+        "[tftp]\nmax_transfers_per_client = 16\ntimeout_ms = 200\nmax_timeout_ms = 400\nretries = 2\n",
+    );
     let data = random_file(&a.tftp_root().join("ipxe.efi"), 200_000, 11);
     // 300 requests from 127.0.0.1 that never acknowledge anything.
-    let flood: Vec<UdpSocket> = (0..300).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+    let flood: Vec<UdpSocket> = (0..300)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
     for s in &flood {
-        s.send_to(&encode_rrq("ipxe.efi", "octet", &[("blksize", "1468")]), a.tftp).unwrap();
+        s.send_to(
+            &encode_rrq("ipxe.efi", "octet", &[("blksize", "1468")]),
+            a.tftp,
+        )
+        .unwrap();
     }
     // Another machine (another loopback address) still gets its file at once.
     let s = UdpSocket::bind("127.0.0.2:0").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     // Like real firmware, retransmit the request until something answers.
-    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let mut first = None;
     for _ in 0..6 {
-        s.send_to(&encode_rrq("ipxe.efi", "octet", &[]), a.tftp).unwrap();
+        s.send_to(&encode_rrq("ipxe.efi", "octet", &[]), a.tftp)
+            .unwrap();
         let mut buf = vec![0u8; 2048];
         if let Ok((n, from)) = s.recv_from(&mut buf) {
             buf.truncate(n);
@@ -283,11 +424,20 @@ fn abandoned_transfer_flood_does_not_starve_others() {
     loop {
         let m = String::from_utf8_lossy(&a.request("GET", "/metrics", None, b"").1).to_string();
         if m.contains("arges_tftp_active_transfers 0") {
-            assert!(m.contains("arges_tftp_requests_total{result=\"busy\"}"), "{m}");
-            assert!(m.contains("arges_tftp_transfers_total{outcome=\"timeout\"} 16"), "{m}");
+            assert!(
+                m.contains("arges_tftp_requests_total{result=\"busy\"}"),
+                "{m}"
+            );
+            assert!(
+                m.contains("arges_tftp_transfers_total{outcome=\"timeout\"} 16"),
+                "{m}"
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "abandoned transfers were not reaped:\n{m}");
+        assert!(
+            Instant::now() < deadline,
+            "abandoned transfers were not reaped:\n{m}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }

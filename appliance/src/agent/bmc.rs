@@ -34,15 +34,26 @@ pub fn read_bmc(device: &str) -> Option<BmcAddress> {
         }
     };
     for channel in 1..=11u8 {
-        let Some(ip) = lan_param(&mut file, channel, 3) else { continue };
+        let Some(ip) = lan_param(&mut file, channel, 3) else {
+            continue;
+        };
         if ip.len() < 4 || ip[..4] == [0, 0, 0, 0] {
             continue;
         }
         let mac = lan_param(&mut file, channel, 5)
             .filter(|m| m.len() >= 6)
-            .map(|m| m[..6].iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"))
+            .map(|m| {
+                m[..6]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            })
             .unwrap_or_default();
-        return Some(BmcAddress { ip: format!("{}.{}.{}.{}", ip[0], ip[1], ip[2], ip[3]), mac });
+        return Some(BmcAddress {
+            ip: format!("{}.{}.{}.{}", ip[0], ip[1], ip[2], ip[3]),
+            mac,
+        });
     }
     None
 }

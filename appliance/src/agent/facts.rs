@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use crate::registration::{Cpu, Disk, Hardware, Nic, normalize_mac};
 
 fn read(path: impl AsRef<Path>) -> String {
-    std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Facts read from one root.
@@ -74,7 +76,11 @@ impl FactReader {
 
     fn entries(&self, rel: &str) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(self.path(rel))
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         names.sort();
         names
@@ -86,17 +92,31 @@ impl FactReader {
             if name == "lo" {
                 continue;
             }
-            let Some(mac) = normalize_mac(&read(self.path(&format!("sys/class/net/{name}/address")))) else { continue };
+            let Some(mac) =
+                normalize_mac(&read(self.path(&format!("sys/class/net/{name}/address"))))
+            else {
+                continue;
+            };
             if mac == "00:00:00:00:00:00" {
                 continue;
             }
             let physical = self.path(&format!("sys/class/net/{name}/device")).exists();
-            nics.push((physical, Nic { name, mac, addresses: Vec::new() }));
+            nics.push((
+                physical,
+                Nic {
+                    name,
+                    mac,
+                    addresses: Vec::new(),
+                },
+            ));
         }
         // Bridges, bonds' slaves aside, ifb and veth have no backing device; drop them
         // unless nothing has one (containers, some virtual NICs).
         let any_physical = nics.iter().any(|(p, _)| *p);
-        nics.into_iter().filter(|(p, _)| *p || !any_physical).map(|(_, n)| n).collect()
+        nics.into_iter()
+            .filter(|(p, _)| *p || !any_physical)
+            .map(|(_, n)| n)
+            .collect()
     }
 
     fn disks(&self) -> Vec<Disk> {
@@ -110,7 +130,10 @@ impl FactReader {
             if sectors == 0 {
                 continue;
             }
-            let serial = [attr("device/serial"), attr("serial"), attr("device/wwid")].into_iter().find(|s| !s.is_empty()).unwrap_or_default();
+            let serial = [attr("device/serial"), attr("serial"), attr("device/wwid")]
+                .into_iter()
+                .find(|s| !s.is_empty())
+                .unwrap_or_default();
             disks.push(Disk {
                 size_bytes: sectors * 512,
                 model: attr("device/model"),
@@ -125,10 +148,16 @@ impl FactReader {
 
 /// Fills in each NIC's addresses from the running kernel (only meaningful with root `/`).
 pub fn add_live_addresses(hw: &mut Hardware) {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return };
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return;
+    };
     for a in addrs {
-        let Some(nic) = hw.nics.iter_mut().find(|n| n.name == a.interface_name) else { continue };
-        let (Some(addr), Some(mask)) = (a.address, a.netmask) else { continue };
+        let Some(nic) = hw.nics.iter_mut().find(|n| n.name == a.interface_name) else {
+            continue;
+        };
+        let (Some(addr), Some(mask)) = (a.address, a.netmask) else {
+            continue;
+        };
         let cidr = if let (Some(v4), Some(m)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) {
             Some(format!("{}/{}", v4.ip(), m.ip().to_bits().count_ones()))
         } else if let (Some(v6), Some(m)) = (addr.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
@@ -144,7 +173,10 @@ pub fn add_live_addresses(hw: &mut Hardware) {
 
 /// Values of `arges.*` parameters on a kernel command line.
 pub fn cmdline_param(cmdline: &str, key: &str) -> Option<String> {
-    cmdline.split_whitespace().find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('='))).map(String::from)
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        .map(String::from)
 }
 
 #[cfg(test)]
@@ -159,9 +191,15 @@ mod tests {
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, body).unwrap();
         };
-        w("sys/class/dmi/id/product_uuid", "4C4C4544-0042-3510-8051-B4C04F595031\n");
+        w(
+            "sys/class/dmi/id/product_uuid",
+            "4C4C4544-0042-3510-8051-B4C04F595031\n",
+        );
         w("sys/class/dmi/id/sys_vendor", "Dell Inc.\n");
-        w("proc/cpuinfo", "processor\t: 0\nmodel name\t: Xeon\n\nprocessor\t: 1\nmodel name\t: Xeon\n");
+        w(
+            "proc/cpuinfo",
+            "processor\t: 0\nmodel name\t: Xeon\n\nprocessor\t: 1\nmodel name\t: Xeon\n",
+        );
         w("proc/meminfo", "MemTotal:       2048 kB\n");
         w("sys/class/net/lo/address", "00:00:00:00:00:00\n");
         w("sys/class/net/eth0/address", "52:54:00:AA:BB:CC\n");
@@ -178,14 +216,20 @@ mod tests {
         assert_eq!(hw.nics.len(), 1);
         assert_eq!(hw.nics[0].mac, "52:54:00:aa:bb:cc");
         assert_eq!(hw.disks.len(), 1);
-        assert_eq!((hw.disks[0].size_bytes, hw.disks[0].serial.as_str()), (1 << 30, "disk-1"));
+        assert_eq!(
+            (hw.disks[0].size_bytes, hw.disks[0].serial.as_str()),
+            (1 << 30, "disk-1")
+        );
     }
 
     #[test]
     fn cmdline() {
         let c = "console=ttyS0 arges.appliance=http://10.0.0.1:8080 arges.token=abc arges.mode=discover";
         assert_eq!(cmdline_param(c, "arges.token").as_deref(), Some("abc"));
-        assert_eq!(cmdline_param(c, "arges.appliance").as_deref(), Some("http://10.0.0.1:8080"));
+        assert_eq!(
+            cmdline_param(c, "arges.appliance").as_deref(),
+            Some("http://10.0.0.1:8080")
+        );
         assert_eq!(cmdline_param(c, "arges.missing"), None);
     }
 }

@@ -27,7 +27,11 @@ pub enum AgentError {
     #[error("the appliance refused the registration ({status}): {body}")]
     Refused { status: u16, body: String },
     #[error("could not reach the appliance at {url} within {waited:?}: {last}")]
-    Unreachable { url: String, waited: Duration, last: String },
+    Unreachable {
+        url: String,
+        waited: Duration,
+        last: String,
+    },
 }
 
 /// What the agent needs to run.
@@ -63,7 +67,11 @@ pub fn collect(opts: &AgentOptions) -> Result<RegistrationRequest, AgentError> {
         facts::add_live_addresses(&mut hardware);
         hardware.bmc = bmc::read_bmc(&opts.ipmi_device);
     }
-    Ok(RegistrationRequest { uuid, hardware, mode: opts.mode.clone() })
+    Ok(RegistrationRequest {
+        uuid,
+        hardware,
+        mode: opts.mode.clone(),
+    })
 }
 
 struct Endpoint {
@@ -73,26 +81,42 @@ struct Endpoint {
 }
 
 fn parse_url(url: &str) -> Result<Endpoint, AgentError> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| AgentError::Usage(format!("appliance URL {url:?} must start with http://")))?;
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        AgentError::Usage(format!("appliance URL {url:?} must start with http://"))
+    })?;
     let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
     if authority.is_empty() {
-        return Err(AgentError::Usage(format!("appliance URL {url:?} has no host")));
+        return Err(AgentError::Usage(format!(
+            "appliance URL {url:?} has no host"
+        )));
     }
     let host_port = if authority.starts_with('[') {
-        if authority.contains("]:") { authority.to_string() } else { format!("{authority}:80") }
+        if authority.contains("]:") {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        }
     } else if authority.contains(':') {
         authority.to_string()
     } else {
         format!("{authority}:80")
     };
-    Ok(Endpoint { authority: authority.to_string(), host_port, path_prefix: format!("/{}", path.trim_end_matches('/')).trim_end_matches('/').to_string() })
+    Ok(Endpoint {
+        authority: authority.to_string(),
+        host_port,
+        path_prefix: format!("/{}", path.trim_end_matches('/'))
+            .trim_end_matches('/')
+            .to_string(),
+    })
 }
 
 async fn post_once(ep: &Endpoint, token: &str, body: Bytes) -> Result<(u16, Bytes), String> {
-    let stream = tokio::net::TcpStream::connect(&ep.host_port).await.map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    let stream = tokio::net::TcpStream::connect(&ep.host_port)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let req = Request::post(format!("{}/api/v1/register", ep.path_prefix))
         .header(hyper::header::HOST, &ep.authority)
@@ -102,12 +126,20 @@ async fn post_once(ep: &Endpoint, token: &str, body: Bytes) -> Result<(u16, Byte
         .map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
     Ok((status, body))
 }
 
 /// Registers, retrying connection failures and server errors until `opts.timeout`.
-pub async fn register(opts: &AgentOptions, reg: &RegistrationRequest) -> Result<RegistrationResponse, AgentError> {
+pub async fn register(
+    opts: &AgentOptions,
+    reg: &RegistrationRequest,
+) -> Result<RegistrationResponse, AgentError> {
     let ep = parse_url(&opts.appliance)?;
     let body = Bytes::from(serde_json::to_vec(reg).map_err(|e| AgentError::Usage(e.to_string()))?);
     let started = Instant::now();
@@ -115,17 +147,27 @@ pub async fn register(opts: &AgentOptions, reg: &RegistrationRequest) -> Result<
     loop {
         let last = match post_once(&ep, &opts.token, body.clone()).await {
             Ok((200, b)) => {
-                return serde_json::from_slice(&b).map_err(|e| AgentError::Refused { status: 200, body: format!("unreadable answer: {e}") });
+                return serde_json::from_slice(&b).map_err(|e| AgentError::Refused {
+                    status: 200,
+                    body: format!("unreadable answer: {e}"),
+                });
             }
             // The appliance understood and said no: retrying would not change its mind.
             Ok((status @ 400..=499, b)) => {
-                return Err(AgentError::Refused { status, body: String::from_utf8_lossy(&b).trim().to_string() });
+                return Err(AgentError::Refused {
+                    status,
+                    body: String::from_utf8_lossy(&b).trim().to_string(),
+                });
             }
             Ok((status, b)) => format!("HTTP {status}: {}", String::from_utf8_lossy(&b).trim()),
             Err(e) => e,
         };
         if started.elapsed() + delay > opts.timeout {
-            return Err(AgentError::Unreachable { url: opts.appliance.clone(), waited: started.elapsed(), last });
+            return Err(AgentError::Unreachable {
+                url: opts.appliance.clone(),
+                waited: started.elapsed(),
+                last,
+            });
         }
         tracing::warn!(error = %last, retry_in = ?delay, "registration failed; retrying");
         tokio::time::sleep(delay).await;
@@ -140,9 +182,15 @@ mod tests {
     #[test]
     fn urls() {
         let e = parse_url("http://10.0.0.1:8080").unwrap();
-        assert_eq!((e.host_port.as_str(), e.path_prefix.as_str()), ("10.0.0.1:8080", ""));
+        assert_eq!(
+            (e.host_port.as_str(), e.path_prefix.as_str()),
+            ("10.0.0.1:8080", "")
+        );
         let e = parse_url("http://boot.example/arges/").unwrap();
-        assert_eq!((e.host_port.as_str(), e.path_prefix.as_str()), ("boot.example:80", "/arges"));
+        assert_eq!(
+            (e.host_port.as_str(), e.path_prefix.as_str()),
+            ("boot.example:80", "/arges")
+        );
         let e = parse_url("http://[::1]:8080").unwrap();
         assert_eq!(e.host_port, "[::1]:8080");
         assert!(parse_url("https://x").is_err());

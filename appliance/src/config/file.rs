@@ -14,7 +14,11 @@ fn is_root() -> bool {
     // SAFETY-free check: /proc/self/status is always readable by the process itself.
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
@@ -51,7 +55,10 @@ pub struct HttpSection {
 
 impl Default for HttpSection {
     fn default() -> Self {
-        HttpSection { listen: vec![SocketAddr::from(([127, 0, 0, 1], 8080))], public_url: None }
+        HttpSection {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
+            public_url: None,
+        }
     }
 }
 
@@ -186,7 +193,10 @@ pub struct DiscoverySection {
 
 impl Default for DiscoverySection {
     fn default() -> Self {
-        DiscoverySection { environment: "discovery".into(), wipe_environment: None }
+        DiscoverySection {
+            environment: "discovery".into(),
+            wipe_environment: None,
+        }
     }
 }
 

@@ -33,7 +33,12 @@ pub enum ConfigError {
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     #[error("{origin}: {key}{line}: {message}")]
-    Invalid { origin: String, key: String, line: LineHint, message: String },
+    Invalid {
+        origin: String,
+        key: String,
+        line: LineHint,
+        message: String,
+    },
     #[error(transparent)]
     Template(#[from] TemplateError),
 }
@@ -58,7 +63,11 @@ fn locate(src: &str, key: &str) -> Option<usize> {
     for (i, line) in src.lines().enumerate() {
         let t = line.trim();
         if let Some(h) = t.strip_prefix('[') {
-            table = h.trim_start_matches('[').trim_end_matches(']').trim().replace(['"', ' '], "");
+            table = h
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .trim()
+                .replace(['"', ' '], "");
             if table == key {
                 return Some(i + 1);
             }
@@ -66,7 +75,11 @@ fn locate(src: &str, key: &str) -> Option<usize> {
         }
         if let Some((k, _)) = t.split_once('=') {
             let k = k.trim().trim_matches('"');
-            let full = if table.is_empty() { k.to_string() } else { format!("{table}.{k}") };
+            let full = if table.is_empty() {
+                k.to_string()
+            } else {
+                format!("{table}.{k}")
+            };
             if full == key {
                 return Some(i + 1);
             }
@@ -92,7 +105,8 @@ impl Environment {
 
     /// The file served as `/env/<name>/<file_name>`.
     pub fn file_named(&self, file_name: &str) -> Option<&PathBuf> {
-        self.files().find(|p| p.file_name().is_some_and(|n| n == file_name))
+        self.files()
+            .find(|p| p.file_name().is_some_and(|n| n == file_name))
     }
 }
 
@@ -120,7 +134,12 @@ impl TokenSource {
                     let token = crate::random_token();
                     use std::io::Write;
                     use std::os::unix::fs::OpenOptionsExt;
-                    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(p)?;
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .open(p)?;
                     f.write_all(token.as_bytes())?;
                     f.sync_all()?;
                     tracing::info!(path = %p.display(), "generated a new token");
@@ -144,7 +163,10 @@ pub struct PolicyConfig {
 impl PolicyConfig {
     /// The local-disk method for a machine architecture.
     pub fn local_disk_method(&self, arch: &str) -> LocalDiskMethod {
-        self.local_disk_method_by_arch.get(arch).copied().unwrap_or(self.local_disk_method)
+        self.local_disk_method_by_arch
+            .get(arch)
+            .copied()
+            .unwrap_or(self.local_disk_method)
     }
 }
 
@@ -183,7 +205,10 @@ pub struct Overrides {
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
-        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Self::from_source(&path.display().to_string(), &src, &base, overrides)
     }
@@ -194,86 +219,192 @@ impl Config {
     }
 
     /// Parses and validates a config text; relative paths resolve against `base`.
-    pub fn from_source(origin: &str, src: &str, base: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
-        let file: ConfigFile =
-            toml::from_str(src).map_err(|e| ConfigError::Parse { path: origin.to_string(), message: e.to_string() })?;
+    pub fn from_source(
+        origin: &str,
+        src: &str,
+        base: &Path,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let file: ConfigFile = toml::from_str(src).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
         Self::validate(origin, src, base, file, overrides)
     }
 
-    fn validate(origin: &str, src: &str, base: &Path, mut f: ConfigFile, o: &Overrides) -> Result<Config, ConfigError> {
+    fn validate(
+        origin: &str,
+        src: &str,
+        base: &Path,
+        mut f: ConfigFile,
+        o: &Overrides,
+    ) -> Result<Config, ConfigError> {
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             origin: origin.to_string(),
             key: key.to_string(),
             line: LineHint(locate(src, key)),
             message,
         };
-        let resolve = |p: &Path| if p.is_absolute() || base.as_os_str().is_empty() { p.to_path_buf() } else { base.join(p) };
-        let data_dir = o.data_dir.clone().unwrap_or_else(|| f.data_dir.as_deref().map(resolve).unwrap_or_else(|| "arges-data".into()));
+        let resolve = |p: &Path| {
+            if p.is_absolute() || base.as_os_str().is_empty() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let data_dir = o.data_dir.clone().unwrap_or_else(|| {
+            f.data_dir
+                .as_deref()
+                .map(resolve)
+                .unwrap_or_else(|| "arges-data".into())
+        });
         let under_data = |name: &str| data_dir.join(name);
-        let tftp_root = o.tftp_root.clone().unwrap_or_else(|| f.tftp.root.as_deref().map(resolve).unwrap_or_else(|| under_data("tftp")));
-        let assets_dir = o.assets_dir.clone().unwrap_or_else(|| f.assets_dir.as_deref().map(resolve).unwrap_or_else(|| under_data("assets")));
-        let plugins_dir = o.plugins_dir.clone().unwrap_or_else(|| f.plugins_dir.as_deref().map(resolve).unwrap_or_else(|| under_data("plugins")));
+        let tftp_root = o.tftp_root.clone().unwrap_or_else(|| {
+            f.tftp
+                .root
+                .as_deref()
+                .map(resolve)
+                .unwrap_or_else(|| under_data("tftp"))
+        });
+        let assets_dir = o.assets_dir.clone().unwrap_or_else(|| {
+            f.assets_dir
+                .as_deref()
+                .map(resolve)
+                .unwrap_or_else(|| under_data("assets"))
+        });
+        let plugins_dir = o.plugins_dir.clone().unwrap_or_else(|| {
+            f.plugins_dir
+                .as_deref()
+                .map(resolve)
+                .unwrap_or_else(|| under_data("plugins"))
+        });
 
         let t = &f.tftp;
         if !(8..=65464).contains(&t.max_blksize) {
-            return Err(invalid("tftp.max_blksize", format!("{} is out of range: expected 8 to 65464", t.max_blksize)));
+            return Err(invalid(
+                "tftp.max_blksize",
+                format!("{} is out of range: expected 8 to 65464", t.max_blksize),
+            ));
         }
         if !(1..=1024).contains(&t.max_windowsize) {
-            return Err(invalid("tftp.max_windowsize", format!("{} is out of range: expected 1 to 1024", t.max_windowsize)));
+            return Err(invalid(
+                "tftp.max_windowsize",
+                format!("{} is out of range: expected 1 to 1024", t.max_windowsize),
+            ));
         }
-        for (key, v) in [("tftp.max_transfers", t.max_transfers), ("tftp.max_transfers_per_client", t.max_transfers_per_client)] {
+        for (key, v) in [
+            ("tftp.max_transfers", t.max_transfers),
+            ("tftp.max_transfers_per_client", t.max_transfers_per_client),
+        ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1".into()));
             }
         }
         if t.timeout_ms == 0 || t.max_timeout_ms < t.timeout_ms {
-            return Err(invalid("tftp.timeout_ms", "must be at least 1 and not above tftp.max_timeout_ms".into()));
+            return Err(invalid(
+                "tftp.timeout_ms",
+                "must be at least 1 and not above tftp.max_timeout_ms".into(),
+            ));
         }
-        let http_listen = if o.http.is_empty() { f.http.listen.clone() } else { o.http.clone() };
-        let tftp_listen = if o.tftp.is_empty() { t.listen.clone() } else { o.tftp.clone() };
+        let http_listen = if o.http.is_empty() {
+            f.http.listen.clone()
+        } else {
+            o.http.clone()
+        };
+        let tftp_listen = if o.tftp.is_empty() {
+            t.listen.clone()
+        } else {
+            o.tftp.clone()
+        };
         if http_listen.is_empty() {
             return Err(invalid("http.listen", "needs at least one address".into()));
         }
         if let Some(url) = &f.http.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(invalid("http.public_url", format!("{url:?} is not an http:// or https:// URL")));
+                return Err(invalid(
+                    "http.public_url",
+                    format!("{url:?} is not an http:// or https:// URL"),
+                ));
             }
         }
 
-        let token = |inline: &Option<String>, path: &Option<PathBuf>, key: &str, generated: &str| {
-            match (inline, path) {
-                (Some(_), Some(_)) => Err(invalid(key, format!("set either {key} or {key}_file, not both"))),
-                (Some(t), None) if t.len() < 16 => Err(invalid(key, "must be at least 16 characters".into())),
-                (Some(t), None) => Ok(TokenSource::Inline(t.clone())),
-                (None, Some(p)) => Ok(TokenSource::File(resolve(p))),
-                (None, None) => Ok(TokenSource::Generated(under_data(generated))),
+        let token = |inline: &Option<String>,
+                     path: &Option<PathBuf>,
+                     key: &str,
+                     generated: &str| match (inline, path) {
+            (Some(_), Some(_)) => Err(invalid(
+                key,
+                format!("set either {key} or {key}_file, not both"),
+            )),
+            (Some(t), None) if t.len() < 16 => {
+                Err(invalid(key, "must be at least 16 characters".into()))
             }
+            (Some(t), None) => Ok(TokenSource::Inline(t.clone())),
+            (None, Some(p)) => Ok(TokenSource::File(resolve(p))),
+            (None, None) => Ok(TokenSource::Generated(under_data(generated))),
         };
-        let registration_token =
-            token(&f.tokens.registration, &f.tokens.registration_file, "tokens.registration", "registration.token")?;
-        let admin_token = token(&f.tokens.admin, &f.tokens.admin_file, "tokens.admin", "admin.token")?;
+        let registration_token = token(
+            &f.tokens.registration,
+            &f.tokens.registration_file,
+            "tokens.registration",
+            "registration.token",
+        )?;
+        let admin_token = token(
+            &f.tokens.admin,
+            &f.tokens.admin_file,
+            "tokens.admin",
+            "admin.token",
+        )?;
 
         let discovery = f.discovery.environment.clone();
-        if f.environments.is_empty() || (discovery == "discovery" && !f.environments.contains_key("discovery")) {
-            f.environments.entry("discovery".into()).or_insert_with(file::default_discovery_environment);
+        if f.environments.is_empty()
+            || (discovery == "discovery" && !f.environments.contains_key("discovery"))
+        {
+            f.environments
+                .entry("discovery".into())
+                .or_insert_with(file::default_discovery_environment);
         }
         let mut environments = BTreeMap::new();
         for (name, e) in &f.environments {
             let key = format!("environments.{name}");
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                return Err(invalid(&key, format!("environment name {name:?} may only hold letters, digits, - and _")));
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(invalid(
+                    &key,
+                    format!("environment name {name:?} may only hold letters, digits, - and _"),
+                ));
             }
             let cmdline = Template::parse(&format!("{key}.cmdline"), &e.cmdline)?;
             let mut paths = Vec::new();
             let mut seen = std::collections::HashSet::new();
-            for (i, asset) in std::iter::once(&e.kernel).chain(e.initrds.iter()).enumerate() {
-                let akey = if i == 0 { format!("{key}.kernel") } else { format!("{key}.initrds") };
-                let path = if asset.path().is_absolute() { asset.path().clone() } else { assets_dir.join(asset.path()) };
+            for (i, asset) in std::iter::once(&e.kernel)
+                .chain(e.initrds.iter())
+                .enumerate()
+            {
+                let akey = if i == 0 {
+                    format!("{key}.kernel")
+                } else {
+                    format!("{key}.initrds")
+                };
+                let path = if asset.path().is_absolute() {
+                    asset.path().clone()
+                } else {
+                    assets_dir.join(asset.path())
+                };
                 let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
-                    return Err(invalid(&akey, format!("{} has no file name", path.display())));
+                    return Err(invalid(
+                        &akey,
+                        format!("{} has no file name", path.display()),
+                    ));
                 };
                 if !seen.insert(file_name.to_string()) {
-                    return Err(invalid(&akey, format!("two files of the environment are named {file_name:?}")));
+                    return Err(invalid(
+                        &akey,
+                        format!("two files of the environment are named {file_name:?}"),
+                    ));
                 }
                 if let Some(want) = asset.sha256() {
                     check_sha256(&path, want).map_err(|m| invalid(&akey, m))?;
@@ -281,17 +412,37 @@ impl Config {
                 paths.push(path);
             }
             let kernel = paths.remove(0);
-            environments.insert(name.clone(), Environment { name: name.clone(), kernel, initrds: paths, cmdline });
+            environments.insert(
+                name.clone(),
+                Environment {
+                    name: name.clone(),
+                    kernel,
+                    initrds: paths,
+                    cmdline,
+                },
+            );
         }
-        let wipe_environment = f.discovery.wipe_environment.clone().unwrap_or_else(|| discovery.clone());
+        let wipe_environment = f
+            .discovery
+            .wipe_environment
+            .clone()
+            .unwrap_or_else(|| discovery.clone());
         for (key, env) in [
             ("discovery.environment", Some(&discovery)),
             ("discovery.wipe_environment", Some(&wipe_environment)),
-            ("policy.default_environment", f.policy.default_environment.as_ref()),
+            (
+                "policy.default_environment",
+                f.policy.default_environment.as_ref(),
+            ),
         ] {
             if let Some(env) = env {
                 if !environments.contains_key(env) {
-                    return Err(invalid(key, format!("names environment {env:?}, which is not defined under [environments]")));
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "names environment {env:?}, which is not defined under [environments]"
+                        ),
+                    ));
                 }
             }
         }
@@ -312,7 +463,11 @@ impl Config {
 
         Ok(Config {
             http_listen,
-            public_url: f.http.public_url.clone().map(|u| u.trim_end_matches('/').to_string()),
+            public_url: f
+                .http
+                .public_url
+                .clone()
+                .map(|u| u.trim_end_matches('/').to_string()),
             tftp_listen,
             tftp_root,
             tftp: TftpSettings {
@@ -324,7 +479,10 @@ impl Config {
                 max_blksize: t.max_blksize as u16,
                 max_windowsize: t.max_windowsize as u16,
             },
-            cache: CacheLimits { file_bytes: t.cache_file_bytes, total_bytes: t.cache_total_bytes },
+            cache: CacheLimits {
+                file_bytes: t.cache_file_bytes,
+                total_bytes: t.cache_total_bytes,
+            },
             assets_dir,
             data_dir,
             plugins_dir,
@@ -356,7 +514,9 @@ fn check_sha256(path: &Path, want: &str) -> Result<(), String> {
     let mut buf = vec![0u8; 1 << 20];
     loop {
         use std::io::Read;
-        let n = f.read(&mut buf).map_err(|e| format!("{}: {e}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -364,7 +524,10 @@ fn check_sha256(path: &Path, want: &str) -> Result<(), String> {
     }
     let got = hex::encode(h.finalize());
     if got != want {
-        return Err(format!("{} has sha256 {got}, expected {want}", path.display()));
+        return Err(format!(
+            "{} has sha256 {got}, expected {want}",
+            path.display()
+        ));
     }
     Ok(())
 }
@@ -374,7 +537,12 @@ mod tests {
     use super::*;
 
     fn parse(src: &str) -> Result<Config, ConfigError> {
-        Config::from_source("appliance.toml", src, Path::new("/etc/arges"), &Overrides::default())
+        Config::from_source(
+            "appliance.toml",
+            src,
+            Path::new("/etc/arges"),
+            &Overrides::default(),
+        )
     }
 
     #[test]
@@ -388,19 +556,28 @@ mod tests {
 
     #[test]
     fn unknown_key_names_key_and_line() {
-        let e = parse("[tftp]\nmax_blksize = 1468\nblocksize = 3\n").unwrap_err().to_string();
+        let e = parse("[tftp]\nmax_blksize = 1468\nblocksize = 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 3") && e.contains("blocksize"), "{e}");
     }
 
     #[test]
     fn out_of_range_names_key_and_line() {
-        let e = parse("# c\n[tftp]\nmax_blksize = 70000\n").unwrap_err().to_string();
-        assert_eq!(e, "appliance.toml: tftp.max_blksize (line 3): 70000 is out of range: expected 8 to 65464");
+        let e = parse("# c\n[tftp]\nmax_blksize = 70000\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "appliance.toml: tftp.max_blksize (line 3): 70000 is out of range: expected 8 to 65464"
+        );
     }
 
     #[test]
     fn wrong_type_is_explained() {
-        let e = parse("[http]\nlisten = \"8080\"\n").unwrap_err().to_string();
+        let e = parse("[http]\nlisten = \"8080\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2") && e.contains("listen"), "{e}");
     }
 
@@ -414,23 +591,41 @@ mod tests {
             dir.path().display()
         );
         let c = parse(&src).unwrap();
-        assert_eq!(c.environments["talos"].initrds, vec![dir.path().join("initramfs.xz")]);
-        assert!(c.environments.contains_key("discovery"), "discovery stays available");
+        assert_eq!(
+            c.environments["talos"].initrds,
+            vec![dir.path().join("initramfs.xz")]
+        );
+        assert!(
+            c.environments.contains_key("discovery"),
+            "discovery stays available"
+        );
         let bad = src.replace(&good, &"0".repeat(64));
         let e = parse(&bad).unwrap_err().to_string();
-        assert!(e.contains("environments.talos.kernel (line 5)") && e.contains("expected 0000"), "{e}");
-        let e = parse("[policy]\ndefault_environment = \"nope\"\n").unwrap_err().to_string();
+        assert!(
+            e.contains("environments.talos.kernel (line 5)") && e.contains("expected 0000"),
+            "{e}"
+        );
+        let e = parse("[policy]\ndefault_environment = \"nope\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("policy.default_environment (line 2)"), "{e}");
-        let e = parse("[environments.x]\nkernel = \"k\"\ncmdline = \"{{ a\"\n").unwrap_err().to_string();
+        let e = parse("[environments.x]\nkernel = \"k\"\ncmdline = \"{{ a\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("environments.x.cmdline"), "{e}");
     }
 
     #[test]
     fn tokens() {
-        let e = parse("[tokens]\nadmin = \"short\"\n").unwrap_err().to_string();
+        let e = parse("[tokens]\nadmin = \"short\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("tokens.admin (line 2)"), "{e}");
         let c = parse("[tokens]\nadmin_file = \"admin.tok\"\n").unwrap();
-        assert_eq!(c.admin_token, TokenSource::File("/etc/arges/admin.tok".into()));
+        assert_eq!(
+            c.admin_token,
+            TokenSource::File("/etc/arges/admin.tok".into())
+        );
         let dir = tempfile::tempdir().unwrap();
         let g = TokenSource::Generated(dir.path().join("sub/t"));
         let first = g.resolve().unwrap();

@@ -18,8 +18,13 @@ use crate::config::{Config, LocalDiskMethod};
 use crate::inventory::{BootGrant, BootRecord, Inventory, InventoryError, Server, now};
 use crate::ipxe::{ScriptKind, TemplateError};
 use crate::metrics::Metrics;
-use crate::registration::{NextAction, RegistrationRequest, RegistrationResponse, normalize_mac, normalize_uuid};
-pub use policy::{BootAction, BootPolicy, DefaultPolicy, HardwareSummary, InventoryFacts, MachineFacts, PolicyError};
+use crate::registration::{
+    NextAction, RegistrationRequest, RegistrationResponse, normalize_mac, normalize_uuid,
+};
+pub use policy::{
+    BootAction, BootPolicy, DefaultPolicy, HardwareSummary, InventoryFacts, MachineFacts,
+    PolicyError,
+};
 
 /// Failures of core operations; the HTTP edge maps each to a status.
 #[derive(Debug, thiserror::Error)]
@@ -88,17 +93,25 @@ pub struct Core {
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Core").field("policy", &self.policy.name()).finish_non_exhaustive()
+        f.debug_struct("Core")
+            .field("policy", &self.policy.name())
+            .finish_non_exhaustive()
     }
 }
 
 /// Compares secrets in time independent of where they differ.
 pub fn secret_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| CoreError::Internal(e.to_string()))?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CoreError::Internal(e.to_string()))?
 }
 
 impl Core {
@@ -112,9 +125,19 @@ impl Core {
         registration_token: String,
         admin_token: String,
     ) -> Self {
-        let fallback = DefaultPolicy { config: config.policy.clone() };
+        let fallback = DefaultPolicy {
+            config: config.policy.clone(),
+        };
         let policy = policy.unwrap_or_else(|| Arc::new(fallback.clone()));
-        Core { config, inventory, policy, fallback, metrics, registration_token, admin_token }
+        Core {
+            config,
+            inventory,
+            policy,
+            fallback,
+            metrics,
+            registration_token,
+            admin_token,
+        }
     }
 
     /// The configuration the core runs with.
@@ -145,13 +168,23 @@ impl Core {
         let started = Instant::now();
         let uuid = req.uuid.as_deref().and_then(normalize_uuid);
         let mac = req.mac.as_deref().and_then(normalize_mac);
-        let arch = req.arch.as_deref().filter(|a| !a.is_empty() && a.len() <= 32 && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        let arch = req.arch.as_deref().filter(|a| {
+            !a.is_empty()
+                && a.len() <= 32
+                && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
         let server = {
             let inv = Arc::clone(&self.inventory);
             let (u, m) = (uuid.clone(), mac.clone());
             blocking(move || Ok(inv.find_for_boot(u.as_deref(), m.as_deref())?)).await?
         };
-        let facts = facts_for(uuid.clone(), mac.clone(), arch.map(String::from), req.source, server.as_ref());
+        let facts = facts_for(
+            uuid.clone(),
+            mac.clone(),
+            arch.map(String::from),
+            req.source,
+            server.as_ref(),
+        );
         let action = match self.policy.decide(&facts).await {
             Ok(a) => a,
             Err(e) => {
@@ -162,16 +195,38 @@ impl Core {
         };
         Metrics::inc(&self.metrics.boot_decisions, "action", action.name());
         let token = crate::random_token();
-        let (script, env_name) = self.render(&action, &facts, server.as_ref(), &req.base_url, arch.unwrap_or(""), &token)?;
+        let (script, env_name) = self.render(
+            &action,
+            &facts,
+            server.as_ref(),
+            &req.base_url,
+            arch.unwrap_or(""),
+            &token,
+        )?;
         if let Some(server) = server {
-            let record = BootRecord { at: now(), action: action.name().into(), environment: env_name.clone(), source: Some(req.source) };
-            let grant = env_name.as_ref().map(|_| BootGrant { token, source: Some(req.source), issued_at: now() });
+            let record = BootRecord {
+                at: now(),
+                action: action.name().into(),
+                environment: env_name.clone(),
+                source: Some(req.source),
+            };
+            let grant = env_name.as_ref().map(|_| BootGrant {
+                token,
+                source: Some(req.source),
+                issued_at: now(),
+            });
             let inv = Arc::clone(&self.inventory);
             let id = server.id.clone();
             blocking(move || Ok(inv.record_boot(&id, record, grant)?)).await?;
         }
-        self.metrics.boot_script_seconds.observe(started.elapsed().as_secs_f64());
-        tracing::info!(action = action.name(), environment = env_name.as_deref(), "boot decided");
+        self.metrics
+            .boot_script_seconds
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            action = action.name(),
+            environment = env_name.as_deref(),
+            "boot decided"
+        );
         Ok(script)
     }
 
@@ -187,15 +242,35 @@ impl Core {
         let base_url = self.config.public_url.as_deref().unwrap_or(base_url);
         let method = self.config.policy.local_disk_method(arch);
         let (kind, env, reason) = match action {
-            BootAction::Discover => (ScriptKind::Discover, Some(self.config.discovery_environment.as_str()), None),
-            BootAction::Wipe => (ScriptKind::Wipe, Some(self.config.wipe_environment.as_str()), None),
+            BootAction::Discover => (
+                ScriptKind::Discover,
+                Some(self.config.discovery_environment.as_str()),
+                None,
+            ),
+            BootAction::Wipe => (
+                ScriptKind::Wipe,
+                Some(self.config.wipe_environment.as_str()),
+                None,
+            ),
             BootAction::Environment(name) => (ScriptKind::Environment, Some(name.as_str()), None),
-            BootAction::LocalDisk if method == LocalDiskMethod::Http404 => return Ok((BootScript::FallThrough, None)),
+            BootAction::LocalDisk if method == LocalDiskMethod::Http404 => {
+                return Ok((BootScript::FallThrough, None));
+            }
             BootAction::LocalDisk => (ScriptKind::LocalDisk, None, None),
             BootAction::Deny(r) => (ScriptKind::Deny, None, Some(r.as_str())),
             BootAction::Script(text) => {
-                let body = if text.starts_with("#!ipxe") { text.clone() } else { format!("#!ipxe\n{text}") };
-                return Ok((BootScript::Script { action: "script", body }, None));
+                let body = if text.starts_with("#!ipxe") {
+                    text.clone()
+                } else {
+                    format!("#!ipxe\n{text}")
+                };
+                return Ok((
+                    BootScript::Script {
+                        action: "script",
+                        body,
+                    },
+                    None,
+                ));
             }
         };
         let env = match env {
@@ -203,14 +278,19 @@ impl Core {
                 Some(e) => Some(e),
                 None => {
                     // A policy naming an environment we do not have must not boot something else.
-                    tracing::error!(environment = name, "boot policy chose an undefined environment");
+                    tracing::error!(
+                        environment = name,
+                        "boot policy chose an undefined environment"
+                    );
                     let deny = BootAction::Deny(format!("environment {name} is not defined"));
                     return self.render(&deny, facts, server, base_url, arch, token);
                 }
             },
             None => None,
         };
-        let server_json = server.map(|s| serde_json::to_value(s).unwrap_or_default()).unwrap_or_else(|| json!({}));
+        let server_json = server
+            .map(|s| serde_json::to_value(s).unwrap_or_default())
+            .unwrap_or_else(|| json!({}));
         let mut ctx = json!({
             "action": kind.name(),
             "appliance": {"url": base_url},
@@ -229,47 +309,84 @@ impl Core {
         });
         if let Some(env) = env {
             let file_url = |p: &std::path::Path| {
-                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 // Unescaped here: the template escapes every value it prints.
                 let url = format!("{base_url}/env/{}/{name}", env.name);
                 (name, url)
             };
             let (kernel_name, kernel_url) = file_url(&env.kernel);
-            let initrds: Vec<_> = env.initrds.iter().map(|p| {
-                let (name, url) = file_url(p);
-                json!({"name": name, "url": url})
-            }).collect();
+            let initrds: Vec<_> = env
+                .initrds
+                .iter()
+                .map(|p| {
+                    let (name, url) = file_url(p);
+                    json!({"name": name, "url": url})
+                })
+                .collect();
             ctx["env"] = json!({"name": env.name, "kernel_url": kernel_url, "kernel_name": kernel_name, "initrds": initrds});
             let cmdline = env.cmdline.render(&ctx)?;
             ctx["env"]["cmdline"] = json!(cmdline);
         }
         let body = self.config.templates.get(kind).render(&ctx)?;
-        Ok((BootScript::Script { action: kind.name(), body }, env.map(|e| e.name.clone())))
+        Ok((
+            BootScript::Script {
+                action: kind.name(),
+                body,
+            },
+            env.map(|e| e.name.clone()),
+        ))
     }
 
     // ---- registration ----
 
     /// Registers a machine reported by the discovery agent.
     #[tracing::instrument(skip(self, req), fields(uuid = %req.uuid, source = %source))]
-    pub async fn register(&self, req: RegistrationRequest, source: IpAddr) -> Result<RegistrationResponse> {
+    pub async fn register(
+        &self,
+        req: RegistrationRequest,
+        source: IpAddr,
+    ) -> Result<RegistrationResponse> {
         let uuid = normalize_uuid(&req.uuid).ok_or_else(|| {
             Metrics::inc(&self.metrics.registrations, "result", "invalid");
             CoreError::Invalid(format!("{:?} is not an SMBIOS UUID", req.uuid))
         })?;
         let inv = Arc::clone(&self.inventory);
         let mode = req.mode.clone();
-        let registered = blocking(move || Ok(inv.register(&req, &uuid)?)).await.inspect_err(|e| {
-            Metrics::inc(&self.metrics.registrations, "result", e.kind());
-        })?;
+        let registered = blocking(move || Ok(inv.register(&req, &uuid)?))
+            .await
+            .inspect_err(|e| {
+                Metrics::inc(&self.metrics.registrations, "result", e.kind());
+            })?;
         let s = &registered.server;
-        Metrics::inc(&self.metrics.registrations, "result", if registered.created { "created" } else { "updated" });
+        Metrics::inc(
+            &self.metrics.registrations,
+            "result",
+            if registered.created {
+                "created"
+            } else {
+                "updated"
+            },
+        );
         tracing::info!(id = %s.id, created = registered.created, mode, conflict = s.uuid_conflict, "machine registered");
-        let facts = facts_for(Some(s.uuid.clone()), s.macs.first().cloned(), None, source, Some(s));
+        let facts = facts_for(
+            Some(s.uuid.clone()),
+            s.macs.first().cloned(),
+            None,
+            source,
+            Some(s),
+        );
         let action = match self.fallback.decide_now(&facts) {
             BootAction::Environment(_) | BootAction::Wipe => NextAction::Reboot,
             _ => NextAction::PowerOff,
         };
-        Ok(RegistrationResponse { server_id: s.id.clone(), action, uuid_conflict: s.uuid_conflict })
+        Ok(RegistrationResponse {
+            server_id: s.id.clone(),
+            action,
+            uuid_conflict: s.uuid_conflict,
+        })
     }
 
     // ---- configuration ----
@@ -277,17 +394,32 @@ impl Core {
     /// The configuration blob of the machine `uuid`, for the machine itself only: it must
     /// present the token of its latest boot, or ask from the address it booted from, within
     /// the token's lifetime.
-    pub async fn config_for(&self, uuid: &str, token: Option<&str>, source: IpAddr) -> Result<Vec<u8>> {
+    pub async fn config_for(
+        &self,
+        uuid: &str,
+        token: Option<&str>,
+        source: IpAddr,
+    ) -> Result<Vec<u8>> {
         let result = self.config_for_inner(uuid, token, source).await;
-        Metrics::inc(&self.metrics.configdata, "result", match &result {
-            Ok(_) => "served",
-            Err(e) => e.kind(),
-        });
+        Metrics::inc(
+            &self.metrics.configdata,
+            "result",
+            match &result {
+                Ok(_) => "served",
+                Err(e) => e.kind(),
+            },
+        );
         result
     }
 
-    async fn config_for_inner(&self, uuid: &str, token: Option<&str>, source: IpAddr) -> Result<Vec<u8>> {
-        let denied = || CoreError::Forbidden("this configuration belongs to another machine".into());
+    async fn config_for_inner(
+        &self,
+        uuid: &str,
+        token: Option<&str>,
+        source: IpAddr,
+    ) -> Result<Vec<u8>> {
+        let denied =
+            || CoreError::Forbidden("this configuration belongs to another machine".into());
         let uuid = normalize_uuid(uuid).ok_or_else(denied)?;
         let inv = Arc::clone(&self.inventory);
         let candidates = blocking(move || Ok(inv.with_uuid(&uuid)?)).await?;
@@ -305,7 +437,11 @@ impl Core {
             .ok_or_else(denied)?;
         let inv = Arc::clone(&self.inventory);
         let id = server.id.clone();
-        blocking(move || inv.config(&id)?.ok_or_else(|| CoreError::NotFound(format!("server {id} has no configuration")))).await
+        blocking(move || {
+            inv.config(&id)?
+                .ok_or_else(|| CoreError::NotFound(format!("server {id} has no configuration")))
+        })
+        .await
     }
 
     // ---- administration ----
@@ -327,7 +463,9 @@ impl Core {
     pub async fn edit_server(&self, id: &str, edit: ServerEdit) -> Result<Server> {
         if let ServerEdit::Environment(Some(env)) = &edit {
             if !self.config.environments.contains_key(env) {
-                return Err(CoreError::Invalid(format!("environment {env:?} is not defined")));
+                return Err(CoreError::Invalid(format!(
+                    "environment {env:?} is not defined"
+                )));
             }
         }
         let inv = Arc::clone(&self.inventory);
@@ -369,7 +507,13 @@ pub enum ServerEdit {
     Config(Option<Vec<u8>>),
 }
 
-fn facts_for(uuid: Option<String>, mac: Option<String>, arch: Option<String>, source: IpAddr, server: Option<&Server>) -> MachineFacts {
+fn facts_for(
+    uuid: Option<String>,
+    mac: Option<String>,
+    arch: Option<String>,
+    source: IpAddr,
+    server: Option<&Server>,
+) -> MachineFacts {
     MachineFacts {
         uuid,
         mac,

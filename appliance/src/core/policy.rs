@@ -125,7 +125,11 @@ impl DefaultPolicy {
                 Unaccepted::Discover => BootAction::Discover,
             };
         }
-        match inv.environment.as_ref().or(self.config.default_environment.as_ref()) {
+        match inv
+            .environment
+            .as_ref()
+            .or(self.config.default_environment.as_ref())
+        {
             Some(env) => BootAction::Environment(env.clone()),
             None => BootAction::LocalDisk,
         }
@@ -171,21 +175,104 @@ pub(crate) mod tests {
         }
     }
 
+    /// (registered, accepted, cordoned, environment, unaccepted, default env, expected action)
+    type Case = (
+        bool,
+        bool,
+        bool,
+        Option<&'static str>,
+        Unaccepted,
+        Option<&'static str>,
+        BootAction,
+    );
+
     /// The decision table: (registered, accepted, cordoned, environment, unaccepted, default env) -> action.
     #[test]
     fn default_policy_table() {
         use BootAction::*;
         let env = |s: &str| Environment(s.into());
-        let cases: Vec<(bool, bool, bool, Option<&str>, Unaccepted, Option<&str>, BootAction)> = vec![
-            (false, false, false, None, Unaccepted::LocalDisk, None, Discover),
-            (false, true, true, Some("x"), Unaccepted::LocalDisk, Some("d"), Discover),
-            (true, false, false, None, Unaccepted::LocalDisk, None, LocalDisk),
-            (true, false, false, Some("x"), Unaccepted::Discover, None, Discover),
-            (true, true, false, Some("x"), Unaccepted::LocalDisk, Some("d"), env("x")),
-            (true, true, false, None, Unaccepted::LocalDisk, Some("d"), env("d")),
-            (true, true, false, None, Unaccepted::LocalDisk, None, LocalDisk),
-            (true, true, true, Some("x"), Unaccepted::LocalDisk, None, LocalDisk),
-            (true, false, true, None, Unaccepted::Discover, None, LocalDisk),
+        let cases: Vec<Case> = vec![
+            (
+                false,
+                false,
+                false,
+                None,
+                Unaccepted::LocalDisk,
+                None,
+                Discover,
+            ),
+            (
+                false,
+                true,
+                true,
+                Some("x"),
+                Unaccepted::LocalDisk,
+                Some("d"),
+                Discover,
+            ),
+            (
+                true,
+                false,
+                false,
+                None,
+                Unaccepted::LocalDisk,
+                None,
+                LocalDisk,
+            ),
+            (
+                true,
+                false,
+                false,
+                Some("x"),
+                Unaccepted::Discover,
+                None,
+                Discover,
+            ),
+            (
+                true,
+                true,
+                false,
+                Some("x"),
+                Unaccepted::LocalDisk,
+                Some("d"),
+                env("x"),
+            ),
+            (
+                true,
+                true,
+                false,
+                None,
+                Unaccepted::LocalDisk,
+                Some("d"),
+                env("d"),
+            ),
+            (
+                true,
+                true,
+                false,
+                None,
+                Unaccepted::LocalDisk,
+                None,
+                LocalDisk,
+            ),
+            (
+                true,
+                true,
+                true,
+                Some("x"),
+                Unaccepted::LocalDisk,
+                None,
+                LocalDisk,
+            ),
+            (
+                true,
+                false,
+                true,
+                None,
+                Unaccepted::Discover,
+                None,
+                LocalDisk,
+            ),
         ];
         for (registered, accepted, cordoned, environment, unaccepted, default_env, want) in cases {
             let mut f = facts();

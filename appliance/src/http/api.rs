@@ -29,7 +29,10 @@ const CONFIG_LIMIT: usize = 8 << 20;
 
 fn unauthorized() -> Response<Body> {
     let mut r = json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, hyper::header::HeaderValue::from_static("Bearer"));
+    r.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        hyper::header::HeaderValue::from_static("Bearer"),
+    );
     r
 }
 
@@ -38,7 +41,11 @@ fn core_error(e: CoreError) -> Response<Body> {
 }
 
 /// `POST /api/v1/register`
-pub async fn register(ctx: &HttpContext, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+pub async fn register(
+    ctx: &HttpContext,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
     if req.method() != Method::POST {
         return json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
     }
@@ -55,7 +62,10 @@ pub async fn register(ctx: &HttpContext, peer: SocketAddr, req: Request<Incoming
         Ok(r) => r,
         Err(e) => {
             Metrics::inc(&ctx.core.metrics().registrations, "result", "malformed");
-            return json_error(StatusCode::BAD_REQUEST, format!("malformed registration: {e}"));
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                format!("malformed registration: {e}"),
+            );
         }
     };
     match ctx.core.register(reg, peer.ip()).await {
@@ -76,15 +86,21 @@ struct BmcBody {
     address: Option<String>,
 }
 
-async fn json_body<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, Response<Body>> {
+async fn json_body<T: for<'de> Deserialize<'de>>(
+    req: Request<Incoming>,
+) -> Result<T, Response<Body>> {
     let body = read_body(req, REGISTRATION_LIMIT).await?;
-    serde_json::from_slice(&body).map_err(|e| json_error(StatusCode::BAD_REQUEST, format!("malformed body: {e}")))
+    serde_json::from_slice(&body)
+        .map_err(|e| json_error(StatusCode::BAD_REQUEST, format!("malformed body: {e}")))
 }
 
 /// Everything else under `/api/v1/`.
 pub async fn admin(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> {
     if !bearer(&req).is_some_and(|t| ctx.core.is_admin(t)) {
-        tracing::warn!(path = req.uri().path(), "admin request with a missing or wrong token refused");
+        tracing::warn!(
+            path = req.uri().path(),
+            "admin request with a missing or wrong token refused"
+        );
         return unauthorized();
     }
     let path = req.uri().path().trim_end_matches('/').to_string();
@@ -94,47 +110,72 @@ pub async fn admin(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> 
     let result = match (method, parts.as_slice()) {
         (Method::GET, ["servers"]) => core.servers().await.map(|s| json(StatusCode::OK, &s)),
         (Method::GET, ["servers", id]) => core.server(id).await.map(|s| json(StatusCode::OK, &s)),
-        (Method::DELETE, ["servers", id]) => core.delete_server(id).await.map(|s| json(StatusCode::OK, &s)),
-        (Method::POST, ["servers", id, flag @ ("accept" | "unaccept" | "cordon" | "uncordon")]) => {
+        (Method::DELETE, ["servers", id]) => core
+            .delete_server(id)
+            .await
+            .map(|s| json(StatusCode::OK, &s)),
+        (
+            Method::POST,
+            [
+                "servers",
+                id,
+                flag @ ("accept" | "unaccept" | "cordon" | "uncordon"),
+            ],
+        ) => {
             let edit = match *flag {
                 "accept" => ServerEdit::Accepted(true),
                 "unaccept" => ServerEdit::Accepted(false),
                 "cordon" => ServerEdit::Cordoned(true),
                 _ => ServerEdit::Cordoned(false),
             };
-            core.edit_server(id, edit).await.map(|s| json(StatusCode::OK, &s))
+            core.edit_server(id, edit)
+                .await
+                .map(|s| json(StatusCode::OK, &s))
         }
         (Method::PUT, ["servers", id, "environment"]) => {
             let id = id.to_string();
             match json_body::<EnvironmentBody>(req).await {
-                Ok(b) => core.edit_server(&id, ServerEdit::Environment(b.environment)).await.map(|s| json(StatusCode::OK, &s)),
+                Ok(b) => core
+                    .edit_server(&id, ServerEdit::Environment(b.environment))
+                    .await
+                    .map(|s| json(StatusCode::OK, &s)),
                 Err(r) => return r,
             }
         }
         (Method::PUT, ["servers", id, "labels"]) => {
             let id = id.to_string();
             match json_body::<BTreeMap<String, String>>(req).await {
-                Ok(l) => core.edit_server(&id, ServerEdit::Labels(l)).await.map(|s| json(StatusCode::OK, &s)),
+                Ok(l) => core
+                    .edit_server(&id, ServerEdit::Labels(l))
+                    .await
+                    .map(|s| json(StatusCode::OK, &s)),
                 Err(r) => return r,
             }
         }
         (Method::PUT, ["servers", id, "bmc"]) => {
             let id = id.to_string();
             match json_body::<BmcBody>(req).await {
-                Ok(b) => core.edit_server(&id, ServerEdit::BmcAddress(b.address)).await.map(|s| json(StatusCode::OK, &s)),
+                Ok(b) => core
+                    .edit_server(&id, ServerEdit::BmcAddress(b.address))
+                    .await
+                    .map(|s| json(StatusCode::OK, &s)),
                 Err(r) => return r,
             }
         }
         (Method::PUT, ["servers", id, "config"]) => {
             let id = id.to_string();
             match read_body(req, CONFIG_LIMIT).await {
-                Ok(b) => core.edit_server(&id, ServerEdit::Config(Some(b.to_vec()))).await.map(|s| json(StatusCode::OK, &s)),
+                Ok(b) => core
+                    .edit_server(&id, ServerEdit::Config(Some(b.to_vec())))
+                    .await
+                    .map(|s| json(StatusCode::OK, &s)),
                 Err(r) => return r,
             }
         }
-        (Method::DELETE, ["servers", id, "config"]) => {
-            core.edit_server(id, ServerEdit::Config(None)).await.map(|s| json(StatusCode::OK, &s))
-        }
+        (Method::DELETE, ["servers", id, "config"]) => core
+            .edit_server(id, ServerEdit::Config(None))
+            .await
+            .map(|s| json(StatusCode::OK, &s)),
         _ => return json_error(StatusCode::NOT_FOUND, format!("no such API: {path}")),
     };
     result.unwrap_or_else(core_error)

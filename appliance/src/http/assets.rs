@@ -29,15 +29,25 @@ pub enum RangeSpec {
 /// Parses a `Range` header value against a file of `len` bytes. Multiple ranges are
 /// answered with the whole file, which RFC 9110 allows.
 pub fn parse_range(value: &str, len: u64) -> RangeSpec {
-    let Some(spec) = value.trim().strip_prefix("bytes=") else { return RangeSpec::Full };
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeSpec::Full;
+    };
     if spec.contains(',') {
         return RangeSpec::Full;
     }
-    let Some((a, b)) = spec.trim().split_once('-') else { return RangeSpec::Full };
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeSpec::Full;
+    };
     let (a, b) = (a.trim(), b.trim());
     let parsed = match (a.is_empty(), b.is_empty()) {
-        (true, false) => b.parse::<u64>().ok().map(|n| (len.saturating_sub(n), len.saturating_sub(1), n == 0)),
-        (false, true) => a.parse::<u64>().ok().map(|s| (s, len.saturating_sub(1), false)),
+        (true, false) => b
+            .parse::<u64>()
+            .ok()
+            .map(|n| (len.saturating_sub(n), len.saturating_sub(1), n == 0)),
+        (false, true) => a
+            .parse::<u64>()
+            .ok()
+            .map(|s| (s, len.saturating_sub(1), false)),
         (false, false) => match (a.parse::<u64>(), b.parse::<u64>()) {
             (Ok(s), Ok(e)) if s <= e => Some((s, e.min(len.saturating_sub(1)), false)),
             _ => None,
@@ -56,53 +66,71 @@ fn file_stream(file: OpenFile, start: u64, len: u64, metrics: Arc<Metrics>) -> B
     match &file.contents {
         Contents::Memory(b) => {
             metrics.http_bytes_sent.inc_by(len);
-            Full::new(b.slice(start as usize..(start + len) as usize)).map_err(|never| match never {}).boxed()
+            Full::new(b.slice(start as usize..(start + len) as usize))
+                .map_err(|never| match never {})
+                .boxed()
         }
         Contents::File(_) => {
-            let stream = futures_util::stream::unfold((file, start, start + len), move |(file, pos, end)| {
-                let metrics = Arc::clone(&metrics);
-                async move {
-                    if pos >= end {
-                        return None;
-                    }
-                    let want = ((end - pos) as usize).min(CHUNK);
-                    let f = file.clone();
-                    let read = tokio::task::spawn_blocking(move || f.read_at(pos, want)).await;
-                    let chunk: std::io::Result<Bytes> = match read {
-                        Ok(Ok(b)) if b.is_empty() => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank while being sent")),
-                        Ok(r) => r,
-                        Err(e) => Err(std::io::Error::other(e)),
-                    };
-                    match chunk {
-                        Ok(b) => {
-                            metrics.http_bytes_sent.inc_by(b.len() as u64);
-                            let n = b.len() as u64;
-                            Some((Ok(Frame::data(b)), (file, pos + n, end)))
+            let stream = futures_util::stream::unfold(
+                (file, start, start + len),
+                move |(file, pos, end)| {
+                    let metrics = Arc::clone(&metrics);
+                    async move {
+                        if pos >= end {
+                            return None;
                         }
-                        Err(e) => {
-                            tracing::warn!(path = %file.path.display(), error = %e, "asset read failed mid-stream");
-                            Some((Err(e), (file, end, end)))
+                        let want = ((end - pos) as usize).min(CHUNK);
+                        let f = file.clone();
+                        let read = tokio::task::spawn_blocking(move || f.read_at(pos, want)).await;
+                        let chunk: std::io::Result<Bytes> = match read {
+                            Ok(Ok(b)) if b.is_empty() => Err(std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "file shrank while being sent",
+                            )),
+                            Ok(r) => r,
+                            Err(e) => Err(std::io::Error::other(e)),
+                        };
+                        match chunk {
+                            Ok(b) => {
+                                metrics.http_bytes_sent.inc_by(b.len() as u64);
+                                let n = b.len() as u64;
+                                Some((Ok(Frame::data(b)), (file, pos + n, end)))
+                            }
+                            Err(e) => {
+                                tracing::warn!(path = %file.path.display(), error = %e, "asset read failed mid-stream");
+                                Some((Err(e), (file, end, end)))
+                            }
                         }
                     }
-                }
-            });
+                },
+            );
             StreamBody::new(stream).boxed()
         }
     }
 }
 
 /// Answers a GET or HEAD for an opened file, honouring conditional and range headers.
-pub fn serve_file(req: &Request<Incoming>, file: OpenFile, metrics: Arc<Metrics>) -> Response<Body> {
+pub fn serve_file(
+    req: &Request<Incoming>,
+    file: OpenFile,
+    metrics: Arc<Metrics>,
+) -> Response<Body> {
     let etag = file.etag();
     let header = |name: header::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok());
     let mut builder = Response::builder()
         .header(header::ETAG, &etag)
         .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::LAST_MODIFIED, httpdate::fmt_http_date(file.modified))
+        .header(
+            header::LAST_MODIFIED,
+            httpdate::fmt_http_date(file.modified),
+        )
         .header(header::CONTENT_TYPE, "application/octet-stream");
     if let Some(inm) = header(header::IF_NONE_MATCH) {
         if inm.trim() == "*" || inm.split(',').any(|t| t.trim() == etag) {
-            return builder.status(StatusCode::NOT_MODIFIED).body(empty()).unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response"));
+            return builder
+                .status(StatusCode::NOT_MODIFIED)
+                .body(empty())
+                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response"));
         }
     }
     let len = file.len;
@@ -127,17 +155,27 @@ pub fn serve_file(req: &Request<Incoming>, file: OpenFile, metrics: Arc<Metrics>
         }
     };
     builder = builder.status(status).header(header::CONTENT_LENGTH, count);
-    let body = if req.method() == Method::HEAD { empty() } else { file_stream(file, start, count, metrics) };
-    builder.body(body).unwrap_or_else(|e| text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    let body = if req.method() == Method::HEAD {
+        empty()
+    } else {
+        file_stream(file, start, count, metrics)
+    };
+    builder
+        .body(body)
+        .unwrap_or_else(|e| text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 fn empty() -> Body {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 fn file_error(e: FileError) -> Response<Body> {
     match e {
-        FileError::Forbidden(p) => text(StatusCode::FORBIDDEN, format!("path {p:?} is not allowed")),
+        FileError::Forbidden(p) => {
+            text(StatusCode::FORBIDDEN, format!("path {p:?} is not allowed"))
+        }
         FileError::NotFound(p) => text(StatusCode::NOT_FOUND, format!("{p} not found")),
         FileError::Io { .. } => {
             tracing::error!(error = %e, "asset I/O error");
@@ -160,15 +198,32 @@ async fn open_then_serve(
 
 fn decoded_path(req: &Request<Incoming>, prefix: &str) -> Option<String> {
     let raw = req.uri().path().strip_prefix(prefix)?;
-    percent_encoding::percent_decode_str(raw).decode_utf8().ok().map(|s| s.into_owned())
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
 }
 
 /// `/env/<name>/<file>`: a file the config names for that environment, nothing else.
 pub async fn environment_file(ctx: &HttpContext, req: &Request<Incoming>) -> Response<Body> {
-    let Some(rest) = decoded_path(req, "/env/") else { return text(StatusCode::BAD_REQUEST, "bad path") };
-    let Some((env, file)) = rest.split_once('/') else { return text(StatusCode::NOT_FOUND, "no such file") };
-    let Some(path) = ctx.core.config().environments.get(env).and_then(|e| e.file_named(file)).cloned() else {
-        return text(StatusCode::NOT_FOUND, format!("environment {env:?} has no file {file:?}"));
+    let Some(rest) = decoded_path(req, "/env/") else {
+        return text(StatusCode::BAD_REQUEST, "bad path");
+    };
+    let Some((env, file)) = rest.split_once('/') else {
+        return text(StatusCode::NOT_FOUND, "no such file");
+    };
+    let Some(path) = ctx
+        .core
+        .config()
+        .environments
+        .get(env)
+        .and_then(|e| e.file_named(file))
+        .cloned()
+    else {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("environment {env:?} has no file {file:?}"),
+        );
     };
     let assets = Arc::clone(&ctx.assets);
     open_then_serve(ctx, req, move || assets.open_trusted(&path)).await
@@ -176,7 +231,9 @@ pub async fn environment_file(ctx: &HttpContext, req: &Request<Incoming>) -> Res
 
 /// `/assets/<path>`: any file inside the assets folder.
 pub async fn asset(ctx: &HttpContext, req: &Request<Incoming>) -> Response<Body> {
-    let Some(name) = decoded_path(req, "/assets/") else { return text(StatusCode::BAD_REQUEST, "bad path") };
+    let Some(name) = decoded_path(req, "/assets/") else {
+        return text(StatusCode::BAD_REQUEST, "bad path");
+    };
     let assets = Arc::clone(&ctx.assets);
     open_then_serve(ctx, req, move || assets.open(&name)).await
 }
@@ -189,10 +246,31 @@ mod tests {
     fn ranges() {
         use RangeSpec::*;
         assert_eq!(parse_range("bytes=0-99", 1000), Part { start: 0, end: 99 });
-        assert_eq!(parse_range("bytes=900-", 1000), Part { start: 900, end: 999 });
-        assert_eq!(parse_range("bytes=-100", 1000), Part { start: 900, end: 999 });
-        assert_eq!(parse_range("bytes=-5000", 1000), Part { start: 0, end: 999 });
-        assert_eq!(parse_range("bytes=990-2000", 1000), Part { start: 990, end: 999 });
+        assert_eq!(
+            parse_range("bytes=900-", 1000),
+            Part {
+                start: 900,
+                end: 999
+            }
+        );
+        assert_eq!(
+            parse_range("bytes=-100", 1000),
+            Part {
+                start: 900,
+                end: 999
+            }
+        );
+        assert_eq!(
+            parse_range("bytes=-5000", 1000),
+            Part { start: 0, end: 999 }
+        );
+        assert_eq!(
+            parse_range("bytes=990-2000", 1000),
+            Part {
+                start: 990,
+                end: 999
+            }
+        );
         assert_eq!(parse_range("bytes=1000-", 1000), Unsatisfiable);
         assert_eq!(parse_range("bytes=-0", 1000), Unsatisfiable);
         assert_eq!(parse_range("bytes=0-1,5-6", 1000), Full);

@@ -14,13 +14,21 @@ fn base_url(req: &Request<Incoming>) -> String {
         .headers()
         .get(hyper::header::HOST)
         .and_then(|h| h.to_str().ok())
-        .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c)))
+        .filter(|h| {
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+        })
         .unwrap_or("localhost");
     format!("http://{host}")
 }
 
 /// `GET /boot.ipxe?uuid=&mac=&arch=`
-pub async fn boot_script(ctx: &HttpContext, peer: SocketAddr, req: &Request<Incoming>) -> Response<Body> {
+pub async fn boot_script(
+    ctx: &HttpContext,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<Body> {
     let boot = BootRequest {
         uuid: query_param(req, "uuid"),
         mac: query_param(req, "mac"),
@@ -29,22 +37,38 @@ pub async fn boot_script(ctx: &HttpContext, peer: SocketAddr, req: &Request<Inco
         base_url: base_url(req),
     };
     match ctx.core.decide_boot(boot).await {
-        Ok(BootScript::Script { body, .. }) => full(StatusCode::OK, "text/plain; charset=utf-8", body),
+        Ok(BootScript::Script { body, .. }) => {
+            full(StatusCode::OK, "text/plain; charset=utf-8", body)
+        }
         Ok(BootScript::FallThrough) => text(StatusCode::NOT_FOUND, "boot from local disk"),
         Err(e) => {
             tracing::error!(%peer, error = %e, "cannot answer a boot request");
-            text(status_of(&e), format!("#!ipxe\necho Arges cannot answer this boot: {}\nsleep 10\nexit 1", e.kind()))
+            text(
+                status_of(&e),
+                format!(
+                    "#!ipxe\necho Arges cannot answer this boot: {}\nsleep 10\nexit 1",
+                    e.kind()
+                ),
+            )
         }
     }
 }
 
 /// `GET /configdata?uuid=&token=`
-pub async fn configdata(ctx: &HttpContext, peer: SocketAddr, req: &Request<Incoming>) -> Response<Body> {
+pub async fn configdata(
+    ctx: &HttpContext,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<Body> {
     let Some(uuid) = query_param(req, "uuid") else {
         return text(StatusCode::BAD_REQUEST, "uuid is required");
     };
     let token = query_param(req, "token");
-    match ctx.core.config_for(&uuid, token.as_deref(), peer.ip()).await {
+    match ctx
+        .core
+        .config_for(&uuid, token.as_deref(), peer.ip())
+        .await
+    {
         Ok(blob) => full(StatusCode::OK, "application/octet-stream", blob),
         Err(e) => {
             tracing::warn!(%peer, uuid, error = %e, "configuration refused");

@@ -37,9 +37,14 @@ pub struct HttpContext {
 }
 
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()).map_err(|never: Infallible| match never {}).boxed());
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
@@ -65,8 +70,12 @@ fn json_error(status: StatusCode, message: impl std::fmt::Display) -> Response<B
 fn status_of(e: &CoreError) -> StatusCode {
     use crate::inventory::InventoryError;
     match e {
-        CoreError::Inventory(InventoryError::NotFound(_)) | CoreError::NotFound(_) => StatusCode::NOT_FOUND,
-        CoreError::Inventory(InventoryError::Invalid(_)) | CoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+        CoreError::Inventory(InventoryError::NotFound(_)) | CoreError::NotFound(_) => {
+            StatusCode::NOT_FOUND
+        }
+        CoreError::Inventory(InventoryError::Invalid(_)) | CoreError::Invalid(_) => {
+            StatusCode::BAD_REQUEST
+        }
         CoreError::Forbidden(_) => StatusCode::FORBIDDEN,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -82,46 +91,89 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
 
 /// The bearer token of a request.
 fn bearer(req: &Request<Incoming>) -> Option<&str> {
-    req.headers().get(hyper::header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
+    req.headers()
+        .get(hyper::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
 }
 
 /// Reads a body of at most `limit` bytes.
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Body>> {
-    match http_body_util::Limited::new(req.into_body(), limit).collect().await {
+    match http_body_util::Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+    {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            Err(json_error(StatusCode::PAYLOAD_TOO_LARGE, format!("body larger than {limit} bytes")))
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(json_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body larger than {limit} bytes"),
+            ))
         }
-        Err(e) => Err(json_error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"))),
+        Err(e) => Err(json_error(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read body: {e}"),
+        )),
     }
 }
 
-async fn route(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>) -> (&'static str, Response<Body>) {
+async fn route(
+    ctx: Arc<HttpContext>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> (&'static str, Response<Body>) {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     match (method, path.as_str()) {
         (Method::GET, "/healthz") => ("healthz", text(StatusCode::OK, "ok")),
-        (Method::GET, "/metrics") => {
-            ("metrics", full(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", ctx.core.metrics().render()))
-        }
+        (Method::GET, "/metrics") => (
+            "metrics",
+            full(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                ctx.core.metrics().render(),
+            ),
+        ),
         (Method::GET, "/boot.ipxe") => ("boot", boot::boot_script(&ctx, peer, &req).await),
         (Method::GET, "/configdata") => ("configdata", boot::configdata(&ctx, peer, &req).await),
-        (Method::GET | Method::HEAD, p) if p.starts_with("/env/") => ("env", assets::environment_file(&ctx, &req).await),
-        (Method::GET | Method::HEAD, p) if p.starts_with("/assets/") => ("assets", assets::asset(&ctx, &req).await),
+        (Method::GET | Method::HEAD, p) if p.starts_with("/env/") => {
+            ("env", assets::environment_file(&ctx, &req).await)
+        }
+        (Method::GET | Method::HEAD, p) if p.starts_with("/assets/") => {
+            ("assets", assets::asset(&ctx, &req).await)
+        }
         (_, "/api/v1/register") => ("register", api::register(&ctx, peer, req).await),
         (_, p) if p.starts_with("/api/v1/") => ("admin", api::admin(&ctx, req).await),
-        _ => ("other", text(StatusCode::NOT_FOUND, format!("no such resource: {path}"))),
+        _ => (
+            "other",
+            text(StatusCode::NOT_FOUND, format!("no such resource: {path}")),
+        ),
     }
 }
 
-async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    ctx: Arc<HttpContext>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let (route, resp) = route(Arc::clone(&ctx), peer, req).await;
-    ctx.core.metrics().http_request(route, resp.status().as_u16());
+    ctx.core
+        .metrics()
+        .http_request(route, resp.status().as_u16());
     Ok(resp)
 }
 
 /// Serves HTTP on `listener` until `cancel` fires.
-pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, cancel: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<HttpContext>,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
     tracing::info!(local = %listener.local_addr()?, "HTTP listening");
     loop {
         let (stream, peer) = tokio::select! {

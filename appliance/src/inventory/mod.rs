@@ -16,21 +16,26 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::Path;
 
-use redb::{Database, MultimapTableDefinition, ReadableMultimapTable, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, MultimapTableDefinition, ReadableMultimapTable, ReadableTable, TableDefinition,
+    WriteTransaction,
+};
 
-pub use model::{BootGrant, BootRecord, Server, now};
 use crate::registration::{RegistrationRequest, normalize_mac};
+pub use model::{BootGrant, BootRecord, Server, now};
 
 const SERVERS: TableDefinition<&str, &[u8]> = TableDefinition::new("servers");
 const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("configs");
 const BY_MAC: TableDefinition<&str, &str> = TableDefinition::new("servers_by_mac");
-const BY_UUID: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("servers_by_uuid");
+const BY_UUID: MultimapTableDefinition<&str, &str> =
+    MultimapTableDefinition::new("servers_by_uuid");
 
 /// Inventory failures.
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
+    /// Boxed: redb's error is large and this one travels through every request path.
     #[error("inventory store: {0}")]
-    Store(#[from] redb::Error),
+    Store(Box<redb::Error>),
     #[error("server {0:?} not found")]
     NotFound(String),
     #[error("record {id:?} is unreadable: {source}")]
@@ -57,10 +62,17 @@ impl InventoryError {
 
 macro_rules! store_err {
     ($($t:ty),*) => {$(impl From<$t> for InventoryError {
-        fn from(e: $t) -> Self { InventoryError::Store(e.into()) }
+        fn from(e: $t) -> Self { InventoryError::Store(Box::new(e.into())) }
     })*};
 }
-store_err!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+store_err!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 /// Result alias of this module.
 pub type Result<T> = std::result::Result<T, InventoryError>;
@@ -84,7 +96,10 @@ impl std::fmt::Debug for Inventory {
 }
 
 fn decode(id: &str, bytes: &[u8]) -> Result<Server> {
-    serde_json::from_slice(bytes).map_err(|source| InventoryError::Corrupt { id: id.to_string(), source })
+    serde_json::from_slice(bytes).map_err(|source| InventoryError::Corrupt {
+        id: id.to_string(),
+        source,
+    })
 }
 
 fn encode(s: &Server) -> Vec<u8> {
@@ -121,7 +136,9 @@ impl Inventory {
     pub fn get(&self, id: &str) -> Result<Server> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(SERVERS)?;
-        let v = t.get(id)?.ok_or_else(|| InventoryError::NotFound(id.to_string()))?;
+        let v = t
+            .get(id)?
+            .ok_or_else(|| InventoryError::NotFound(id.to_string()))?;
         decode(id, v.value())
     }
 
@@ -146,7 +163,10 @@ impl Inventory {
         }
         if let Some(uuid) = uuid {
             let by_uuid = txn.open_multimap_table(BY_UUID)?;
-            let ids: Vec<String> = by_uuid.get(uuid)?.map(|g| g.map(|g| g.value().to_string())).collect::<std::result::Result<_, _>>()?;
+            let ids: Vec<String> = by_uuid
+                .get(uuid)?
+                .map(|g| g.map(|g| g.value().to_string()))
+                .collect::<std::result::Result<_, _>>()?;
             // With several servers behind one UUID and no matching MAC, guessing would boot
             // the wrong machine's environment: treat it as unknown.
             if let [id] = ids.as_slice() {
@@ -175,7 +195,12 @@ impl Inventory {
     pub fn register(&self, req: &RegistrationRequest, uuid: &str) -> Result<Registered> {
         let macs: Vec<String> = {
             let mut seen = HashSet::new();
-            req.hardware.nics.iter().filter_map(|n| normalize_mac(&n.mac)).filter(|m| seen.insert(m.clone())).collect()
+            req.hardware
+                .nics
+                .iter()
+                .filter_map(|n| normalize_mac(&n.mac))
+                .filter(|m| seen.insert(m.clone()))
+                .collect()
         };
         let txn = self.db.begin_write()?;
         let result = {
@@ -189,9 +214,9 @@ impl Inventory {
                 }
             }
             let now = now();
-            let same = candidates
-                .iter()
-                .position(|s| s.macs.is_empty() || macs.is_empty() || s.macs.iter().any(|m| macs.contains(m)));
+            let same = candidates.iter().position(|s| {
+                s.macs.is_empty() || macs.is_empty() || s.macs.iter().any(|m| macs.contains(m))
+            });
             let (mut server, created) = match same {
                 Some(i) => (candidates.swap_remove(i), false),
                 None => {
@@ -205,7 +230,11 @@ impl Inventory {
                         uuid.to_string()
                     };
                     if conflict {
-                        tracing::warn!(uuid, id, "another machine already registered with this UUID; keeping both apart by MAC");
+                        tracing::warn!(
+                            uuid,
+                            id,
+                            "another machine already registered with this UUID; keeping both apart by MAC"
+                        );
                         for other in &mut candidates {
                             other.uuid_conflict = true;
                             servers.insert(other.id.as_str(), encode(other).as_slice())?;
@@ -324,7 +353,8 @@ impl Inventory {
                 None => return Err(InventoryError::NotFound(id.to_string())),
             };
             txn.open_table(CONFIGS)?.remove(id)?;
-            txn.open_multimap_table(BY_UUID)?.remove(s.uuid.as_str(), id)?;
+            txn.open_multimap_table(BY_UUID)?
+                .remove(s.uuid.as_str(), id)?;
             let mut by_mac = txn.open_table(BY_MAC)?;
             for m in &s.macs {
                 let owner = by_mac.get(m.as_str())?.map(|g| g.value().to_string());
@@ -339,7 +369,12 @@ impl Inventory {
     }
 
     /// Records a served boot script and its grant.
-    pub fn record_boot(&self, id: &str, record: BootRecord, grant: Option<BootGrant>) -> Result<Server> {
+    pub fn record_boot(
+        &self,
+        id: &str,
+        record: BootRecord,
+        grant: Option<BootGrant>,
+    ) -> Result<Server> {
         self.update(id, |s| {
             s.push_boot(record);
             if grant.is_some() {
@@ -364,7 +399,14 @@ mod tests {
             uuid: String::new(),
             hardware: Hardware {
                 vendor: "QEMU".into(),
-                nics: macs.iter().map(|m| Nic { name: "eth0".into(), mac: m.to_string(), addresses: vec![] }).collect(),
+                nics: macs
+                    .iter()
+                    .map(|m| Nic {
+                        name: "eth0".into(),
+                        mac: m.to_string(),
+                        addresses: vec![],
+                    })
+                    .collect(),
                 ..Default::default()
             },
             mode: "discover".into(),
@@ -380,8 +422,13 @@ mod tests {
         let a = inv.register(&req(&["52:54:00:00:00:01"]), U).unwrap();
         assert!(a.created);
         assert_eq!(a.server.id, U);
-        let again = inv.register(&req(&["52:54:00:00:00:01", "52:54:00:00:01:01"]), U).unwrap();
-        assert!(!again.created, "same UUID and a shared MAC is the same machine");
+        let again = inv
+            .register(&req(&["52:54:00:00:00:01", "52:54:00:00:01:01"]), U)
+            .unwrap();
+        assert!(
+            !again.created,
+            "same UUID and a shared MAC is the same machine"
+        );
         let b = inv.register(&req(&["52:54:00:00:00:02"]), U).unwrap();
         assert!(b.created);
         assert_eq!(b.server.id, format!("{U}-525400000002"));
@@ -389,10 +436,25 @@ mod tests {
         assert!(inv.get(U).unwrap().uuid_conflict);
         assert_eq!(inv.list().unwrap().len(), 2);
         // Booting: the MAC tells them apart; the UUID alone is ambiguous.
-        assert_eq!(inv.find_for_boot(Some(U), Some("52:54:00:00:00:02")).unwrap().unwrap().id, b.server.id);
-        assert_eq!(inv.find_for_boot(Some(U), Some("52:54:00:00:01:01")).unwrap().unwrap().id, U);
+        assert_eq!(
+            inv.find_for_boot(Some(U), Some("52:54:00:00:00:02"))
+                .unwrap()
+                .unwrap()
+                .id,
+            b.server.id
+        );
+        assert_eq!(
+            inv.find_for_boot(Some(U), Some("52:54:00:00:01:01"))
+                .unwrap()
+                .unwrap()
+                .id,
+            U
+        );
         assert!(inv.find_for_boot(Some(U), None).unwrap().is_none());
-        assert!(inv.register(&req(&[]), U).is_ok(), "no MACs: updates the first, not an error");
+        assert!(
+            inv.register(&req(&[]), U).is_ok(),
+            "no MACs: updates the first, not an error"
+        );
     }
 
     #[test]
@@ -405,7 +467,17 @@ mod tests {
             inv.update(U, |s| s.accepted = true).unwrap();
             inv.set_config(U, Some(b"machine: {}")).unwrap();
             for i in 0..30 {
-                inv.record_boot(U, BootRecord { at: i, action: "discover".into(), environment: None, source: None }, None).unwrap();
+                inv.record_boot(
+                    U,
+                    BootRecord {
+                        at: i,
+                        action: "discover".into(),
+                        environment: None,
+                        source: None,
+                    },
+                    None,
+                )
+                .unwrap();
             }
         }
         let inv = Inventory::open(&path).unwrap();
@@ -417,7 +489,14 @@ mod tests {
         inv.delete(U).unwrap();
         assert!(matches!(inv.get(U), Err(InventoryError::NotFound(_))));
         assert!(inv.config(U).unwrap().is_none());
-        assert!(inv.find_for_boot(Some(U), Some("52:54:00:00:00:01")).unwrap().is_none());
-        assert!(matches!(inv.update("nope", |_| {}), Err(InventoryError::NotFound(_))));
+        assert!(
+            inv.find_for_boot(Some(U), Some("52:54:00:00:00:01"))
+                .unwrap()
+                .is_none()
+        );
+        assert!(matches!(
+            inv.update("nope", |_| {}),
+            Err(InventoryError::NotFound(_))
+        ));
     }
 }

@@ -37,8 +37,13 @@ pub enum ScriptKind {
 
 impl ScriptKind {
     /// Every kind, for validation.
-    pub const ALL: [ScriptKind; 5] =
-        [ScriptKind::Discover, ScriptKind::Environment, ScriptKind::LocalDisk, ScriptKind::Wipe, ScriptKind::Deny];
+    pub const ALL: [ScriptKind; 5] = [
+        ScriptKind::Discover,
+        ScriptKind::Environment,
+        ScriptKind::LocalDisk,
+        ScriptKind::Wipe,
+        ScriptKind::Deny,
+    ];
 
     /// The kind's name in config and in the `action` variable.
     pub fn name(self) -> &'static str {
@@ -74,7 +79,8 @@ impl Templates {
         let compiled = ScriptKind::ALL
             .iter()
             .map(|k| {
-                let t = Template::parse(k.name(), k.builtin()).unwrap_or_else(|e| panic!("built-in template is broken: {e}"));
+                let t = Template::parse(k.name(), k.builtin())
+                    .unwrap_or_else(|e| panic!("built-in template is broken: {e}"));
                 (*k, t)
             })
             .collect();
@@ -106,7 +112,12 @@ impl Templates {
     /// The template for `kind`.
     pub fn get(&self, kind: ScriptKind) -> &Template {
         // Every kind is present: `builtin` fills them all and `set` only replaces.
-        &self.compiled.iter().find(|(k, _)| *k == kind).expect("every kind has a template").1
+        &self
+            .compiled
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .expect("every kind has a template")
+            .1
     }
 }
 
@@ -138,28 +149,53 @@ mod tests {
     #[test]
     fn builtins_render() {
         let t = Templates::builtin();
-        let env = t.get(ScriptKind::Environment).render(&sample_context("environment")).unwrap();
+        let env = t
+            .get(ScriptKind::Environment)
+            .render(&sample_context("environment"))
+            .unwrap();
         assert_eq!(
             env,
             "#!ipxe\n# Arges: environment discovery for 4c4c4544-0042-3510-8051-b4c04f595031\n\
              kernel http://10.0.0.1:8080/env/discovery/vmlinuz initrd=initramfs.img console=ttyS0 arges.token=abc\n\
              initrd --name initramfs.img http://10.0.0.1:8080/env/discovery/initramfs.img\nboot\n"
         );
-        let disk = t.get(ScriptKind::LocalDisk).render(&sample_context("local-disk")).unwrap();
-        assert!(disk.contains("\nsanboot --no-describe --drive 0x80 || exit\n"), "{disk}");
+        let disk = t
+            .get(ScriptKind::LocalDisk)
+            .render(&sample_context("local-disk"))
+            .unwrap();
+        assert!(
+            disk.contains("\nsanboot --no-describe --drive 0x80 || exit\n"),
+            "{disk}"
+        );
         assert!(!disk.contains("\nexit\n"));
-        let deny = t.get(ScriptKind::Deny).render(&sample_context("deny")).unwrap();
+        let deny = t
+            .get(ScriptKind::Deny)
+            .render(&sample_context("deny"))
+            .unwrap();
         assert!(deny.contains("not%20allowed"), "{deny}");
     }
 
     #[test]
     fn override_is_checked() {
         let mut t = Templates::builtin();
-        let e = t.set(ScriptKind::Discover, "discover.ipxe", "#!ipxe\n{% if x %}\n").unwrap_err();
+        let e = t
+            .set(
+                ScriptKind::Discover,
+                "discover.ipxe",
+                "#!ipxe\n{% if x %}\n",
+            )
+            .unwrap_err();
         assert_eq!(e.pos.line, 2);
-        t.set(ScriptKind::Discover, "discover.ipxe", "#!ipxe\nchain {{ appliance.url }}/x\n").unwrap();
+        t.set(
+            ScriptKind::Discover,
+            "discover.ipxe",
+            "#!ipxe\nchain {{ appliance.url }}/x\n",
+        )
+        .unwrap();
         assert_eq!(
-            t.get(ScriptKind::Discover).render(&sample_context("discover")).unwrap(),
+            t.get(ScriptKind::Discover)
+                .render(&sample_context("discover"))
+                .unwrap(),
             "#!ipxe\nchain http://10.0.0.1:8080/x\n"
         );
     }

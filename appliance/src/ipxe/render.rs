@@ -25,7 +25,11 @@ const IPXE_SAFE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'+');
 
 /// Characters left as they are in a URL query component.
-const URL_SAFE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+const URL_SAFE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// Escapes a value for the iPXE command line.
 pub fn escape_ipxe(s: &str) -> String {
@@ -59,13 +63,20 @@ struct Scope<'a> {
 
 impl Scope<'_> {
     fn err(&self, pos: Pos, message: String) -> TemplateError {
-        TemplateError { template: self.template.name.clone(), pos, message }
+        TemplateError {
+            template: self.template.name.clone(),
+            pos,
+            message,
+        }
     }
 
     /// Looks a path up. An unknown *first* name is an error (a typo in the template); a
     /// missing key below a known object is null, so optional fields need no ceremony.
     fn lookup(&self, path: &Path, pos: Pos) -> Result<Value, TemplateError> {
-        let (head, tail) = path.0.split_first().ok_or_else(|| self.err(pos, "empty path".into()))?;
+        let (head, tail) = path
+            .0
+            .split_first()
+            .ok_or_else(|| self.err(pos, "empty path".into()))?;
         let start = self
             .locals
             .iter()
@@ -105,7 +116,10 @@ impl Scope<'_> {
     fn expr(&self, e: &Expr, pos: Pos, out: &mut String) -> Result<(), TemplateError> {
         let v = self.lookup(&e.path, pos)?;
         if matches!(v, Value::Array(_) | Value::Object(_)) {
-            return Err(self.err(pos, format!("{} is a list or table, not a value", e.path.0.join("."))));
+            return Err(self.err(
+                pos,
+                format!("{} is a list or table, not a value", e.path.0.join(".")),
+            ));
         }
         let mut s = text_of(&v);
         let mut escaped = false;
@@ -133,7 +147,11 @@ impl Scope<'_> {
             match node {
                 Node::Text(t) => out.push_str(t),
                 Node::Expr(e, pos) => self.expr(e, *pos, out)?,
-                Node::If { branches, otherwise, pos } => {
+                Node::If {
+                    branches,
+                    otherwise,
+                    pos,
+                } => {
                     let mut taken = false;
                     for (c, body) in branches {
                         if self.cond(c, *pos)? {
@@ -146,11 +164,20 @@ impl Scope<'_> {
                         self.nodes(otherwise, out)?;
                     }
                 }
-                Node::For { var, iter, body, pos } => {
+                Node::For {
+                    var,
+                    iter,
+                    body,
+                    pos,
+                } => {
                     let items = match self.lookup(iter, *pos)? {
                         Value::Array(a) => a,
                         Value::Null => Vec::new(),
-                        _ => return Err(self.err(*pos, format!("{} is not a list", iter.0.join(".")))),
+                        _ => {
+                            return Err(
+                                self.err(*pos, format!("{} is not a list", iter.0.join(".")))
+                            );
+                        }
                     };
                     let n = items.len();
                     for (i, item) in items.into_iter().enumerate() {
@@ -172,7 +199,12 @@ impl Template {
     /// Renders against `context` (a JSON object of named values).
     pub fn render(&self, context: &Value) -> Result<String, TemplateError> {
         let mut out = String::with_capacity(512);
-        Scope { root: context, locals: Vec::new(), template: self }.nodes(&self.nodes, &mut out)?;
+        Scope {
+            root: context,
+            locals: Vec::new(),
+            template: self,
+        }
+        .nodes(&self.nodes, &mut out)?;
         Ok(out)
     }
 }
@@ -189,9 +221,18 @@ mod tests {
     #[test]
     fn escapes_values_but_not_raw() {
         let ctx = json!({"v": "a b${x}&&reboot||x\n#", "r": "console=ttyS0 quiet"});
-        assert_eq!(render("{{ v }}", ctx.clone()).unwrap(), "a%20b%24%7Bx%7D%26%26reboot%7C%7Cx%0A%23");
-        assert_eq!(render("{{ r | raw }}", ctx.clone()).unwrap(), "console=ttyS0 quiet");
-        assert_eq!(render("{{ r | url }}", ctx).unwrap(), "console%3DttyS0%20quiet");
+        assert_eq!(
+            render("{{ v }}", ctx.clone()).unwrap(),
+            "a%20b%24%7Bx%7D%26%26reboot%7C%7Cx%0A%23"
+        );
+        assert_eq!(
+            render("{{ r | raw }}", ctx.clone()).unwrap(),
+            "console=ttyS0 quiet"
+        );
+        assert_eq!(
+            render("{{ r | url }}", ctx).unwrap(),
+            "console%3DttyS0%20quiet"
+        );
     }
 
     #[test]
@@ -209,7 +250,10 @@ mod tests {
     #[test]
     fn unknown_roots_fail_missing_keys_are_empty() {
         let ctx = json!({"server": {"labels": {}}});
-        assert_eq!(render("[{{ server.labels.rack }}]", ctx.clone()).unwrap(), "[]");
+        assert_eq!(
+            render("[{{ server.labels.rack }}]", ctx.clone()).unwrap(),
+            "[]"
+        );
         let e = render("\n  {{ sever.uuid }}", ctx.clone()).unwrap_err();
         assert_eq!(e.pos, Pos { line: 2, column: 3 });
         assert!(e.message.contains("unknown variable \"sever\""));

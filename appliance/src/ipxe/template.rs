@@ -88,8 +88,17 @@ pub enum Cond {
 pub enum Node {
     Text(String),
     Expr(Expr, Pos),
-    If { branches: Vec<(Cond, Vec<Node>)>, otherwise: Vec<Node>, pos: Pos },
-    For { var: String, iter: Path, body: Vec<Node>, pos: Pos },
+    If {
+        branches: Vec<(Cond, Vec<Node>)>,
+        otherwise: Vec<Node>,
+        pos: Pos,
+    },
+    For {
+        var: String,
+        iter: Path,
+        body: Vec<Node>,
+        pos: Pos,
+    },
 }
 
 /// A compiled template.
@@ -110,8 +119,10 @@ fn ident(i: &str) -> IResult<&str, &str> {
 }
 
 fn path(i: &str) -> IResult<&str, Path> {
-    map(separated_list1(char('.'), ident), |parts| Path(parts.into_iter().map(String::from).collect()))
-        .parse(i)
+    map(separated_list1(char('.'), ident), |parts| {
+        Path(parts.into_iter().map(String::from).collect())
+    })
+    .parse(i)
 }
 
 fn filter(i: &str) -> IResult<&str, Filter> {
@@ -128,7 +139,11 @@ fn filter(i: &str) -> IResult<&str, Filter> {
 }
 
 fn expr(i: &str) -> IResult<&str, Expr> {
-    map(pair(path, many0(filter)), |(path, filters)| Expr { path, filters }).parse(i)
+    map(pair(path, many0(filter)), |(path, filters)| Expr {
+        path,
+        filters,
+    })
+    .parse(i)
 }
 
 fn string_lit(i: &str) -> IResult<&str, String> {
@@ -144,16 +159,28 @@ fn operand(i: &str) -> IResult<&str, Operand> {
     alt((map(string_lit, Operand::Str), map(path, Operand::Var))).parse(i)
 }
 
-fn keyword<'a>(kw: &'static str) -> impl Parser<&'a str, Output = &'a str, Error = nom::error::Error<&'a str>> {
+fn keyword<'a>(
+    kw: &'static str,
+) -> impl Parser<&'a str, Output = &'a str, Error = nom::error::Error<&'a str>> {
     terminated(tag(kw), multispace1)
 }
 
 fn atom(i: &str) -> IResult<&str, Cond> {
     alt((
         map(preceded(keyword("not"), atom), |c| Cond::Not(Box::new(c))),
-        delimited(pair(char('('), multispace0), or_cond, pair(multispace0, char(')'))),
+        delimited(
+            pair(char('('), multispace0),
+            or_cond,
+            pair(multispace0, char(')')),
+        ),
         map(
-            (operand, opt((delimited(multispace0, alt((tag("=="), tag("!="))), multispace0), operand))),
+            (
+                operand,
+                opt((
+                    delimited(multispace0, alt((tag("=="), tag("!="))), multispace0),
+                    operand,
+                )),
+            ),
             |(a, rest)| match rest {
                 None => Cond::Truthy(a),
                 Some(("==", b)) => Cond::Eq(a, b),
@@ -167,13 +194,21 @@ fn atom(i: &str) -> IResult<&str, Cond> {
 fn and_cond(i: &str) -> IResult<&str, Cond> {
     let (i, first) = atom(i)?;
     let (i, rest) = many0(preceded((multispace1, keyword("and")), atom)).parse(i)?;
-    Ok((i, rest.into_iter().fold(first, |a, b| Cond::And(Box::new(a), Box::new(b)))))
+    Ok((
+        i,
+        rest.into_iter()
+            .fold(first, |a, b| Cond::And(Box::new(a), Box::new(b))),
+    ))
 }
 
 fn or_cond(i: &str) -> IResult<&str, Cond> {
     let (i, first) = and_cond(i)?;
     let (i, rest) = many0(preceded((multispace1, keyword("or")), and_cond)).parse(i)?;
-    Ok((i, rest.into_iter().fold(first, |a, b| Cond::Or(Box::new(a), Box::new(b)))))
+    Ok((
+        i,
+        rest.into_iter()
+            .fold(first, |a, b| Cond::Or(Box::new(a), Box::new(b))),
+    ))
 }
 
 /// A block statement inside `{% … %}`.
@@ -193,9 +228,10 @@ fn stmt(i: &str) -> IResult<&str, Stmt> {
         map(preceded(keyword("elif"), or_cond), Stmt::Elif),
         map(tag("else"), |_| Stmt::Else),
         map(tag("endif"), |_| Stmt::Endif),
-        map((keyword("for"), ident, multispace1, keyword("in"), path), |(_, v, _, _, p)| {
-            Stmt::For(v.to_string(), p)
-        }),
+        map(
+            (keyword("for"), ident, multispace1, keyword("in"), path),
+            |(_, v, _, _, p)| Stmt::For(v.to_string(), p),
+        ),
         map(tag("endfor"), |_| Stmt::Endfor),
     ))
     .parse(i)
@@ -205,7 +241,10 @@ fn parse_all<'a, T>(
     inner: &'a str,
     p: impl Parser<&'a str, Output = T, Error = nom::error::Error<&'a str>>,
 ) -> Option<T> {
-    all_consuming(delimited(multispace0, p, multispace0)).parse(inner).ok().map(|(_, v)| v)
+    all_consuming(delimited(multispace0, p, multispace0))
+        .parse(inner)
+        .ok()
+        .map(|(_, v)| v)
 }
 
 // ---- outer scan and tree building ----
@@ -227,7 +266,10 @@ fn tokenize<'a>(name: &str, src: &'a str) -> Result<Vec<Token<'a>>, TemplateErro
     let mut tokens = Vec::new();
     let mut rest = 0;
     while rest < src.len() {
-        let Some(found) = ["{{", "{%", "{#"].iter().filter_map(|t| src[rest..].find(t).map(|o| rest + o)).min()
+        let Some(found) = ["{{", "{%", "{#"]
+            .iter()
+            .filter_map(|t| src[rest..].find(t).map(|o| rest + o))
+            .min()
         else {
             tokens.push(Token::Text(&src[rest..]));
             break;
@@ -248,7 +290,9 @@ fn tokenize<'a>(name: &str, src: &'a str) -> Result<Vec<Token<'a>>, TemplateErro
         // A block tag alone on its line takes its indentation and its newline with it.
         let line_start = src[..found].rfind('\n').map_or(0, |n| n + 1).max(rest);
         let alone = close != "}}"
-            && src[line_start..found].chars().all(|c| c == ' ' || c == '\t')
+            && src[line_start..found]
+                .chars()
+                .all(|c| c == ' ' || c == '\t')
             && (line_start > rest || rest == 0 || src[..rest].ends_with('\n'))
             && {
                 let after = src[end + 2..].trim_start_matches([' ', '\t']);
@@ -277,8 +321,16 @@ fn tokenize<'a>(name: &str, src: &'a str) -> Result<Vec<Token<'a>>, TemplateErro
 
 enum Frame {
     Root,
-    If { branches: Vec<(Cond, Vec<Node>)>, current: Option<Cond>, pos: Pos },
-    For { var: String, iter: Path, pos: Pos },
+    If {
+        branches: Vec<(Cond, Vec<Node>)>,
+        current: Option<Cond>,
+        pos: Pos,
+    },
+    For {
+        var: String,
+        iter: Path,
+        pos: Pos,
+    },
 }
 
 impl Template {
@@ -294,21 +346,35 @@ impl Template {
             match token {
                 Token::Text(t) => top(&mut stack).push(Node::Text(t.to_string())),
                 Token::Expr(inner, at) => {
-                    let e = parse_all(inner, expr)
-                        .ok_or_else(|| err(at, format!("cannot parse expression {:?}", inner.trim())))?;
+                    let e = parse_all(inner, expr).ok_or_else(|| {
+                        err(at, format!("cannot parse expression {:?}", inner.trim()))
+                    })?;
                     top(&mut stack).push(Node::Expr(e, pos_at(src, at)));
                 }
                 Token::Stmt(inner, at) => {
-                    let s = parse_all(inner, stmt)
-                        .ok_or_else(|| err(at, format!("cannot parse statement {:?}", inner.trim())))?;
+                    let s = parse_all(inner, stmt).ok_or_else(|| {
+                        err(at, format!("cannot parse statement {:?}", inner.trim()))
+                    })?;
                     let pos = pos_at(src, at);
                     match s {
-                        Stmt::If(c) => {
-                            stack.push((Frame::If { branches: Vec::new(), current: Some(c), pos }, Vec::new()))
+                        Stmt::If(c) => stack.push((
+                            Frame::If {
+                                branches: Vec::new(),
+                                current: Some(c),
+                                pos,
+                            },
+                            Vec::new(),
+                        )),
+                        Stmt::For(var, iter) => {
+                            stack.push((Frame::For { var, iter, pos }, Vec::new()))
                         }
-                        Stmt::For(var, iter) => stack.push((Frame::For { var, iter, pos }, Vec::new())),
                         Stmt::Elif(c) => match stack.last_mut() {
-                            Some((Frame::If { branches, current, .. }, body)) if current.is_some() => {
+                            Some((
+                                Frame::If {
+                                    branches, current, ..
+                                },
+                                body,
+                            )) if current.is_some() => {
                                 if let Some(prev) = current.replace(c) {
                                     branches.push((prev, std::mem::take(body)));
                                 }
@@ -316,7 +382,12 @@ impl Template {
                             _ => return Err(err(at, "elif without a matching if".into())),
                         },
                         Stmt::Else => match stack.last_mut() {
-                            Some((Frame::If { branches, current, .. }, body)) if current.is_some() => {
+                            Some((
+                                Frame::If {
+                                    branches, current, ..
+                                },
+                                body,
+                            )) if current.is_some() => {
                                 if let Some(prev) = current.take() {
                                     branches.push((prev, std::mem::take(body)));
                                 }
@@ -324,7 +395,14 @@ impl Template {
                             _ => return Err(err(at, "else without a matching if".into())),
                         },
                         Stmt::Endif => match stack.pop() {
-                            Some((Frame::If { mut branches, current, pos }, body)) => {
+                            Some((
+                                Frame::If {
+                                    mut branches,
+                                    current,
+                                    pos,
+                                },
+                                body,
+                            )) => {
                                 let otherwise = match current {
                                     Some(c) => {
                                         branches.push((c, body));
@@ -332,13 +410,22 @@ impl Template {
                                     }
                                     None => body,
                                 };
-                                top(&mut stack).push(Node::If { branches, otherwise, pos });
+                                top(&mut stack).push(Node::If {
+                                    branches,
+                                    otherwise,
+                                    pos,
+                                });
                             }
                             _ => return Err(err(at, "endif without a matching if".into())),
                         },
                         Stmt::Endfor => match stack.pop() {
                             Some((Frame::For { var, iter, pos }, body)) => {
-                                top(&mut stack).push(Node::For { var, iter, body, pos })
+                                top(&mut stack).push(Node::For {
+                                    var,
+                                    iter,
+                                    body,
+                                    pos,
+                                })
                             }
                             _ => return Err(err(at, "endfor without a matching for".into())),
                         },
@@ -347,7 +434,10 @@ impl Template {
             }
         }
         match stack.pop() {
-            Some((Frame::Root, nodes)) if stack.is_empty() => Ok(Template { name: name.to_string(), nodes }),
+            Some((Frame::Root, nodes)) if stack.is_empty() => Ok(Template {
+                name: name.to_string(),
+                nodes,
+            }),
             Some((Frame::If { pos, .. }, _)) => Err(TemplateError {
                 template: name.to_string(),
                 pos,
@@ -365,7 +455,10 @@ impl Template {
 
 fn top(stack: &mut [(Frame, Vec<Node>)]) -> &mut Vec<Node> {
     // The root frame is never popped before the end, so the stack is never empty here.
-    &mut stack.last_mut().expect("template stack holds the root frame").1
+    &mut stack
+        .last_mut()
+        .expect("template stack holds the root frame")
+        .1
 }
 
 #[cfg(test)]
@@ -381,12 +474,26 @@ mod tests {
         .unwrap();
         assert_eq!(t.nodes.len(), 3, "{:#?}", t.nodes);
         match &t.nodes[1] {
-            Node::If { branches, otherwise, .. } => {
+            Node::If {
+                branches,
+                otherwise,
+                ..
+            } => {
                 assert_eq!(branches.len(), 2);
-                assert_eq!(branches[0].1, vec![Node::Text("  x ".into()), Node::Expr(
-                    Expr { path: Path(vec!["y".into()]), filters: vec![Filter::Raw] },
-                    Pos { line: 3, column: 5 },
-                ), Node::Text("\n".into())]);
+                assert_eq!(
+                    branches[0].1,
+                    vec![
+                        Node::Text("  x ".into()),
+                        Node::Expr(
+                            Expr {
+                                path: Path(vec!["y".into()]),
+                                filters: vec![Filter::Raw]
+                            },
+                            Pos { line: 3, column: 5 },
+                        ),
+                        Node::Text("\n".into())
+                    ]
+                );
                 assert!(matches!(otherwise[0], Node::For { .. }));
             }
             other => panic!("expected if, got {other:?}"),
@@ -399,7 +506,10 @@ mod tests {
         assert_eq!(e.pos, Pos { line: 2, column: 3 });
         assert!(e.message.contains("cannot parse expression"), "{e}");
         let e = Template::parse("t", "a\n{% if x %}\nb").unwrap_err();
-        assert_eq!((e.pos.line, e.message.as_str()), (2, "if is never closed with endif"));
+        assert_eq!(
+            (e.pos.line, e.message.as_str()),
+            (2, "if is never closed with endif")
+        );
         let e = Template::parse("t", "{% endfor %}").unwrap_err();
         assert!(e.message.contains("endfor without"), "{e}");
         let e = Template::parse("t", "x {{ open").unwrap_err();
@@ -407,6 +517,9 @@ mod tests {
         let e = Template::parse("t", "{% else %}").unwrap_err();
         assert!(e.message.contains("else without"));
         let e = Template::parse("t", "{{ a | shout }}").unwrap_err();
-        assert!(e.to_string().contains("template \"t\", line 1, column 1"), "{e}");
+        assert!(
+            e.to_string().contains("template \"t\", line 1, column 1"),
+            "{e}"
+        );
     }
 }

@@ -130,12 +130,21 @@ pub struct TftpServer {
 impl TftpServer {
     /// A server for `files`.
     pub fn new(settings: TftpSettings, files: Arc<FileRoot>, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(TftpServer { settings, files, metrics, active: Mutex::new(Active::default()) })
+        Arc::new(TftpServer {
+            settings,
+            files,
+            metrics,
+            active: Mutex::new(Active::default()),
+        })
     }
 
     /// Serves requests arriving on `socket` until `cancel` fires; running transfers are
     /// cancelled with it.
-    pub async fn serve(self: Arc<Self>, socket: UdpSocket, cancel: CancellationToken) -> std::io::Result<()> {
+    pub async fn serve(
+        self: Arc<Self>,
+        socket: UdpSocket,
+        cancel: CancellationToken,
+    ) -> std::io::Result<()> {
         let local = socket.local_addr()?;
         if let Err(e) = socket2::SockRef::from(&socket).set_recv_buffer_size(LISTEN_RCVBUF) {
             tracing::debug!(error = %e, "cannot enlarge the TFTP receive buffer");
@@ -154,7 +163,8 @@ impl TftpServer {
                     }
                 },
             };
-            self.handle_request(&socket, local, &buf[..n], peer, &cancel).await;
+            self.handle_request(&socket, local, &buf[..n], peer, &cancel)
+                .await;
         }
     }
 
@@ -171,14 +181,26 @@ impl TftpServer {
             Err(e) => {
                 Metrics::inc(&self.metrics.tftp_errors, "kind", e.kind());
                 tracing::warn!(%peer, error = %e, "malformed TFTP request");
-                transfer::send_error(socket, Some(peer), ErrorCode::IllegalOperation, &e.to_string()).await;
+                transfer::send_error(
+                    socket,
+                    Some(peer),
+                    ErrorCode::IllegalOperation,
+                    &e.to_string(),
+                )
+                .await;
                 return;
             }
         };
         if req.write {
             Metrics::inc(&self.metrics.tftp_requests, "result", "write_refused");
             tracing::warn!(%peer, file = %req.filename, "TFTP write refused");
-            transfer::send_error(socket, Some(peer), ErrorCode::AccessViolation, "server is read-only").await;
+            transfer::send_error(
+                socket,
+                Some(peer),
+                ErrorCode::AccessViolation,
+                "server is read-only",
+            )
+            .await;
             return;
         }
         let slot = match self.claim(peer) {
@@ -239,7 +261,10 @@ impl TftpServer {
         *n += 1;
         active.clients.insert(peer);
         self.metrics.tftp_active.inc();
-        Claim::Granted(Slot { server: Arc::clone(self), client: peer })
+        Claim::Granted(Slot {
+            server: Arc::clone(self),
+            client: peer,
+        })
     }
 
     async fn run_transfer(&self, local: SocketAddr, peer: SocketAddr, req: packet::Request) {

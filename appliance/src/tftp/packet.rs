@@ -150,7 +150,12 @@ pub fn decode_request(buf: &[u8]) -> Result<Request, DecodeError> {
             _ => unreachable!("chunks(2) yields one or two items"),
         }
     }
-    Ok(Request { write, filename: filename.to_string(), mode, options })
+    Ok(Request {
+        write,
+        filename: filename.to_string(),
+        mode,
+        options,
+    })
 }
 
 /// Decodes what a client sends to a transfer port.
@@ -168,7 +173,10 @@ pub fn decode_client(buf: &[u8]) -> Result<ClientPacket, DecodeError> {
             }
             let code = u16::from_be_bytes([buf[2], buf[3]]);
             let text = buf[4..].split(|b| *b == 0).next().unwrap_or_default();
-            Ok(ClientPacket::Error { code, message: String::from_utf8_lossy(text).into_owned() })
+            Ok(ClientPacket::Error {
+                code,
+                message: String::from_utf8_lossy(text).into_owned(),
+            })
         }
         other => Err(DecodeError::Opcode(other)),
     }
@@ -215,7 +223,10 @@ pub fn encode_ack(block: u16) -> [u8; 4] {
 pub fn encode_rrq(filename: &str, mode: &str, options: &[(&str, &str)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(32 + filename.len());
     out.extend_from_slice(&OP_RRQ.to_be_bytes());
-    for s in [filename, mode].into_iter().chain(options.iter().flat_map(|(n, v)| [*n, *v])) {
+    for s in [filename, mode]
+        .into_iter()
+        .chain(options.iter().flat_map(|(n, v)| [*n, *v]))
+    {
         out.extend_from_slice(s.as_bytes());
         out.push(0);
     }
@@ -242,24 +253,54 @@ mod tests {
         assert_eq!(req.filename, "ipxe.efi");
         assert_eq!(req.mode, Mode::Octet);
         assert!(!req.write);
-        assert_eq!(req.options, vec![("blksize".into(), "1468".into()), ("tsize".into(), "0".into())]);
+        assert_eq!(
+            req.options,
+            vec![
+                ("blksize".into(), "1468".into()),
+                ("tsize".into(), "0".into())
+            ]
+        );
     }
 
     #[test]
     fn rejects_malformed_requests() {
         assert_eq!(decode_request(&[0]), Err(DecodeError::Truncated));
-        assert_eq!(decode_request(&[0, 1, b'a']), Err(DecodeError::Unterminated));
-        assert_eq!(decode_request(&[0, 1, b'a', 0]), Err(DecodeError::Truncated));
-        assert_eq!(decode_request(&[0, 9, b'a', 0, b'b', 0]), Err(DecodeError::Opcode(9)));
-        assert!(matches!(decode_request(&encode_rrq("a", "mail", &[])), Err(DecodeError::Mode(_))));
-        assert_eq!(decode_request(&[0, 1, 0xff, 0, b'o', 0]), Err(DecodeError::NotUtf8));
+        assert_eq!(
+            decode_request(&[0, 1, b'a']),
+            Err(DecodeError::Unterminated)
+        );
+        assert_eq!(
+            decode_request(&[0, 1, b'a', 0]),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(
+            decode_request(&[0, 9, b'a', 0, b'b', 0]),
+            Err(DecodeError::Opcode(9))
+        );
+        assert!(matches!(
+            decode_request(&encode_rrq("a", "mail", &[])),
+            Err(DecodeError::Mode(_))
+        ));
+        assert_eq!(
+            decode_request(&[0, 1, 0xff, 0, b'o', 0]),
+            Err(DecodeError::NotUtf8)
+        );
         let mut odd = encode_rrq("a", "octet", &[("blksize", "512")]);
         odd.extend_from_slice(b"tsize\0x\0windowsize\0");
-        assert!(matches!(decode_request(&odd), Err(DecodeError::OptionWithoutValue(_))));
+        assert!(matches!(
+            decode_request(&odd),
+            Err(DecodeError::OptionWithoutValue(_))
+        ));
         let many: Vec<(String, String)> = (0..20).map(|i| (format!("o{i}"), "1".into())).collect();
         let many: Vec<(&str, &str)> = many.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-        assert_eq!(decode_request(&encode_rrq("a", "octet", &many)), Err(DecodeError::TooManyOptions));
-        assert_eq!(decode_request(&vec![0u8; MAX_REQUEST_LEN + 1]), Err(DecodeError::TooLarge));
+        assert_eq!(
+            decode_request(&encode_rrq("a", "octet", &many)),
+            Err(DecodeError::TooManyOptions)
+        );
+        assert_eq!(
+            decode_request(&vec![0u8; MAX_REQUEST_LEN + 1]),
+            Err(DecodeError::TooLarge)
+        );
     }
 
     #[test]
@@ -271,12 +312,18 @@ mod tests {
 
     #[test]
     fn decodes_client_packets() {
-        assert_eq!(decode_client(&encode_ack(65535)), Ok(ClientPacket::Ack(65535)));
+        assert_eq!(
+            decode_client(&encode_ack(65535)),
+            Ok(ClientPacket::Ack(65535))
+        );
         assert_eq!(decode_client(&[0, 4, 1]), Err(DecodeError::Truncated));
         let err = encode_error(ErrorCode::OptionRefused, "tsize probe");
         assert_eq!(
             decode_client(&err),
-            Ok(ClientPacket::Error { code: 8, message: "tsize probe".into() })
+            Ok(ClientPacket::Error {
+                code: 8,
+                message: "tsize probe".into()
+            })
         );
     }
 }

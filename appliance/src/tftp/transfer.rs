@@ -37,7 +37,12 @@ pub struct Negotiated {
 /// are left out of the OACK (never acknowledge what the client did not send or what we
 /// did not accept).
 pub fn negotiate(req: &Request, size: u64, settings: &TftpSettings) -> Negotiated {
-    let mut n = Negotiated { blksize: 512, windowsize: 1, timeout: settings.timeout, oack: Vec::new() };
+    let mut n = Negotiated {
+        blksize: 512,
+        windowsize: 1,
+        timeout: settings.timeout,
+        oack: Vec::new(),
+    };
     for (name, value) in &req.options {
         match name.as_str() {
             "blksize" => {
@@ -104,10 +109,19 @@ impl Blocks {
                 }
                 let raw = read_blocking(file.clone(), 0, file.len as usize).await?;
                 let converted = Bytes::from(to_netascii(&raw));
-                OpenFile { len: converted.len() as u64, contents: Contents::Memory(converted), ..file }
+                OpenFile {
+                    len: converted.len() as u64,
+                    contents: Contents::Memory(converted),
+                    ..file
+                }
             }
         };
-        Ok(Blocks { file, blksize: u64::from(blksize), chunk_start: 0, chunk: Bytes::new() })
+        Ok(Blocks {
+            file,
+            blksize: u64::from(blksize),
+            chunk_start: 0,
+            chunk: Bytes::new(),
+        })
     }
 
     fn len(&self) -> u64 {
@@ -294,15 +308,27 @@ mod tests {
             write: false,
             filename: "f".into(),
             mode: Mode::Octet,
-            options: options.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+            options: options
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
         }
     }
 
     #[test]
     fn negotiation_clamps_and_ignores() {
-        let s = TftpSettings { max_blksize: 1468, max_windowsize: 16, ..TftpSettings::default() };
+        let s = TftpSettings {
+            max_blksize: 1468,
+            max_windowsize: 16,
+            ..TftpSettings::default()
+        };
         let n = negotiate(
-            &req(&[("blksize", "65464"), ("windowsize", "64"), ("tsize", "0"), ("msftwindow", "31416")]),
+            &req(&[
+                ("blksize", "65464"),
+                ("windowsize", "64"),
+                ("tsize", "0"),
+                ("msftwindow", "31416"),
+            ]),
             1234,
             &s,
         );
@@ -310,9 +336,17 @@ mod tests {
         assert_eq!(n.windowsize, 16);
         assert_eq!(
             n.oack,
-            vec![("blksize", "1468".into()), ("windowsize", "16".into()), ("tsize", "1234".into())]
+            vec![
+                ("blksize", "1468".into()),
+                ("windowsize", "16".into()),
+                ("tsize", "1234".into())
+            ]
         );
-        let n = negotiate(&req(&[("blksize", "4"), ("timeout", "0"), ("windowsize", "x")]), 1, &s);
+        let n = negotiate(
+            &req(&[("blksize", "4"), ("timeout", "0"), ("windowsize", "x")]),
+            1,
+            &s,
+        );
         assert!(n.oack.is_empty(), "invalid values are not acknowledged");
         assert_eq!((n.blksize, n.windowsize), (512, 1));
     }

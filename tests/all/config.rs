@@ -1,0 +1,76 @@
+//! `arges check-config` on every sample config we ship, and on broken ones.
+
+use std::process::Command;
+
+use crate::harness::{bin, run};
+
+#[test]
+fn every_sample_config_is_valid() {
+    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(deploy).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = run(Command::new(bin()).arg("check-config").arg(&path));
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "sample configs not found in {deploy}");
+}
+
+#[test]
+fn broken_configs_name_the_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    for (src, wants) in [
+        (
+            "[http]\nlisten = [\"127.0.0.1:8080\"]\n\n[tftp]\nwindowsize = 4\n",
+            &["line 5", "windowsize", "max_windowsize"][..],
+        ),
+        (
+            "[tftp]\nmax_blksize = 4\n",
+            &["tftp.max_blksize (line 2)", "expected 8 to 65464"][..],
+        ),
+        (
+            "[http]\nlisten = [\"not an address\"]\n",
+            &["line 2", "listen"][..],
+        ),
+        (
+            "[policy]\nunaccepted = \"reboot\"\n",
+            &["line 2", "local-disk", "discover"][..],
+        ),
+        ("[environments.x]\ncmdline = \"a\"\n", &["kernel"][..]),
+        (
+            "[environments.x]\nkernel = { path = \"k\", sha256 = \"abc\" }\n",
+            &["environments.x.kernel (line 2)", "64 hex digits"][..],
+        ),
+        (
+            "[discovery]\nenvironment = \"disco\"\n",
+            &["discovery.environment (line 2)", "not defined"][..],
+        ),
+    ] {
+        let path = dir.path().join("appliance.toml");
+        std::fs::write(&path, src).unwrap();
+        let out = run(Command::new(bin()).arg("check-config").arg(&path));
+        assert!(!out.status.success(), "{src:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for want in wants {
+            assert!(
+                err.contains(want),
+                "error for {src:?} lacks {want:?}:\n{err}"
+            );
+        }
+    }
+    let out = run(Command::new(bin())
+        .arg("check-config")
+        .arg(dir.path().join("missing.toml")));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read"),
+        "{out:?}"
+    );
+}

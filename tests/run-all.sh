@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The whole Arges test suite, on a fresh Debian machine: installs the peers the tests talk
+# to, then runs formatting and lint checks, unit and integration tests, the benches in
+# quick mode (so they keep compiling), and the static agent build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# Peers and tools from Debian: curl, tftp-hpa's tftp, atftp (TFTP clients), binutils (strip).
+packages=(curl tftp-hpa atftp binutils ca-certificates)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  step "installing ${missing[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+  # shellcheck disable=SC1091
+  . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with rustup" >&2; exit 1; }
+if command -v rustup >/dev/null 2>&1; then
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+fi
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test (unit and integration tests against real peers)"
+cargo test --workspace --locked
+
+step "benches, quick mode"
+cargo bench --workspace --locked -- --quick --noplot
+
+step "static agent binary"
+agent="$(deploy/build-agent.sh)"
+"$agent" agent --root tests/data/machines/a --dry-run >/dev/null
+echo "static agent: $agent ($(du -h "$agent" | cut -f1))"
+
+step "all checks passed"
