@@ -41,7 +41,7 @@ step "cargo test (unit and integration tests against real peers)"
 cargo test --workspace --locked
 
 step "benches, quick mode"
-cargo bench --workspace --locked -- --quick --noplot
+cargo bench --workspace --locked --benches -- --quick --noplot
 
 step "static agent binary"
 agent="$(deploy/build-agent.sh)"
