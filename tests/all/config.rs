@@ -78,18 +78,36 @@ fn broken_configs_name_the_key_and_line() {
 #[test]
 fn template_overrides_are_used_and_checked() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("local-disk.ipxe"), "#!ipxe\necho custom local boot for {{ machine.mac }}\nsanboot --drive 0x81\n").unwrap();
-    std::fs::write(dir.path().join("appliance.toml"), crate::harness::config("[templates]\nlocal-disk = \"local-disk.ipxe\"\n")).unwrap();
+    std::fs::write(
+        dir.path().join("local-disk.ipxe"),
+        "#!ipxe\necho custom local boot for {{ machine.mac }}\nsanboot --drive 0x81\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("appliance.toml"),
+        crate::harness::config("[templates]\nlocal-disk = \"local-disk.ipxe\"\n"),
+    )
+    .unwrap();
     let a = crate::harness::Appliance::start_in(dir, &[]);
     assert!(crate::http::register_machine(&a, "a").status.success());
     let (_, script) = crate::http::boot(&a, "127.0.0.1");
-    assert_eq!(script, "#!ipxe\necho custom local boot for b8:ca:3a:00:00:0a\nsanboot --drive 0x81\n");
+    assert_eq!(
+        script,
+        "#!ipxe\necho custom local boot for b8:ca:3a:00:00:0a\nsanboot --drive 0x81\n"
+    );
 
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("deny.ipxe"), "#!ipxe\n\n  echo {{ reason | loud }}\n").unwrap();
+    std::fs::write(
+        dir.path().join("deny.ipxe"),
+        "#!ipxe\n\n  echo {{ reason | loud }}\n",
+    )
+    .unwrap();
     let path = dir.path().join("appliance.toml");
     std::fs::write(&path, "[templates]\ndeny = \"deny.ipxe\"\n").unwrap();
     let out = run(Command::new(bin()).arg("check-config").arg(&path));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("deny.ipxe") && err.contains("line 3, column 8"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("deny.ipxe") && err.contains("line 3, column 8"),
+        "{err}"
+    );
 }
