@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target_dir="${CARGO_TARGET_DIR:-target}"
 triple="$(rustc -vV | sed -n 's/^host: //p')"
-RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target "$triple" --bin arges >&2
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --no-default-features --target "$triple" --bin arges >&2
 bin="$target_dir/$triple/release/arges"
 out="$target_dir/arges-agent-static"
 strip -o "$out" "$bin" 2>/dev/null || cp "$bin" "$out"

@@ -39,6 +39,49 @@ fn bind_hint(e: &std::io::Error, addr: &SocketAddr) -> &'static str {
     }
 }
 
+/// Starts the plugin host and its folder watcher; the chain it returns is the boot policy.
+#[cfg(feature = "plugins")]
+fn start_plugins(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    tasks: &mut JoinSet<std::io::Result<()>>,
+    cancel: &CancellationToken,
+) -> Option<Arc<dyn crate::core::BootPolicy>> {
+    use crate::core::DefaultPolicy;
+    use crate::plugins::PluginHost;
+    match PluginHost::new(config.plugins.clone(), Arc::clone(metrics)) {
+        Ok(host) => {
+            let chain = host.chain(DefaultPolicy {
+                config: config.policy.clone(),
+            });
+            let cancel = cancel.clone();
+            tasks.spawn(async move {
+                // A watcher failure is not fatal: the plugins loaded so far keep serving.
+                if let Err(e) = host.watch(cancel.clone()).await {
+                    tracing::error!(error = %e, "plugin watcher stopped");
+                    cancel.cancelled().await;
+                }
+                Ok(())
+            });
+            Some(Arc::new(chain))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "plugin host unavailable; using the built-in boot policy");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "plugins"))]
+fn start_plugins(
+    _config: &Config,
+    _metrics: &Arc<Metrics>,
+    _tasks: &mut JoinSet<std::io::Result<()>>,
+    _cancel: &CancellationToken,
+) -> Option<Arc<dyn crate::core::BootPolicy>> {
+    None
+}
+
 /// Runs the appliance until `cancel` fires or a server fails.
 pub async fn run(
     config: Config,
@@ -49,7 +92,7 @@ pub async fn run(
         ("data", &config.data_dir),
         ("TFTP root", &config.tftp_root),
         ("assets", &config.assets_dir),
-        ("plugins", &config.plugins_dir),
+        ("plugins", &config.plugins.dir),
     ] {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the {what} folder {}", dir.display()))?;
@@ -71,16 +114,16 @@ pub async fn run(
     };
     let metrics = Arc::new(Metrics::new());
     let config = Arc::new(config);
+    let mut tasks = JoinSet::new();
+    let policy = start_plugins(&config, &metrics, &mut tasks, &cancel);
     let core = Arc::new(Core::new(
         Arc::clone(&config),
         Arc::new(inventory),
-        None,
+        policy,
         Arc::clone(&metrics),
         registration_token,
         admin_token,
     ));
-
-    let mut tasks = JoinSet::new();
     let mut bound = Bound {
         http: Vec::new(),
         tftp: Vec::new(),

@@ -25,6 +25,35 @@ pub enum Command {
     },
     /// Register this machine with an appliance (runs in the discovery environment).
     Agent(AgentArgs),
+    /// Inspect and try boot-policy plugins.
+    #[cfg(feature = "plugins")]
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+/// `arges plugin`
+#[cfg(feature = "plugins")]
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Load a plugin and say what it is, or exactly why it cannot be used.
+    Check {
+        /// The .wasm component.
+        file: PathBuf,
+    },
+    /// Dry run: one decision for the facts in a JSON file, and the time it took.
+    Decide {
+        /// The .wasm component.
+        file: PathBuf,
+        /// Machine facts as JSON (the shape `arges plugin decide --help` documents in the README).
+        #[arg(long)]
+        facts: PathBuf,
+        /// A key of the plugin's config table, as KEY=VALUE (repeatable).
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        config: Vec<String>,
+        /// Deadline of the call, milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
 }
 
 /// `arges run`

@@ -210,15 +210,15 @@ impl FileRoot {
         }
         let len = meta.len();
         let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-        if len <= self.limits.file_bytes {
-            if let Some(bytes) = self.cached(&path, len, modified, &file).map_err(io)? {
-                return Ok(OpenFile {
-                    path,
-                    len,
-                    modified,
-                    contents: Contents::Memory(bytes),
-                });
-            }
+        if len <= self.limits.file_bytes
+            && let Some(bytes) = self.cached(&path, len, modified, &file).map_err(io)?
+        {
+            return Ok(OpenFile {
+                path,
+                len,
+                modified,
+                contents: Contents::Memory(bytes),
+            });
         }
         Ok(OpenFile {
             path,
@@ -236,10 +236,11 @@ impl FileRoot {
         file: &File,
     ) -> std::io::Result<Option<Bytes>> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.get(path) {
-            if c.len == len && c.modified == modified {
-                return Ok(Some(c.bytes.clone()));
-            }
+        if let Some(c) = cache.get(path)
+            && c.len == len
+            && c.modified == modified
+        {
+            return Ok(Some(c.bytes.clone()));
         }
         cache.remove(path);
         let held: u64 = cache.values().map(|c| c.len).sum();

@@ -14,6 +14,8 @@ pub mod http;
 pub mod inventory;
 pub mod ipxe;
 pub mod metrics;
+#[cfg(feature = "plugins")]
+pub mod plugins;
 pub mod registration;
 pub mod tftp;
 

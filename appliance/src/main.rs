@@ -11,6 +11,8 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 mod cli;
+#[cfg(feature = "plugins")]
+mod plugin_cli;
 use cli::{AgentArgs, Cli, Command, RunArgs};
 
 fn init_tracing() {
@@ -35,6 +37,8 @@ fn main() -> ExitCode {
                     Command::Run(args) => run(args).await,
                     Command::CheckConfig { file } => check_config(&file),
                     Command::Agent(args) => run_agent(args).await,
+                    #[cfg(feature = "plugins")]
+                    Command::Plugin(cmd) => plugin_cli::run(cmd).await,
                 }
             })
         });
@@ -92,7 +96,7 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     );
     println!("  assets:       {}", c.assets_dir.display());
     println!("  data:         {}", c.data_dir.display());
-    println!("  plugins:      {}", c.plugins_dir.display());
+    println!("  plugins:      {}", c.plugins.dir.display());
     println!("  discovery:    {}", c.discovery_environment);
     for env in c.environments.values() {
         let missing: Vec<_> = env

@@ -30,7 +30,15 @@ pub struct Metrics {
     pub configdata: Family<Labels, Counter>,
     pub inventory_errors: Family<Labels, Counter>,
     pub boot_script_seconds: Histogram,
+    pub policy_fallbacks: Counter,
+    pub plugin_calls: Family<PluginLabels, Counter>,
+    pub plugin_loads: Family<PluginLabels, Counter>,
+    pub plugin_call_seconds: Histogram,
+    pub plugins_active: Gauge,
 }
+
+/// Labels naming a plugin (names are operator-chosen file names, so bounded by the folder).
+pub type PluginLabels = [(&'static str, String); 2];
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -62,6 +70,11 @@ impl Metrics {
             configdata: Family::default(),
             inventory_errors: Family::default(),
             boot_script_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            policy_fallbacks: Counter::default(),
+            plugin_calls: Family::default(),
+            plugin_loads: Family::default(),
+            plugin_call_seconds: Histogram::new(exponential_buckets(0.000_005, 2.0, 18)),
+            plugins_active: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -130,6 +143,31 @@ impl Metrics {
             "Time to decide and render a boot script",
             m.boot_script_seconds.clone(),
         );
+        r.register(
+            "policy_fallbacks",
+            "Boot decisions made by the built-in policy because the active policy failed",
+            m.policy_fallbacks.clone(),
+        );
+        r.register(
+            "plugin_calls",
+            "Plugin decisions by plugin and result",
+            m.plugin_calls.clone(),
+        );
+        r.register(
+            "plugin_loads",
+            "Plugin loads by plugin and result",
+            m.plugin_loads.clone(),
+        );
+        r.register(
+            "plugin_call_seconds",
+            "Time of one plugin decision, instantiation included",
+            m.plugin_call_seconds.clone(),
+        );
+        r.register(
+            "plugins_active",
+            "Plugins loaded and in the chain",
+            m.plugins_active.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -148,6 +186,26 @@ impl Metrics {
         };
         self.http_requests
             .get_or_create(&[("route", route), ("status", class)])
+            .inc();
+    }
+
+    /// Counts a plugin call.
+    pub fn plugin_call(&self, plugin: &str, result: &'static str) {
+        self.plugin_calls
+            .get_or_create(&[
+                ("plugin", plugin.to_string()),
+                ("result", result.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Counts a plugin load.
+    pub fn plugin_load(&self, plugin: &str, result: &'static str) {
+        self.plugin_loads
+            .get_or_create(&[
+                ("plugin", plugin.to_string()),
+                ("result", result.to_string()),
+            ])
             .inc();
     }
 

@@ -40,7 +40,7 @@ fn kill_9_loses_no_acknowledged_write() {
                             _ => break, // the appliance is gone
                         }
                         // Every other machine is also accepted through the admin API.
-                        let accepted = i % 2 == 0
+                        let accepted = i.is_multiple_of(2)
                             && matches!(
                                 raw_http(
                                     addr,

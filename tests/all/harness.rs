@@ -47,6 +47,11 @@ pub struct Appliance {
 impl Appliance {
     /// Starts with the test config plus `extra`.
     pub fn start(extra: &str) -> Appliance {
+        Self::start_in(Self::prepare(extra), &[])
+    }
+
+    /// A folder with the test config plus `extra` and the environments' assets, not started.
+    pub fn prepare(extra: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("appliance.toml"), config(extra)).expect("write config");
         for (p, body) in [
@@ -59,7 +64,7 @@ impl Appliance {
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, body).unwrap();
         }
-        Self::start_in(dir, &[])
+        dir
     }
 
     /// Starts in an existing folder holding `appliance.toml` (restarts use this).
@@ -123,6 +128,28 @@ impl Appliance {
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub fn metrics(&self) -> String {
+        String::from_utf8_lossy(&self.request("GET", "/metrics", None, b"").1).into_owned()
+    }
+
+    /// Waits (at most 60 s) until `/metrics` has a line starting with `line`.
+    pub fn wait_metric(&self, line: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let m = self.metrics();
+            if m.lines().any(|l| l.starts_with(line)) {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "metric {line:?} never appeared:\n{m}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

@@ -354,7 +354,7 @@ fn duplicate_acks_cause_no_storm_and_gaps_are_resent() {
         }
         file.extend_from_slice(&p[4..]);
         let last = p.len() < 4 + 512;
-        if (expect - 2) % 4 == 0 || last {
+        if (expect - 2).is_multiple_of(4) || last {
             s.send_to(&encode_ack(expect), tid).unwrap();
         }
         if last {

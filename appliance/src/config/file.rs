@@ -32,14 +32,13 @@ pub struct ConfigFile {
     pub assets_dir: Option<PathBuf>,
     /// Folder of the inventory and generated secrets.
     pub data_dir: Option<PathBuf>,
-    /// Folder of `.wasm` plugins.
-    pub plugins_dir: Option<PathBuf>,
     pub tokens: TokensSection,
     pub policy: PolicySection,
     pub discovery: DiscoverySection,
     /// Boot environments by name.
     pub environments: BTreeMap<String, EnvironmentSection>,
     pub templates: TemplatesSection,
+    pub plugins: PluginsSection,
 }
 
 /// `[http]`
@@ -261,3 +260,43 @@ pub fn default_discovery_environment() -> EnvironmentSection {
 /// Kernel command line of the default discovery environment.
 pub const DEFAULT_DISCOVERY_CMDLINE: &str = "console=tty0 console=ttyS0,115200 \
 arges.appliance={{ appliance.url }} arges.token={{ registration_token }} arges.mode={{ action }}";
+
+/// `[plugins]`: WebAssembly boot-policy plugins.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsSection {
+    /// Folder of `.wasm` components; each file's name (without `.wasm`) is the plugin's name.
+    pub dir: Option<PathBuf>,
+    /// Where compiled plugins are cached (default: `plugin-cache` in the data folder).
+    pub cache_dir: Option<PathBuf>,
+    /// Plugins asked first, in this order; the others follow by name.
+    pub order: Vec<String>,
+    /// Deadline of one decision, milliseconds.
+    pub timeout_ms: u64,
+    /// Memory one plugin instance may use, bytes.
+    pub memory_bytes: u64,
+    /// Instances of one plugin running at once.
+    pub max_instances: u32,
+    /// Use wasmtime's pooling allocator (faster instantiation; reserves address space).
+    pub pooling: bool,
+    /// Plugin name to the hex sha256 its file must have.
+    pub pins: BTreeMap<String, String>,
+    /// Each plugin's own table, readable through the `config` import.
+    pub config: BTreeMap<String, toml::Table>,
+}
+
+impl Default for PluginsSection {
+    fn default() -> Self {
+        PluginsSection {
+            dir: None,
+            cache_dir: None,
+            order: Vec::new(),
+            timeout_ms: 50,
+            memory_bytes: 64 << 20,
+            max_instances: 32,
+            pooling: true,
+            pins: BTreeMap::new(),
+            config: BTreeMap::new(),
+        }
+    }
+}

@@ -170,6 +170,59 @@ impl PolicyConfig {
     }
 }
 
+/// Validated plugin settings.
+#[derive(Debug, Clone)]
+pub struct PluginsConfig {
+    pub dir: PathBuf,
+    pub order: Vec<String>,
+    pub timeout: Duration,
+    pub memory_bytes: u64,
+    pub max_instances: u32,
+    pub pooling: bool,
+    /// Plugin name to lower-case hex sha256.
+    pub pins: BTreeMap<String, String>,
+    /// Plugin name to its table as sorted key/value strings (strings as they are, other
+    /// scalars as TOML text, arrays and tables as JSON).
+    pub config: BTreeMap<String, Vec<(String, String)>>,
+    /// Where compiled plugins are cached.
+    pub cache_dir: PathBuf,
+}
+
+impl PluginsConfig {
+    /// Settings for `dir` with every default (used by `arges plugin` commands).
+    pub fn with_defaults(dir: PathBuf, cache_dir: PathBuf) -> Self {
+        let d = file::PluginsSection::default();
+        PluginsConfig {
+            dir,
+            order: d.order,
+            timeout: Duration::from_millis(d.timeout_ms),
+            memory_bytes: d.memory_bytes,
+            max_instances: d.max_instances,
+            pooling: d.pooling,
+            pins: BTreeMap::new(),
+            config: BTreeMap::new(),
+            cache_dir,
+        }
+    }
+}
+
+/// Flattens a plugin's TOML table into the strings the `config` import hands out.
+pub fn plugin_table(table: &toml::Table) -> Vec<(String, String)> {
+    table
+        .iter()
+        .map(|(k, v)| {
+            let text = match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Array(_) | toml::Value::Table(_) => {
+                    serde_json::to_string(v).unwrap_or_default()
+                }
+                other => other.to_string(),
+            };
+            (k.clone(), text)
+        })
+        .collect()
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -181,7 +234,7 @@ pub struct Config {
     pub cache: CacheLimits,
     pub assets_dir: PathBuf,
     pub data_dir: PathBuf,
-    pub plugins_dir: PathBuf,
+    pub plugins: PluginsConfig,
     pub registration_token: TokenSource,
     pub admin_token: TokenSource,
     pub policy: PolicyConfig,
@@ -273,7 +326,8 @@ impl Config {
                 .unwrap_or_else(|| under_data("assets"))
         });
         let plugins_dir = o.plugins_dir.clone().unwrap_or_else(|| {
-            f.plugins_dir
+            f.plugins
+                .dir
                 .as_deref()
                 .map(resolve)
                 .unwrap_or_else(|| under_data("plugins"))
@@ -319,13 +373,13 @@ impl Config {
         if http_listen.is_empty() {
             return Err(invalid("http.listen", "needs at least one address".into()));
         }
-        if let Some(url) = &f.http.public_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(invalid(
-                    "http.public_url",
-                    format!("{url:?} is not an http:// or https:// URL"),
-                ));
-            }
+        if let Some(url) = &f.http.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "http.public_url",
+                format!("{url:?} is not an http:// or https:// URL"),
+            ));
         }
 
         let token = |inline: &Option<String>,
@@ -435,15 +489,13 @@ impl Config {
                 f.policy.default_environment.as_ref(),
             ),
         ] {
-            if let Some(env) = env {
-                if !environments.contains_key(env) {
-                    return Err(invalid(
-                        key,
-                        format!(
-                            "names environment {env:?}, which is not defined under [environments]"
-                        ),
-                    ));
-                }
+            if let Some(env) = env
+                && !environments.contains_key(env)
+            {
+                return Err(invalid(
+                    key,
+                    format!("names environment {env:?}, which is not defined under [environments]"),
+                ));
             }
         }
 
@@ -460,6 +512,56 @@ impl Config {
                 templates.load(kind, &resolve(p))?;
             }
         }
+
+        let p = &f.plugins;
+        if p.timeout_ms == 0 || p.timeout_ms > 10_000 {
+            return Err(invalid(
+                "plugins.timeout_ms",
+                format!("{} is out of range: expected 1 to 10000", p.timeout_ms),
+            ));
+        }
+        if p.memory_bytes < 1 << 20 {
+            return Err(invalid(
+                "plugins.memory_bytes",
+                "must be at least 1048576 (1 MiB)".into(),
+            ));
+        }
+        if p.max_instances == 0 {
+            return Err(invalid(
+                "plugins.max_instances",
+                "must be at least 1".into(),
+            ));
+        }
+        let mut pins = BTreeMap::new();
+        for (name, sha) in &p.pins {
+            let sha = sha.trim().to_ascii_lowercase();
+            if sha.len() != 64 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    &format!("plugins.pins.{name}"),
+                    format!("{sha:?} is not 64 hex digits"),
+                ));
+            }
+            pins.insert(name.clone(), sha);
+        }
+        let plugins = PluginsConfig {
+            dir: plugins_dir,
+            order: p.order.clone(),
+            timeout: Duration::from_millis(p.timeout_ms),
+            memory_bytes: p.memory_bytes,
+            max_instances: p.max_instances,
+            pooling: p.pooling,
+            pins,
+            config: p
+                .config
+                .iter()
+                .map(|(k, t)| (k.clone(), plugin_table(t)))
+                .collect(),
+            cache_dir: p
+                .cache_dir
+                .as_deref()
+                .map(resolve)
+                .unwrap_or_else(|| under_data("plugin-cache")),
+        };
 
         Ok(Config {
             http_listen,
@@ -485,7 +587,7 @@ impl Config {
             },
             assets_dir,
             data_dir,
-            plugins_dir,
+            plugins,
             registration_token,
             admin_token,
             policy: PolicyConfig {

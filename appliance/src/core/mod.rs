@@ -22,7 +22,7 @@ use crate::registration::{
     NextAction, RegistrationRequest, RegistrationResponse, normalize_mac, normalize_uuid,
 };
 pub use policy::{
-    BootAction, BootPolicy, DefaultPolicy, HardwareSummary, InventoryFacts, MachineFacts,
+    BootAction, BootPolicy, Decision, DefaultPolicy, HardwareSummary, InventoryFacts, MachineFacts,
     PolicyError,
 };
 
@@ -188,8 +188,8 @@ impl Core {
         let action = match self.policy.decide(&facts).await {
             Ok(a) => a,
             Err(e) => {
-                Metrics::inc(&self.metrics.inventory_errors, "op", "policy");
-                tracing::warn!(error = %e, "boot policy failed; using the built-in decision");
+                self.metrics.policy_fallbacks.inc();
+                tracing::warn!(error = %e, kind = e.kind, "boot policy failed; using the built-in decision");
                 self.fallback.decide_now(&facts)
             }
         };
@@ -461,12 +461,12 @@ impl Core {
 
     /// Changes a server with an administrative edit.
     pub async fn edit_server(&self, id: &str, edit: ServerEdit) -> Result<Server> {
-        if let ServerEdit::Environment(Some(env)) = &edit {
-            if !self.config.environments.contains_key(env) {
-                return Err(CoreError::Invalid(format!(
-                    "environment {env:?} is not defined"
-                )));
-            }
+        if let ServerEdit::Environment(Some(env)) = &edit
+            && !self.config.environments.contains_key(env)
+        {
+            return Err(CoreError::Invalid(format!(
+                "environment {env:?} is not defined"
+            )));
         }
         let inv = Arc::clone(&self.inventory);
         let id = id.to_string();

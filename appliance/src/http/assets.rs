@@ -125,20 +125,20 @@ pub fn serve_file(
             httpdate::fmt_http_date(file.modified),
         )
         .header(header::CONTENT_TYPE, "application/octet-stream");
-    if let Some(inm) = header(header::IF_NONE_MATCH) {
-        if inm.trim() == "*" || inm.split(',').any(|t| t.trim() == etag) {
-            return builder
-                .status(StatusCode::NOT_MODIFIED)
-                .body(empty())
-                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response"));
-        }
+    if let Some(inm) = header(header::IF_NONE_MATCH)
+        && (inm.trim() == "*" || inm.split(',').any(|t| t.trim() == etag))
+    {
+        return builder
+            .status(StatusCode::NOT_MODIFIED)
+            .body(empty())
+            .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response"));
     }
     let len = file.len;
     let mut range = header(header::RANGE).map_or(RangeSpec::Full, |r| parse_range(r, len));
-    if let Some(if_range) = header(header::IF_RANGE) {
-        if if_range.trim() != etag {
-            range = RangeSpec::Full;
-        }
+    if let Some(if_range) = header(header::IF_RANGE)
+        && if_range.trim() != etag
+    {
+        range = RangeSpec::Full;
     }
     let (status, start, count) = match range {
         RangeSpec::Full => (StatusCode::OK, 0, len),

@@ -153,12 +153,11 @@ impl Inventory {
         if let Some(mac) = mac {
             let by_mac = txn.open_table(BY_MAC)?;
             let id = by_mac.get(mac)?.map(|g| g.value().to_string());
-            if let Some(id) = id {
-                if let Some(s) = load(&id)? {
-                    if uuid.is_none_or(|u| u == s.uuid) {
-                        return Ok(Some(s));
-                    }
-                }
+            if let Some(id) = id
+                && let Some(s) = load(&id)?
+                && uuid.is_none_or(|u| u == s.uuid)
+            {
+                return Ok(Some(s));
             }
         }
         if let Some(uuid) = uuid {
@@ -269,10 +268,10 @@ impl Inventory {
             }
             server.macs = new_macs;
             server.hardware = req.hardware.clone();
-            if let Some(bmc) = &req.hardware.bmc {
-                if !bmc.ip.is_empty() {
-                    server.bmc_address = Some(bmc.ip.clone());
-                }
+            if let Some(bmc) = &req.hardware.bmc
+                && !bmc.ip.is_empty()
+            {
+                server.bmc_address = Some(bmc.ip.clone());
             }
             server.updated_at = now;
             servers.insert(server.id.as_str(), encode(&server).as_slice())?;

@@ -46,27 +46,27 @@ pub fn negotiate(req: &Request, size: u64, settings: &TftpSettings) -> Negotiate
     for (name, value) in &req.options {
         match name.as_str() {
             "blksize" => {
-                if let Ok(v) = value.parse::<u32>() {
-                    if v >= 8 {
-                        n.blksize = v.min(u32::from(settings.max_blksize)).min(65464) as u16;
-                        n.oack.push(("blksize", n.blksize.to_string()));
-                    }
+                if let Ok(v) = value.parse::<u32>()
+                    && v >= 8
+                {
+                    n.blksize = v.min(u32::from(settings.max_blksize)).min(65464) as u16;
+                    n.oack.push(("blksize", n.blksize.to_string()));
                 }
             }
             "windowsize" => {
-                if let Ok(v) = value.parse::<u32>() {
-                    if v >= 1 {
-                        n.windowsize = v.min(u32::from(settings.max_windowsize)).min(65535) as u16;
-                        n.oack.push(("windowsize", n.windowsize.to_string()));
-                    }
+                if let Ok(v) = value.parse::<u32>()
+                    && v >= 1
+                {
+                    n.windowsize = v.min(u32::from(settings.max_windowsize)).min(65535) as u16;
+                    n.oack.push(("windowsize", n.windowsize.to_string()));
                 }
             }
             "timeout" => {
-                if let Ok(v) = value.parse::<u8>() {
-                    if v >= 1 {
-                        n.timeout = Duration::from_secs(u64::from(v));
-                        n.oack.push(("timeout", v.to_string()));
-                    }
+                if let Ok(v) = value.parse::<u8>()
+                    && v >= 1
+                {
+                    n.timeout = Duration::from_secs(u64::from(v));
+                    n.oack.push(("timeout", v.to_string()));
                 }
             }
             // curl rejects `tsize 0` in an OACK; leaving the option out (RFC 2349 allows

@@ -1,0 +1,187 @@
+//! Turns a `.wasm` file into a plugin ready to instantiate: name check, sha256 pin, compile
+//! once (cached on disk, keyed by the file's sha256 and the engine's compatibility hash, so
+//! a restart or an upgrade of wasmtime never reuses a stale artifact), and a check that
+//! the component really is a boot policy of our contract.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use wasmtime::Engine;
+use wasmtime::component::{Component, Linker};
+
+use super::PluginError;
+use super::bindings::BootPolicyPre;
+use super::host::PluginState;
+use crate::config::PluginsConfig;
+
+/// What identifies one version of a plugin file on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    pub len: u64,
+    pub modified: SystemTime,
+    pub inode: u64,
+}
+
+impl FileStamp {
+    /// The stamp of `path` now.
+    pub fn of(path: &Path) -> std::io::Result<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(FileStamp {
+            len: m.len(),
+            modified: m.modified()?,
+            inode: m.ino(),
+        })
+    }
+}
+
+/// A loaded plugin.
+pub struct Plugin {
+    pub name: Arc<str>,
+    pub path: PathBuf,
+    pub sha256: String,
+    pub stamp: FileStamp,
+    /// Whether the compiled code came from the on-disk cache.
+    pub from_cache: bool,
+    /// How long loading took.
+    pub load_time: std::time::Duration,
+    pub(crate) pre: BootPolicyPre<PluginState>,
+    pub(crate) config: Arc<Vec<(String, String)>>,
+    pub(crate) permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("sha256", &self.sha256)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A plugin's name: its file name without `.wasm`, in a small charset (it is a metric
+/// label and a config key).
+pub fn plugin_name(path: &Path) -> Result<String, PluginError> {
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
+    let ok = !stem.is_empty()
+        && stem.len() <= 64
+        && stem
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(stem.to_string())
+    } else {
+        Err(PluginError::Name(path.display().to_string()))
+    }
+}
+
+fn engine_key(engine: &Engine) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// Compiles `bytes`, or loads the artifact a previous compile left in `cache_dir`.
+fn compile_cached(
+    engine: &Engine,
+    cache_dir: &Path,
+    sha: &str,
+    bytes: &[u8],
+    name: &str,
+) -> Result<(Component, bool), PluginError> {
+    let cached = cache_dir.join(format!("{sha}-{}.cwasm", engine_key(engine)));
+    if cached.exists() {
+        // SAFETY: the artifact was written by this appliance into its own data folder from
+        // a compile of exactly these bytes by a compatible engine (both are in the name);
+        // wasmtime additionally checks the header. A corrupt file fails and is recompiled.
+        match unsafe { Component::deserialize_file(engine, &cached) } {
+            Ok(c) => return Ok((c, true)),
+            Err(e) => {
+                tracing::warn!(plugin = name, error = %e, "cached compile unusable; compiling again")
+            }
+        }
+    }
+    let component = Component::new(engine, bytes).map_err(|e| PluginError::Invalid {
+        plugin: name.into(),
+        message: format!("{e:#}"),
+    })?;
+    match component.serialize() {
+        Ok(art) => {
+            let write = || -> std::io::Result<()> {
+                std::fs::create_dir_all(cache_dir)?;
+                let tmp = cached.with_extension("tmp");
+                std::fs::write(&tmp, &art)?;
+                std::fs::rename(&tmp, &cached)
+            };
+            if let Err(e) = write() {
+                tracing::warn!(plugin = name, error = %e, "cannot cache the compiled plugin");
+            }
+        }
+        Err(e) => tracing::warn!(plugin = name, error = %e, "cannot serialise the compiled plugin"),
+    }
+    Ok((component, false))
+}
+
+/// Names what a component exports, for "wrong world" errors.
+fn describe(engine: &Engine, component: &Component) -> String {
+    let ty = component.component_type();
+    let exports: Vec<&str> = ty.exports(engine).map(|(n, _)| n).collect();
+    let imports: Vec<&str> = ty.imports(engine).map(|(n, _)| n).collect();
+    format!(
+        "it exports [{}] and imports [{}]",
+        exports.join(", "),
+        imports.join(", ")
+    )
+}
+
+/// Loads the plugin at `path` (blocking: reads and may compile).
+pub fn load(
+    engine: &Engine,
+    linker: &Linker<PluginState>,
+    settings: &PluginsConfig,
+    path: &Path,
+) -> Result<Plugin, PluginError> {
+    let started = Instant::now();
+    let name = plugin_name(path)?;
+    let io = |source| PluginError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let stamp = FileStamp::of(path).map_err(io)?;
+    let bytes = std::fs::read(path).map_err(io)?;
+    let sha = hex::encode(Sha256::digest(&bytes));
+    if let Some(pin) = settings.pins.get(&name)
+        && *pin != sha
+    {
+        return Err(PluginError::PinMismatch {
+            plugin: name,
+            expected: pin.clone(),
+            actual: sha,
+        });
+    }
+    let (component, from_cache) = compile_cached(engine, &settings.cache_dir, &sha, &bytes, &name)?;
+    let wrong = |e: wasmtime::Error| PluginError::WrongWorld {
+        plugin: name.clone(),
+        message: format!("{e:#}; {}", describe(engine, &component)),
+    };
+    let pre = linker.instantiate_pre(&component).map_err(wrong)?;
+    let pre = BootPolicyPre::new(pre).map_err(wrong)?;
+    Ok(Plugin {
+        config: Arc::new(settings.config.get(&name).cloned().unwrap_or_default()),
+        name: name.into(),
+        path: path.to_path_buf(),
+        sha256: sha,
+        stamp,
+        from_cache,
+        load_time: started.elapsed(),
+        pre,
+        permits: Arc::new(Semaphore::new(settings.max_instances as usize)),
+    })
+}

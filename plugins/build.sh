@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds every shipped plugin into plugins/out/: the Rust ones for wasm32-wasip2, the
+# Python one with componentize-py (installed into a venv under $ARGES_TOOLS, default
+# ~/.cache/arges-tools, if missing). Prints the output folder.
+set -euo pipefail
+cd "$(dirname "$0")"
+out="$PWD/out"
+mkdir -p "$out"
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+
+if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep -q '^wasm32-wasip2$'; then
+  rustup target add wasm32-wasip2 >&2
+fi
+cargo build --release --locked --target wasm32-wasip2 --target-dir "$target_dir/plugins" >&2
+for crate in default_policy hardware_policy faults; do
+  cp "$target_dir/plugins/wasm32-wasip2/release/$crate.wasm" "$out/${crate//_/-}.wasm"
+done
+
+tools="${ARGES_TOOLS:-$HOME/.cache/arges-tools}"
+cpy="$tools/venv/bin/componentize-py"
+if [ ! -x "$cpy" ]; then
+  python3 -m venv "$tools/venv" >&2
+  "$tools/venv/bin/pip" install -q "componentize-py==0.25.1" >&2
+fi
+if [ ! -f "$out/deny-list-py.wasm" ] || [ deny-list-py/app.py -nt "$out/deny-list-py.wasm" ] || [ ../wit/plugin.wit -nt "$out/deny-list-py.wasm" ]; then
+  (cd deny-list-py && "$cpy" -d ../../wit -w boot-policy componentize app -o "$out/deny-list-py.wasm" >&2)
+fi
+echo "$out"
