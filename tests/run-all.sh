@@ -9,8 +9,9 @@ step() { printf '\n==> %s\n' "$*"; }
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# Peers and tools from Debian: curl, tftp-hpa's tftp, atftp (TFTP clients), binutils (strip).
-packages=(curl tftp-hpa atftp binutils ca-certificates)
+# Peers and tools from Debian: curl, tftp-hpa's tftp, atftp (TFTP clients), binutils (strip),
+# python3-venv (componentize-py builds the Python plugin), wrk (comparison scripts).
+packages=(curl tftp-hpa atftp binutils ca-certificates python3-venv wrk)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -29,10 +30,16 @@ command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with
 if command -v rustup >/dev/null 2>&1; then
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
   rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+  rustup target list --installed | grep -q '^wasm32-wasip2$' || rustup target add wasm32-wasip2
 fi
 
 step "cargo fmt --check"
 cargo fmt --all --check
+cargo fmt --all --check --manifest-path plugins/Cargo.toml
+
+step "plugins (wasm32-wasip2 components, and the Python one)"
+bash plugins/build.sh
+cargo clippy --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --locked --target-dir "${CARGO_TARGET_DIR:-plugins/target}/plugins" -- -D warnings
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -279,6 +279,8 @@ pub struct PluginsSection {
     pub max_instances: u32,
     /// Use wasmtime's pooling allocator (faster instantiation; reserves address space).
     pub pooling: bool,
+    /// Reuse an instance for later calls after a clean one (off: a fresh instance per call).
+    pub reuse_instances: bool,
     /// Plugin name to the hex sha256 its file must have.
     pub pins: BTreeMap<String, String>,
     /// Each plugin's own table, readable through the `config` import.
@@ -295,6 +297,7 @@ impl Default for PluginsSection {
             memory_bytes: 64 << 20,
             max_instances: 32,
             pooling: true,
+            reuse_instances: true,
             pins: BTreeMap::new(),
             config: BTreeMap::new(),
         }

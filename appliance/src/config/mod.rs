@@ -179,6 +179,7 @@ pub struct PluginsConfig {
     pub memory_bytes: u64,
     pub max_instances: u32,
     pub pooling: bool,
+    pub reuse_instances: bool,
     /// Plugin name to lower-case hex sha256.
     pub pins: BTreeMap<String, String>,
     /// Plugin name to its table as sorted key/value strings (strings as they are, other
@@ -199,6 +200,7 @@ impl PluginsConfig {
             memory_bytes: d.memory_bytes,
             max_instances: d.max_instances,
             pooling: d.pooling,
+            reuse_instances: d.reuse_instances,
             pins: BTreeMap::new(),
             config: BTreeMap::new(),
             cache_dir,
@@ -550,6 +552,7 @@ impl Config {
             memory_bytes: p.memory_bytes,
             max_instances: p.max_instances,
             pooling: p.pooling,
+            reuse_instances: p.reuse_instances,
             pins,
             config: p
                 .config

@@ -39,6 +39,13 @@ impl FileStamp {
     }
 }
 
+/// An instance that finished a call cleanly, kept for the next one.
+pub(crate) struct WarmSlot {
+    pub(crate) store: wasmtime::Store<PluginState>,
+    pub(crate) instance: super::bindings::BootPolicy,
+    pub(crate) uses: u32,
+}
+
 /// A loaded plugin.
 pub struct Plugin {
     pub name: Arc<str>,
@@ -52,6 +59,7 @@ pub struct Plugin {
     pub(crate) pre: BootPolicyPre<PluginState>,
     pub(crate) config: Arc<Vec<(String, String)>>,
     pub(crate) permits: Arc<Semaphore>,
+    pub(crate) idle: std::sync::Mutex<Vec<WarmSlot>>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -183,5 +191,6 @@ pub fn load(
         load_time: started.elapsed(),
         pre,
         permits: Arc::new(Semaphore::new(settings.max_instances as usize)),
+        idle: std::sync::Mutex::new(Vec::new()),
     })
 }

@@ -1,0 +1,39 @@
+# Helpers for the side-by-side comparison scripts (sourced, not run).
+# Everything runs on loopback; every load is bounded by count and time.
+
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+target_dir="${CARGO_TARGET_DIR:-$repo/target}"
+work="$(mktemp -d /tmp/arges-compare.XXXXXX)"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+need() { command -v "$1" >/dev/null || { echo "error: $1 is needed (apt-get install ${2:-$1})" >&2; exit 1; }; }
+
+build_arges() {
+  (cd "$repo" && cargo build --release --locked --bin arges >&2)
+  arges="$target_dir/release/arges"
+}
+
+# start_arges NAME CONFIG_TOML: starts an appliance in $work/NAME on loopback port 0 and
+# sets $http_<NAME> and $tftp_<NAME> to the bound addresses.
+start_arges() {
+  local name="$1" config="$2" dir="$work/$1"
+  mkdir -p "$dir"
+  printf '%s\n' "$config" > "$dir/appliance.toml"
+  ARGES_LOG=warn "$arges" run --config "$dir/appliance.toml" --data-dir "$dir/data" \
+    --http 127.0.0.1:0 --tftp 127.0.0.1:0 --ready-file "$dir/ready.json" 2>"$dir/log" &
+  pids+=($!)
+  for _ in $(seq 1 300); do [ -f "$dir/ready.json" ] && break; sleep 0.1; done
+  [ -f "$dir/ready.json" ] || { echo "error: $name did not start:" >&2; cat "$dir/log" >&2; exit 1; }
+  local http tftp
+  http=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"][0])' "$dir/ready.json")
+  tftp=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tftp"][0])' "$dir/ready.json")
+  printf -v "http_$name" '%s' "$http"
+  printf -v "tftp_$name" '%s' "$tftp"
+}
+
+# median N1 N2 ...
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; }
