@@ -243,6 +243,39 @@ fn faults_are_contained_while_other_machines_keep_booting() {
 }
 
 #[test]
+fn plugins_have_no_files_and_no_network() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dir = Appliance::prepare(&format!(
+        "[plugins]\n{}[plugins.config.escape]\nmode = \"escape\"\nconnect = \"{addr}\"\n",
+        cache_toml()
+    ));
+    install(
+        &dir.path().join("data/plugins"),
+        "escape.wasm",
+        &shipped("faults.wasm"),
+    );
+    let a = Appliance::start_in(dir, &[]);
+    a.wait_metric("arges_plugins_active 1");
+    let (s, script) = boot_script(&a, UUID_A, MAC_A);
+    assert!(
+        s == 200 && script.contains("/env/discovery/vmlinuz"),
+        "{script}"
+    );
+    a.wait_metric("arges_plugin_calls_total{plugin=\"escape\",result=\"refused\"}");
+    let log = a.log();
+    assert!(
+        log.contains("sandboxed: file:") && log.contains("network:"),
+        "{log}"
+    );
+    assert!(
+        listener.accept().is_err(),
+        "the plugin reached a socket on the host"
+    );
+}
+
+#[test]
 fn broken_files_are_refused_at_load_and_nothing_else_changes() {
     let dir = Appliance::prepare(&format!("[plugins]\n{}", cache_toml()));
     let plugins = dir.path().join("data/plugins");

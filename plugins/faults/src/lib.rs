@@ -1,7 +1,8 @@
 //! `faults`: a misbehaving boot policy for the host's tests. Its config key `mode` picks the
 //! fault: `loop` (never returns), `memory` (allocates until it dies), `trap` (panics),
 //! `huge` (a 10 MiB script), `error` (returns an error), `bad-env` (an environment name
-//! that is not one), `log-flood` (logs 100 000 lines), anything else `pass`.
+//! that is not one), `log-flood` (logs 100 000 lines), `escape` (tries to read a host file
+//! and to connect to the address in config key `connect`), anything else `pass`.
 
 wit_bindgen::generate!({ path: "../../wit", world: "boot-policy" });
 
@@ -38,6 +39,18 @@ impl Guest for Faults {
                     log(Level::Info, &format!("line {i}"));
                 }
                 Ok(BootAction::Pass)
+            }
+            Some("escape") => {
+                let file = std::fs::read_to_string("/etc/hostname").map(|s| s.len());
+                let net = std::net::TcpStream::connect(config::get("connect").unwrap_or_default());
+                match (file, net) {
+                    (Err(f), Err(n)) => Err(format!("sandboxed: file: {f}; network: {n}")),
+                    (f, n) => Ok(BootAction::Deny(format!(
+                        "escaped: file {:?}, network {:?}",
+                        f.is_ok(),
+                        n.is_ok()
+                    ))),
+                }
             }
             _ => Ok(BootAction::Pass),
         }
