@@ -290,8 +290,12 @@ impl Inventory {
         Ok(())
     }
 
-    /// Applies `change` to a server and stores it, in one transaction.
-    pub fn update<F: FnOnce(&mut Server)>(&self, id: &str, change: F) -> Result<Server> {
+    /// Loads a server in a write transaction, lets `change` edit it (and other tables of
+    /// the same transaction), stores it and commits: one atomic, durable step.
+    fn edit<F>(&self, id: &str, change: F) -> Result<Server>
+    where
+        F: FnOnce(&WriteTransaction, &mut Server) -> Result<()>,
+    {
         let txn = self.db.begin_write()?;
         let server = {
             let mut t = txn.open_table(SERVERS)?;
@@ -299,7 +303,7 @@ impl Inventory {
                 Some(v) => decode(id, v.value())?,
                 None => return Err(InventoryError::NotFound(id.to_string())),
             };
-            change(&mut s);
+            change(&txn, &mut s)?;
             s.updated_at = now();
             t.insert(id, encode(&s).as_slice())?;
             s
@@ -308,15 +312,17 @@ impl Inventory {
         Ok(server)
     }
 
+    /// Applies `change` to a server and stores it, in one transaction.
+    pub fn update<F: FnOnce(&mut Server)>(&self, id: &str, change: F) -> Result<Server> {
+        self.edit(id, |_, s| {
+            change(s);
+            Ok(())
+        })
+    }
+
     /// Stores (or with `None`, removes) a server's configuration blob.
     pub fn set_config(&self, id: &str, blob: Option<&[u8]>) -> Result<Server> {
-        let txn = self.db.begin_write()?;
-        let server = {
-            let mut t = txn.open_table(SERVERS)?;
-            let mut s = match t.get(id)? {
-                Some(v) => decode(id, v.value())?,
-                None => return Err(InventoryError::NotFound(id.to_string())),
-            };
+        self.edit(id, |txn, s| {
             let mut c = txn.open_table(CONFIGS)?;
             match blob {
                 Some(b) => {
@@ -327,12 +333,8 @@ impl Inventory {
                 }
             }
             s.has_config = blob.is_some();
-            s.updated_at = now();
-            t.insert(id, encode(&s).as_slice())?;
-            s
-        };
-        txn.commit()?;
-        Ok(server)
+            Ok(())
+        })
     }
 
     /// A server's configuration blob.
