@@ -44,8 +44,10 @@ cargo clippy --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --locked 
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "cargo test (unit and integration tests against real peers)"
-cargo test --workspace --locked
+# Tests build with the release profile: they then share one build of wasmtime with the
+# benches, which saves a full compile in CI. `cargo test` stays the quick inner loop.
+step "cargo test --release (unit and integration tests against real peers)"
+cargo test --workspace --locked --release
 
 step "benches, quick mode"
 cargo bench --workspace --locked --benches -- --quick --noplot
