@@ -25,6 +25,8 @@ pub enum Command {
     },
     /// Register this machine with an appliance (runs in the discovery environment).
     Agent(AgentArgs),
+    /// A boot storm against a running appliance on this machine (loopback only).
+    Loadtest(LoadtestArgs),
     /// Inspect and try boot-policy plugins.
     #[cfg(feature = "plugins")]
     #[command(subcommand)]
@@ -115,4 +117,33 @@ pub struct AgentArgs {
     /// Print the collected facts as JSON and exit without registering.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// `arges loadtest`
+#[derive(Debug, Args)]
+pub struct LoadtestArgs {
+    /// The appliance's HTTP address (loopback).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+    /// The appliance's TFTP address (loopback).
+    #[arg(long, default_value = "127.0.0.1:6969")]
+    pub tftp: SocketAddr,
+    /// Registration token.
+    #[arg(long, env = "ARGES_REGISTRATION_TOKEN")]
+    pub token: String,
+    /// File fetched over TFTP first, as firmware fetches iPXE.
+    #[arg(long, default_value = "ipxe.efi")]
+    pub file: String,
+    /// Machines in the storm.
+    #[arg(long, default_value_t = 100)]
+    pub machines: u32,
+    /// Machines booting at once.
+    #[arg(long, default_value_t = 100)]
+    pub concurrency: usize,
+    /// Stop after this many seconds whatever is left.
+    #[arg(long, default_value_t = 600)]
+    pub max_seconds: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -13,6 +13,7 @@ pub mod files;
 pub mod http;
 pub mod inventory;
 pub mod ipxe;
+pub mod loadtest;
 pub mod metrics;
 #[cfg(feature = "plugins")]
 pub mod plugins;

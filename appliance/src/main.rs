@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 mod cli;
 #[cfg(feature = "plugins")]
 mod plugin_cli;
-use cli::{AgentArgs, Cli, Command, RunArgs};
+use cli::{AgentArgs, Cli, Command, LoadtestArgs, RunArgs};
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ARGES_LOG")
@@ -37,6 +37,7 @@ fn main() -> ExitCode {
                     Command::Run(args) => run(args).await,
                     Command::CheckConfig { file } => check_config(&file),
                     Command::Agent(args) => run_agent(args).await,
+                    Command::Loadtest(args) => run_loadtest(args).await,
                     #[cfg(feature = "plugins")]
                     Command::Plugin(cmd) => plugin_cli::run(cmd).await,
                 }
@@ -153,5 +154,40 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     tracing::info!(server = %resp.server_id, action = ?resp.action, conflict = resp.uuid_conflict, "registered");
     let action = serde_json::to_value(resp.action)?;
     println!("{}", action.as_str().unwrap_or("power-off"));
+    Ok(())
+}
+
+async fn run_loadtest(args: LoadtestArgs) -> Result<()> {
+    let report = arges::loadtest::run(arges::loadtest::LoadtestOptions {
+        http: args.http,
+        tftp: args.tftp,
+        token: args.token,
+        tftp_file: args.file,
+        machines: args.machines,
+        concurrency: args.concurrency,
+        max_duration: Duration::from_secs(args.max_seconds),
+    })
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} machines: {} registered, {} failed in {:.1} s: {:.1} machines/s; time to registered p50 {:.2} s, p99 {:.2} s, max {:.2} s; {} TFTP retransmits; {:.1} GB moved",
+            report.machines,
+            report.registered,
+            report.failed,
+            report.seconds,
+            report.machines_per_second,
+            report.p50_seconds,
+            report.p99_seconds,
+            report.max_seconds,
+            report.tftp_retransmits,
+            report.bytes as f64 / 1e9
+        );
+        for (kind, n) in &report.errors {
+            println!("  errors: {kind}: {n}");
+        }
+    }
+    anyhow::ensure!(report.failed == 0, "{} machines failed", report.failed);
     Ok(())
 }

@@ -5,5 +5,6 @@ mod config;
 mod crash;
 mod harness;
 mod http;
+mod loadtest;
 mod plugins;
 mod tftp;
