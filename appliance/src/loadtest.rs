@@ -285,13 +285,13 @@ async fn tftp_fetch(
             Some(packet::OP_OACK) => {
                 let fields: Vec<&[u8]> = pkt[2..].split(|b| *b == 0).collect();
                 for pair in fields.chunks(2) {
-                    if let [k, v] = pair {
-                        if k.eq_ignore_ascii_case(b"blksize") {
-                            blksize = std::str::from_utf8(v)
-                                .ok()
-                                .and_then(|v| v.parse().ok())
-                                .unwrap_or(512);
-                        }
+                    if let [k, v] = pair
+                        && k.eq_ignore_ascii_case(b"blksize")
+                    {
+                        blksize = std::str::from_utf8(v)
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(512);
                     }
                 }
                 last_sent = encode_ack(0).to_vec();
