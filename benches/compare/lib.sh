@@ -6,12 +6,20 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 target_dir="${CARGO_TARGET_DIR:-$repo/target}"
 work="$(mktemp -d /tmp/arges-compare.XXXXXX)"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cgroups=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.2
+  for g in "${cgroups[@]}"; do rmdir "$g" 2>/dev/null || true; done
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 need() { command -v "$1" >/dev/null || { echo "error: $1 is needed (apt-get install ${2:-$1})" >&2; exit 1; }; }
 
+# Builds the release binary; ARGES_BIN=path uses that binary instead.
 build_arges() {
+  if [ -n "${ARGES_BIN:-}" ]; then arges="$ARGES_BIN"; return; fi
   (cd "$repo" && cargo build --release --locked --bin arges >&2)
   arges="$target_dir/release/arges"
 }
@@ -37,3 +45,30 @@ start_arges() {
 # median N1 N2 ...
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; }
+
+# CPU accounting of a server and everything it forks (tftpd-hpa forks per transfer, and
+# /proc/PID/stat never sees those children): a cgroup per server, v1 cpuacct or v2 cpu.stat.
+# Falls back to the process's own CPU time when cgroups are not writable.
+if [ -w /sys/fs/cgroup/cpuacct ]; then cg_root=/sys/fs/cgroup/cpuacct; cg_kind=v1
+elif [ -f /sys/fs/cgroup/cgroup.controllers ] && [ -w /sys/fs/cgroup ]; then cg_root=/sys/fs/cgroup; cg_kind=v2
+else cg_root=""; cg_kind=none; fi
+declare -A cg_of
+
+# track_cpu NAME PID: start accounting PID (and its future children) under NAME.
+track_cpu() {
+  if [ -n "$cg_root" ] && mkdir "$cg_root/arges-compare-$$-$1" 2>/dev/null; then
+    cg_of[$1]="$cg_root/arges-compare-$$-$1"; cgroups+=("${cg_of[$1]}")
+    echo "$2" > "${cg_of[$1]}/cgroup.procs"
+  else
+    cg_of[$1]="pid:$2"
+  fi
+}
+
+# cpu_ns NAME: CPU nanoseconds used so far by what track_cpu put under NAME.
+cpu_ns() {
+  local g="${cg_of[$1]}"
+  case "$g" in
+    pid:*) awk -v hz="$(getconf CLK_TCK)" '{printf "%.0f", ($14 + $15 + $16 + $17) / hz * 1e9}' "/proc/${g#pid:}/stat" ;;
+    *) if [ "$cg_kind" = v1 ]; then cat "$g/cpuacct.usage"; else awk '/^usage_usec/ {printf "%.0f", $2 * 1000}' "$g/cpu.stat"; fi ;;
+  esac
+}

@@ -35,11 +35,11 @@ if [ "$(id -u)" = 0 ] && command -v dnsmasq >/dev/null && ! ss -lun 2>/dev/null 
 else
   echo "note: dnsmasq skipped (needs root and a free 127.0.0.1:69)" >&2
 fi
+for s in "${servers[@]}"; do track_cpu "$s" "${pid[$s]}"; done
 sleep 0.5
 
 now() { date +%s.%N; }
 mbps() { awk -v b="$1" -v s="$2" -v e="$3" 'BEGIN {printf "%.1f", b / (e - s) / 1e6}'; }
-cpu_ticks() { awk '{print $14 + $15 + $16 + $17}' "/proc/$1/stat"; }
 
 fetch() { # fetch SERVER CLIENT ARG OUT
   local p="${port[$1]}"
@@ -80,17 +80,16 @@ echo "TFTP, concurrent curl clients, 16 MiB file, blksize 1468 (one run each):"
 printf '  %-10s %-8s %12s %14s %14s\n' clients server "MB/s total" "slowest (s)" "CPU s per GB"
 for n in 20 200; do
   for s in "${servers[@]}"; do
-    c0=$(cpu_ticks "${pid[$s]}"); t0=$(now); cpids=()
+    c0=$(cpu_ns "$s"); t0=$(now); cpids=()
     for i in $(seq 1 "$n"); do
       curl -s --max-time 300 -o "$work/c.$i" --tftp-blksize 1468 "tftp://127.0.0.1:${port[$s]}/mid.bin" -w '%{time_total}\n' > "$work/t.$i" &
       cpids+=($!)
     done
     for p in "${cpids[@]}"; do wait "$p" || true; done
-    t1=$(now); c1=$(cpu_ticks "${pid[$s]}")
+    t1=$(now); c1=$(cpu_ns "$s")
     ok=0; for i in $(seq 1 "$n"); do cmp -s "$work/c.$i" "$root/mid.bin" && ok=$((ok + 1)); done
     slowest=$(cat "$work"/t.* | sort -g | tail -1)
-    hz=$(getconf CLK_TCK)
-    cpu_gb=$(awk -v c=$((c1 - c0)) -v hz="$hz" -v b=$((ok * (16 << 20))) 'BEGIN {printf "%.2f", (b > 0 ? c / hz / (b / 1e9) : 0)}')
+    cpu_gb=$(awk -v c=$((c1 - c0)) -v b=$((ok * (16 << 20))) 'BEGIN {printf "%.2f", (b > 0 ? c / 1e9 / (b / 1e9) : 0)}')
     printf '  %-10s %-8s %12s %14s %14s%s\n' "$n" "$s" "$(mbps $((ok * (16 << 20))) "$t0" "$t1")" "$slowest" "$cpu_gb" "$( [ "$ok" = "$n" ] || echo "  ($((n - ok)) failed)")"
     rm -f "$work"/c.* "$work"/t.*
   done

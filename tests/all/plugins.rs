@@ -239,7 +239,11 @@ fn faults_are_contained_while_other_machines_keep_booting() {
     assert!(m.contains("arges_policy_fallbacks_total"), "{m}");
     let log = a.log();
     assert!(log.contains("plugin logs too much"), "log flood not cut");
-    assert!(log.matches("line 1").count() < 200, "the log was flooded");
+    // Each call logs at most its first 100 lines (0..=99), however many calls there were.
+    assert!(
+        log.contains("line 99") && !log.contains("line 100"),
+        "the per-call log cap did not hold"
+    );
 }
 
 #[test]

@@ -26,6 +26,8 @@ use crate::files::{FileError, FileRoot};
 use crate::metrics::Metrics;
 use packet::ErrorCode;
 
+/// Stack of a transfer thread: the loop needs little, and there may be thousands.
+const TRANSFER_STACK: usize = 256 << 10;
 /// How long a request from a client whose transfer is still running waits for it to end.
 const DUPLICATE_GRACE: Duration = Duration::from_millis(50);
 /// Receive buffer asked for on the well-known port, so a boot storm's burst of requests is
@@ -74,6 +76,10 @@ pub enum TftpError {
     ClientAborted { code: u16, message: String },
     #[error("client stopped answering")]
     Timeout,
+    #[error("client went away (port unreachable)")]
+    ClientGone,
+    #[error("cancelled by shutdown")]
+    Cancelled,
     #[error("netascii file of {0} bytes is too large to convert")]
     NetasciiTooLarge(u64),
     #[error("socket error: {0}")]
@@ -87,6 +93,8 @@ impl TftpError {
             TftpError::File(e) => e.kind(),
             TftpError::ClientAborted { .. } => "client_aborted",
             TftpError::Timeout => "timeout",
+            TftpError::ClientGone => "client_gone",
+            TftpError::Cancelled => "cancelled",
             TftpError::NetasciiTooLarge(_) => "netascii_too_large",
             TftpError::Io(_) => "io",
         }
@@ -181,30 +189,24 @@ impl TftpServer {
             Err(e) => {
                 Metrics::inc(&self.metrics.tftp_errors, "kind", e.kind());
                 tracing::warn!(%peer, error = %e, "malformed TFTP request");
-                transfer::send_error(
-                    socket,
-                    Some(peer),
-                    ErrorCode::IllegalOperation,
-                    &e.to_string(),
-                )
-                .await;
+                send_error_to(socket, peer, ErrorCode::IllegalOperation, &e.to_string()).await;
                 return;
             }
         };
         if req.write {
             Metrics::inc(&self.metrics.tftp_requests, "result", "write_refused");
             tracing::warn!(%peer, file = %req.filename, "TFTP write refused");
-            transfer::send_error(
+            send_error_to(
                 socket,
-                Some(peer),
+                peer,
                 ErrorCode::AccessViolation,
                 "server is read-only",
             )
             .await;
             return;
         }
-        let slot = match self.claim(peer) {
-            Claim::Granted(slot) => slot,
+        match self.claim(peer) {
+            Claim::Granted(slot) => self.start(slot, local, req, cancel.child_token()),
             Claim::Duplicate => {
                 // Either a retransmitted RRQ (the running transfer answers it by its own
                 // retransmission) or a new request racing the end of the previous one, as
@@ -214,36 +216,42 @@ impl TftpServer {
                 tokio::spawn(async move {
                     tokio::time::sleep(DUPLICATE_GRACE).await;
                     match server.claim(peer) {
-                        Claim::Granted(slot) => {
-                            Metrics::inc(&server.metrics.tftp_requests, "result", "accepted");
-                            let _slot = slot;
-                            tokio::select! {
-                                _ = cancel.cancelled() => {}
-                                _ = server.run_transfer(local, peer, req) => {}
-                            }
-                        }
+                        Claim::Granted(slot) => server.start(slot, local, req, cancel),
                         _ => Metrics::inc(&server.metrics.tftp_requests, "result", "duplicate"),
                     }
                 });
-                return;
             }
             Claim::Busy(why) => {
                 Metrics::inc(&self.metrics.tftp_requests, "result", "busy");
                 tracing::warn!(%peer, why, "TFTP request refused");
-                transfer::send_error(socket, Some(peer), ErrorCode::NotDefined, why).await;
-                return;
+                send_error_to(socket, peer, ErrorCode::NotDefined, why).await;
             }
-        };
+        }
+    }
+
+    /// Runs a granted transfer on its own thread (see [`transfer`] for why).
+    fn start(
+        self: &Arc<Self>,
+        slot: Slot,
+        local: SocketAddr,
+        req: packet::Request,
+        cancel: CancellationToken,
+    ) {
         Metrics::inc(&self.metrics.tftp_requests, "result", "accepted");
         let server = Arc::clone(self);
-        let cancel = cancel.child_token();
-        tokio::spawn(async move {
-            let _slot = slot;
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = server.run_transfer(local, peer, req) => {}
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name("tftp-transfer".into())
+            .stack_size(TRANSFER_STACK)
+            .spawn(move || {
+                let peer = slot.client;
+                let _slot = slot;
+                server.run_transfer(local, peer, req, cancel);
+            });
+        if let Err(e) = spawned {
+            // The closure (and with it the slot) is dropped: the client may retry.
+            Metrics::inc(&self.metrics.tftp_transfers, "outcome", "no_thread");
+            tracing::error!(error = %e, "cannot start a TFTP transfer thread");
+        }
     }
 
     fn claim(self: &Arc<Self>, peer: SocketAddr) -> Claim {
@@ -267,24 +275,24 @@ impl TftpServer {
         })
     }
 
-    async fn run_transfer(&self, local: SocketAddr, peer: SocketAddr, req: packet::Request) {
-        let sock = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
+    /// One transfer, start to end (blocking: runs on the transfer's thread).
+    fn run_transfer(
+        &self,
+        local: SocketAddr,
+        peer: SocketAddr,
+        req: packet::Request,
+        cancel: CancellationToken,
+    ) {
+        let sock = match transfer::TransferSocket::open(local, peer, cancel) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(error = %e, "cannot bind a TFTP transfer socket");
+                tracing::error!(%peer, error = %e, "cannot open a TFTP transfer socket");
                 return;
             }
         };
-        if let Err(e) = sock.connect(peer).await {
-            tracing::warn!(%peer, error = %e, "cannot reach TFTP client");
-            return;
-        }
-        let files = Arc::clone(&self.files);
-        let name = req.filename.clone();
-        let opened = tokio::task::spawn_blocking(move || files.open(&name)).await;
-        let file = match opened {
-            Ok(Ok(f)) => f,
-            Ok(Err(e)) => {
+        let file = match self.files.open(&req.filename) {
+            Ok(f) => f,
+            Err(e) => {
                 let code = match e {
                     FileError::Forbidden(_) => ErrorCode::AccessViolation,
                     FileError::NotFound(_) => ErrorCode::FileNotFound,
@@ -292,16 +300,12 @@ impl TftpServer {
                 };
                 Metrics::inc(&self.metrics.tftp_transfers, "outcome", e.kind());
                 tracing::warn!(%peer, file = %req.filename, error = %e, "TFTP request refused");
-                transfer::send_error(&sock, None, code, &e.to_string()).await;
-                return;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "file open task failed");
+                sock.send_error(code, &e.to_string());
                 return;
             }
         };
         let mut stats = transfer::TransferStats::default();
-        let result = transfer::send_file(&sock, &req, file, &self.settings, &mut stats).await;
+        let result = transfer::send_file(&sock, &req, file, &self.settings, &mut stats);
         self.metrics.tftp_bytes_sent.inc_by(stats.bytes);
         self.metrics.tftp_retransmits.inc_by(stats.retransmits);
         match result {
@@ -309,18 +313,25 @@ impl TftpServer {
                 Metrics::inc(&self.metrics.tftp_transfers, "outcome", "complete");
                 tracing::debug!(%peer, file = %req.filename, bytes = stats.bytes, retransmits = stats.retransmits, "TFTP transfer complete");
             }
-            Err(e @ TftpError::ClientAborted { .. }) => {
+            Err(e @ (TftpError::ClientAborted { .. } | TftpError::Cancelled)) => {
                 Metrics::inc(&self.metrics.tftp_transfers, "outcome", e.kind());
-                tracing::debug!(%peer, file = %req.filename, error = %e, "TFTP transfer ended by client");
+                tracing::debug!(%peer, file = %req.filename, error = %e, "TFTP transfer ended early");
             }
             Err(e) => {
                 Metrics::inc(&self.metrics.tftp_transfers, "outcome", e.kind());
                 tracing::warn!(%peer, file = %req.filename, error = %e, "TFTP transfer failed");
-                if !matches!(e, TftpError::Timeout) {
-                    transfer::send_error(&sock, None, ErrorCode::NotDefined, &e.to_string()).await;
+                if !matches!(e, TftpError::Timeout | TftpError::ClientGone) {
+                    sock.send_error(ErrorCode::NotDefined, &e.to_string());
                 }
             }
         }
+    }
+}
+
+/// Sends an ERROR from the well-known port (malformed, refused and busy requests).
+async fn send_error_to(socket: &UdpSocket, peer: SocketAddr, code: ErrorCode, msg: &str) {
+    if let Err(e) = socket.send_to(&packet::encode_error(code, msg), peer).await {
+        tracing::debug!(%peer, error = %e, "could not send TFTP error");
     }
 }
 

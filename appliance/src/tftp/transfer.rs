@@ -6,13 +6,18 @@
 //! (that is the Sorcerer's Apprentice storm); with a window it triggers at most one resend
 //! per window position, which is how RFC 7440 receivers report a gap. Block numbers roll
 //! over from 65535 to 0, as tftp-hpa, curl and iPXE expect.
+//!
+//! A transfer runs on its own OS thread with a blocking socket, like tftpd-hpa's forked
+//! child but without the fork: lockstep TFTP is bound by round-trip latency, and a thread
+//! blocked in `recv` is woken by the kernel directly, where an async task pays for an
+//! epoll wake-up and often a hop between runtime threads on every block.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::io::ErrorKind;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::net::UdpSocket;
-use tokio::time::{Instant, timeout_at};
+use tokio_util::sync::CancellationToken;
 
 use super::packet::{self, ClientPacket, ErrorCode, Mode, Request};
 use super::{TftpError, TftpSettings};
@@ -100,14 +105,14 @@ struct Blocks {
 }
 
 impl Blocks {
-    async fn new(file: OpenFile, mode: Mode, blksize: u16) -> Result<Self, TftpError> {
+    fn new(file: OpenFile, mode: Mode, blksize: u16) -> Result<Self, TftpError> {
         let file = match mode {
             Mode::Octet => file,
             Mode::Netascii => {
                 if file.len > NETASCII_MAX {
                     return Err(TftpError::NetasciiTooLarge(file.len));
                 }
-                let raw = read_blocking(file.clone(), 0, file.len as usize).await?;
+                let raw = file.read_at(0, file.len as usize).map_err(TftpError::Io)?;
                 let converted = Bytes::from(to_netascii(&raw));
                 OpenFile {
                     len: converted.len() as u64,
@@ -133,7 +138,7 @@ impl Blocks {
         self.file.len / self.blksize + 1
     }
 
-    async fn get(&mut self, block: u64) -> Result<Bytes, TftpError> {
+    fn get(&mut self, block: u64) -> Result<Bytes, TftpError> {
         let start = (block - 1) * self.blksize;
         let end = (start + self.blksize).min(self.file.len);
         if let Contents::Memory(b) = &self.file.contents {
@@ -143,7 +148,10 @@ impl Blocks {
         if start < self.chunk_start || end > chunk_end {
             // Chunks are whole blocks, so a block never straddles two chunks.
             let span = (CHUNK_BYTES / self.blksize).max(1) * self.blksize;
-            self.chunk = read_blocking(self.file.clone(), start, span as usize).await?;
+            self.chunk = self
+                .file
+                .read_at(start, span as usize)
+                .map_err(TftpError::Io)?;
             self.chunk_start = start;
             if (self.chunk.len() as u64) < end - start {
                 return Err(TftpError::Io(std::io::Error::new(
@@ -155,13 +163,6 @@ impl Blocks {
         let off = (start - self.chunk_start) as usize;
         Ok(self.chunk.slice(off..off + (end - start) as usize))
     }
-}
-
-async fn read_blocking(file: OpenFile, offset: u64, len: usize) -> Result<Bytes, TftpError> {
-    tokio::task::spawn_blocking(move || file.read_at(offset, len))
-        .await
-        .map_err(|e| TftpError::Io(std::io::Error::other(e)))?
-        .map_err(TftpError::Io)
 }
 
 /// Counters of one finished transfer.
@@ -177,17 +178,84 @@ fn resolve_ack(n: u16, lo: u64, hi: u64) -> Option<u64> {
     (a <= hi).then_some(a)
 }
 
-/// Runs a read transfer on a socket connected to the client. Returns when the last block
-/// is acknowledged, the client aborts, or retries run out.
-pub async fn send_file(
-    sock: &UdpSocket,
+/// A transfer's socket: blocking, connected to the client (its TID), and cancellable.
+pub struct TransferSocket {
+    sock: UdpSocket,
+    cancel: CancellationToken,
+}
+
+/// What waiting for a packet gave.
+enum Received {
+    Packet(usize),
+    Timeout,
+}
+
+/// How often a blocked receive wakes up to check the deadline and cancellation.
+const POLL: Duration = Duration::from_millis(100);
+
+impl TransferSocket {
+    /// Binds a fresh port on `local`'s address and connects it to `peer`.
+    pub fn open(
+        local: SocketAddr,
+        peer: SocketAddr,
+        cancel: CancellationToken,
+    ) -> std::io::Result<Self> {
+        let sock = UdpSocket::bind(SocketAddr::new(local.ip(), 0))?;
+        sock.connect(peer)?;
+        sock.set_read_timeout(Some(POLL))?;
+        Ok(TransferSocket { sock, cancel })
+    }
+
+    fn send(&self, pkt: &[u8]) -> Result<(), TftpError> {
+        self.sock.send(pkt).map(|_| ()).map_err(TftpError::Io)
+    }
+
+    fn recv_until(&self, buf: &mut [u8], deadline: Instant) -> Result<Received, TftpError> {
+        loop {
+            if self.cancel.is_cancelled() {
+                return Err(TftpError::Cancelled);
+            }
+            if Instant::now() >= deadline {
+                return Ok(Received::Timeout);
+            }
+            match self.sock.recv(buf) {
+                Ok(n) => return Ok(Received::Packet(n)),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue;
+                }
+                // ICMP port unreachable: the client is gone; waiting for it is pointless.
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                    return Err(TftpError::ClientGone);
+                }
+                Err(e) => return Err(TftpError::Io(e)),
+            }
+        }
+    }
+
+    /// Sends an ERROR to the client; failures are not worth more than a debug line.
+    pub fn send_error(&self, code: ErrorCode, msg: &str) {
+        if let Err(e) = self.sock.send(&packet::encode_error(code, msg)) {
+            tracing::debug!(error = %e, "could not send TFTP error");
+        }
+    }
+}
+
+/// Runs a read transfer (blocking). Returns when the last block is acknowledged, the
+/// client aborts, or retries run out.
+pub fn send_file(
+    sock: &TransferSocket,
     req: &Request,
     file: OpenFile,
     settings: &TftpSettings,
     stats: &mut TransferStats,
 ) -> Result<(), TftpError> {
     let blksize = negotiate(req, 0, settings).blksize;
-    let mut blocks = Blocks::new(file, req.mode, blksize).await?;
+    let mut blocks = Blocks::new(file, req.mode, blksize)?;
     // tsize announces what will be sent, which netascii conversion may have lengthened.
     let neg = negotiate(req, blocks.len(), settings);
     let mut buf = vec![0u8; 2048];
@@ -196,11 +264,11 @@ pub async fn send_file(
         let oack = packet::encode_oack(&neg.oack);
         let mut wait = neg.timeout;
         let mut tries = 0;
-        sock.send(&oack).await.map_err(TftpError::Io)?;
+        sock.send(&oack)?;
         let mut deadline = Instant::now() + wait;
         loop {
-            match timeout_at(deadline, sock.recv(&mut buf)).await {
-                Ok(Ok(n)) => match packet::decode_client(&buf[..n]) {
+            match sock.recv_until(&mut buf, deadline)? {
+                Received::Packet(n) => match packet::decode_client(&buf[..n]) {
                     Ok(ClientPacket::Ack(0)) => break,
                     Ok(ClientPacket::Error { code, message }) => {
                         // EDK2 and others probe tsize and abort: a normal end, not a failure.
@@ -208,15 +276,14 @@ pub async fn send_file(
                     }
                     _ => continue,
                 },
-                Ok(Err(e)) => return Err(TftpError::Io(e)),
-                Err(_) => {
+                Received::Timeout => {
                     tries += 1;
                     if tries > settings.retries {
                         return Err(TftpError::Timeout);
                     }
                     stats.retransmits += 1;
                     wait = (wait * 2).min(settings.max_timeout);
-                    sock.send(&oack).await.map_err(TftpError::Io)?;
+                    sock.send(&oack)?;
                     deadline = Instant::now() + wait;
                 }
             }
@@ -235,9 +302,9 @@ pub async fn send_file(
     let mut deadline = Instant::now() + wait;
     loop {
         while next < base + window && next <= last {
-            let data = blocks.get(next).await?;
+            let data = blocks.get(next)?;
             packet::encode_data(&mut out, next as u16, &data);
-            sock.send(&out).await.map_err(TftpError::Io)?;
+            sock.send(&out)?;
             if next <= highest_sent {
                 stats.retransmits += 1;
             } else {
@@ -246,8 +313,8 @@ pub async fn send_file(
             }
             next += 1;
         }
-        match timeout_at(deadline, sock.recv(&mut buf)).await {
-            Ok(Ok(n)) => match packet::decode_client(&buf[..n]) {
+        match sock.recv_until(&mut buf, deadline)? {
+            Received::Packet(n) => match packet::decode_client(&buf[..n]) {
                 Ok(ClientPacket::Ack(ack)) => match resolve_ack(ack, base - 1, next - 1) {
                     Some(a) if a >= base => {
                         base = a + 1;
@@ -273,8 +340,7 @@ pub async fn send_file(
                 }
                 Err(_) => {}
             },
-            Ok(Err(e)) => return Err(TftpError::Io(e)),
-            Err(_) => {
+            Received::Timeout => {
                 tries += 1;
                 if tries > settings.retries {
                     return Err(TftpError::Timeout);
@@ -284,18 +350,6 @@ pub async fn send_file(
                 next = base;
             }
         }
-    }
-}
-
-/// Sends an ERROR to `to`; failures to send are not worth more than a debug line.
-pub async fn send_error(sock: &UdpSocket, to: Option<SocketAddr>, code: ErrorCode, msg: &str) {
-    let pkt = packet::encode_error(code, msg);
-    let res = match to {
-        Some(addr) => sock.send_to(&pkt, addr).await,
-        None => sock.send(&pkt).await,
-    };
-    if let Err(e) = res {
-        tracing::debug!(error = %e, "could not send TFTP error");
     }
 }
 
