@@ -26,6 +26,9 @@ use crate::files::{FileError, FileRoot};
 use crate::metrics::Metrics;
 use packet::ErrorCode;
 
+/// How long a transfer may spin for an ACK before blocking (see `TransferSocket::open`).
+const SPIN: Duration = Duration::from_micros(150);
+
 /// Stack of a transfer thread: the loop needs little, and there may be thousands.
 const TRANSFER_STACK: usize = 256 << 10;
 /// How long a request from a client whose transfer is still running waits for it to end.
@@ -133,16 +136,20 @@ pub struct TftpServer {
     files: Arc<FileRoot>,
     metrics: Arc<Metrics>,
     active: Mutex<Active>,
+    /// Transfers may spin for ACKs while at most this many run.
+    spin_below: usize,
 }
 
 impl TftpServer {
     /// A server for `files`.
     pub fn new(settings: TftpSettings, files: Arc<FileRoot>, metrics: Arc<Metrics>) -> Arc<Self> {
+        let spin_below = std::thread::available_parallelism().map_or(1, |n| n.get());
         Arc::new(TftpServer {
             settings,
             files,
             metrics,
             active: Mutex::new(Active::default()),
+            spin_below,
         })
     }
 
@@ -283,7 +290,15 @@ impl TftpServer {
         req: packet::Request,
         cancel: CancellationToken,
     ) {
-        let sock = match transfer::TransferSocket::open(local, peer, cancel) {
+        // Spin for ACKs only while transfers are few: one per core at most.
+        let few = self
+            .active
+            .lock()
+            .map(|a| a.clients.len())
+            .unwrap_or(usize::MAX)
+            <= self.spin_below;
+        let spin = if few { SPIN } else { Duration::ZERO };
+        let sock = match transfer::TransferSocket::open(local, peer, cancel, spin) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(%peer, error = %e, "cannot open a TFTP transfer socket");
