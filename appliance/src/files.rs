@@ -125,6 +125,9 @@ pub struct FileRoot {
     root: PathBuf,
     limits: CacheLimits,
     cache: Mutex<HashMap<PathBuf, Cached>>,
+    /// Names already resolved to a cached canonical path: the fast path's index. Keyed
+    /// apart for client names (relative, confined) and trusted configured paths.
+    resolved: Mutex<HashMap<(bool, PathBuf), PathBuf>>,
 }
 
 /// Normalises a client-supplied name into a relative path, refusing anything that could
@@ -167,12 +170,55 @@ impl FileRoot {
             root: root.into(),
             limits,
             cache: Mutex::new(HashMap::new()),
+            resolved: Mutex::new(HashMap::new()),
         }
     }
 
     /// The configured root folder.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The fast path for hot files: a name opened before whose file is held in memory is
+    /// answered with one `stat` of its resolved path and no open, so it can run inline on
+    /// a request path. `None` means "use [`FileRoot::open`]" (not cached, or changed).
+    pub fn open_cached(&self, name: &str) -> Option<OpenFile> {
+        self.fast((false, sanitize(name).ok()?))
+    }
+
+    /// [`FileRoot::open_cached`] for an operator-configured path.
+    pub fn open_trusted_cached(&self, path: &Path) -> Option<OpenFile> {
+        self.fast((true, path.to_path_buf()))
+    }
+
+    fn fast(&self, key: (bool, PathBuf)) -> Option<OpenFile> {
+        let path = self
+            .resolved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)?
+            .clone();
+        let meta = std::fs::metadata(&path).ok()?;
+        let modified = meta.modified().ok()?;
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let c = cache.get(&path)?;
+        (meta.is_file() && c.len == meta.len() && c.modified == modified).then(|| OpenFile {
+            path: path.clone(),
+            len: c.len,
+            modified,
+            contents: Contents::Memory(c.bytes.clone()),
+        })
+    }
+
+    fn remember(&self, key: (bool, PathBuf), file: &OpenFile) {
+        if matches!(file.contents, Contents::Memory(_)) {
+            let mut resolved = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+            // Only names that resolved to cached files get here, so clients cannot grow
+            // it with names that do not exist; the bound is a backstop.
+            if resolved.len() < 10_000 {
+                resolved.insert(key, file.path.clone());
+            }
+        }
     }
 
     /// Resolves `name` to a regular file inside the root and opens it (blocking).
@@ -186,16 +232,20 @@ impl FileRoot {
         if !path.starts_with(&root) {
             return Err(FileError::Forbidden(name.to_string()));
         }
-        self.open_resolved(path, name)
+        let file = self.open_resolved(path, name)?;
+        self.remember((false, rel), &file);
+        Ok(file)
     }
 
     /// Opens an operator-configured path (no client input in it, so no confinement).
     pub fn open_trusted(&self, path: &Path) -> Result<OpenFile, FileError> {
         let shown = path.display().to_string();
-        let path = path
+        let canonical = path
             .canonicalize()
             .map_err(|_| FileError::NotFound(shown.clone()))?;
-        self.open_resolved(path, &shown)
+        let file = self.open_resolved(canonical, &shown)?;
+        self.remember((true, path.to_path_buf()), &file);
+        Ok(file)
     }
 
     fn open_resolved(&self, path: PathBuf, shown: &str) -> Result<OpenFile, FileError> {
@@ -319,6 +369,25 @@ mod tests {
             &fr.open("ok").unwrap().read_at(0, 100).unwrap()[..],
             b"changed!"
         );
+    }
+
+    #[test]
+    fn fast_path_serves_cached_files_and_notices_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ipxe.efi"), b"v1").unwrap();
+        let fr = FileRoot::new(dir.path(), CacheLimits::default());
+        assert!(fr.open_cached("ipxe.efi").is_none(), "not opened yet");
+        fr.open("ipxe.efi").unwrap();
+        let f = fr.open_cached("/ipxe.efi").unwrap();
+        assert_eq!(&f.read_at(0, 10).unwrap()[..], b"v1");
+        std::fs::write(dir.path().join("ipxe.efi"), b"v2!").unwrap();
+        assert!(
+            fr.open_cached("ipxe.efi").is_none(),
+            "a changed file takes the slow path"
+        );
+        std::fs::remove_file(dir.path().join("ipxe.efi")).unwrap();
+        assert!(fr.open_cached("ipxe.efi").is_none());
+        assert!(fr.open_cached("../x").is_none());
     }
 
     #[test]

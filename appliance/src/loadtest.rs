@@ -6,6 +6,9 @@
 //!
 //! Bounded in count (`--machines`), concurrency and time (`--max-seconds`), and it refuses
 //! any target that is not a loopback address: it is a load generator for this machine only.
+//! Each simulated machine speaks from its own loopback address (127.1.x.y; all of 127/8 is
+//! loopback on Linux), as real machines each have their own, so per-client limits apply
+//! per machine as in a real rack.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -32,6 +35,16 @@ pub struct LoadtestOptions {
     pub machines: u32,
     pub concurrency: usize,
     pub max_duration: Duration,
+    /// Distinguishes this storm's machines from earlier ones (random by default).
+    pub run_id: u16,
+}
+
+/// A random run id.
+pub fn random_run_id() -> u16 {
+    let mut b = [0u8; 2];
+    // Any value works; a failing RNG only makes runs share machine names.
+    let _ = getrandom::fill(&mut b);
+    u16::from_le_bytes(b)
 }
 
 /// What happened.
@@ -158,22 +171,46 @@ pub async fn run(opts: LoadtestOptions) -> anyhow::Result<LoadtestReport> {
     Ok(report)
 }
 
+/// The loopback address machine `i` speaks from (IPv6 targets: `::1` for all).
+fn machine_ip(i: u32, target: SocketAddr) -> std::net::IpAddr {
+    if target.is_ipv6() {
+        return std::net::Ipv6Addr::LOCALHOST.into();
+    }
+    std::net::Ipv4Addr::new(
+        127,
+        1 + (i / 62_500) as u8,
+        ((i / 250) % 250) as u8,
+        (i % 250 + 2) as u8,
+    )
+    .into()
+}
+
 async fn machine(
     opts: &LoadtestOptions,
     i: u32,
     retransmits: &AtomicU64,
     bytes: &AtomicU64,
 ) -> Result<(), MachineError> {
-    let uuid = format!("10adbeef-0000-4000-8000-{i:012x}");
+    // A run id keeps storms against the same appliance from reusing each other's machines.
+    let run = opts.run_id;
+    let uuid = format!("10adbeef-{run:04x}-4000-8000-{i:012x}");
     let mac = format!(
-        "52:54:01:{:02x}:{:02x}:{:02x}",
+        "52:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        run & 0xff,
+        run >> 8,
         (i >> 16) & 0xff,
         (i >> 8) & 0xff,
         i & 0xff
     );
-    let got = tftp_fetch(opts.tftp, &opts.tftp_file, retransmits).await?;
+    let got = tftp_fetch(
+        machine_ip(i, opts.tftp),
+        opts.tftp,
+        &opts.tftp_file,
+        retransmits,
+    )
+    .await?;
     bytes.fetch_add(got, Ordering::Relaxed);
-    let mut http = HttpConn::connect(opts.http).await?;
+    let mut http = HttpConn::connect(machine_ip(i, opts.http), opts.http).await?;
     let (status, script) = http
         .get(
             &format!("/boot.ipxe?uuid={uuid}&mac={mac}&arch=x86_64"),
@@ -234,17 +271,13 @@ async fn machine(
 
 /// A lockstep TFTP read as iPXE does it. Returns the bytes received.
 async fn tftp_fetch(
+    from: std::net::IpAddr,
     server: SocketAddr,
     file: &str,
     retransmits: &AtomicU64,
 ) -> Result<u64, MachineError> {
     let err = |m: String| MachineError::Tftp(m);
-    let bind: SocketAddr = if server.is_ipv4() {
-        "127.0.0.1:0".parse().unwrap_or(server)
-    } else {
-        "[::1]:0".parse().unwrap_or(server)
-    };
-    let sock = UdpSocket::bind(bind)
+    let sock = UdpSocket::bind(SocketAddr::new(from, 0))
         .await
         .map_err(|e| err(e.to_string()))?;
     let rrq = encode_rrq(file, "octet", &[("blksize", "1432"), ("tsize", "0")]);
@@ -334,10 +367,16 @@ struct HttpConn {
 }
 
 impl HttpConn {
-    async fn connect(addr: SocketAddr) -> Result<Self, MachineError> {
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| MachineError::Http(e.to_string()))?;
+    async fn connect(from: std::net::IpAddr, addr: SocketAddr) -> Result<Self, MachineError> {
+        let http = |e: std::io::Error| MachineError::Http(e.to_string());
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(http)?;
+        socket.bind(SocketAddr::new(from, 0)).map_err(http)?;
+        let stream = socket.connect(addr).await.map_err(http)?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| MachineError::Http(e.to_string()))?;

@@ -166,6 +166,7 @@ async fn run_loadtest(args: LoadtestArgs) -> Result<()> {
         machines: args.machines,
         concurrency: args.concurrency,
         max_duration: Duration::from_secs(args.max_seconds),
+        run_id: arges::loadtest::random_run_id(),
     })
     .await?;
     if args.json {

@@ -11,6 +11,7 @@ build_arges
 assets="$work/assets"; mkdir -p "$assets"
 head -c $((256 << 20)) /dev/urandom > "$assets/rootfs.img"
 head -c 512 /dev/urandom > "$assets/small.bin"
+chmod -R a+rX "$assets"
 
 start_arges arges "$(printf 'assets_dir = "%s"\n' "$assets")"
 nport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -44,6 +45,7 @@ for run in $(seq 1 "$runs"); do
     cmp -s "$work/out" "$assets/rootfs.img" || mbs=0
     big[$s]+="$(awk -v b="$mbs" 'BEGIN {printf "%.0f", b / 1e6}') "
     out=$(wrk -t1 -c32 -d"${secs}s" --latency "${base[$s]}/assets/small.bin")
+    if echo "$out" | grep -q "Non-2xx"; then echo "error: $s answered errors:" >&2; echo "$out" >&2; exit 1; fi
     small[$s]+="$(echo "$out" | awk '/Requests\/sec/ {print $2}') "
     smallp99[$s]+="$(echo "$out" | p99_us) "
   done

@@ -5,6 +5,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 target_dir="${CARGO_TARGET_DIR:-$repo/target}"
 work="$(mktemp -d /tmp/arges-compare.XXXXXX)"
+chmod 755 "$work"  # peers such as nginx read it as another user
 pids=()
 cgroups=()
 cleanup() {

@@ -225,6 +225,9 @@ pub async fn environment_file(ctx: &HttpContext, req: &Request<Incoming>) -> Res
             format!("environment {env:?} has no file {file:?}"),
         );
     };
+    if let Some(file) = ctx.assets.open_trusted_cached(&path) {
+        return serve_file(req, file, Arc::clone(ctx.core.metrics()));
+    }
     let assets = Arc::clone(&ctx.assets);
     open_then_serve(ctx, req, move || assets.open_trusted(&path)).await
 }
@@ -234,6 +237,9 @@ pub async fn asset(ctx: &HttpContext, req: &Request<Incoming>) -> Response<Body>
     let Some(name) = decoded_path(req, "/assets/") else {
         return text(StatusCode::BAD_REQUEST, "bad path");
     };
+    if let Some(file) = ctx.assets.open_cached(&name) {
+        return serve_file(req, file, Arc::clone(ctx.core.metrics()));
+    }
     let assets = Arc::clone(&ctx.assets);
     open_then_serve(ctx, req, move || assets.open(&name)).await
 }
