@@ -6,8 +6,10 @@
 //! wire format and the window logic are small (see [`packet`] and [`transfer`]); owning them
 //! lets us serve hot files from memory and keep the engine measurable as a library.
 //!
-//! Each transfer runs on its own socket bound to a fresh port (its TID), connected to the
-//! client so stray datagrams from other hosts never reach it. A global and a per-client cap
+//! Requests arrive on the well-known port in a tokio task; each granted transfer then runs
+//! on its own OS thread with a blocking socket bound to a fresh port (its TID), connected
+//! to the client so stray datagrams from other hosts never reach it (see [`transfer`] for
+//! why a thread: lockstep TFTP is round-trip bound). A global and a per-client cap
 //! bound the work a flood of abandoned requests can cause; a retransmitted RRQ from a client
 //! whose transfer is already running is dropped rather than starting a second one.
 
