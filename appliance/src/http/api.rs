@@ -132,41 +132,32 @@ pub async fn admin(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> 
                 .await
                 .map(|s| json(StatusCode::OK, &s))
         }
-        (Method::PUT, ["servers", id, "environment"]) => {
-            let id = id.to_string();
-            match json_body::<EnvironmentBody>(req).await {
-                Ok(b) => core
-                    .edit_server(&id, ServerEdit::Environment(b.environment))
+        (
+            Method::PUT,
+            [
+                "servers",
+                id,
+                what @ ("environment" | "labels" | "bmc" | "config"),
+            ],
+        ) => {
+            let (id, what) = (id.to_string(), what.to_string());
+            let edit = match what.as_str() {
+                "environment" => json_body::<EnvironmentBody>(req)
                     .await
-                    .map(|s| json(StatusCode::OK, &s)),
-                Err(r) => return r,
-            }
-        }
-        (Method::PUT, ["servers", id, "labels"]) => {
-            let id = id.to_string();
-            match json_body::<BTreeMap<String, String>>(req).await {
-                Ok(l) => core
-                    .edit_server(&id, ServerEdit::Labels(l))
+                    .map(|b| ServerEdit::Environment(b.environment)),
+                "labels" => json_body::<BTreeMap<String, String>>(req)
                     .await
-                    .map(|s| json(StatusCode::OK, &s)),
-                Err(r) => return r,
-            }
-        }
-        (Method::PUT, ["servers", id, "bmc"]) => {
-            let id = id.to_string();
-            match json_body::<BmcBody>(req).await {
-                Ok(b) => core
-                    .edit_server(&id, ServerEdit::BmcAddress(b.address))
+                    .map(ServerEdit::Labels),
+                "bmc" => json_body::<BmcBody>(req)
                     .await
-                    .map(|s| json(StatusCode::OK, &s)),
-                Err(r) => return r,
-            }
-        }
-        (Method::PUT, ["servers", id, "config"]) => {
-            let id = id.to_string();
-            match read_body(req, CONFIG_LIMIT).await {
-                Ok(b) => core
-                    .edit_server(&id, ServerEdit::Config(Some(b.to_vec())))
+                    .map(|b| ServerEdit::BmcAddress(b.address)),
+                _ => read_body(req, CONFIG_LIMIT)
+                    .await
+                    .map(|b| ServerEdit::Config(Some(b.to_vec()))),
+            };
+            match edit {
+                Ok(edit) => core
+                    .edit_server(&id, edit)
                     .await
                     .map(|s| json(StatusCode::OK, &s)),
                 Err(r) => return r,

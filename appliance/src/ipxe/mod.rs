@@ -121,37 +121,38 @@ impl Templates {
     }
 }
 
+/// A representative render context, with every variable the table above lists: for
+/// tests, benches and anyone writing a template.
+pub fn example_context(action: &str) -> serde_json::Value {
+    serde_json::json!({
+        "action": action,
+        "appliance": {"url": "http://10.0.0.1:8080"},
+        "machine": {"uuid": "4c4c4544-0042-3510-8051-b4c04f595031", "mac": "52:54:00:12:34:56", "arch": "x86_64", "address": "10.0.0.7"},
+        "server": {},
+        "env": {
+            "name": "discovery",
+            "kernel_url": "http://10.0.0.1:8080/env/discovery/vmlinuz",
+            "kernel_name": "vmlinuz",
+            "initrds": [{"name": "initramfs.img", "url": "http://10.0.0.1:8080/env/discovery/initramfs.img"}],
+            "cmdline": "console=ttyS0 arges.token=abc",
+        },
+        "boot_token": "t0k",
+        "registration_token": "r3g",
+        "local_disk": {"method": "sanboot"},
+        "reason": "not allowed",
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    pub(crate) fn sample_context(action: &str) -> serde_json::Value {
-        json!({
-            "action": action,
-            "appliance": {"url": "http://10.0.0.1:8080"},
-            "machine": {"uuid": "4c4c4544-0042-3510-8051-b4c04f595031", "mac": "52:54:00:12:34:56", "arch": "x86_64", "address": "10.0.0.7"},
-            "server": {},
-            "env": {
-                "name": "discovery",
-                "kernel_url": "http://10.0.0.1:8080/env/discovery/vmlinuz",
-                "kernel_name": "vmlinuz",
-                "initrds": [{"name": "initramfs.img", "url": "http://10.0.0.1:8080/env/discovery/initramfs.img"}],
-                "cmdline": "console=ttyS0 arges.token=abc",
-            },
-            "boot_token": "t0k",
-            "registration_token": "r3g",
-            "local_disk": {"method": "sanboot"},
-            "reason": "not allowed",
-        })
-    }
 
     #[test]
     fn builtins_render() {
         let t = Templates::builtin();
         let env = t
             .get(ScriptKind::Environment)
-            .render(&sample_context("environment"))
+            .render(&example_context("environment"))
             .unwrap();
         assert_eq!(
             env,
@@ -161,7 +162,7 @@ mod tests {
         );
         let disk = t
             .get(ScriptKind::LocalDisk)
-            .render(&sample_context("local-disk"))
+            .render(&example_context("local-disk"))
             .unwrap();
         assert!(
             disk.contains("\nsanboot --no-describe --drive 0x80 || exit\n"),
@@ -170,7 +171,7 @@ mod tests {
         assert!(!disk.contains("\nexit\n"));
         let deny = t
             .get(ScriptKind::Deny)
-            .render(&sample_context("deny"))
+            .render(&example_context("deny"))
             .unwrap();
         assert!(deny.contains("not%20allowed"), "{deny}");
     }
@@ -194,7 +195,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             t.get(ScriptKind::Discover)
-                .render(&sample_context("discover"))
+                .render(&example_context("discover"))
                 .unwrap(),
             "#!ipxe\nchain http://10.0.0.1:8080/x\n"
         );
