@@ -1,8 +1,8 @@
-//! Criterion: TFTP packet decode, option negotiation and DATA encoding (per-packet costs).
+//! Criterion: TFTP packet decoding and option negotiation (per-request costs).
 
-use arges::tftp::packet::{decode_client, decode_request, encode_ack, encode_data, encode_rrq};
+use arges::tftp::packet::{decode_client, decode_request, encode_ack, encode_rrq};
 use arges::tftp::{TftpSettings, transfer::negotiate};
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 
 fn bench(c: &mut Criterion) {
@@ -23,14 +23,6 @@ fn bench(c: &mut Criterion) {
     c.bench_function("decode ACK", |b| {
         b.iter(|| decode_client(black_box(&ack)).unwrap())
     });
-    let block = vec![0x5au8; 1468];
-    let mut out = Vec::with_capacity(1472);
-    let mut g = c.benchmark_group("encode DATA");
-    g.throughput(Throughput::Bytes(1468));
-    g.bench_function("1468-byte block", |b| {
-        b.iter(|| encode_data(&mut out, black_box(7), black_box(&block)))
-    });
-    g.finish();
 }
 
 criterion_group!(benches, bench);

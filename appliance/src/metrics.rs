@@ -28,7 +28,6 @@ pub struct Metrics {
     pub boot_decisions: Family<Labels, Counter>,
     pub registrations: Family<Labels, Counter>,
     pub configdata: Family<Labels, Counter>,
-    pub inventory_errors: Family<Labels, Counter>,
     pub boot_script_seconds: Histogram,
     pub policy_fallbacks: Counter,
     pub plugin_calls: Family<PluginLabels, Counter>,
@@ -68,7 +67,6 @@ impl Metrics {
             boot_decisions: Family::default(),
             registrations: Family::default(),
             configdata: Family::default(),
-            inventory_errors: Family::default(),
             boot_script_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             policy_fallbacks: Counter::default(),
             plugin_calls: Family::default(),
@@ -132,11 +130,6 @@ impl Metrics {
             "configdata_requests",
             "/configdata requests by result",
             m.configdata.clone(),
-        );
-        r.register(
-            "inventory_errors",
-            "Inventory store failures by operation",
-            m.inventory_errors.clone(),
         );
         r.register(
             "boot_script_seconds",

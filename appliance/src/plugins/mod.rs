@@ -262,17 +262,7 @@ impl PluginHost {
         let idle = plugin.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let (mut store, instance, uses) = match idle {
             Some(warm) => (warm.store, Some(warm.instance), warm.uses),
-            None => {
-                let state = PluginState::new(
-                    Arc::clone(&plugin.name),
-                    Arc::clone(&plugin.config),
-                    self.settings.memory_bytes as usize,
-                );
-                let mut store = Store::new(&self.engine, state);
-                store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
-                store.epoch_deadline_trap();
-                (store, None, 0)
-            }
+            None => (self.new_store(plugin), None, 0),
         };
         store.data_mut().log_lines = 0;
         store.set_epoch_deadline((deadline.as_micros() / TICK.as_micros()).max(1) as u64);
@@ -313,16 +303,20 @@ impl PluginHost {
                 answer
             }
         };
-        match answer {
-            Err(message) => Err(PluginError::Refused {
-                plugin: name(),
-                message: truncate(message, MAX_REASON),
-            }),
-            Ok(action) => from_wit(action).map_err(|message| PluginError::Malformed {
-                plugin: name(),
-                message,
-            }),
-        }
+        interpret(&plugin.name, answer)
+    }
+
+    /// A fresh store for `plugin`: its state, the memory limiter, traps at the deadline.
+    fn new_store(&self, plugin: &Plugin) -> Store<PluginState> {
+        let state = PluginState::new(
+            Arc::clone(&plugin.name),
+            Arc::clone(&plugin.config),
+            self.settings.memory_bytes as usize,
+        );
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
+        store.epoch_deadline_trap();
+        store
     }
 
     fn classify(
@@ -356,17 +350,10 @@ impl PluginHost {
         }
     }
 
-    /// An instance kept for repeated calls, for benchmarks and dry runs. The appliance
-    /// itself instantiates per call: a trapped instance cannot be entered again, and a
-    /// fresh one carries no state from one machine's decision into the next.
+    /// An instance kept for repeated calls with no deadline, for benchmarks: the cost of
+    /// a decision alone, without the host's per-call bookkeeping.
     pub async fn warm_instance(&self, plugin: &Plugin) -> Result<WarmInstance, PluginError> {
-        let state = PluginState::new(
-            Arc::clone(&plugin.name),
-            Arc::clone(&plugin.config),
-            self.settings.memory_bytes as usize,
-        );
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
+        let mut store = self.new_store(plugin);
         store.set_epoch_deadline(u64::MAX / 2);
         let instance = plugin
             .pre
@@ -433,6 +420,23 @@ fn to_wit(f: &MachineFacts) -> wit::MachineFacts {
     }
 }
 
+/// Reads a plugin's answer: its own error, or an action that must pass [`from_wit`].
+fn interpret(
+    plugin: &str,
+    answer: Result<wit::BootAction, String>,
+) -> Result<Option<BootAction>, PluginError> {
+    match answer {
+        Err(message) => Err(PluginError::Refused {
+            plugin: plugin.to_string(),
+            message: truncate(message, MAX_REASON),
+        }),
+        Ok(action) => from_wit(action).map_err(|message| PluginError::Malformed {
+            plugin: plugin.to_string(),
+            message,
+        }),
+    }
+}
+
 /// Checks a plugin's answer; `None` is "pass".
 fn from_wit(a: wit::BootAction) -> Result<Option<BootAction>, String> {
     Ok(Some(match a {
@@ -495,8 +499,7 @@ impl WarmInstance {
             .call_decide(&mut self.store, &to_wit(facts))
             .await
         {
-            Ok(Ok(a)) => from_wit(a).map_err(|message| PluginError::Malformed { plugin, message }),
-            Ok(Err(message)) => Err(PluginError::Refused { plugin, message }),
+            Ok(answer) => interpret(&plugin, answer),
             Err(e) => Err(PluginError::Trap {
                 plugin,
                 message: format!("{e:#}"),

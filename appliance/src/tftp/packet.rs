@@ -182,14 +182,6 @@ pub fn decode_client(buf: &[u8]) -> Result<ClientPacket, DecodeError> {
     }
 }
 
-/// Writes a DATA header followed by `data` into `out` (cleared first).
-pub fn encode_data(out: &mut Vec<u8>, block: u16, data: &[u8]) {
-    out.clear();
-    out.extend_from_slice(&OP_DATA.to_be_bytes());
-    out.extend_from_slice(&block.to_be_bytes());
-    out.extend_from_slice(data);
-}
-
 /// Encodes an ERROR packet.
 pub fn encode_error(code: ErrorCode, message: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(5 + message.len());

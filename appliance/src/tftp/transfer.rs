@@ -96,7 +96,26 @@ pub fn to_netascii(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Serves blocks of a file, reading on-disk files a chunk at a time off the reactor.
+/// The bytes a transfer sends: the file itself, or its netascii conversion (in memory).
+fn prepare(file: OpenFile, mode: Mode) -> Result<OpenFile, TftpError> {
+    match mode {
+        Mode::Octet => Ok(file),
+        Mode::Netascii => {
+            if file.len > NETASCII_MAX {
+                return Err(TftpError::NetasciiTooLarge(file.len));
+            }
+            let raw = file.read_at(0, file.len as usize).map_err(TftpError::Io)?;
+            let converted = Bytes::from(to_netascii(&raw));
+            Ok(OpenFile {
+                len: converted.len() as u64,
+                contents: Contents::Memory(converted),
+                ..file
+            })
+        }
+    }
+}
+
+/// Serves blocks of a file, reading on-disk files a chunk at a time.
 struct Blocks {
     file: OpenFile,
     blksize: u64,
@@ -105,32 +124,13 @@ struct Blocks {
 }
 
 impl Blocks {
-    fn new(file: OpenFile, mode: Mode, blksize: u16) -> Result<Self, TftpError> {
-        let file = match mode {
-            Mode::Octet => file,
-            Mode::Netascii => {
-                if file.len > NETASCII_MAX {
-                    return Err(TftpError::NetasciiTooLarge(file.len));
-                }
-                let raw = file.read_at(0, file.len as usize).map_err(TftpError::Io)?;
-                let converted = Bytes::from(to_netascii(&raw));
-                OpenFile {
-                    len: converted.len() as u64,
-                    contents: Contents::Memory(converted),
-                    ..file
-                }
-            }
-        };
-        Ok(Blocks {
+    fn new(file: OpenFile, blksize: u16) -> Self {
+        Blocks {
             file,
             blksize: u64::from(blksize),
             chunk_start: 0,
             chunk: Bytes::new(),
-        })
-    }
-
-    fn len(&self) -> u64 {
-        self.file.len
+        }
     }
 
     /// Blocks in the transfer: the last one is short, possibly empty.
@@ -306,10 +306,10 @@ pub fn send_file(
     settings: &TftpSettings,
     stats: &mut TransferStats,
 ) -> Result<(), TftpError> {
-    let blksize = negotiate(req, 0, settings).blksize;
-    let mut blocks = Blocks::new(file, req.mode, blksize)?;
+    let file = prepare(file, req.mode)?;
     // tsize announces what will be sent, which netascii conversion may have lengthened.
-    let neg = negotiate(req, blocks.len(), settings);
+    let neg = negotiate(req, file.len, settings);
+    let mut blocks = Blocks::new(file, neg.blksize);
     let mut buf = vec![0u8; 2048];
 
     if !neg.oack.is_empty() {
