@@ -80,32 +80,26 @@ fn tftp_hpa_octet_and_netascii() {
         "line one\nline two\r\nend\n",
     )
     .unwrap();
+    // tftp-hpa's client, `get` in the given mode.
+    let get = |mode: &str, file: &str, out: &std::path::Path| {
+        run(Command::new("tftp")
+            .args([
+                "127.0.0.1",
+                &a.tftp.port().to_string(),
+                "-m",
+                mode,
+                "-c",
+                "get",
+                file,
+            ])
+            .arg(out))
+    };
     let out = a.dir.path().join("hpa.out");
-    let o = run(Command::new("tftp")
-        .args([
-            "127.0.0.1",
-            &a.tftp.port().to_string(),
-            "-m",
-            "binary",
-            "-c",
-            "get",
-            "pxelinux.0",
-        ])
-        .arg(&out));
+    let o = get("binary", "pxelinux.0", &out);
     assert!(o.status.success(), "{o:?}");
     assert_eq!(std::fs::read(&out).unwrap(), data);
     let txt = a.dir.path().join("menu.out");
-    let o = run(Command::new("tftp")
-        .args([
-            "127.0.0.1",
-            &a.tftp.port().to_string(),
-            "-m",
-            "ascii",
-            "-c",
-            "get",
-            "menu.txt",
-        ])
-        .arg(&txt));
+    let o = get("ascii", "menu.txt", &txt);
     assert!(o.status.success(), "{o:?}");
     // The client converts netascii back to local line ends: the round trip is exact.
     assert_eq!(
