@@ -13,8 +13,9 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, DhcpMode};
 use crate::core::Core;
+use crate::dhcp::{self, DhcpServer};
 use crate::files::FileRoot;
 use crate::http::{self, HttpContext};
 use crate::inventory::Inventory;
@@ -26,6 +27,9 @@ use crate::tftp::TftpServer;
 pub struct Bound {
     pub http: Vec<SocketAddr>,
     pub tftp: Vec<SocketAddr>,
+    /// proxyDHCP sockets: the DHCP port's, then the PXE port's.
+    #[serde(default)]
+    pub dhcp: Vec<SocketAddr>,
 }
 
 fn bind_hint(e: &std::io::Error, addr: &SocketAddr) -> &'static str {
@@ -127,10 +131,16 @@ pub async fn run(
     let mut bound = Bound {
         http: Vec::new(),
         tftp: Vec::new(),
+        dhcp: Vec::new(),
     };
+    // One root for TFTP and for HTTP's `/boot/` (UEFI HTTP boot loads iPXE from there).
+    let boot_files = Arc::new(
+        FileRoot::new(&config.tftp_root, config.cache).with_fallback(config.ipxe_dir.clone()),
+    );
     let http_ctx = Arc::new(HttpContext {
         core: Arc::clone(&core),
         assets: Arc::new(FileRoot::new(&config.assets_dir, config.cache)),
+        boot_files: Arc::clone(&boot_files),
     });
     for addr in &config.http_listen {
         let l = TcpListener::bind(addr).await.map_err(|e| {
@@ -139,11 +149,7 @@ pub async fn run(
         bound.http.push(l.local_addr()?);
         tasks.spawn(http::serve(l, Arc::clone(&http_ctx), cancel.clone()));
     }
-    let tftp = TftpServer::new(
-        config.tftp.clone(),
-        Arc::new(FileRoot::new(&config.tftp_root, config.cache)),
-        Arc::clone(&metrics),
-    );
+    let tftp = TftpServer::new(config.tftp.clone(), boot_files, Arc::clone(&metrics));
     for addr in &config.tftp_listen {
         let s = UdpSocket::bind(addr).await.map_err(|e| {
             anyhow::anyhow!("cannot bind TFTP to {addr}: {e}{}", bind_hint(&e, addr))
@@ -151,8 +157,34 @@ pub async fn run(
         bound.tftp.push(s.local_addr()?);
         tasks.spawn(Arc::clone(&tftp).serve(s, cancel.clone()));
     }
+    if config.dhcp.mode == DhcpMode::Proxy {
+        let server = DhcpServer::new(
+            config.dhcp.clone(),
+            Arc::clone(&core),
+            bound.http.clone(),
+            config.public_url.clone(),
+        );
+        for (role, addrs) in [
+            (dhcp::Role::Dhcp, &config.dhcp.listen),
+            (dhcp::Role::Pxe, &config.dhcp.pxe_listen),
+        ] {
+            for addr in addrs {
+                let s = dhcp::bind(*addr).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot bind proxyDHCP to {addr}: {e}{}",
+                        bind_hint(&e, addr)
+                    )
+                })?;
+                bound.dhcp.push(s.local_addr()?);
+                tasks.spawn(Arc::clone(&server).serve(s, role, cancel.clone()));
+            }
+        }
+        if bound.http.iter().all(|a| a.ip().is_loopback()) && config.public_url.is_none() {
+            tracing::warn!(http = ?bound.http, "proxyDHCP is on but HTTP listens on loopback only: machines cannot fetch their boot scripts; set http.listen");
+        }
+    }
     tracing::info!(
-        http = ?bound.http, tftp = ?bound.tftp,
+        http = ?bound.http, tftp = ?bound.tftp, dhcp = ?bound.dhcp,
         tftp_root = %config.tftp_root.display(), assets = %config.assets_dir.display(), data = %config.data_dir.display(),
         "Arges appliance serving"
     );

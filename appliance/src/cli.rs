@@ -1,4 +1,4 @@
-//! The command line: `arges run`, `arges check-config`, `arges agent`.
+//! The command line: `arges run`, `check-config`, `doctor`, `agent`, `loadtest`, `plugin`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,6 +22,15 @@ pub enum Command {
     CheckConfig {
         /// The appliance.toml to check.
         file: PathBuf,
+    },
+    /// Say what this head node lacks before machines can boot from it.
+    Doctor {
+        /// appliance.toml; without it, the embedded defaults.
+        #[arg(long, short, env = "ARGES_CONFIG")]
+        config: Option<PathBuf>,
+        /// proxyDHCP mode to check for, as `arges run --dhcp`.
+        #[arg(long, value_name = "MODE")]
+        dhcp: Option<arges::config::DhcpMode>,
     },
     /// Register this machine with an appliance (runs in the discovery environment).
     Agent(AgentArgs),
@@ -82,6 +91,12 @@ pub struct RunArgs {
     /// Folder of WebAssembly plugins.
     #[arg(long, value_name = "DIR")]
     pub plugins: Option<PathBuf>,
+    /// proxyDHCP: `off` or `proxy` (answers PXE clients beside the site's DHCP server).
+    #[arg(long, value_name = "MODE")]
+    pub dhcp: Option<arges::config::DhcpMode>,
+    /// Answer DHCP only on this interface (repeatable; default: every interface).
+    #[arg(long = "dhcp-interface", value_name = "NAME")]
+    pub dhcp_interface: Vec<String>,
     /// Write the bound addresses here as JSON once serving.
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,

@@ -123,6 +123,8 @@ struct Cached {
 #[derive(Debug)]
 pub struct FileRoot {
     root: PathBuf,
+    /// Consulted, with the same confinement, for names the root does not hold.
+    fallback: Option<PathBuf>,
     limits: CacheLimits,
     cache: Mutex<HashMap<PathBuf, Cached>>,
     /// Names already resolved to a cached canonical path: the fast path's index. Keyed
@@ -168,15 +170,28 @@ impl FileRoot {
     pub fn new(root: impl Into<PathBuf>, limits: CacheLimits) -> Self {
         FileRoot {
             root: root.into(),
+            fallback: None,
             limits,
             cache: Mutex::new(HashMap::new()),
             resolved: Mutex::new(HashMap::new()),
         }
     }
 
+    /// Names missing from the root are looked up in `dir` too (iPXE binaries from the
+    /// distribution's package, say).
+    pub fn with_fallback(mut self, dir: Option<PathBuf>) -> Self {
+        self.fallback = dir;
+        self
+    }
+
     /// The configured root folder.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The folder consulted after the root, if any.
+    pub fn fallback(&self) -> Option<&Path> {
+        self.fallback.as_deref()
     }
 
     /// The fast path for hot files: a name opened before whose file is held in memory is
@@ -224,17 +239,28 @@ impl FileRoot {
     /// Resolves `name` to a regular file inside the root and opens it (blocking).
     pub fn open(&self, name: &str) -> Result<OpenFile, FileError> {
         let rel = sanitize(name)?;
-        let not_found = || FileError::NotFound(name.to_string());
-        let root = self.root.canonicalize().map_err(|_| not_found())?;
-        // Canonicalising resolves every symlink; a target outside the root is refused even
-        // though the name itself was clean.
-        let path = root.join(&rel).canonicalize().map_err(|_| not_found())?;
-        if !path.starts_with(&root) {
-            return Err(FileError::Forbidden(name.to_string()));
-        }
+        let path = match Self::confined(&self.root, &rel, name) {
+            Err(FileError::NotFound(_)) if self.fallback.is_some() => {
+                Self::confined(self.fallback.as_deref().unwrap_or(&self.root), &rel, name)?
+            }
+            other => other?,
+        };
         let file = self.open_resolved(path, name)?;
         self.remember((false, rel), &file);
         Ok(file)
+    }
+
+    /// `rel` resolved inside `root`, symlinks followed, or why not.
+    fn confined(root: &Path, rel: &Path, name: &str) -> Result<PathBuf, FileError> {
+        let not_found = || FileError::NotFound(name.to_string());
+        let root = root.canonicalize().map_err(|_| not_found())?;
+        // Canonicalising resolves every symlink; a target outside the root is refused even
+        // though the name itself was clean.
+        let path = root.join(rel).canonicalize().map_err(|_| not_found())?;
+        if !path.starts_with(&root) {
+            return Err(FileError::Forbidden(name.to_string()));
+        }
+        Ok(path)
     }
 
     /// Opens an operator-configured path (no client input in it, so no confinement).
@@ -369,6 +395,26 @@ mod tests {
             &fr.open("ok").unwrap().read_at(0, 100).unwrap()[..],
             b"changed!"
         );
+    }
+
+    #[test]
+    fn fallback_serves_what_the_root_lacks_with_the_same_confinement() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, ipxe) = (dir.path().join("root"), dir.path().join("ipxe"));
+        std::fs::create_dir(&root).unwrap();
+        std::fs::create_dir(&ipxe).unwrap();
+        std::fs::write(root.join("ipxe.efi"), b"operator's").unwrap();
+        std::fs::write(ipxe.join("ipxe.efi"), b"package's").unwrap();
+        std::fs::write(ipxe.join("undionly.kpxe"), b"package's bios").unwrap();
+        std::fs::write(dir.path().join("secret"), b"outside").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), ipxe.join("escape")).unwrap();
+        let fr = FileRoot::new(&root, CacheLimits::default()).with_fallback(Some(ipxe));
+        let read = |n: &str| fr.open(n).unwrap().read_at(0, 100).unwrap();
+        assert_eq!(&read("ipxe.efi")[..], b"operator's", "the root wins");
+        assert_eq!(&read("undionly.kpxe")[..], b"package's bios");
+        assert!(matches!(fr.open("escape"), Err(FileError::Forbidden(_))));
+        assert!(matches!(fr.open("../secret"), Err(FileError::Forbidden(_))));
+        assert!(matches!(fr.open("nothing"), Err(FileError::NotFound(_))));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Arges: a bare-metal provisioning appliance.
 //!
 //! The crate is laid out in three floors (see `ARCHITECTURE.md`): protocol *edges*
-//! ([`tftp`], [`http`]) that hold an `Arc<Core>`; the [`core`] facade, the only door the
+//! ([`tftp`], [`http`], [`dhcp`]) that hold an `Arc<Core>`; the [`core`] facade, the only door the
 //! edges use; and the *services* behind it ([`inventory`], [`ipxe`], [`config`], [`files`]).
 //! The discovery [`agent`] shares only the [`registration`] wire types with the HTTP edge.
 
@@ -9,6 +9,8 @@ pub mod agent;
 pub mod app;
 pub mod config;
 pub mod core;
+pub mod dhcp;
+pub mod doctor;
 pub mod files;
 pub mod http;
 pub mod inventory;

@@ -36,6 +36,7 @@ fn main() -> ExitCode {
                 match cli.command {
                     Command::Run(args) => run(args).await,
                     Command::CheckConfig { file } => check_config(&file),
+                    Command::Doctor { config, dhcp } => doctor(config.as_deref(), dhcp),
                     Command::Agent(args) => run_agent(args).await,
                     Command::Loadtest(args) => run_loadtest(args).await,
                     #[cfg(feature = "plugins")]
@@ -60,6 +61,8 @@ async fn run(args: RunArgs) -> Result<()> {
         assets_dir: args.assets,
         data_dir: args.data_dir,
         plugins_dir: args.plugins,
+        dhcp: args.dhcp,
+        dhcp_interfaces: args.dhcp_interface,
     };
     let config = match &args.config {
         Some(path) => Config::load(path, &overrides)?,
@@ -116,6 +119,36 @@ fn check_config(file: &std::path::Path) -> Result<()> {
             env.kernel.display()
         );
     }
+    Ok(())
+}
+
+fn doctor(file: Option<&std::path::Path>, dhcp: Option<arges::config::DhcpMode>) -> Result<()> {
+    use arges::doctor::Severity;
+    let overrides = Overrides {
+        dhcp,
+        ..Overrides::default()
+    };
+    let config = match file {
+        Some(path) => Config::load(path, &overrides)?,
+        None => Config::defaults(&overrides)?,
+    };
+    let findings = arges::doctor::check(&config, arges::config::file::is_root());
+    for f in &findings {
+        let mark = match f.severity {
+            Severity::Ok => "ok     ",
+            Severity::Warning => "warning",
+            Severity::Missing => "MISSING",
+        };
+        println!("{mark}  {}", f.message);
+    }
+    let missing = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Missing)
+        .count();
+    anyhow::ensure!(
+        missing == 0,
+        "{missing} problem(s) will stop machines from booting"
+    );
     Ok(())
 }
 

@@ -12,7 +12,8 @@ use prometheus_client::registry::Registry;
 
 /// One label pair; values come from closed sets, so cardinality stays bounded.
 pub type Labels = [(&'static str, &'static str); 1];
-type Labels2 = [(&'static str, &'static str); 2];
+/// Two label pairs, same rule.
+pub type Labels2 = [(&'static str, &'static str); 2];
 
 /// Every metric the appliance exports.
 pub struct Metrics {
@@ -34,6 +35,9 @@ pub struct Metrics {
     pub plugin_loads: Family<PluginLabels, Counter>,
     pub plugin_call_seconds: Histogram,
     pub plugins_active: Gauge,
+    pub dhcp_requests: Family<Labels, Counter>,
+    pub dhcp_replies: Family<Labels2, Counter>,
+    pub boot_to_registration_seconds: Histogram,
 }
 
 /// Labels naming a plugin (names are operator-chosen file names, so bounded by the folder).
@@ -73,6 +77,10 @@ impl Metrics {
             plugin_loads: Family::default(),
             plugin_call_seconds: Histogram::new(exponential_buckets(0.000_005, 2.0, 18)),
             plugins_active: Gauge::default(),
+            dhcp_requests: Family::default(),
+            dhcp_replies: Family::default(),
+            // TCG virtual machines take 10-40 s, real servers minutes (POST, RAID init).
+            boot_to_registration_seconds: Histogram::new(exponential_buckets(1.0, 1.5, 16)),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -160,6 +168,21 @@ impl Metrics {
             "plugins_active",
             "Plugins loaded and in the chain",
             m.plugins_active.clone(),
+        );
+        r.register(
+            "dhcp_requests",
+            "DHCP packets received by the proxy, by result (answered, or why not)",
+            m.dhcp_requests.clone(),
+        );
+        r.register(
+            "dhcp_replies",
+            "proxyDHCP answers by client kind (pxe, http, ipxe) and firmware",
+            m.dhcp_replies.clone(),
+        );
+        r.register(
+            "boot_to_registration_seconds",
+            "From the first proxyDHCP answer to a machine until it registered",
+            m.boot_to_registration_seconds.clone(),
         );
         Metrics { registry, ..m }
     }

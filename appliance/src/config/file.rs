@@ -5,13 +5,14 @@
 //! these by validation.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use serde::Deserialize;
 
-fn is_root() -> bool {
-    // SAFETY-free check: /proc/self/status is always readable by the process itself.
+/// Whether this process runs as root (so may bind ports below 1024).
+pub fn is_root() -> bool {
+    // /proc/self/status is always readable by the process itself.
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -39,6 +40,7 @@ pub struct ConfigFile {
     pub environments: BTreeMap<String, EnvironmentSection>,
     pub templates: TemplatesSection,
     pub plugins: PluginsSection,
+    pub dhcp: DhcpSection,
 }
 
 /// `[http]`
@@ -84,6 +86,10 @@ pub struct TftpSection {
     pub cache_file_bytes: u64,
     /// Memory the file cache may use in all.
     pub cache_total_bytes: u64,
+    /// Folder of iPXE binaries served (over TFTP and at `/boot/` over HTTP) when the root
+    /// does not hold the name asked for. Default: Debian's `ipxe` package folder,
+    /// `/usr/lib/ipxe`, when it exists.
+    pub ipxe_dir: Option<PathBuf>,
 }
 
 impl Default for TftpSection {
@@ -103,6 +109,7 @@ impl Default for TftpSection {
             max_windowsize: u32::from(s.max_windowsize),
             cache_file_bytes: c.file_bytes,
             cache_total_bytes: c.total_bytes,
+            ipxe_dir: None,
         }
     }
 }
@@ -300,6 +307,94 @@ impl Default for PluginsSection {
             reuse_instances: true,
             pins: BTreeMap::new(),
             config: BTreeMap::new(),
+        }
+    }
+}
+
+/// Whether and how the appliance answers DHCP.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DhcpMode {
+    /// No DHCP at all (the site's DHCP server hands out boot options, or nothing boots
+    /// from the network).
+    #[default]
+    Off,
+    /// proxyDHCP beside the site's DHCP server: boot options only, never addresses.
+    Proxy,
+}
+
+impl std::str::FromStr for DhcpMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(DhcpMode::Off),
+            "proxy" => Ok(DhcpMode::Proxy),
+            other => Err(format!(
+                "{other:?} is not a DHCP mode: expected off or proxy"
+            )),
+        }
+    }
+}
+
+/// `[dhcp]`: proxyDHCP for network-boot clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DhcpSection {
+    pub mode: DhcpMode,
+    /// Where DHCP broadcasts are received (the DHCP server port).
+    pub listen: Vec<SocketAddr>,
+    /// Where PXE clients send their ProxyDHCP requests (the PXE port).
+    pub pxe_listen: Vec<SocketAddr>,
+    /// Answer only requests arriving on these interfaces (empty: every interface).
+    pub interfaces: Vec<String>,
+    /// The address handed out as boot server; by default our address on the interface
+    /// the request came in on.
+    pub server_address: Option<Ipv4Addr>,
+    /// DHCP user classes that mean "this client is iPXE already": it gets the boot-script
+    /// URL instead of an iPXE binary.
+    pub ipxe_user_classes: Vec<String>,
+    /// Path and query of the boot-script URL handed to iPXE (iPXE expands `${...}`).
+    pub boot_script: String,
+    pub boot_files: BootFilesSection,
+}
+
+impl Default for DhcpSection {
+    fn default() -> Self {
+        DhcpSection {
+            mode: DhcpMode::Off,
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], 67))],
+            pxe_listen: vec![SocketAddr::from(([0, 0, 0, 0], 4011))],
+            interfaces: Vec::new(),
+            server_address: None,
+            ipxe_user_classes: vec!["iPXE".into()],
+            boot_script: "/boot.ipxe?uuid=${uuid}&mac=${netX/mac}&arch=${buildarch}".into(),
+            boot_files: BootFilesSection::default(),
+        }
+    }
+}
+
+/// `[dhcp.boot_files]`: the iPXE binary each firmware family loads, by file name in the
+/// TFTP root (or the iPXE folder).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootFilesSection {
+    /// Legacy BIOS PXE (architecture 0).
+    pub bios: String,
+    /// 32-bit x86 UEFI (6; 15 over HTTP).
+    pub uefi_i386: String,
+    /// x86-64 UEFI (7 and 9; 16 and 17 over HTTP).
+    pub uefi_x86_64: String,
+    /// 64-bit Arm UEFI (11; 19 over HTTP).
+    pub uefi_arm64: String,
+}
+
+impl Default for BootFilesSection {
+    fn default() -> Self {
+        BootFilesSection {
+            bios: "undionly.kpxe".into(),
+            uefi_i386: "ipxe-i386.efi".into(),
+            uefi_x86_64: "ipxe.efi".into(),
+            uefi_arm64: "ipxe-arm64.efi".into(),
         }
     }
 }

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::files::CacheLimits;
 use crate::ipxe::{ScriptKind, Template, TemplateError, Templates};
 use crate::tftp::TftpSettings;
-pub use file::{ConfigFile, LocalDiskMethod, Unaccepted};
+pub use file::{BootFilesSection as BootFiles, ConfigFile, DhcpMode, LocalDiskMethod, Unaccepted};
 
 /// A configuration problem.
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +225,22 @@ pub fn plugin_table(table: &toml::Table) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Validated proxyDHCP settings.
+#[derive(Debug, Clone)]
+pub struct DhcpConfig {
+    pub mode: DhcpMode,
+    pub listen: Vec<SocketAddr>,
+    pub pxe_listen: Vec<SocketAddr>,
+    pub interfaces: Vec<String>,
+    pub server_address: Option<std::net::Ipv4Addr>,
+    pub ipxe_user_classes: Vec<String>,
+    pub boot_script: String,
+    pub boot_files: BootFiles,
+}
+
+/// Debian's `ipxe` package puts its binaries here.
+pub const DEBIAN_IPXE_DIR: &str = "/usr/lib/ipxe";
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -232,6 +248,8 @@ pub struct Config {
     pub public_url: Option<String>,
     pub tftp_listen: Vec<SocketAddr>,
     pub tftp_root: PathBuf,
+    /// Where iPXE binaries missing from the TFTP root are found.
+    pub ipxe_dir: Option<PathBuf>,
     pub tftp: TftpSettings,
     pub cache: CacheLimits,
     pub assets_dir: PathBuf,
@@ -244,6 +262,7 @@ pub struct Config {
     pub wipe_environment: String,
     pub environments: BTreeMap<String, Environment>,
     pub templates: Templates,
+    pub dhcp: DhcpConfig,
 }
 
 /// Command-line overrides of the common settings.
@@ -255,6 +274,8 @@ pub struct Overrides {
     pub assets_dir: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub plugins_dir: Option<PathBuf>,
+    pub dhcp: Option<DhcpMode>,
+    pub dhcp_interfaces: Vec<String>,
 }
 
 impl Config {
@@ -566,6 +587,12 @@ impl Config {
                 .unwrap_or_else(|| under_data("plugin-cache")),
         };
 
+        let dhcp = Self::validate_dhcp(&f.dhcp, o, &invalid)?;
+        let ipxe_dir = f.tftp.ipxe_dir.as_deref().map(resolve).or_else(|| {
+            let debian = Path::new(DEBIAN_IPXE_DIR);
+            debian.is_dir().then(|| debian.to_path_buf())
+        });
+
         Ok(Config {
             http_listen,
             public_url: f
@@ -575,6 +602,7 @@ impl Config {
                 .map(|u| u.trim_end_matches('/').to_string()),
             tftp_listen,
             tftp_root,
+            ipxe_dir,
             tftp: TftpSettings {
                 max_transfers: t.max_transfers,
                 max_transfers_per_client: t.max_transfers_per_client,
@@ -604,6 +632,74 @@ impl Config {
             wipe_environment,
             environments,
             templates,
+            dhcp,
+        })
+    }
+
+    fn validate_dhcp(
+        d: &file::DhcpSection,
+        o: &Overrides,
+        invalid: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<DhcpConfig, ConfigError> {
+        let mode = o.dhcp.unwrap_or(d.mode);
+        let interfaces = if o.dhcp_interfaces.is_empty() {
+            d.interfaces.clone()
+        } else {
+            o.dhcp_interfaces.clone()
+        };
+        for name in &interfaces {
+            // IFNAMSIZ is 16 with the NUL.
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+                return Err(invalid(
+                    "dhcp.interfaces",
+                    format!("{name:?} is not an interface name"),
+                ));
+            }
+        }
+        if mode == DhcpMode::Proxy && d.listen.is_empty() && d.pxe_listen.is_empty() {
+            return Err(invalid(
+                "dhcp.listen",
+                "proxy mode needs at least one address in dhcp.listen or dhcp.pxe_listen".into(),
+            ));
+        }
+        if !d.boot_script.starts_with('/') || d.boot_script.chars().any(|c| c.is_whitespace()) {
+            return Err(invalid(
+                "dhcp.boot_script",
+                format!(
+                    "{:?} must be a path starting with / and hold no spaces",
+                    d.boot_script
+                ),
+            ));
+        }
+        if d.ipxe_user_classes.iter().any(String::is_empty) {
+            return Err(invalid(
+                "dhcp.ipxe_user_classes",
+                "an empty user class would match every client".into(),
+            ));
+        }
+        let b = &d.boot_files;
+        for (key, name) in [
+            ("dhcp.boot_files.bios", &b.bios),
+            ("dhcp.boot_files.uefi_i386", &b.uefi_i386),
+            ("dhcp.boot_files.uefi_x86_64", &b.uefi_x86_64),
+            ("dhcp.boot_files.uefi_arm64", &b.uefi_arm64),
+        ] {
+            if crate::files::sanitize(name).is_err() || name.len() > 120 {
+                return Err(invalid(
+                    key,
+                    format!("{name:?} is not a file name inside the TFTP root"),
+                ));
+            }
+        }
+        Ok(DhcpConfig {
+            mode,
+            listen: d.listen.clone(),
+            pxe_listen: d.pxe_listen.clone(),
+            interfaces,
+            server_address: d.server_address,
+            ipxe_user_classes: d.ipxe_user_classes.clone(),
+            boot_script: d.boot_script.clone(),
+            boot_files: d.boot_files.clone(),
         })
     }
 }

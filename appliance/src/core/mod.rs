@@ -8,9 +8,10 @@
 
 pub mod policy;
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -89,6 +90,49 @@ pub struct Core {
     metrics: Arc<Metrics>,
     registration_token: String,
     admin_token: String,
+    boot_clock: BootClock,
+}
+
+/// When each machine (by MAC) was first answered by proxyDHCP in its current boot, so a
+/// registration can report how long power-on to registered took.
+#[derive(Debug, Default)]
+struct BootClock {
+    started: Mutex<HashMap<String, Instant>>,
+}
+
+impl BootClock {
+    /// A boot older than this is over: the next DHCP request starts a new one.
+    const BOOT_WINDOW: Duration = Duration::from_secs(30 * 60);
+    /// Bound on remembered machines (a rack is hundreds; a flood of forged MACs is not).
+    const MAX_MACHINES: usize = 16_384;
+
+    fn start(&self, mac: &str) {
+        let mut m = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if m.len() >= Self::MAX_MACHINES {
+            m.retain(|_, t| now.duration_since(*t) < Self::BOOT_WINDOW);
+        }
+        if m.len() >= Self::MAX_MACHINES && !m.contains_key(mac) {
+            return;
+        }
+        m.entry(mac.to_string())
+            .and_modify(|t| {
+                if now.duration_since(*t) >= Self::BOOT_WINDOW {
+                    *t = now;
+                }
+            })
+            .or_insert(now);
+    }
+
+    /// The time since the boot of any of `macs` started, ending that boot.
+    fn finish<'a>(&self, macs: impl IntoIterator<Item = &'a String>) -> Option<Duration> {
+        let mut m = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        macs.into_iter()
+            .filter_map(|mac| m.remove(mac))
+            .map(|t| t.elapsed())
+            .filter(|d| *d < Self::BOOT_WINDOW)
+            .max()
+    }
 }
 
 impl std::fmt::Debug for Core {
@@ -137,6 +181,14 @@ impl Core {
             metrics,
             registration_token,
             admin_token,
+            boot_clock: BootClock::default(),
+        }
+    }
+
+    /// A network-boot client was answered by proxyDHCP: its boot has begun.
+    pub fn network_boot_seen(&self, mac: &str) {
+        if let Some(mac) = normalize_mac(mac) {
+            self.boot_clock.start(&mac);
         }
     }
 
@@ -361,6 +413,12 @@ impl Core {
                 Metrics::inc(&self.metrics.registrations, "result", e.kind());
             })?;
         let s = &registered.server;
+        if let Some(took) = self.boot_clock.finish(&s.macs) {
+            self.metrics
+                .boot_to_registration_seconds
+                .observe(took.as_secs_f64());
+            tracing::info!(id = %s.id, seconds = took.as_secs_f64(), "power-on to registered");
+        }
         Metrics::inc(
             &self.metrics.registrations,
             "result",

@@ -12,7 +12,7 @@ use hyper::header;
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::{Body, HttpContext, text};
-use crate::files::{Contents, FileError, OpenFile};
+use crate::files::{Contents, FileError, FileRoot, OpenFile};
 use crate::metrics::Metrics;
 
 /// Bytes read from disk per chunk when streaming.
@@ -232,16 +232,22 @@ pub async fn environment_file(ctx: &HttpContext, req: &Request<Incoming>) -> Res
     open_then_serve(ctx, req, move || assets.open_trusted(&path)).await
 }
 
-/// `/assets/<path>`: any file inside the assets folder.
-pub async fn asset(ctx: &HttpContext, req: &Request<Incoming>) -> Response<Body> {
-    let Some(name) = decoded_path(req, "/assets/") else {
+/// `<prefix><path>`: any file inside `root` (the assets folder at `/assets/`, the TFTP
+/// root and its iPXE fallback at `/boot/`).
+pub async fn asset(
+    ctx: &HttpContext,
+    root: &Arc<FileRoot>,
+    prefix: &str,
+    req: &Request<Incoming>,
+) -> Response<Body> {
+    let Some(name) = decoded_path(req, prefix) else {
         return text(StatusCode::BAD_REQUEST, "bad path");
     };
-    if let Some(file) = ctx.assets.open_cached(&name) {
+    if let Some(file) = root.open_cached(&name) {
         return serve_file(req, file, Arc::clone(ctx.core.metrics()));
     }
-    let assets = Arc::clone(&ctx.assets);
-    open_then_serve(ctx, req, move || assets.open(&name)).await
+    let root = Arc::clone(root);
+    open_then_serve(ctx, req, move || root.open(&name)).await
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! HTTP edge (hyper 1): boot scripts, boot assets, `/configdata`, the registration and
+//! HTTP edge (hyper 1): boot scripts, boot assets, iPXE binaries for UEFI HTTP boot
+//! (`/boot/`), `/configdata`, the registration and
 //! admin API, `/healthz` and `/metrics`.
 //!
 //! The server takes an already bound listener and a cancellation token (tests bind port
@@ -34,6 +35,8 @@ pub struct HttpContext {
     pub core: Arc<Core>,
     /// The assets folder (`/assets/...`).
     pub assets: Arc<FileRoot>,
+    /// The TFTP root with its iPXE fallback (`/boot/...`, for UEFI HTTP boot).
+    pub boot_files: Arc<FileRoot>,
 }
 
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
@@ -144,9 +147,14 @@ async fn route(
         (Method::GET | Method::HEAD, p) if p.starts_with("/env/") => {
             ("env", assets::environment_file(&ctx, &req).await)
         }
-        (Method::GET | Method::HEAD, p) if p.starts_with("/assets/") => {
-            ("assets", assets::asset(&ctx, &req).await)
-        }
+        (Method::GET | Method::HEAD, p) if p.starts_with("/assets/") => (
+            "assets",
+            assets::asset(&ctx, &ctx.assets, "/assets/", &req).await,
+        ),
+        (Method::GET | Method::HEAD, p) if p.starts_with("/boot/") => (
+            "boot_file",
+            assets::asset(&ctx, &ctx.boot_files, "/boot/", &req).await,
+        ),
         (_, "/api/v1/register") => ("register", api::register(&ctx, peer, req).await),
         (_, p) if p.starts_with("/api/v1/") => ("admin", api::admin(&ctx, req).await),
         _ => (
