@@ -19,9 +19,9 @@ out="arges-data/assets/discovery"
 kernel_pkg=""
 kernel_root=""
 agent=""
-# Virtual NICs and disks (what the tests boot), then the NICs and storage controllers
+# The virtio PCI transport with virtual NICs and disks (what the tests boot), then the NICs and storage controllers
 # common in servers. Drivers for absent hardware load and sit idle.
-modules="${ARGES_INITRAMFS_MODULES:-virtio_net virtio_blk virtio_scsi e1000 e1000e igb ixgbe i40e ice bnxt_en tg3 bnx2 nvme ahci sd_mod megaraid_sas mpt3sas}"
+modules="${ARGES_INITRAMFS_MODULES:-virtio_pci virtio_net virtio_blk virtio_scsi e1000 e1000e igb ixgbe i40e ice bnxt_en tg3 bnx2 nvme ahci sd_mod megaraid_sas mpt3sas}"
 cache="${ARGES_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/arges}"
 
 while [ $# -gt 0 ]; do

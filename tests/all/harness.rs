@@ -40,6 +40,8 @@ pub struct Appliance {
     pub dir: tempfile::TempDir,
     pub http: SocketAddr,
     pub tftp: SocketAddr,
+    /// The first proxyDHCP socket, when DHCP is on.
+    pub dhcp: Option<SocketAddr>,
     child: Option<Child>,
     args: Vec<String>,
 }
@@ -86,6 +88,7 @@ impl Appliance {
             dir,
             http: "0.0.0.0:0".parse().unwrap(),
             tftp: "0.0.0.0:0".parse().unwrap(),
+            dhcp: None,
             child: None,
             args,
         };
@@ -117,6 +120,7 @@ impl Appliance {
                 let v: serde_json::Value = serde_json::from_str(&text).expect("ready file");
                 self.http = v["http"][0].as_str().unwrap().parse().unwrap();
                 self.tftp = v["tftp"][0].as_str().unwrap().parse().unwrap();
+                self.dhcp = v["dhcp"][0].as_str().map(|a| a.parse().unwrap());
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {

@@ -3,6 +3,7 @@
 mod agent;
 mod config;
 mod crash;
+mod dhcp;
 mod harness;
 mod http;
 mod loadtest;

@@ -1,0 +1,220 @@
+//! End to end with real firmware: QEMU machines power on in a network namespace, with a
+//! site DHCP server that only leases addresses and Arges answering proxyDHCP, TFTP and
+//! HTTP, and go from power-on to a registered Server.
+//!
+//! These need root, QEMU and a few Debian packages, and take a minute or two each under
+//! TCG, so `cargo test` leaves them out (ignored); `tests/run-all.sh` runs them, and when
+//! a peer is missing they fail with the reason.
+
+mod lab;
+
+use lab::{Firmware, Lab, Machine};
+use serde_json::Value;
+
+fn find<'a>(servers: &'a [Value], uuid: &str) -> &'a Value {
+    servers
+        .iter()
+        .find(|s| s["uuid"] == uuid)
+        .unwrap_or_else(|| panic!("no server {uuid} in {servers:#?}"))
+}
+
+/// The machine registered itself with what QEMU gave it: UUID, MAC and disk.
+fn assert_registered_as(lab: &Lab, m: &Machine) -> Value {
+    let servers = lab.servers();
+    let s = find(&servers, &m.uuid).clone();
+    assert_eq!(s["id"], m.uuid.as_str());
+    assert!(
+        s["macs"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == m.mac.as_str())),
+        "MAC {} missing: {s:#}",
+        m.mac
+    );
+    let disks = s["hardware"]["disks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        disks
+            .iter()
+            .any(|d| d["serial"] == m.disk_serial.as_str() && d["size_bytes"] == 64u64 << 20),
+        "disk {} (64 MiB) missing: {s:#}",
+        m.disk_serial
+    );
+    assert!(
+        s["hardware"]["memory_bytes"].as_u64().unwrap_or(0) > 256 << 20,
+        "memory not read: {s:#}"
+    );
+    s
+}
+
+/// The value of a metric line that starts with `prefix`.
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {prefix} in:\n{text}"))
+}
+
+fn report(firmware: &str, lab: &Lab, wall: std::time::Duration) {
+    let m = lab.metrics();
+    let count = metric(&m, "arges_boot_to_registration_seconds_count");
+    let sum = metric(&m, "arges_boot_to_registration_seconds_sum");
+    eprintln!(
+        "{firmware}: first proxyDHCP answer to registered {:.1} s (appliance histogram, {count} boots); power-on to power-off {:.1} s",
+        sum / count,
+        wall.as_secs_f64()
+    );
+}
+
+#[test]
+#[ignore = "QEMU end to end in network namespaces (root); tests/run-all.sh runs it"]
+fn bios_machine_registers_then_boots_its_environment() {
+    let mut lab = Lab::start("b", "");
+    let m = Machine::new(&lab, Firmware::Bios, 1);
+    let i = lab.boot(&m);
+    let wall = lab.wait_exit(i, &m);
+    let s = assert_registered_as(&lab, &m);
+    let serial = lab.serial(&m);
+    assert!(
+        serial.contains("arges-init: action: power-off"),
+        "the agent should have been told to power off:\n{}",
+        lab.logs(&m.serial_log)
+    );
+    let metrics = lab.metrics();
+    assert!(
+        metric(
+            &metrics,
+            "arges_dhcp_replies_total{client=\"ipxe\",firmware=\"bios\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "arges_boot_to_registration_seconds_count"),
+        1.0
+    );
+    report("BIOS (SeaBIOS + iPXE ROM)", &lab, wall);
+
+    // Accepted, with an environment: the next boot gets that kernel and command line.
+    let id = s["id"].as_str().expect("id").to_string();
+    lab.api("POST", &format!("/api/v1/servers/{id}/accept"), None);
+    lab.api(
+        "PUT",
+        &format!("/api/v1/servers/{id}/environment"),
+        Some(r#"{"environment":"install"}"#),
+    );
+    let i = lab.boot(&m);
+    lab.wait_exit(i, &m);
+    let serial = lab.serial(&m);
+    // The command line the kernel got is the environment's (iPXE puts initrd= first).
+    let cmdline = serial
+        .lines()
+        .find_map(|l| {
+            l.trim_end_matches('\r')
+                .strip_prefix("arges-init: cmdline: ")
+        })
+        .unwrap_or_default();
+    assert!(
+        cmdline.ends_with(&format!(
+            " console=ttyS0,115200 arges.mode=install arges.marker=install-{id}"
+        )) && serial.contains("arges-init: environment booted (mode install)"),
+        "the second boot should run the install environment:\n{}",
+        lab.logs(&m.serial_log)
+    );
+    let servers = lab.servers();
+    let last = find(&servers, &m.uuid)["boot_history"]
+        .as_array()
+        .and_then(|h| h.last().cloned())
+        .expect("a boot record");
+    assert_eq!(last["action"], "environment");
+    assert_eq!(last["environment"], "install");
+}
+
+#[test]
+#[ignore = "QEMU end to end in network namespaces (root); tests/run-all.sh runs it"]
+fn uefi_machine_loads_ipxe_efi_over_tftp_and_registers() {
+    let mut lab = Lab::start("u", "");
+    let m = Machine::new(&lab, Firmware::Uefi, 2);
+    let i = lab.boot(&m);
+    let wall = lab.wait_exit(i, &m);
+    assert_registered_as(&lab, &m);
+    let metrics = lab.metrics();
+    // The firmware's PXE client got ipxe.efi (over TFTP), then iPXE got the script URL.
+    assert!(
+        metric(
+            &metrics,
+            "arges_dhcp_replies_total{client=\"pxe\",firmware=\"uefi_x86_64\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(
+            &metrics,
+            "arges_dhcp_replies_total{client=\"ipxe\",firmware=\"uefi_x86_64\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "arges_tftp_transfers_total{outcome=\"complete\"}") >= 1.0,
+        "{metrics}\n{}",
+        lab.logs(&m.serial_log)
+    );
+    report("UEFI PXE (OVMF, ipxe.efi over TFTP)", &lab, wall);
+}
+
+#[test]
+#[ignore = "QEMU end to end in network namespaces (root); tests/run-all.sh runs it"]
+fn uefi_http_boot_machine_loads_ipxe_efi_over_http_and_registers() {
+    let mut lab = Lab::start("h", "");
+    let m = Machine::new(&lab, Firmware::UefiHttp, 3);
+    let i = lab.boot(&m);
+    let wall = lab.wait_exit(i, &m);
+    assert_registered_as(&lab, &m);
+    let metrics = lab.metrics();
+    assert!(
+        metric(
+            &metrics,
+            "arges_dhcp_replies_total{client=\"http\",firmware=\"uefi_x86_64\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(
+            &metrics,
+            "arges_http_requests_total{route=\"boot_file\",status=\"2xx\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    report("UEFI HTTP boot (OVMF, ipxe.efi over HTTP)", &lab, wall);
+}
+
+#[test]
+#[ignore = "QEMU end to end in network namespaces (root); tests/run-all.sh runs it"]
+fn registered_but_unaccepted_machine_boots_its_local_disk() {
+    let mut lab = Lab::start("d", "");
+    let m = Machine::new(&lab, Firmware::Bios, 4).with_boot_sector("ARGES-LOCAL-DISK-BOOTED");
+    // Known to the inventory (registered as the agent would), not accepted: the default
+    // policy sends it to its local disk.
+    let body = serde_json::json!({
+        "uuid": m.uuid,
+        "mode": "discover",
+        "hardware": {"nics": [{"name": "eth0", "mac": m.mac}]},
+    });
+    lab.register(&body.to_string());
+    let i = lab.boot(&m);
+    lab.wait_serial(&m, "ARGES-LOCAL-DISK-BOOTED");
+    lab.kill(i);
+    let servers = lab.servers();
+    let s = find(&servers, &m.uuid);
+    let last = s["boot_history"]
+        .as_array()
+        .and_then(|h| h.last().cloned())
+        .expect("a boot record");
+    assert_eq!(last["action"], "local-disk", "{s:#}");
+    assert!(
+        !lab.serial(&m).contains("arges-init:"),
+        "the discovery environment must not have booted:\n{}",
+        lab.logs(&m.serial_log)
+    );
+}
