@@ -178,7 +178,8 @@ impl FileRoot {
     }
 
     /// Names missing from the root are looked up in `dir` too (iPXE binaries from the
-    /// distribution's package, say).
+    /// distribution's package). Names are confined to `dir` as to the root, but its
+    /// symlinks are followed wherever they point: it must be a folder only root writes.
     pub fn with_fallback(mut self, dir: Option<PathBuf>) -> Self {
         self.fallback = dir;
         self
@@ -239,11 +240,15 @@ impl FileRoot {
     /// Resolves `name` to a regular file inside the root and opens it (blocking).
     pub fn open(&self, name: &str) -> Result<OpenFile, FileError> {
         let rel = sanitize(name)?;
-        let path = match Self::confined(&self.root, &rel, name) {
-            Err(FileError::NotFound(_)) if self.fallback.is_some() => {
-                Self::confined(self.fallback.as_deref().unwrap_or(&self.root), &rel, name)?
-            }
-            other => other?,
+        let path = match (Self::confined(&self.root, &rel, name), &self.fallback) {
+            // The fallback is a distribution's package folder, written by root only, whose
+            // links point where the package put the files (Debian links ipxe.efi to
+            // /boot): the name stays confined, its links are trusted.
+            (Err(FileError::NotFound(_)), Some(dir)) => dir
+                .join(&rel)
+                .canonicalize()
+                .map_err(|_| FileError::NotFound(name.to_string()))?,
+            (other, _) => other?,
         };
         let file = self.open_resolved(path, name)?;
         self.remember((false, rel), &file);
@@ -398,7 +403,7 @@ mod tests {
     }
 
     #[test]
-    fn fallback_serves_what_the_root_lacks_with_the_same_confinement() {
+    fn fallback_serves_what_the_root_lacks_and_follows_its_links() {
         let dir = tempfile::tempdir().unwrap();
         let (root, ipxe) = (dir.path().join("root"), dir.path().join("ipxe"));
         std::fs::create_dir(&root).unwrap();
@@ -407,12 +412,22 @@ mod tests {
         std::fs::write(ipxe.join("ipxe.efi"), b"package's").unwrap();
         std::fs::write(ipxe.join("undionly.kpxe"), b"package's bios").unwrap();
         std::fs::write(dir.path().join("secret"), b"outside").unwrap();
-        std::os::unix::fs::symlink(dir.path().join("secret"), ipxe.join("escape")).unwrap();
+        // As Debian's /usr/lib/ipxe/ipxe.efi -> /boot/ipxe.efi.
+        std::os::unix::fs::symlink(dir.path().join("secret"), ipxe.join("linked.efi")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), root.join("escape")).unwrap();
         let fr = FileRoot::new(&root, CacheLimits::default()).with_fallback(Some(ipxe));
         let read = |n: &str| fr.open(n).unwrap().read_at(0, 100).unwrap();
         assert_eq!(&read("ipxe.efi")[..], b"operator's", "the root wins");
         assert_eq!(&read("undionly.kpxe")[..], b"package's bios");
-        assert!(matches!(fr.open("escape"), Err(FileError::Forbidden(_))));
+        assert_eq!(
+            &read("linked.efi")[..],
+            b"outside",
+            "the package's links are followed"
+        );
+        assert!(
+            matches!(fr.open("escape"), Err(FileError::Forbidden(_))),
+            "the root's links are not"
+        );
         assert!(matches!(fr.open("../secret"), Err(FileError::Forbidden(_))));
         assert!(matches!(fr.open("nothing"), Err(FileError::NotFound(_))));
     }

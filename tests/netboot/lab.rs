@@ -134,12 +134,12 @@ impl Lab {
             machines: Vec::new(),
         };
         // A leftover from a killed run with the same name goes first.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &lab.lan()])
-            .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &lab.site()])
-            .status();
+        for ns in [lab.lan(), lab.site()] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &ns])
+                .stderr(Stdio::null())
+                .status();
+        }
         let (lan, site) = (lab.lan(), lab.site());
         ip(&["netns", "add", &lan]);
         ip(&["netns", "add", &site]);
