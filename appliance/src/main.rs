@@ -98,10 +98,17 @@ fn check_config(file: &std::path::Path) -> Result<()> {
         c.tftp_listen,
         c.tftp_root.display()
     );
+    if let Some(ipxe) = &c.ipxe_dir {
+        println!("  iPXE folder:  {}", ipxe.display());
+    }
     println!("  assets:       {}", c.assets_dir.display());
     println!("  data:         {}", c.data_dir.display());
     println!("  plugins:      {}", c.plugins.dir.display());
     println!("  discovery:    {}", c.discovery_environment);
+    println!(
+        "  proxyDHCP:    {:?} on {:?} and {:?}",
+        c.dhcp.mode, c.dhcp.listen, c.dhcp.pxe_listen
+    );
     for env in c.environments.values() {
         let missing: Vec<_> = env
             .files()

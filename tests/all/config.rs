@@ -46,6 +46,18 @@ fn broken_configs_name_the_key_and_line() {
         ),
         ("[environments.x]\ncmdline = \"a\"\n", &["kernel"][..]),
         (
+            "[dhcp]\nmode = \"relay\"\n",
+            &["line 2", "mode", "off", "proxy"][..],
+        ),
+        (
+            "[dhcp.boot_files]\nbios = \"../undionly.kpxe\"\n",
+            &["dhcp.boot_files.bios (line 2)", "not a file name"][..],
+        ),
+        (
+            "[dhcp]\nboot_script = \"boot.ipxe\"\n",
+            &["dhcp.boot_script (line 2)", "starting with /"][..],
+        ),
+        (
             "[environments.x]\nkernel = { path = \"k\", sha256 = \"abc\" }\n",
             &["environments.x.kernel (line 2)", "64 hex digits"][..],
         ),

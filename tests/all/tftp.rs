@@ -47,7 +47,8 @@ fn curl_fetches_byte_for_byte_at_every_block_size() {
     let small = random_file(&a.tftp_root().join("ipxe/undionly.kpxe"), 70_000, 2);
     let exact = random_file(&a.tftp_root().join("exact.bin"), 1468 * 3, 3);
     let empty = random_file(&a.tftp_root().join("empty.bin"), 0, 4);
-    for blksize in [512, 1468, 65464] {
+    // 1432 is what iPXE itself asks for.
+    for blksize in [512, 1432, 1468, 65464] {
         let (ok, got, err) = curl_get(&a, "big.bin", Some(blksize), "127.0.0.1");
         assert!(ok, "blksize {blksize}: {err}\n{}", a.log());
         assert!(
