@@ -86,6 +86,41 @@ fn start_plugins(
     None
 }
 
+/// Starts the Kubernetes controller when the config turns Kubernetes mode on.
+#[cfg(feature = "kubernetes")]
+fn start_controller(
+    config: &Config,
+    core: &Arc<Core>,
+    tasks: &mut JoinSet<std::io::Result<()>>,
+    cancel: &CancellationToken,
+) {
+    let Some(k) = config.kubernetes.clone() else {
+        return;
+    };
+    let core = Arc::clone(core);
+    let cancel = cancel.clone();
+    tasks.spawn(async move {
+        if let Err(e) = crate::controller::run(core, k, cancel.clone()).await {
+            // The boot path does not need the cluster: keep serving from the inventory.
+            tracing::error!(error = %e, "the Kubernetes controller cannot start; serving from the local inventory");
+            cancel.cancelled().await;
+        }
+        Ok(())
+    });
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn start_controller(
+    config: &Config,
+    _core: &Arc<Core>,
+    _tasks: &mut JoinSet<std::io::Result<()>>,
+    _cancel: &CancellationToken,
+) {
+    if config.kubernetes.is_some() {
+        tracing::error!("this build has no Kubernetes mode (feature `kubernetes`)");
+    }
+}
+
 /// Runs the appliance until `cancel` fires or a server fails.
 pub async fn run(
     config: Config,
@@ -183,6 +218,7 @@ pub async fn run(
             tracing::warn!(http = ?bound.http, "proxyDHCP is on but HTTP listens on loopback only: machines cannot fetch their boot scripts; set http.listen");
         }
     }
+    start_controller(&config, &core, &mut tasks, &cancel);
     tracing::info!(
         http = ?bound.http, tftp = ?bound.tftp, dhcp = ?bound.dhcp,
         tftp_root = %config.tftp_root.display(), assets = %config.assets_dir.display(), data = %config.data_dir.display(),

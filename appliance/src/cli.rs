@@ -23,6 +23,9 @@ pub enum Command {
         /// The appliance.toml to check.
         file: PathBuf,
     },
+    /// Print the CustomResourceDefinitions of Kubernetes mode (YAML).
+    #[cfg(feature = "kubernetes")]
+    Crds,
     /// Say what this head node lacks before machines can boot from it.
     Doctor {
         /// appliance.toml; without it, the embedded defaults.
@@ -91,12 +94,18 @@ pub struct RunArgs {
     /// Folder of WebAssembly plugins.
     #[arg(long, value_name = "DIR")]
     pub plugins: Option<PathBuf>,
+    /// The URL machines reach this appliance at (`http.public_url`).
+    #[arg(long, value_name = "URL")]
+    pub public_url: Option<String>,
     /// proxyDHCP: `off` or `proxy` (answers PXE clients beside the site's DHCP server).
     #[arg(long, value_name = "MODE")]
     pub dhcp: Option<arges::config::DhcpMode>,
     /// Answer DHCP only on this interface (repeatable; default: every interface).
     #[arg(long = "dhcp-interface", value_name = "NAME")]
     pub dhcp_interface: Vec<String>,
+    /// Kubernetes mode: run the controller against this kubeconfig's cluster.
+    #[arg(long, value_name = "FILE", env = "ARGES_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// Write the bound addresses here as JSON once serving.
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,

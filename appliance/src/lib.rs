@@ -1,13 +1,15 @@
 //! Arges: a bare-metal provisioning appliance.
 //!
 //! The crate is laid out in three floors (see `ARCHITECTURE.md`): protocol *edges*
-//! ([`tftp`], [`http`], [`dhcp`]) that hold an `Arc<Core>`; the [`core`] facade, the only door the
+//! ([`tftp`], [`http`], [`dhcp`], and the Kubernetes `controller`) that hold an `Arc<Core>`; the [`core`] facade, the only door the
 //! edges use; and the *services* behind it ([`inventory`], [`ipxe`], [`config`], [`files`]).
 //! The discovery [`agent`] shares only the [`registration`] wire types with the HTTP edge.
 
 pub mod agent;
 pub mod app;
 pub mod config;
+#[cfg(feature = "kubernetes")]
+pub mod controller;
 pub mod core;
 pub mod dhcp;
 pub mod doctor;

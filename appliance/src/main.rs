@@ -37,6 +37,11 @@ fn main() -> ExitCode {
                     Command::Run(args) => run(args).await,
                     Command::CheckConfig { file } => check_config(&file),
                     Command::Doctor { config, dhcp } => doctor(config.as_deref(), dhcp),
+                    #[cfg(feature = "kubernetes")]
+                    Command::Crds => {
+                        print!("{}", arges::controller::resources::crds_yaml());
+                        Ok(())
+                    }
                     Command::Agent(args) => run_agent(args).await,
                     Command::Loadtest(args) => run_loadtest(args).await,
                     #[cfg(feature = "plugins")]
@@ -63,6 +68,8 @@ async fn run(args: RunArgs) -> Result<()> {
         plugins_dir: args.plugins,
         dhcp: args.dhcp,
         dhcp_interfaces: args.dhcp_interface,
+        kubeconfig: args.kubeconfig,
+        public_url: args.public_url,
     };
     let config = match &args.config {
         Some(path) => Config::load(path, &overrides)?,

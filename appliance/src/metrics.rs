@@ -38,6 +38,8 @@ pub struct Metrics {
     pub dhcp_requests: Family<Labels, Counter>,
     pub dhcp_replies: Family<Labels2, Counter>,
     pub boot_to_registration_seconds: Histogram,
+    pub controller_syncs: Family<Labels2, Counter>,
+    pub controller_leader: Gauge,
 }
 
 /// Labels naming a plugin (names are operator-chosen file names, so bounded by the folder).
@@ -81,6 +83,8 @@ impl Metrics {
             dhcp_replies: Family::default(),
             // TCG virtual machines take 10-40 s, real servers minutes (POST, RAID init).
             boot_to_registration_seconds: Histogram::new(exponential_buckets(1.0, 1.5, 16)),
+            controller_syncs: Family::default(),
+            controller_leader: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -183,6 +187,16 @@ impl Metrics {
             "boot_to_registration_seconds",
             "From the first proxyDHCP answer to a machine until it registered",
             m.boot_to_registration_seconds.clone(),
+        );
+        r.register(
+            "controller_syncs",
+            "Kubernetes sync operations by direction (push: inventory to cluster, pull: back) and result",
+            m.controller_syncs.clone(),
+        );
+        r.register(
+            "controller_leader",
+            "Whether this replica holds its appliance's Lease (1) or not (0)",
+            m.controller_leader.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -41,6 +41,7 @@ pub struct ConfigFile {
     pub templates: TemplatesSection,
     pub plugins: PluginsSection,
     pub dhcp: DhcpSection,
+    pub kubernetes: KubernetesSection,
 }
 
 /// `[http]`
@@ -395,6 +396,32 @@ impl Default for BootFilesSection {
             uefi_i386: "ipxe-i386.efi".into(),
             uefi_x86_64: "ipxe.efi".into(),
             uefi_arm64: "ipxe-arm64.efi".into(),
+        }
+    }
+}
+
+/// `[kubernetes]`: Kubernetes mode, with the appliance's controller.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesSection {
+    /// Run the controller against the cluster of this kubeconfig.
+    pub kubeconfig: Option<PathBuf>,
+    /// Run the controller with the pod's service account (the in-cluster Deployment).
+    pub in_cluster: bool,
+    /// This appliance's name among those sharing the cluster (a label value): it marks
+    /// the Servers it discovered and names its Lease. Default: the host name.
+    pub identity: Option<String>,
+    /// Namespace of the appliance's Lease, Events and default Secrets.
+    pub namespace: String,
+}
+
+impl Default for KubernetesSection {
+    fn default() -> Self {
+        KubernetesSection {
+            kubeconfig: None,
+            in_cluster: false,
+            identity: None,
+            namespace: "arges-system".into(),
         }
     }
 }

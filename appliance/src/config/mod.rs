@@ -238,6 +238,31 @@ pub struct DhcpConfig {
     pub boot_files: BootFiles,
 }
 
+/// Validated Kubernetes-mode settings; `None` in [`Config`] when the mode is off.
+#[derive(Debug, Clone)]
+pub struct KubernetesConfig {
+    /// `None`: in-cluster (service account).
+    pub kubeconfig: Option<PathBuf>,
+    pub identity: String,
+    pub namespace: String,
+}
+
+/// Whether `s` is a valid Kubernetes label value (and DNS-label-like: no dots).
+pub fn is_label_value(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
 /// Debian's `ipxe` package puts its binaries here.
 pub const DEBIAN_IPXE_DIR: &str = "/usr/lib/ipxe";
 
@@ -263,6 +288,7 @@ pub struct Config {
     pub environments: BTreeMap<String, Environment>,
     pub templates: Templates,
     pub dhcp: DhcpConfig,
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 /// Command-line overrides of the common settings.
@@ -276,6 +302,8 @@ pub struct Overrides {
     pub plugins_dir: Option<PathBuf>,
     pub dhcp: Option<DhcpMode>,
     pub dhcp_interfaces: Vec<String>,
+    pub kubeconfig: Option<PathBuf>,
+    pub public_url: Option<String>,
 }
 
 impl Config {
@@ -395,6 +423,9 @@ impl Config {
         };
         if http_listen.is_empty() {
             return Err(invalid("http.listen", "needs at least one address".into()));
+        }
+        if let Some(url) = &o.public_url {
+            f.http.public_url = Some(url.clone());
         }
         if let Some(url) = &f.http.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
@@ -588,6 +619,41 @@ impl Config {
         };
 
         let dhcp = Self::validate_dhcp(&f.dhcp, o, &invalid)?;
+        let k = &f.kubernetes;
+        let kubeconfig = o
+            .kubeconfig
+            .clone()
+            .or_else(|| k.kubeconfig.as_deref().map(resolve));
+        let kubernetes = if kubeconfig.is_some() || k.in_cluster {
+            if kubeconfig.is_some() && k.in_cluster {
+                return Err(invalid(
+                    "kubernetes.in_cluster",
+                    "set either kubernetes.kubeconfig or kubernetes.in_cluster, not both".into(),
+                ));
+            }
+            let identity = k.identity.clone().unwrap_or_else(hostname);
+            if !is_label_value(&identity) {
+                return Err(invalid(
+                    "kubernetes.identity",
+                    format!(
+                        "{identity:?} is not a label value (letters, digits, - and _, at most 63, alphanumeric at both ends)"
+                    ),
+                ));
+            }
+            if !is_label_value(&k.namespace) {
+                return Err(invalid(
+                    "kubernetes.namespace",
+                    format!("{:?} is not a namespace name", k.namespace),
+                ));
+            }
+            Some(KubernetesConfig {
+                kubeconfig,
+                identity,
+                namespace: k.namespace.clone(),
+            })
+        } else {
+            None
+        };
         let ipxe_dir = f.tftp.ipxe_dir.as_deref().map(resolve).or_else(|| {
             let debian = Path::new(DEBIAN_IPXE_DIR);
             debian.is_dir().then(|| debian.to_path_buf())
@@ -633,6 +699,7 @@ impl Config {
             environments,
             templates,
             dhcp,
+            kubernetes,
         })
     }
 
@@ -705,7 +772,7 @@ impl Config {
 }
 
 /// Checks a file against a pinned hex sha256, streaming it (assets can be hundreds of MB).
-fn check_sha256(path: &Path, want: &str) -> Result<(), String> {
+pub fn check_sha256(path: &Path, want: &str) -> Result<(), String> {
     let want = want.trim().to_ascii_lowercase();
     if want.len() != 64 || !want.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(format!("sha256 {want:?} is not 64 hex digits"));

@@ -8,14 +8,14 @@
 
 pub mod policy;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::config::{Config, LocalDiskMethod};
+use crate::config::{Config, Environment, LocalDiskMethod};
 use crate::inventory::{BootGrant, BootRecord, Inventory, InventoryError, Server, now};
 use crate::ipxe::{ScriptKind, TemplateError};
 use crate::metrics::Metrics;
@@ -40,6 +40,9 @@ pub enum CoreError {
     Forbidden(String),
     #[error("{0}")]
     NotFound(String),
+    /// Kubernetes mode: the cluster owns this; change it there.
+    #[error("{0}")]
+    Managed(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -53,6 +56,7 @@ impl CoreError {
             CoreError::Invalid(_) => "invalid",
             CoreError::Forbidden(_) => "forbidden",
             CoreError::NotFound(_) => "not_found",
+            CoreError::Managed(_) => "managed",
             CoreError::Internal(_) => "internal",
         }
     }
@@ -91,6 +95,27 @@ pub struct Core {
     registration_token: String,
     admin_token: String,
     boot_clock: BootClock,
+    events: tokio::sync::broadcast::Sender<ServerEvent>,
+    /// Environments defined in the cluster (Kubernetes mode), beside the config's.
+    cluster_environments: RwLock<Arc<BTreeMap<String, Environment>>>,
+}
+
+/// A change to the inventory, for edges that mirror it (the Kubernetes controller).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// The server was created or changed (registration, boot, administration).
+    Changed(String),
+    /// The server was deleted.
+    Deleted(String),
+}
+
+/// What the cluster says an operator wants of a server (Kubernetes mode).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DesiredState {
+    pub accepted: bool,
+    pub cordoned: bool,
+    pub environment: Option<String>,
+    pub labels: BTreeMap<String, String>,
 }
 
 /// When each machine (by MAC) was first answered by proxyDHCP in its current boot, so a
@@ -182,7 +207,49 @@ impl Core {
             registration_token,
             admin_token,
             boot_clock: BootClock::default(),
+            // Subscribers that fall this far behind resynchronise from the inventory.
+            events: tokio::sync::broadcast::channel(1024).0,
+            cluster_environments: RwLock::new(Arc::new(BTreeMap::new())),
         }
+    }
+
+    /// Inventory changes from now on. A receiver that lags gets `Lagged` and should
+    /// re-read the whole inventory.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<ServerEvent> {
+        self.events.subscribe()
+    }
+
+    fn changed(&self, id: &str) {
+        // No subscriber is fine: nobody mirrors the inventory.
+        let _ = self.events.send(ServerEvent::Changed(id.to_string()));
+    }
+
+    /// Replaces the environments defined in the cluster. The config's own win on a name
+    /// clash (the head node's file is the operator's last word).
+    pub fn set_cluster_environments(&self, envs: BTreeMap<String, Environment>) {
+        for name in envs.keys() {
+            if self.config.environments.contains_key(name) {
+                tracing::warn!(
+                    environment = %name,
+                    "the cluster defines an environment appliance.toml defines too; the file's wins"
+                );
+            }
+        }
+        *self
+            .cluster_environments
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(envs);
+    }
+
+    /// The environment `name`, from the config or the cluster.
+    pub fn environment(&self, name: &str) -> Option<Environment> {
+        self.config.environments.get(name).cloned().or_else(|| {
+            self.cluster_environments
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(name)
+                .cloned()
+        })
     }
 
     /// A network-boot client was answered by proxyDHCP: its boot has begun.
@@ -270,6 +337,7 @@ impl Core {
             let inv = Arc::clone(&self.inventory);
             let id = server.id.clone();
             blocking(move || Ok(inv.record_boot(&id, record, grant)?)).await?;
+            self.changed(&server.id);
         }
         self.metrics
             .boot_script_seconds
@@ -326,7 +394,7 @@ impl Core {
             }
         };
         let env = match env {
-            Some(name) => match self.config.environments.get(name) {
+            Some(name) => match self.environment(name) {
                 Some(e) => Some(e),
                 None => {
                     // A policy naming an environment we do not have must not boot something else.
@@ -359,7 +427,7 @@ impl Core {
             "reason": reason.unwrap_or_default(),
             "env": {},
         });
-        if let Some(env) = env {
+        if let Some(env) = &env {
             let file_url = |p: &std::path::Path| {
                 let name = p
                     .file_name()
@@ -388,7 +456,7 @@ impl Core {
                 action: kind.name(),
                 body,
             },
-            env.map(|e| e.name.clone()),
+            env.map(|e| e.name),
         ))
     }
 
@@ -413,6 +481,7 @@ impl Core {
                 Metrics::inc(&self.metrics.registrations, "result", e.kind());
             })?;
         let s = &registered.server;
+        self.changed(&s.id);
         if let Some(took) = self.boot_clock.finish(&s.macs) {
             self.metrics
                 .boot_to_registration_seconds
@@ -517,10 +586,25 @@ impl Core {
         blocking(move || Ok(inv.get(&id)?)).await
     }
 
-    /// Changes a server with an administrative edit.
+    /// Changes a server with an administrative edit. In Kubernetes mode the cluster owns
+    /// acceptance, cordons, environments and labels: those edits are refused, so kubectl
+    /// and the admin API can never disagree.
     pub async fn edit_server(&self, id: &str, edit: ServerEdit) -> Result<Server> {
+        if self.config.kubernetes.is_some()
+            && matches!(
+                edit,
+                ServerEdit::Accepted(_)
+                    | ServerEdit::Cordoned(_)
+                    | ServerEdit::Environment(_)
+                    | ServerEdit::Labels(_)
+            )
+        {
+            return Err(CoreError::Managed(format!(
+                "Kubernetes mode: change Server {id} with kubectl (spec.accepted, spec.cordoned, spec.environmentRef, labels)"
+            )));
+        }
         if let ServerEdit::Environment(Some(env)) = &edit
-            && !self.config.environments.contains_key(env)
+            && self.environment(env).is_none()
         {
             return Err(CoreError::Invalid(format!(
                 "environment {env:?} is not defined"
@@ -543,14 +627,47 @@ impl Core {
         })
         .await?;
         tracing::info!(id = %s.id, "server changed by the admin API");
+        self.changed(&s.id);
         Ok(s)
+    }
+
+    /// Applies what the cluster wants of a server; `None` when that is already so. The
+    /// environment is not checked: the cluster may name one it defines a moment later,
+    /// and until then the boot is denied, never substituted.
+    pub async fn apply_desired(&self, id: &str, want: DesiredState) -> Result<Option<Server>> {
+        let inv = Arc::clone(&self.inventory);
+        let key = id.to_string();
+        let current = blocking(move || Ok(inv.get(&key)?)).await?;
+        if current.accepted == want.accepted
+            && current.cordoned == want.cordoned
+            && current.environment == want.environment
+            && current.labels == want.labels
+        {
+            return Ok(None);
+        }
+        let inv = Arc::clone(&self.inventory);
+        let key = id.to_string();
+        let s = blocking(move || {
+            Ok(inv.update(&key, |s| {
+                s.accepted = want.accepted;
+                s.cordoned = want.cordoned;
+                s.environment = want.environment;
+                s.labels = want.labels;
+            })?)
+        })
+        .await?;
+        tracing::info!(id = %s.id, accepted = s.accepted, cordoned = s.cordoned, environment = s.environment.as_deref(), "server changed by the cluster");
+        self.changed(&s.id);
+        Ok(Some(s))
     }
 
     /// Deletes a server.
     pub async fn delete_server(&self, id: &str) -> Result<Server> {
         let inv = Arc::clone(&self.inventory);
-        let id = id.to_string();
-        blocking(move || Ok(inv.delete(&id)?)).await
+        let key = id.to_string();
+        let s = blocking(move || Ok(inv.delete(&key)?)).await?;
+        let _ = self.events.send(ServerEvent::Deleted(s.id.clone()));
+        Ok(s)
     }
 }
 

@@ -204,7 +204,8 @@ fn decoded_path(req: &Request<Incoming>, prefix: &str) -> Option<String> {
         .map(|s| s.into_owned())
 }
 
-/// `/env/<name>/<file>`: a file the config names for that environment, nothing else.
+/// `/env/<name>/<file>`: a file the environment (from the config or the cluster) names,
+/// nothing else.
 pub async fn environment_file(ctx: &HttpContext, req: &Request<Incoming>) -> Response<Body> {
     let Some(rest) = decoded_path(req, "/env/") else {
         return text(StatusCode::BAD_REQUEST, "bad path");
@@ -214,11 +215,8 @@ pub async fn environment_file(ctx: &HttpContext, req: &Request<Incoming>) -> Res
     };
     let Some(path) = ctx
         .core
-        .config()
-        .environments
-        .get(env)
-        .and_then(|e| e.file_named(file))
-        .cloned()
+        .environment(env)
+        .and_then(|e| e.file_named(file).cloned())
     else {
         return text(
             StatusCode::NOT_FOUND,

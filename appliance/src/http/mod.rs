@@ -80,6 +80,7 @@ fn status_of(e: &CoreError) -> StatusCode {
             StatusCode::BAD_REQUEST
         }
         CoreError::Forbidden(_) => StatusCode::FORBIDDEN,
+        CoreError::Managed(_) => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -1,0 +1,272 @@
+//! Server sync, both ways.
+//!
+//! *Push* (leader only): every inventory change becomes a server-side apply of the fields
+//! the appliance owns: the Server's identity, hardware and appliance label, and its
+//! status. Changes are queued by id and flushed every couple of seconds; a failed push
+//! stays queued, so registrations made while the control plane is down reach it once it
+//! is back. A full resync runs at start, after a lagged event stream, and periodically.
+//!
+//! *Pull* (every replica): a watch on the Servers labelled with this appliance's identity
+//! feeds what operators set with kubectl (`accepted`, `cordoned`, `environmentRef`,
+//! labels) into the local inventory through the core, so the boot path decides from the
+//! local copy and keeps serving while the control plane is away. The watcher re-lists
+//! after expiry and backs off while the apiserver is unreachable.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::Context;
+use super::resources::{APPLIANCE_LABEL, Server as ServerResource};
+use crate::core::{DesiredState, ServerEvent};
+use crate::inventory::Server;
+
+/// Annotation holding the inventory id when it differs from the Server's name.
+pub const ID_ANNOTATION: &str = "metal.arges.dev/inventory-id";
+const FLUSH_EVERY: Duration = Duration::from_secs(2);
+const RESYNC_EVERY: Duration = Duration::from_secs(300);
+
+/// The Kubernetes name of an inventory id: duplicate-UUID ids (`<uuid>-<mac>`) lose
+/// their colons.
+pub fn resource_name(id: &str) -> String {
+    id.replace(':', "").to_ascii_lowercase()
+}
+
+fn rfc3339(unix: u64) -> String {
+    k8s_openapi::jiff::Timestamp::from_second(unix as i64)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// The apply patch of the spec and metadata the appliance owns.
+fn spec_patch(s: &Server, identity: &str) -> serde_json::Value {
+    let h = &s.hardware;
+    json!({
+        "apiVersion": "metal.arges.dev/v1alpha1",
+        "kind": "Server",
+        "metadata": {
+            "name": resource_name(&s.id),
+            "labels": { APPLIANCE_LABEL: identity },
+            "annotations": { ID_ANNOTATION: s.id },
+        },
+        "spec": {
+            "uuid": s.uuid,
+            "hardware": {
+                "vendor": h.vendor,
+                "product": h.product,
+                "serial": h.serial,
+                "cpu": { "count": h.cpu.count, "model": h.cpu.model },
+                "memoryBytes": h.memory_bytes,
+                "nics": h.nics.iter().map(|n| json!({"name": n.name, "mac": n.mac, "addresses": n.addresses})).collect::<Vec<_>>(),
+                "disks": h.disks.iter().map(|d| json!({"name": d.name, "sizeBytes": d.size_bytes, "model": d.model, "serial": d.serial, "rotational": d.rotational})).collect::<Vec<_>>(),
+            },
+        },
+    })
+}
+
+/// The apply patch of the status the appliance observes.
+fn status_patch(s: &Server, identity: &str) -> serde_json::Value {
+    let addresses: Vec<_> = s
+        .hardware
+        .nics
+        .iter()
+        .flat_map(|n| n.addresses.iter())
+        .filter_map(|a| a.split('/').next())
+        .filter(|a| !a.starts_with("fe80") && !a.starts_with("127."))
+        .map(|a| json!({"type": "InternalIP", "address": a}))
+        .collect();
+    let last_boot = s
+        .boot_history
+        .back()
+        .map(|b| json!({"time": rfc3339(b.at), "action": b.action, "environment": b.environment}));
+    let registered = json!({
+        "type": "Registered",
+        "status": "True",
+        "reason": if s.uuid_conflict { "DuplicateUUID" } else { "AgentRegistered" },
+        "message": if s.uuid_conflict {
+            "another machine reports the same SMBIOS UUID; identified by UUID and MAC"
+        } else {
+            "the discovery agent registered this machine"
+        },
+        "lastTransitionTime": rfc3339(s.registered_at),
+    });
+    json!({
+        "apiVersion": "metal.arges.dev/v1alpha1",
+        "kind": "Server",
+        "status": {
+            "appliance": identity,
+            "addresses": addresses,
+            "lastBoot": last_boot,
+            "conditions": [registered],
+        },
+    })
+}
+
+/// Pushes one server's spec and status.
+async fn push_one(api: &Api<ServerResource>, s: &Server, ctx: &Context) -> kube::Result<()> {
+    let name = resource_name(&s.id);
+    let pp = PatchParams::apply(&ctx.field_manager).force();
+    api.patch(&name, &pp, &Patch::Apply(spec_patch(s, &ctx.identity)))
+        .await?;
+    api.patch_status(&name, &pp, &Patch::Apply(status_patch(s, &ctx.identity)))
+        .await?;
+    Ok(())
+}
+
+/// Inventory → cluster, until `cancel` fires (leadership lost or shutdown).
+pub async fn push(ctx: Arc<Context>, cancel: CancellationToken) {
+    let api: Api<ServerResource> = Api::all(ctx.client.clone());
+    let mut events = ctx.core.subscribe();
+    let mut dirty: BTreeSet<String> = BTreeSet::new();
+    let mut resync = true;
+    let mut flush = tokio::time::interval(FLUSH_EVERY);
+    let mut full = tokio::time::interval(RESYNC_EVERY);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            e = events.recv() => match e {
+                Ok(ServerEvent::Changed(id)) => { dirty.insert(id); }
+                // Deletions come from the cluster (pull), which already has them.
+                Ok(ServerEvent::Deleted(id)) => { dirty.remove(&id); }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "inventory events lagged; resynchronising");
+                    resync = true;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = full.tick() => resync = true,
+            _ = flush.tick() => {
+                if resync {
+                    match ctx.core.servers().await {
+                        Ok(all) => {
+                            dirty.extend(all.into_iter().map(|s| s.id));
+                            resync = false;
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot read the inventory to resynchronise"),
+                    }
+                }
+                let ids: Vec<String> = dirty.iter().cloned().collect();
+                for id in ids {
+                    let s = match ctx.core.server(&id).await {
+                        Ok(s) => s,
+                        Err(_) => { dirty.remove(&id); continue; }
+                    };
+                    match push_one(&api, &s, &ctx).await {
+                        Ok(()) => {
+                            dirty.remove(&id);
+                            ctx.metrics().controller_syncs.get_or_create(&[("direction", "push"), ("result", "ok")]).inc();
+                        }
+                        Err(e) => {
+                            ctx.metrics().controller_syncs.get_or_create(&[("direction", "push"), ("result", "error")]).inc();
+                            tracing::warn!(server = %id, error = %e, queued = dirty.len(), "cannot update the Server; will retry");
+                            // The apiserver is likely down: keep the rest queued too.
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a Server resource asks of the inventory.
+fn desired(s: &ServerResource) -> DesiredState {
+    let labels: BTreeMap<String, String> = s
+        .labels()
+        .iter()
+        .filter(|(k, _)| k.as_str() != APPLIANCE_LABEL)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    DesiredState {
+        accepted: s.spec.accepted,
+        cordoned: s.spec.cordoned,
+        environment: s.spec.environment_ref.as_ref().map(|r| r.name.clone()),
+        labels,
+    }
+}
+
+fn inventory_id(s: &ServerResource) -> String {
+    s.annotations()
+        .get(ID_ANNOTATION)
+        .cloned()
+        .unwrap_or_else(|| s.name_any())
+}
+
+async fn pull_one(ctx: &Context, s: &ServerResource) {
+    let id = inventory_id(s);
+    if s.spec.bmc.as_ref().is_some_and(|b| b.pass.is_some()) {
+        ctx.warn_once(
+            s,
+            "InlineCredentials",
+            "spec.bmc.pass holds a password in the Server itself; put it in a Secret (spec.bmc.credentialsSecretRef)",
+        )
+        .await;
+    }
+    match ctx.core.apply_desired(&id, desired(s)).await {
+        Ok(_) => {
+            ctx.metrics()
+                .controller_syncs
+                .get_or_create(&[("direction", "pull"), ("result", "ok")])
+                .inc();
+        }
+        // A Server of ours this appliance has not registered (restored from a backup,
+        // say): nothing to apply until the machine registers here.
+        Err(crate::core::CoreError::Inventory(crate::inventory::InventoryError::NotFound(_))) => {
+            tracing::debug!(server = %id, "Server not in the local inventory");
+        }
+        Err(e) => {
+            ctx.metrics()
+                .controller_syncs
+                .get_or_create(&[("direction", "pull"), ("result", "error")])
+                .inc();
+            tracing::warn!(server = %id, error = %e, "cannot apply the Server to the inventory");
+        }
+    }
+}
+
+/// Cluster → inventory, until `cancel` fires.
+pub async fn pull(ctx: Arc<Context>, cancel: CancellationToken) {
+    let api: Api<ServerResource> = Api::all(ctx.client.clone());
+    let config = watcher::Config::default().labels(&format!("{APPLIANCE_LABEL}={}", ctx.identity));
+    let mut stream = watcher(api, config).default_backoff().boxed();
+    loop {
+        let event = tokio::select! {
+            _ = cancel.cancelled() => return,
+            e = stream.next() => e,
+        };
+        match event {
+            None => return,
+            Some(Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s))) => {
+                pull_one(&ctx, &s).await
+            }
+            Some(Ok(watcher::Event::Delete(s))) => {
+                let id = inventory_id(&s);
+                match ctx.core.delete_server(&id).await {
+                    Ok(_) => {
+                        tracing::info!(server = %id, "Server deleted in the cluster; forgotten")
+                    }
+                    Err(e) => {
+                        tracing::debug!(server = %id, error = %e, "deleted Server not in the inventory")
+                    }
+                }
+            }
+            Some(Ok(watcher::Event::Init | watcher::Event::InitDone)) => {}
+            Some(Err(e)) => {
+                // The backoff paces the retries; say so once per failure.
+                tracing::warn!(error = %e, "Server watch failed; retrying");
+                ctx.metrics()
+                    .controller_syncs
+                    .get_or_create(&[("direction", "pull"), ("result", "watch_error")])
+                    .inc();
+            }
+        }
+    }
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Builds the Kubernetes test binaries from Go modules at pinned releases (never downloads
+# prebuilt ones): kube-apiserver and kubectl from k8s.io/kubernetes, and etcd. They are
+# cached outside the work tree, under $ARGES_CACHE/k8s/<versions>/bin, and reused while
+# the pins stay the same. Prints the bin folder.
+#
+# k8s.io/kubernetes requires its ~30 staging modules (k8s.io/api, k8s.io/apiserver, …) at
+# v0.0.0 and replaces them with its own staging/ folder, which a module download lacks: a
+# scratch module replaces each with its published v0.<minor>.<patch> release instead.
+set -euo pipefail
+K8S_VERSION="${ARGES_K8S_VERSION:-v1.35.4}"
+ETCD_VERSION="${ARGES_ETCD_VERSION:-v3.6.14}"
+cache="${ARGES_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/arges}"
+out="$cache/k8s/kubernetes-$K8S_VERSION-etcd-$ETCD_VERSION/bin"
+
+if [ -x "$out/kube-apiserver" ] && [ -x "$out/kubectl" ] && [ -x "$out/etcd" ]; then
+  echo "$out"
+  exit 0
+fi
+command -v go >/dev/null || { echo "error: go is needed to build the test control plane" >&2; exit 1; }
+mkdir -p "$out"
+export GOFLAGS="-mod=mod"
+export GOTOOLCHAIN="${GOTOOLCHAIN:-auto}"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+log() { echo "[control plane] $*" >&2; }
+
+# kube-apiserver and kubectl.
+minor="${K8S_VERSION#v1.}"            # 35.4
+staging_version="v0.${minor}"         # v0.35.4
+mkdir -p "$work/kube"
+cd "$work/kube"
+go mod init arges.test/kube >/dev/null 2>&1
+log "resolving k8s.io/kubernetes@$K8S_VERSION"
+gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",*$/\1/p')"
+[ -f "$gomod" ] || { echo "error: cannot download k8s.io/kubernetes@$K8S_VERSION" >&2; exit 1; }
+go mod edit -require="k8s.io/kubernetes@$K8S_VERSION"
+# Every staging module it pins at v0.0.0 gets its published release.
+for m in $(sed -n 's/^[[:space:]]*\(k8s\.io\/[a-z0-9-]*\) v0\.0\.0$/\1/p' "$gomod" | sort -u); do
+  go mod edit -replace="$m=$m@$staging_version"
+done
+# Its go and godebug lines keep the build's behaviour the release's.
+go_line="$(sed -n 's/^go \(.*\)$/\1/p' "$gomod" | head -n1)"
+[ -n "$go_line" ] && go mod edit -go="$go_line"
+sed -n '/^godebug/,/^)/p' "$gomod" >> go.mod
+pkg=k8s.io/component-base/version
+ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=${minor%%.*} -X $pkg.gitTreeState=clean"
+for cmd in kube-apiserver kubectl; do
+  log "building $cmd $K8S_VERSION (the first build takes several minutes)"
+  go build -trimpath -ldflags "$ldflags" -o "$out/$cmd.partial" "k8s.io/kubernetes/cmd/$cmd"
+  mv "$out/$cmd.partial" "$out/$cmd"
+done
+
+# etcd.
+mkdir -p "$work/etcd"
+cd "$work/etcd"
+go mod init arges.test/etcd >/dev/null 2>&1
+log "building etcd $ETCD_VERSION"
+go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >&2
+go build -trimpath -ldflags "-s -w" -o "$out/etcd.partial" go.etcd.io/etcd/server/v3
+mv "$out/etcd.partial" "$out/etcd"
+
+"$out/kube-apiserver" --version >&2
+echo "$out"

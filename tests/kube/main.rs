@@ -1,0 +1,390 @@
+//! Kubernetes mode against a real control plane (etcd + kube-apiserver built from Go
+//! modules): CRDs, Server sync with the real agent, kubectl driving the next boot,
+//! validation, an apiserver restart, least-privilege RBAC, and several appliances sharing
+//! one cluster.
+//!
+//! The first run builds the control plane (minutes), so `cargo test` leaves these out
+//! (ignored); `tests/run-all.sh` builds it and runs them.
+
+mod control_plane;
+#[allow(dead_code)]
+#[path = "../all/harness.rs"]
+mod harness;
+
+use std::process::Command;
+
+use control_plane::{ControlPlane, eventually};
+use harness::{ADMIN_TOKEN, Appliance, REG_TOKEN, bin};
+
+const UUID_1: &str = "11111111-2222-4333-8444-000000000001";
+const UUID_2: &str = "11111111-2222-4333-8444-000000000002";
+
+/// An appliance in Kubernetes mode with `identity`, using `kubeconfig`.
+fn appliance(kubeconfig: &std::path::Path, identity: &str) -> Appliance {
+    let dir = Appliance::prepare(&format!(
+        "[kubernetes]\nidentity = \"{identity}\"\nnamespace = \"arges-system\"\n"
+    ));
+    Appliance::start_in(dir, &["--kubeconfig", &kubeconfig.display().to_string()])
+}
+
+/// The real agent registers the recorded machine `root` under `uuid`.
+fn register(a: &Appliance, root: &str, uuid: &str) {
+    let out = Command::new(bin())
+        .args(["agent", "--appliance", &a.url(""), "--token", REG_TOKEN])
+        .args(["--timeout", "20", "--uuid", uuid, "--root"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/machines/").to_string() + root)
+        .output()
+        .expect("run the agent");
+    assert!(
+        out.status.success(),
+        "agent: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.log()
+    );
+}
+
+fn boot_script(a: &Appliance, uuid: &str, mac: &str) -> String {
+    let (status, body) = a.request(
+        "GET",
+        &format!("/boot.ipxe?uuid={uuid}&mac={mac}"),
+        None,
+        b"",
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+fn ensure_namespace(cp: &ControlPlane) {
+    let out = cp.kubectl_output(&["create", "namespace", "arges-system"]);
+    assert!(
+        out.status.success() || String::from_utf8_lossy(&out.stderr).contains("AlreadyExists"),
+        "{out:?}"
+    );
+}
+
+/// Waits until `kubectl get servers` lists `uuid`; returns the wide table.
+fn wait_for_server(cp: &ControlPlane, uuid: &str) -> String {
+    eventually(
+        60,
+        &format!("Server {uuid} in `kubectl get servers`"),
+        || {
+            let out = cp.kubectl_output(&["get", "servers"]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.contains(uuid).then_some(text)
+        },
+    );
+    cp.kubectl(&["get", "servers", "-o", "wide"])
+}
+
+#[test]
+#[ignore = "real kube-apiserver (built from Go modules); tests/run-all.sh runs it"]
+fn crds_apply_and_malformed_servers_are_refused_with_the_reason() {
+    let cp = ControlPlane::start();
+    cp.apply_crds();
+    let bad_mac = "apiVersion: metal.arges.dev/v1alpha1\nkind: Server\nmetadata:\n  name: bad-mac\nspec:\n  uuid: x\n  hardware:\n    nics:\n    - name: eth0\n      mac: not-a-mac\n";
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], bad_mac);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a malformed MAC was accepted");
+    assert!(
+        err.contains("spec.hardware.nics[0].mac") && err.contains("should match"),
+        "{err}"
+    );
+    let no_uuid = "apiVersion: metal.arges.dev/v1alpha1\nkind: Server\nmetadata:\n  name: no-uuid\nspec:\n  accepted: true\n";
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], no_uuid);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("spec.uuid: Required value"),
+        "{err}"
+    );
+    let bad_port = "apiVersion: infrastructure.cluster.x-k8s.io/v1alpha2\nkind: MetalCluster\nmetadata:\n  name: c\n  namespace: default\nspec:\n  apiEndpoints:\n  - host: 10.0.0.1\n    port: 70000\n";
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], bad_port);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("spec.apiEndpoints[0].port"),
+        "{err}"
+    );
+    // The guide's own shapes are accepted.
+    let guide = "apiVersion: infrastructure.cluster.x-k8s.io/v1alpha2\nkind: MetalCluster\nmetadata:\n  name: example-0\n  namespace: default\nspec:\n  apiEndpoints:\n  - host: 192.168.1.101\n    port: 6443\n---\napiVersion: infrastructure.cluster.x-k8s.io/v1alpha2\nkind: MetalMachine\nmetadata:\n  name: controlplane-0\n  namespace: default\nspec:\n  serverRef:\n    apiVersion: metal.arges.dev/v1alpha1\n    kind: Server\n    name: 00000000-0000-0000-0000-d05099d4c8ed\n  bmc:\n    endpoint: 10.0.0.9\n    user: admin\n    pass: secret\n";
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], guide);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+#[ignore = "real kube-apiserver (built from Go modules); tests/run-all.sh runs it"]
+fn registration_becomes_a_server_and_kubectl_drives_the_next_boot() {
+    let cp = ControlPlane::start();
+    cp.apply_crds();
+    ensure_namespace(&cp);
+    let a = appliance(&cp.kubeconfig(), "rack-1");
+    register(&a, "a", UUID_1);
+    let table = wait_for_server(&cp, UUID_1);
+    assert!(table.contains("Dell Inc."), "printer columns: {table}");
+    let labels = cp.kubectl(&["get", "server", UUID_1, "-o", "jsonpath={.metadata.labels}"]);
+    assert!(
+        labels.contains("\"metal.arges.dev/appliance\":\"rack-1\""),
+        "{labels}"
+    );
+    let status = eventually(30, "the Server's status", || {
+        let s = cp.kubectl(&[
+            "get",
+            "server",
+            UUID_1,
+            "-o",
+            "jsonpath={.status.appliance}",
+        ]);
+        (s == "rack-1").then_some(s)
+    });
+    assert_eq!(status, "rack-1");
+
+    // Registered, not accepted: local disk.
+    let mac = "b8:ca:3a:00:00:0a";
+    assert!(boot_script(&a, UUID_1, mac).contains("boot from local disk"));
+    // The admin API defers to the cluster.
+    let (code, body) = a.request(
+        "POST",
+        &format!("/api/v1/servers/{UUID_1}/accept"),
+        Some(ADMIN_TOKEN),
+        b"",
+    );
+    assert_eq!(code, 409, "{}", String::from_utf8_lossy(&body));
+
+    // An Environment and an acceptance, both with kubectl.
+    std::fs::create_dir_all(a.data().join("assets/k8s")).unwrap();
+    std::fs::write(a.data().join("assets/k8s/vmlinuz"), b"kernel").unwrap();
+    std::fs::write(a.data().join("assets/k8s/initrd.img"), b"initrd").unwrap();
+    let env = "apiVersion: metal.arges.dev/v1alpha1\nkind: Environment\nmetadata:\n  name: from-cluster\nspec:\n  kernel:\n    path: k8s/vmlinuz\n    args:\n    - console=ttyS0\n    - arges.uuid={{ machine.uuid }}\n  initrds:\n  - path: k8s/initrd.img\n";
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cp.kubectl(&[
+        "patch",
+        "server",
+        UUID_1,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"accepted":true,"environmentRef":{"name":"from-cluster"}}}"#,
+    ]);
+    let script = eventually(30, "the next boot follows kubectl", || {
+        let s = boot_script(&a, UUID_1, mac);
+        s.contains("/env/from-cluster/vmlinuz").then_some(s)
+    });
+    assert!(script.contains(&format!("arges.uuid={UUID_1}")), "{script}");
+    // The environment's files are served.
+    let (code, body) = a.request("GET", "/env/from-cluster/vmlinuz", None, b"");
+    assert_eq!((code, body.as_slice()), (200, b"kernel".as_slice()));
+    // The boot is reported back.
+    eventually(30, "status.lastBoot", || {
+        let s = cp.kubectl(&[
+            "get",
+            "server",
+            UUID_1,
+            "-o",
+            "jsonpath={.status.lastBoot.environment}",
+        ]);
+        (s == "from-cluster").then_some(())
+    });
+
+    // Cordoned with kubectl: local disk again.
+    cp.kubectl(&[
+        "patch",
+        "server",
+        UUID_1,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"cordoned":true}}"#,
+    ]);
+    eventually(30, "a cordon takes effect", || {
+        boot_script(&a, UUID_1, mac)
+            .contains("boot from local disk")
+            .then_some(())
+    });
+}
+
+#[test]
+#[ignore = "real kube-apiserver (built from Go modules); tests/run-all.sh runs it"]
+fn an_apiserver_restart_loses_nothing_and_boots_go_on_meanwhile() {
+    let mut cp = ControlPlane::start();
+    cp.apply_crds();
+    ensure_namespace(&cp);
+    let a = appliance(&cp.kubeconfig(), "rack-1");
+    register(&a, "a", UUID_1);
+    wait_for_server(&cp, UUID_1);
+    cp.kubectl(&[
+        "patch",
+        "server",
+        UUID_1,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"accepted":true,"environmentRef":{"name":"talos"}}}"#,
+    ]);
+    eventually(30, "acceptance reaches the appliance", || {
+        boot_script(&a, UUID_1, "b8:ca:3a:00:00:0a")
+            .contains("/env/talos/")
+            .then_some(())
+    });
+
+    cp.stop_apiserver();
+    // The boot path keeps deciding from the local copy, and registrations keep working.
+    assert!(boot_script(&a, UUID_1, "b8:ca:3a:00:00:0a").contains("/env/talos/"));
+    register(&a, "b", UUID_2);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    cp.restart_apiserver();
+
+    // The registration made while it was down arrives, and the watch resumes.
+    wait_for_server(&cp, UUID_2);
+    cp.kubectl(&[
+        "patch",
+        "server",
+        UUID_2,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"accepted":true,"environmentRef":{"name":"talos"}}}"#,
+    ]);
+    eventually(90, "reconciling resumes after the restart", || {
+        boot_script(&a, UUID_2, "b8:ca:3a:00:00:0b")
+            .contains("/env/talos/")
+            .then_some(())
+    });
+    let m = a.metrics();
+    assert!(
+        m.contains("arges_controller_syncs_total{direction=\"push\",result=\"error\"}"),
+        "the outage was seen:\n{m}"
+    );
+}
+
+#[test]
+#[ignore = "real kube-apiserver (built from Go modules); tests/run-all.sh runs it"]
+fn the_shipped_rbac_is_enough_and_no_more() {
+    let cp = ControlPlane::start();
+    cp.apply_crds();
+    let rbac = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac/rbac.yaml");
+    cp.kubectl(&["apply", "-f", rbac]);
+    let token = cp.kubectl(&[
+        "create",
+        "token",
+        "arges",
+        "-n",
+        "arges-system",
+        "--duration=1h",
+    ]);
+    let kubeconfig = cp.write_kubeconfig("sa.kubeconfig", token.trim());
+    let a = appliance(&kubeconfig, "rack-sa");
+    register(&a, "a", UUID_1);
+    wait_for_server(&cp, UUID_1);
+    cp.kubectl(&[
+        "patch",
+        "server",
+        UUID_1,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"accepted":true,"environmentRef":{"name":"talos"}}}"#,
+    ]);
+    eventually(30, "the service account reconciles", || {
+        boot_script(&a, UUID_1, "b8:ca:3a:00:00:0a")
+            .contains("/env/talos/")
+            .then_some(())
+    });
+    eventually(30, "the service account holds its Lease", || {
+        let h = cp.kubectl(&[
+            "get",
+            "lease",
+            "arges-rack-sa",
+            "-n",
+            "arges-system",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]);
+        h.starts_with("rack-sa-").then_some(())
+    });
+    let sa = "system:serviceaccount:arges-system:arges";
+    for (verb, resource, ns) in [
+        ("list", "secrets", "default"),
+        ("delete", "nodes", ""),
+        ("create", "pods", "arges-system"),
+        ("delete", "customresourcedefinitions", ""),
+        ("update", "leases", "default"),
+    ] {
+        let mut args = vec!["auth", "can-i", verb, resource, "--as", sa];
+        if !ns.is_empty() {
+            args.extend(["-n", ns]);
+        }
+        let out = cp.kubectl_output(&args);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "no",
+            "the appliance's account may {verb} {resource} in {ns:?}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "real kube-apiserver (built from Go modules); tests/run-all.sh runs it"]
+fn appliances_share_a_cluster_and_replicas_elect_one_leader() {
+    let cp = ControlPlane::start();
+    cp.apply_crds();
+    ensure_namespace(&cp);
+    let rack_a = appliance(&cp.kubeconfig(), "rack-a");
+    let rack_b = appliance(&cp.kubeconfig(), "rack-b");
+    register(&rack_a, "a", UUID_1);
+    register(&rack_b, "b", UUID_2);
+    wait_for_server(&cp, UUID_1);
+    wait_for_server(&cp, UUID_2);
+    for (uuid, owner) in [(UUID_1, "rack-a"), (UUID_2, "rack-b")] {
+        let l = cp.kubectl(&[
+            "get",
+            "server",
+            uuid,
+            "-o",
+            "jsonpath={.metadata.labels.metal\\.arges\\.dev/appliance}",
+        ]);
+        assert_eq!(l, owner);
+    }
+    // Rack B's acceptance changes rack B's machine only; rack A never learns of it.
+    cp.kubectl(&[
+        "patch",
+        "server",
+        UUID_2,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"accepted":true,"environmentRef":{"name":"talos"}}}"#,
+    ]);
+    eventually(30, "rack B applies its Server", || {
+        boot_script(&rack_b, UUID_2, "b8:ca:3a:00:00:0b")
+            .contains("/env/talos/")
+            .then_some(())
+    });
+    let (code, _) = rack_a.request(
+        "GET",
+        &format!("/api/v1/servers/{UUID_2}"),
+        Some(ADMIN_TOKEN),
+        b"",
+    );
+    assert_eq!(code, 404, "rack A must not import rack B's servers");
+
+    // A second replica of rack A: one leader between them.
+    let replica = appliance(&cp.kubeconfig(), "rack-a");
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    let leaders: Vec<bool> = [&rack_a, &replica]
+        .iter()
+        .map(|a| {
+            a.metrics()
+                .lines()
+                .any(|l| l == "arges_controller_leader 1")
+        })
+        .collect();
+    assert_eq!(
+        leaders,
+        vec![true, false],
+        "exactly the first replica leads: {}\n--- first ---\n{}\n--- second ---\n{}",
+        cp.kubectl(&["get", "lease", "-n", "arges-system", "-o", "yaml"]),
+        rack_a.log(),
+        replica.log()
+    );
+}
