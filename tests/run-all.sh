@@ -60,6 +60,11 @@ if ! deploy/build-initramfs.sh --agent "$agent" --out "$discovery"; then
 fi
 export ARGES_DISCOVERY_DIR="$(cd "$discovery" && pwd)"
 
+step "Kubernetes test binaries (kube-apiserver, kubectl, etcd from Go modules; cached)"
+command -v go >/dev/null || { echo "error: go is needed to build the test control plane" >&2; exit 1; }
+ARGES_K8S_BIN="$(bash tests/k8s/build-binaries.sh)"
+export ARGES_K8S_BIN
+
 # Tests build with the release profile: they then share one build of wasmtime with the
 # benches, which saves a full compile in CI. `cargo test` stays the quick inner loop.
 step "cargo test --release (unit and integration tests against real peers)"
@@ -76,5 +81,8 @@ else
   step "network boot: QEMU (SeaBIOS+iPXE, OVMF PXE, OVMF HTTP boot) to registered"
   cargo test --locked --release --test netboot -- --ignored --test-threads=1 --nocapture
 fi
+
+step "Kubernetes mode against a real kube-apiserver"
+cargo test --locked --release --test kube -- --ignored --test-threads=2
 
 step "all checks passed"

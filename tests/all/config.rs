@@ -8,7 +8,10 @@ use crate::harness::{bin, run};
 fn every_sample_config_is_valid() {
     let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
     let mut checked = 0;
-    for entry in std::fs::read_dir(deploy).unwrap() {
+    let files = std::fs::read_dir(deploy)
+        .unwrap()
+        .chain(std::fs::read_dir(format!("{deploy}/mgmt")).unwrap());
+    for entry in files {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let out = run(Command::new(bin()).arg("check-config").arg(&path));
@@ -21,7 +24,23 @@ fn every_sample_config_is_valid() {
             checked += 1;
         }
     }
-    assert!(checked >= 2, "sample configs not found in {deploy}");
+    assert!(checked >= 3, "sample configs not found in {deploy}");
+}
+
+#[test]
+fn checked_in_crds_match_the_rust_types() {
+    let out = run(Command::new(bin()).arg("crds"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds/arges.yaml");
+    let checked_in = std::fs::read_to_string(path).unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout) == checked_in,
+        "deploy/crds/arges.yaml is stale: run `cargo run -- crds > deploy/crds/arges.yaml`"
+    );
 }
 
 #[test]

@@ -138,7 +138,8 @@ impl ControlPlane {
             .args([
                 "--service-cluster-ip-range=10.96.0.0/24",
                 "--enable-priority-and-fairness=false",
-                "--watch-cache=true",
+                // Watches end after 5-10 s, so every test also lives through watch expiry.
+                "--min-request-timeout=5",
             ])
             .stdout(Stdio::null())
             .stderr(

@@ -10,6 +10,9 @@
 //! the contract's (`controlPlaneEndpoint`, `providerID`, `status.initialization`,
 //! `status.addresses`).
 
+// kube's `printcolumn(...)` repeats keys by design; clippy reads them as duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
