@@ -191,6 +191,54 @@ fn registration_becomes_a_server_and_kubectl_drives_the_next_boot() {
         (s == "from-cluster").then_some(())
     });
 
+    // A class by vendor AND label: the server joins once it carries the label.
+    let class = "apiVersion: metal.arges.dev/v1alpha1\nkind: ServerClass\nmetadata:\n  name: dell-rack-1\nspec:\n  qualifiers:\n    vendors: [\"Dell Inc.\"]\n  selector:\n    matchLabels:\n      rack: r1\n";
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], class);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let count = || {
+        cp.kubectl(&[
+            "get",
+            "serverclass",
+            "dell-rack-1",
+            "-o",
+            "jsonpath={.status.available}/{.status.servers}",
+        ])
+    };
+    eventually(60, "the class counts no server without the label", || {
+        let c = count();
+        (c.starts_with("0/") && !c.contains(UUID_1)).then_some(())
+    });
+    cp.kubectl(&["label", "server", UUID_1, "rack=r1"]);
+    eventually(60, "the class counts the labelled server", || {
+        (count() == format!("1/[\"{UUID_1}\"]")).then_some(())
+    });
+
+    // Inline BMC credentials work but are warned about.
+    cp.kubectl(&[
+        "patch",
+        "server",
+        UUID_1,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"bmc":{"endpoint":"10.0.0.9","user":"admin","pass":"inline"}}}"#,
+    ]);
+    eventually(30, "a warning event for inline credentials", || {
+        let e = cp.kubectl(&[
+            "get",
+            "events",
+            "-A",
+            "--field-selector",
+            "reason=InlineCredentials",
+            "-o",
+            "name",
+        ]);
+        (!e.trim().is_empty()).then_some(())
+    });
+
     // Cordoned with kubectl: local disk again.
     cp.kubectl(&[
         "patch",

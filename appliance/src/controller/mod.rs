@@ -4,7 +4,8 @@
 //! becomes the shared state of every appliance in the fleet. [`resources`] holds the CRD
 //! types; [`servers`] mirrors the inventory into `Server` resources and operators'
 //! changes back; [`environments`] feeds cluster-defined Environments to the core;
-//! [`lease`] elects one active replica per appliance identity.
+//! [`server_classes`] decides class membership and keeps class counts; [`lease`] elects
+//! one active replica per appliance identity.
 //!
 //! Each appliance marks the Servers it discovered with its identity
 //! (`metal.arges.dev/appliance`) and reconciles only those, so several racks share one
@@ -14,6 +15,7 @@
 pub mod environments;
 pub mod lease;
 pub mod resources;
+pub mod server_classes;
 pub mod servers;
 
 use std::collections::HashSet;
@@ -150,9 +152,11 @@ pub async fn run(
         ctx.metrics().controller_leader.set(1);
         let leading = cancel.child_token();
         let push = tokio::spawn(servers::push(Arc::clone(&ctx), leading.clone()));
+        let classes = tokio::spawn(server_classes::refresh(Arc::clone(&ctx), leading.clone()));
         elector.hold(&leading).await;
         leading.cancel();
         let _ = push.await;
+        let _ = classes.await;
         ctx.metrics().controller_leader.set(0);
     }
     let _ = pull.await;

@@ -181,8 +181,9 @@ pub struct ServerStatus {
     pub power: Option<String>,
     /// Claimed by a MetalMachine.
     pub in_use: bool,
-    /// Wiped since its last use (or never used).
-    pub clean: bool,
+    /// Wiped since its last use; unset means never used, which is clean too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clean: Option<bool>,
     /// Addresses the machine's NICs held when it last registered.
     pub addresses: Vec<MachineAddress>,
     /// The latest boot decision.
