@@ -62,6 +62,31 @@ fn ensure_namespace(cp: &ControlPlane) {
     );
 }
 
+/// Accepts a Server into the `talos` environment with kubectl, and waits (at most `secs`)
+/// until the appliance's next boot script for it says so.
+fn accept_into_talos(
+    cp: &ControlPlane,
+    a: &Appliance,
+    uuid: &str,
+    mac: &str,
+    secs: u64,
+    what: &str,
+) {
+    cp.kubectl(&[
+        "patch",
+        "server",
+        uuid,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"accepted":true,"environmentRef":{"name":"talos"}}}"#,
+    ]);
+    eventually(secs, what, || {
+        boot_script(a, uuid, mac)
+            .contains("/env/talos/")
+            .then_some(())
+    });
+}
+
 /// Waits until `kubectl get servers` lists `uuid`; returns the wide table.
 fn wait_for_server(cp: &ControlPlane, uuid: &str) -> String {
     eventually(
@@ -264,19 +289,14 @@ fn an_apiserver_restart_loses_nothing_and_boots_go_on_meanwhile() {
     let a = appliance(&cp.kubeconfig(), "rack-1");
     register(&a, "a", UUID_1);
     wait_for_server(&cp, UUID_1);
-    cp.kubectl(&[
-        "patch",
-        "server",
+    accept_into_talos(
+        &cp,
+        &a,
         UUID_1,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"accepted":true,"environmentRef":{"name":"talos"}}}"#,
-    ]);
-    eventually(30, "acceptance reaches the appliance", || {
-        boot_script(&a, UUID_1, "b8:ca:3a:00:00:0a")
-            .contains("/env/talos/")
-            .then_some(())
-    });
+        "b8:ca:3a:00:00:0a",
+        30,
+        "acceptance reaches the appliance",
+    );
 
     cp.stop_apiserver();
     // The boot path keeps deciding from the local copy, and registrations keep working.
@@ -287,19 +307,14 @@ fn an_apiserver_restart_loses_nothing_and_boots_go_on_meanwhile() {
 
     // The registration made while it was down arrives, and the watch resumes.
     wait_for_server(&cp, UUID_2);
-    cp.kubectl(&[
-        "patch",
-        "server",
+    accept_into_talos(
+        &cp,
+        &a,
         UUID_2,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"accepted":true,"environmentRef":{"name":"talos"}}}"#,
-    ]);
-    eventually(90, "reconciling resumes after the restart", || {
-        boot_script(&a, UUID_2, "b8:ca:3a:00:00:0b")
-            .contains("/env/talos/")
-            .then_some(())
-    });
+        "b8:ca:3a:00:00:0b",
+        90,
+        "reconciling resumes after the restart",
+    );
     let m = a.metrics();
     assert!(
         m.contains("arges_controller_syncs_total{direction=\"push\",result=\"error\"}"),
@@ -326,19 +341,14 @@ fn the_shipped_rbac_is_enough_and_no_more() {
     let a = appliance(&kubeconfig, "rack-sa");
     register(&a, "a", UUID_1);
     wait_for_server(&cp, UUID_1);
-    cp.kubectl(&[
-        "patch",
-        "server",
+    accept_into_talos(
+        &cp,
+        &a,
         UUID_1,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"accepted":true,"environmentRef":{"name":"talos"}}}"#,
-    ]);
-    eventually(30, "the service account reconciles", || {
-        boot_script(&a, UUID_1, "b8:ca:3a:00:00:0a")
-            .contains("/env/talos/")
-            .then_some(())
-    });
+        "b8:ca:3a:00:00:0a",
+        30,
+        "the service account reconciles",
+    );
     eventually(30, "the service account holds its Lease", || {
         let h = cp.kubectl(&[
             "get",
@@ -395,19 +405,14 @@ fn appliances_share_a_cluster_and_replicas_elect_one_leader() {
         assert_eq!(l, owner);
     }
     // Rack B's acceptance changes rack B's machine only; rack A never learns of it.
-    cp.kubectl(&[
-        "patch",
-        "server",
+    accept_into_talos(
+        &cp,
+        &rack_b,
         UUID_2,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"accepted":true,"environmentRef":{"name":"talos"}}}"#,
-    ]);
-    eventually(30, "rack B applies its Server", || {
-        boot_script(&rack_b, UUID_2, "b8:ca:3a:00:00:0b")
-            .contains("/env/talos/")
-            .then_some(())
-    });
+        "b8:ca:3a:00:00:0b",
+        30,
+        "rack B applies its Server",
+    );
     let (code, _) = rack_a.request(
         "GET",
         &format!("/api/v1/servers/{UUID_2}"),

@@ -57,6 +57,27 @@ fn metric(text: &str, prefix: &str) -> f64 {
         .unwrap_or_else(|| panic!("no metric {prefix} in:\n{text}"))
 }
 
+/// Each of `lines` (a metric with its labels) counted at least once.
+fn assert_counted(lab: &Lab, m: &Machine, lines: &[&str]) {
+    let metrics = lab.metrics();
+    for line in lines {
+        assert!(
+            metric(&metrics, line) >= 1.0,
+            "{line} not counted:\n{metrics}\n{}",
+            lab.logs(&m.serial_log)
+        );
+    }
+}
+
+/// The latest boot decision the inventory recorded for `uuid`.
+fn last_boot(lab: &Lab, uuid: &str) -> Value {
+    let servers = lab.servers();
+    find(&servers, uuid)["boot_history"]
+        .as_array()
+        .and_then(|h| h.last().cloned())
+        .unwrap_or_else(|| panic!("no boot record for {uuid}: {servers:#?}"))
+}
+
 fn report(firmware: &str, lab: &Lab, wall: std::time::Duration) {
     let m = lab.metrics();
     let count = metric(&m, "arges_boot_to_registration_seconds_count");
@@ -82,16 +103,13 @@ fn bios_machine_registers_then_boots_its_environment() {
         "the agent should have been told to power off:\n{}",
         lab.logs(&m.serial_log)
     );
-    let metrics = lab.metrics();
-    assert!(
-        metric(
-            &metrics,
-            "arges_dhcp_replies_total{client=\"ipxe\",firmware=\"bios\"}"
-        ) >= 1.0,
-        "{metrics}"
+    assert_counted(
+        &lab,
+        &m,
+        &["arges_dhcp_replies_total{client=\"ipxe\",firmware=\"bios\"}"],
     );
     assert_eq!(
-        metric(&metrics, "arges_boot_to_registration_seconds_count"),
+        metric(&lab.metrics(), "arges_boot_to_registration_seconds_count"),
         1.0
     );
     report("BIOS (SeaBIOS + iPXE ROM)", &lab, wall);
@@ -122,11 +140,7 @@ fn bios_machine_registers_then_boots_its_environment() {
         "the second boot should run the install environment:\n{}",
         lab.logs(&m.serial_log)
     );
-    let servers = lab.servers();
-    let last = find(&servers, &m.uuid)["boot_history"]
-        .as_array()
-        .and_then(|h| h.last().cloned())
-        .expect("a boot record");
+    let last = last_boot(&lab, &m.uuid);
     assert_eq!(last["action"], "environment");
     assert_eq!(last["environment"], "install");
 }
@@ -139,26 +153,15 @@ fn uefi_machine_loads_ipxe_efi_over_tftp_and_registers() {
     let i = lab.boot(&m);
     let wall = lab.wait_exit(i, &m);
     assert_registered_as(&lab, &m);
-    let metrics = lab.metrics();
     // The firmware's PXE client got ipxe.efi (over TFTP), then iPXE got the script URL.
-    assert!(
-        metric(
-            &metrics,
-            "arges_dhcp_replies_total{client=\"pxe\",firmware=\"uefi_x86_64\"}"
-        ) >= 1.0,
-        "{metrics}"
-    );
-    assert!(
-        metric(
-            &metrics,
-            "arges_dhcp_replies_total{client=\"ipxe\",firmware=\"uefi_x86_64\"}"
-        ) >= 1.0,
-        "{metrics}"
-    );
-    assert!(
-        metric(&metrics, "arges_tftp_transfers_total{outcome=\"complete\"}") >= 1.0,
-        "{metrics}\n{}",
-        lab.logs(&m.serial_log)
+    assert_counted(
+        &lab,
+        &m,
+        &[
+            "arges_dhcp_replies_total{client=\"pxe\",firmware=\"uefi_x86_64\"}",
+            "arges_dhcp_replies_total{client=\"ipxe\",firmware=\"uefi_x86_64\"}",
+            "arges_tftp_transfers_total{outcome=\"complete\"}",
+        ],
     );
     report("UEFI PXE (OVMF, ipxe.efi over TFTP)", &lab, wall);
 }
@@ -171,20 +174,13 @@ fn uefi_http_boot_machine_loads_ipxe_efi_over_http_and_registers() {
     let i = lab.boot(&m);
     let wall = lab.wait_exit(i, &m);
     assert_registered_as(&lab, &m);
-    let metrics = lab.metrics();
-    assert!(
-        metric(
-            &metrics,
-            "arges_dhcp_replies_total{client=\"http\",firmware=\"uefi_x86_64\"}"
-        ) >= 1.0,
-        "{metrics}"
-    );
-    assert!(
-        metric(
-            &metrics,
-            "arges_http_requests_total{route=\"boot_file\",status=\"2xx\"}"
-        ) >= 1.0,
-        "{metrics}"
+    assert_counted(
+        &lab,
+        &m,
+        &[
+            "arges_dhcp_replies_total{client=\"http\",firmware=\"uefi_x86_64\"}",
+            "arges_http_requests_total{route=\"boot_file\",status=\"2xx\"}",
+        ],
     );
     report("UEFI HTTP boot (OVMF, ipxe.efi over HTTP)", &lab, wall);
 }
@@ -205,13 +201,8 @@ fn registered_but_unaccepted_machine_boots_its_local_disk() {
     let i = lab.boot(&m);
     lab.wait_serial(&m, "ARGES-LOCAL-DISK-BOOTED");
     lab.kill(i);
-    let servers = lab.servers();
-    let s = find(&servers, &m.uuid);
-    let last = s["boot_history"]
-        .as_array()
-        .and_then(|h| h.last().cloned())
-        .expect("a boot record");
-    assert_eq!(last["action"], "local-disk", "{s:#}");
+    let last = last_boot(&lab, &m.uuid);
+    assert_eq!(last["action"], "local-disk", "{last:#}");
     assert!(
         !lab.serial(&m).contains("arges-init:"),
         "the discovery environment must not have booted:\n{}",
