@@ -13,9 +13,10 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # objcopy), python3-venv (componentize-py builds the Python plugin), wrk (comparison
 # scripts); for the network-boot tests: QEMU with the iPXE option ROMs, iPXE's binaries,
 # OVMF, dnsmasq as the site's DHCP server, busybox-static and cpio for the initramfs,
-# iproute2 for the namespaces.
+# iproute2 for the namespaces; OpenIPMI's ipmi_sim and ipmitool for the BMC tests.
 packages=(curl tftp-hpa atftp binutils ca-certificates python3-venv wrk
-  qemu-system-x86 ipxe-qemu ipxe ovmf dnsmasq-base busybox-static cpio gzip iproute2)
+  qemu-system-x86 ipxe-qemu ipxe ovmf dnsmasq-base busybox-static cpio gzip iproute2
+  openipmi ipmitool)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

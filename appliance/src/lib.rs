@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod app;
+pub mod bmc;
 pub mod config;
 #[cfg(feature = "kubernetes")]
 pub mod controller;

@@ -6,6 +6,7 @@ mod crash;
 mod dhcp;
 mod harness;
 mod http;
+mod ipmi;
 mod loadtest;
 mod plugins;
 mod tftp;

@@ -1,0 +1,9 @@
+//! BMC power control: the transports the host owns ([`ipmi`] over [`rmcp`]; Redfish
+//! next) and the generic chassis commands on top of them ([`chassis`]).
+//!
+//! Credentials stay in this module: the bmc-driver plugins (next step) will speak raw
+//! IPMI commands or HTTP through the host, never holding a password.
+
+pub mod chassis;
+pub mod ipmi;
+pub mod rmcp;

@@ -1,0 +1,300 @@
+//! IPMI over LAN against OpenIPMI's `ipmi_sim` on loopback: sessions, power, the next
+//! boot device, failures that must be told apart, and many BMCs at once without leaking a
+//! session. ipmitool checks the simulator's state independently.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use arges::bmc::chassis::{self, BootDevice, PowerAction};
+use arges::bmc::ipmi::{IpmiClient, IpmiError, IpmiTarget};
+use arges::bmc::rmcp::Suite;
+
+use crate::harness::require;
+
+const CHASSIS_SCRIPT: &str = r#"#!/bin/sh
+# ipmi_sim chassis control: remembers and records what the client asked for.
+d=$1; shift; mc=$1; op=$2; shift 2
+if [ "$op" = get ]; then
+  for p in "$@"; do
+    case $p in
+      power) echo "power:$(cat "$d/power" 2>/dev/null || echo 0)" ;;
+      boot) echo "boot:$(cat "$d/boot" 2>/dev/null || echo default)" ;;
+    esac
+  done
+else
+  while [ $# -gt 1 ]; do echo "$2" > "$d/$1"; echo "$1 $2" >> "$d/log"; shift 2; done
+fi
+"#;
+
+/// One simulated BMC on a free loopback port; killed on drop.
+struct Bmc {
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Bmc {
+    fn start() -> Bmc {
+        require("ipmi_sim");
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let script = d.join("chassis.sh");
+        std::fs::write(&script, CHASSIS_SCRIPT).unwrap();
+        Command::new("chmod")
+            .arg("+x")
+            .arg(&script)
+            .status()
+            .unwrap();
+        std::fs::create_dir(d.join("state")).unwrap();
+        std::fs::write(
+            d.join("lan.conf"),
+            format!(
+                "name \"arges-test\"\nset_working_mc 0x20\n  startlan 1\n    addr 127.0.0.1 {port}\n    priv_limit admin\n    allowed_auths_callback none md2 md5 straight\n    allowed_auths_user none md2 md5 straight\n    allowed_auths_operator none md2 md5 straight\n    allowed_auths_admin none md2 md5 straight\n    guid a123456789abcdefa123456789abcdef\n  endlan\n  chassis_control \"{} {} 0x20\"\n  user 2 true \"admin\" \"password\" admin 10 none md2 md5 straight\n",
+                script.display(),
+                d.join("state").display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("bmc.emu"),
+            "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\nmc_enable 0x20\n",
+        )
+        .unwrap();
+        let child = Command::new("ipmi_sim")
+            .arg("-c")
+            .arg(d.join("lan.conf"))
+            .arg("-f")
+            .arg(d.join("bmc.emu"))
+            .arg("-s")
+            .arg(d.join("simstate"))
+            .arg("-n")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("sim.log")).unwrap())
+            .spawn()
+            .expect("start ipmi_sim");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let bmc = Bmc { addr, dir, child };
+        // Ready once ipmitool gets an answer.
+        for _ in 0..100 {
+            if bmc.ipmitool(&["power", "status"]).is_some() {
+                return bmc;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("ipmi_sim did not start on {addr}");
+    }
+
+    fn target(&self) -> IpmiTarget {
+        IpmiTarget::new(self.addr, "admin", "password")
+    }
+
+    /// ipmitool's view, as a second opinion.
+    fn ipmitool(&self, args: &[&str]) -> Option<String> {
+        require("ipmitool");
+        let out = Command::new("ipmitool")
+            .args([
+                "-I",
+                "lanplus",
+                "-C",
+                "3",
+                "-H",
+                "127.0.0.1",
+                "-U",
+                "admin",
+                "-P",
+                "password",
+            ])
+            .args(["-p", &self.addr.port().to_string()])
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// What the chassis script was asked to do, in order.
+    fn requests(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("state/log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Bmc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn power_and_next_boot_through_ipmi_sim() {
+    let bmc = Bmc::start();
+    let client = IpmiClient::default();
+    let rt = runtime();
+    let (suite, before, after) = rt
+        .block_on(client.with_session(&bmc.target(), async |s| {
+            let before = chassis::power_is_on(s).await?;
+            chassis::set_boot_device(s, BootDevice::Pxe, false, true).await?;
+            chassis::set_power(s, PowerAction::On).await?;
+            let after = chassis::power_is_on(s).await?;
+            Ok((s.suite(), before, after))
+        }))
+        .unwrap();
+    // ipmi_sim has no suite 17: the client fell back to 3.
+    assert_eq!(suite, Suite::Three);
+    assert_eq!((before, after), (false, true));
+    assert!(
+        bmc.ipmitool(&["power", "status"])
+            .unwrap()
+            .contains("Chassis Power is on"),
+        "ipmitool disagrees"
+    );
+    let asked = bmc.requests();
+    // The simulator keeps the device only (it drops the persistent and EFI bits): the
+    // bits we sent are checked in the unit tests of `chassis::boot_flags`.
+    let boot = asked.find("boot pxe").expect("PXE asked for");
+    let power = asked.find("power 1").expect("power on asked for");
+    assert!(boot < power, "the boot device goes first: {asked}");
+
+    rt.block_on(client.with_session(&bmc.target(), async |s| {
+        chassis::set_power(s, PowerAction::Off).await
+    }))
+    .unwrap();
+    assert!(
+        bmc.ipmitool(&["power", "status"])
+            .unwrap()
+            .contains("Chassis Power is off")
+    );
+    rt.block_on(client.with_session(&bmc.target(), async |s| {
+        chassis::set_power(s, PowerAction::Cycle).await
+    }))
+    .unwrap();
+    rt.block_on(client.with_session(&bmc.target(), async |s| {
+        chassis::set_boot_device(s, BootDevice::Disk, true, false).await
+    }))
+    .unwrap();
+    assert!(
+        bmc.requests().contains("boot default"),
+        "{}",
+        bmc.requests()
+    );
+}
+
+#[test]
+fn wrong_password_absent_and_silent_bmcs_fail_each_with_its_reason() {
+    let bmc = Bmc::start();
+    let client = IpmiClient::default();
+    let rt = runtime();
+    let mut wrong = bmc.target();
+    wrong.password = "not-the-password".into();
+    let e = rt
+        .block_on(client.with_session(&wrong, async |_| Ok(())))
+        .unwrap_err();
+    assert!(matches!(e, IpmiError::Credentials { .. }), "{e}");
+    assert!(e.to_string().contains("admin"), "{e}");
+    assert!(
+        !e.to_string().contains("not-the-password"),
+        "no password in errors: {e}"
+    );
+    let mut nobody = bmc.target();
+    nobody.user = "nobody".into();
+    let e = rt
+        .block_on(client.with_session(&nobody, async |_| Ok(())))
+        .unwrap_err();
+    assert!(matches!(e, IpmiError::Credentials { .. }), "{e}");
+
+    // Nothing listens: refused at once.
+    let closed = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let e = rt
+        .block_on(client.with_session(
+            &IpmiTarget::new(closed_addr, "admin", "password"),
+            async |_| Ok(()),
+        ))
+        .unwrap_err();
+    assert_eq!(e, IpmiError::Unreachable(closed_addr));
+
+    // Something listens and never answers: resends, then a timeout.
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut t = IpmiTarget::new(silent.local_addr().unwrap(), "admin", "password");
+    t.timeout = Duration::from_millis(100);
+    t.retries = 2;
+    let e = rt
+        .block_on(client.with_session(&t, async |_| Ok(())))
+        .unwrap_err();
+    assert_eq!(e, IpmiError::Timeout(t.addr));
+    silent
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let mut got = 0;
+    while silent.recv(&mut buf).is_ok() {
+        got += 1;
+    }
+    assert_eq!(
+        got, 3,
+        "the Open Session Request was sent, then resent twice"
+    );
+
+    // The real BMC still serves after all that.
+    let on = rt
+        .block_on(client.with_session(&bmc.target(), async |s| chassis::power_is_on(s).await))
+        .unwrap();
+    assert!(!on);
+}
+
+#[test]
+fn fifty_bmcs_at_once_and_no_session_left_open() {
+    let bmcs: Vec<Bmc> = (0..50).map(|_| Bmc::start()).collect();
+    let client = std::sync::Arc::new(IpmiClient::default());
+    let rt = runtime();
+    rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        // Two jobs per BMC at once: the client runs them one after the other.
+        for b in &bmcs {
+            for action in [PowerAction::On, PowerAction::Cycle] {
+                let (client, target) = (std::sync::Arc::clone(&client), b.target());
+                tasks.spawn(async move {
+                    client
+                        .with_session(&target, async |s| {
+                            chassis::set_boot_device(s, BootDevice::Pxe, false, true).await?;
+                            chassis::set_power(s, action).await
+                        })
+                        .await
+                });
+            }
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap().unwrap();
+        }
+    });
+    for b in &bmcs {
+        // Only the session asking is open: every earlier one was closed.
+        let active = rt
+            .block_on(client.with_session(&b.target(), async |s| chassis::active_sessions(s).await))
+            .unwrap();
+        assert_eq!(active, 1, "{}: sessions left open", b.addr);
+        assert_eq!(
+            b.requests().matches("boot pxe").count(),
+            2,
+            "{}",
+            b.requests()
+        );
+    }
+}
