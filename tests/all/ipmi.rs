@@ -298,3 +298,75 @@ fn fifty_bmcs_at_once_and_no_session_left_open() {
         );
     }
 }
+
+/// A UDP relay in front of a BMC that delays every datagram and drops every `drop_every`th
+/// one from the client: a slow, lossy management network.
+fn lossy_relay(bmc: SocketAddr, delay: Duration, drop_every: usize) -> SocketAddr {
+    let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = front.local_addr().unwrap();
+    let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+    back.connect(bmc).unwrap();
+    let client: std::sync::Arc<std::sync::Mutex<Option<SocketAddr>>> = Default::default();
+    let (f2, b2, c2) = (
+        front.try_clone().unwrap(),
+        back.try_clone().unwrap(),
+        client.clone(),
+    );
+    // Bounded: the relays stop after a minute of silence (the test is long over by then).
+    for s in [&front, &back] {
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    }
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let mut n = 0usize;
+        while let Ok((len, from)) = front.recv_from(&mut buf) {
+            *client.lock().unwrap() = Some(from);
+            n += 1;
+            if n % drop_every == 0 {
+                continue;
+            }
+            std::thread::sleep(delay);
+            let _ = back.send(&buf[..len]);
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok(len) = b2.recv(&mut buf) {
+            std::thread::sleep(delay);
+            if let Some(to) = *c2.lock().unwrap() {
+                let _ = f2.send_to(&buf[..len], to);
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_slow_lossy_link_is_ridden_out_by_resending() {
+    let bmc = Bmc::start();
+    // 150 ms each way and every third packet lost, against a 500 ms resend timer.
+    let relay = lossy_relay(bmc.addr, Duration::from_millis(150), 3);
+    let mut t = IpmiTarget::new(relay, "admin", "password");
+    t.timeout = Duration::from_millis(500);
+    t.retries = 4;
+    let client = IpmiClient::default();
+    let rt = runtime();
+    let on = rt
+        .block_on(client.with_session(&t, async |s| {
+            chassis::set_boot_device(s, BootDevice::Pxe, false, true).await?;
+            chassis::set_power(s, PowerAction::On).await?;
+            chassis::power_is_on(s).await
+        }))
+        .unwrap();
+    assert!(on);
+    assert!(
+        bmc.ipmitool(&["power", "status"])
+            .unwrap()
+            .contains("Chassis Power is on")
+    );
+    // The session was closed despite the losses.
+    let active = rt
+        .block_on(client.with_session(&bmc.target(), async |s| chassis::active_sessions(s).await))
+        .unwrap();
+    assert_eq!(active, 1);
+}
