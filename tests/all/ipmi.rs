@@ -322,7 +322,7 @@ fn lossy_relay(bmc: SocketAddr, delay: Duration, drop_every: usize) -> SocketAdd
         while let Ok((len, from)) = front.recv_from(&mut buf) {
             *client.lock().unwrap() = Some(from);
             n += 1;
-            if n % drop_every == 0 {
+            if n.is_multiple_of(drop_every) {
                 continue;
             }
             std::thread::sleep(delay);

@@ -205,6 +205,31 @@ async fn exchange<T>(
     Err(IpmiError::Timeout(addr))
 }
 
+/// One step of the session handshake: send `payload` as `kind`, await the `answer`
+/// carrying our message `tag`.
+async fn step(
+    sock: &UdpSocket,
+    target: &IpmiTarget,
+    kind: Payload,
+    payload: &[u8],
+    answer: Payload,
+    tag: u8,
+) -> Result<Vec<u8>, IpmiError> {
+    let packet = rmcp::frame(kind, 0, 0, payload, None);
+    exchange(
+        sock,
+        target,
+        || packet.clone(),
+        |p| {
+            rmcp::unframe(p, None)
+                .ok()
+                .filter(|r| r.payload_type == answer && r.payload.first() == Some(&tag))
+                .map(|r| r.payload)
+        },
+    )
+    .await
+}
+
 impl Session {
     /// Opens a session, trying the target's suites in order.
     pub async fn open(target: &IpmiTarget) -> Result<Session, IpmiError> {
@@ -267,24 +292,13 @@ impl Session {
         };
         let console_id = random_u32();
         let tag = (console_id & 0x3F) as u8;
-        let open = rmcp::frame(
-            Payload::OpenSessionRequest,
-            0,
-            0,
-            &rmcp::open_session_request(tag, console_id, suite),
-            None,
-        );
-        let resp = exchange(
+        let resp = step(
             sock,
             target,
-            || open.clone(),
-            |p| {
-                rmcp::unframe(p, None)
-                    .ok()
-                    .filter(|r| r.payload_type == Payload::OpenSessionResponse)
-                    .filter(|r| r.payload.first() == Some(&tag))
-                    .map(|r| r.payload)
-            },
+            Payload::OpenSessionRequest,
+            &rmcp::open_session_request(tag, console_id, suite),
+            Payload::OpenSessionResponse,
+            tag,
         )
         .await?;
         if resp.len() < 2 {
@@ -315,17 +329,13 @@ impl Session {
             role: 0x14,
             user: target.user.as_bytes().iter().copied().take(16).collect(),
         };
-        let rakp1 = rmcp::frame(Payload::Rakp1, 0, 0, &rmcp::rakp1(tag, &h), None);
-        let r2 = exchange(
+        let r2 = step(
             sock,
             target,
-            || rakp1.clone(),
-            |p| {
-                rmcp::unframe(p, None)
-                    .ok()
-                    .filter(|r| r.payload_type == Payload::Rakp2 && r.payload.first() == Some(&tag))
-                    .map(|r| r.payload)
-            },
+            Payload::Rakp1,
+            &rmcp::rakp1(tag, &h),
+            Payload::Rakp2,
+            tag,
         )
         .await?;
         let credentials = |why: &str| IpmiError::Credentials {
@@ -355,17 +365,13 @@ impl Session {
             // The BMC keyed its proof with another password than ours.
             return Err(credentials("wrong password"));
         }
-        let rakp3 = rmcp::frame(Payload::Rakp3, 0, 0, &rmcp::rakp3(tag, &h, password), None);
-        let r4 = exchange(
+        let r4 = step(
             sock,
             target,
-            || rakp3.clone(),
-            |p| {
-                rmcp::unframe(p, None)
-                    .ok()
-                    .filter(|r| r.payload_type == Payload::Rakp4 && r.payload.first() == Some(&tag))
-                    .map(|r| r.payload)
-            },
+            Payload::Rakp3,
+            &rmcp::rakp3(tag, &h, password),
+            Payload::Rakp4,
+            tag,
         )
         .await?;
         match r4.get(1) {
