@@ -35,7 +35,17 @@ struct Bmc {
 }
 
 impl Bmc {
+    /// Starts a simulator; a port taken between choosing and binding it is retried.
     fn start() -> Bmc {
+        for _ in 0..3 {
+            if let Some(bmc) = Self::try_start() {
+                return bmc;
+            }
+        }
+        panic!("ipmi_sim did not start in three tries (its log is printed above)");
+    }
+
+    fn try_start() -> Option<Bmc> {
         require("ipmi_sim");
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -80,15 +90,22 @@ impl Bmc {
             .spawn()
             .expect("start ipmi_sim");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let bmc = Bmc { addr, dir, child };
+        let mut bmc = Bmc { addr, dir, child };
         // Ready once ipmitool gets an answer.
         for _ in 0..100 {
             if bmc.ipmitool(&["power", "status"]).is_some() {
-                return bmc;
+                return Some(bmc);
+            }
+            if let Ok(Some(_)) = bmc.child.try_wait() {
+                break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("ipmi_sim did not start on {addr}");
+        eprintln!(
+            "ipmi_sim did not start on {addr}: {}",
+            std::fs::read_to_string(bmc.dir.path().join("sim.log")).unwrap_or_default()
+        );
+        None
     }
 
     fn target(&self) -> IpmiTarget {
