@@ -61,6 +61,14 @@ if ! deploy/build-initramfs.sh --agent "$agent" --out "$discovery"; then
 fi
 export ARGES_DISCOVERY_DIR="$(cd "$discovery" && pwd)"
 
+step "sushy-emulator (Redfish BMC simulator, from PyPI; cached)"
+sushy_venv="${ARGES_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/arges}/sushy-venv"
+if [ ! -x "$sushy_venv/bin/sushy-emulator" ]; then
+  python3 -m venv "$sushy_venv"
+  "$sushy_venv/bin/pip" install -q "sushy-tools==2.2.0"
+fi
+export ARGES_SUSHY_VENV="$sushy_venv"
+
 step "Kubernetes test binaries (kube-apiserver, kubectl, etcd from Go modules; cached)"
 command -v go >/dev/null || { echo "error: go is needed to build the test control plane" >&2; exit 1; }
 ARGES_K8S_BIN="$(bash tests/k8s/build-binaries.sh)"

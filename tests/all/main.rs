@@ -9,4 +9,5 @@ mod http;
 mod ipmi;
 mod loadtest;
 mod plugins;
+mod redfish;
 mod tftp;
