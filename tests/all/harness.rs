@@ -289,3 +289,12 @@ pub fn random_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
     std::fs::write(path, &data).unwrap();
     data
 }
+
+/// A small multi-threaded runtime for tests that call the library's async clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}

@@ -10,7 +10,7 @@ use arges::bmc::chassis::{self, BootDevice, PowerAction};
 use arges::bmc::ipmi::{IpmiClient, IpmiError, IpmiTarget};
 use arges::bmc::rmcp::Suite;
 
-use crate::harness::require;
+use crate::harness::{require, runtime};
 
 const CHASSIS_SCRIPT: &str = r#"#!/bin/sh
 # ipmi_sim chassis control: remembers and records what the client asked for.
@@ -148,14 +148,6 @@ impl Drop for Bmc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 #[test]

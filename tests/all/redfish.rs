@@ -10,6 +10,8 @@ use std::time::Duration;
 use arges::bmc::chassis::{BootDevice, PowerAction};
 use arges::bmc::redfish::{RedfishClient, RedfishError, RedfishTarget, TlsPolicy};
 
+use crate::harness::runtime;
+
 /// sushy-emulator and the Python that has bcrypt: `ARGES_SUSHY_VENV`, which
 /// `tests/run-all.sh` prepares, or a `sushy-emulator` on PATH.
 fn sushy() -> (PathBuf, PathBuf) {
@@ -188,14 +190,6 @@ impl Drop for Sushy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 #[test]

@@ -96,10 +96,11 @@ impl RedfishError {
     }
 }
 
-/// Accepts exactly one certificate, by its sha256; signatures are still verified.
+/// Accepts exactly one certificate, by its sha256, or (no pin: the explicit insecure
+/// setting) any; handshake signatures are verified either way.
 #[derive(Debug)]
 struct PinnedVerifier {
-    sha256: Vec<u8>,
+    sha256: Option<Vec<u8>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -112,12 +113,11 @@ impl ServerCertVerifier for PinnedVerifier {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if Sha256::digest(end_entity.as_ref()).as_slice() == self.sha256.as_slice() {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "the certificate is not the pinned one".into(),
-            ))
+        match &self.sha256 {
+            Some(pin) if Sha256::digest(end_entity.as_ref()).as_slice() != pin.as_slice() => Err(
+                rustls::Error::General("the certificate is not the pinned one".into()),
+            ),
+            _ => Ok(ServerCertVerified::assertion()),
         }
     }
     fn verify_tls12_signature(
@@ -153,42 +153,6 @@ impl ServerCertVerifier for PinnedVerifier {
     }
 }
 
-/// Accepts anything (the explicit, warned setting).
-#[derive(Debug)]
-struct AnyVerifier(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyVerifier {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 fn tls_config(t: &RedfishTarget) -> Result<ClientConfig, RedfishError> {
     let tls_err = |m: String| RedfishError::Tls(t.authority.clone(), m);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -215,14 +179,20 @@ fn tls_config(t: &RedfishTarget) -> Result<ClientConfig, RedfishError> {
                 .ok_or_else(|| tls_err(format!("pin {hex_sha:?} is not a hex sha256")))?;
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedVerifier { sha256, provider }))
+                .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+                    sha256: Some(sha256),
+                    provider,
+                }))
                 .with_no_client_auth()
         }
         TlsPolicy::InsecureAcceptAny => {
             tracing::warn!(bmc = %t.authority, "TLS certificate NOT checked (tls = insecure-accept-any)");
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyVerifier(provider)))
+                .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+                    sha256: None,
+                    provider,
+                }))
                 .with_no_client_auth()
         }
     })
