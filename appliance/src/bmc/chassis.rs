@@ -92,7 +92,7 @@ pub async fn active_sessions(s: &mut Session) -> Result<u8, IpmiError> {
     data.get(2)
         .map(|b| b & 0x3F)
         .ok_or_else(|| IpmiError::Protocol {
-            addr: "0.0.0.0:0".parse().expect("literal address"),
+            addr: s.addr(),
             why: "short Get Session Info answer".into(),
         })
 }

@@ -450,6 +450,11 @@ impl Session {
         self.raw(netfn::APP, 0x3C, &id).await.map(|_| ())
     }
 
+    /// The BMC this session is with.
+    pub fn addr(&self) -> SocketAddr {
+        self.target.addr
+    }
+
     /// The cipher suite in use.
     pub fn suite(&self) -> Suite {
         self.keys.suite

@@ -330,8 +330,12 @@ impl RedfishClient {
                     );
                 }
                 None => {
-                    use base64_like::encode;
-                    let v = format!("Basic {}", encode(&format!("{}:{}", t.user, t.password)));
+                    use base64::Engine;
+                    let v = format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD
+                            .encode(format!("{}:{}", t.user, t.password))
+                    );
                     h.insert(
                         "authorization",
                         HeaderValue::from_str(&v)
@@ -524,43 +528,5 @@ impl RedfishClient {
             self.target.authority.clone(),
             "the boot override kept conflicting".into(),
         ))
-    }
-}
-
-/// Base64 for basic auth (RFC 4648 alphabet, padded): a dozen lines, not a crate.
-mod base64_like {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-    pub fn encode(s: &str) -> String {
-        let b = s.as_bytes();
-        let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
-        for chunk in b.chunks(3) {
-            let n = (u32::from(chunk[0]) << 16)
-                | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
-                | u32::from(*chunk.get(2).unwrap_or(&0));
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
-
-    #[cfg(test)]
-    #[test]
-    fn rfc4648_vectors() {
-        for (i, o) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("admin:password", "YWRtaW46cGFzc3dvcmQ="),
-        ] {
-            assert_eq!(encode(i), o);
-        }
     }
 }

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
@@ -59,33 +58,26 @@ pub fn convert(
 /// Watches Environments until `cancel` fires.
 pub async fn watch(ctx: Arc<Context>, cancel: CancellationToken) {
     let api: Api<EnvironmentResource> = Api::all(ctx.client.clone());
-    let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    let mut stream = super::watch_until(api, watcher::Config::default(), cancel);
     let mut known: BTreeMap<String, EnvironmentResource> = BTreeMap::new();
     let mut listing: Option<BTreeMap<String, EnvironmentResource>> = None;
-    loop {
-        let event = tokio::select! {
-            _ = cancel.cancelled() => return,
-            e = stream.next() => e,
-        };
+    while let Some(event) = stream.next().await {
         match event {
-            None => return,
-            Some(Ok(watcher::Event::Init)) => listing = Some(BTreeMap::new()),
-            Some(Ok(watcher::Event::InitApply(e))) => {
+            Ok(watcher::Event::Init) => listing = Some(BTreeMap::new()),
+            Ok(watcher::Event::InitApply(e)) => {
                 listing
                     .get_or_insert_with(BTreeMap::new)
                     .insert(e.name_any(), e);
                 continue;
             }
-            Some(Ok(watcher::Event::InitDone)) => known = listing.take().unwrap_or_default(),
-            Some(Ok(watcher::Event::Apply(e))) => {
+            Ok(watcher::Event::InitDone) => known = listing.take().unwrap_or_default(),
+            Ok(watcher::Event::Apply(e)) => {
                 known.insert(e.name_any(), e);
             }
-            Some(Ok(watcher::Event::Delete(e))) => {
+            Ok(watcher::Event::Delete(e)) => {
                 known.remove(&e.name_any());
             }
-            Some(Err(e)) => {
+            Err(e) => {
                 tracing::warn!(error = %e, "Environment watch failed; retrying");
                 continue;
             }

@@ -92,6 +92,27 @@ impl Context {
     }
 }
 
+/// A watch of `api` that backs off while the apiserver is away, re-lists after expiry,
+/// and ends when `cancel` fires.
+pub fn watch_until<K>(
+    api: Api<K>,
+    config: kube::runtime::watcher::Config,
+    cancel: CancellationToken,
+) -> futures_util::stream::BoxStream<
+    'static,
+    kube::runtime::watcher::Result<kube::runtime::watcher::Event<K>>,
+>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    use futures_util::StreamExt;
+    use kube::runtime::WatchStreamExt;
+    kube::runtime::watcher(api, config)
+        .default_backoff()
+        .take_until(cancel.cancelled_owned())
+        .boxed()
+}
+
 /// The client for `config`: its kubeconfig, or the pod's service account.
 pub async fn client(config: &KubernetesConfig) -> Result<Client, ControllerError> {
     let kube_config = match &config.kubeconfig {

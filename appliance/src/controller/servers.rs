@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -236,18 +235,11 @@ async fn pull_one(ctx: &Context, s: &ServerResource) {
 pub async fn pull(ctx: Arc<Context>, cancel: CancellationToken) {
     let api: Api<ServerResource> = Api::all(ctx.client.clone());
     let config = watcher::Config::default().labels(&format!("{APPLIANCE_LABEL}={}", ctx.identity));
-    let mut stream = watcher(api, config).default_backoff().boxed();
-    loop {
-        let event = tokio::select! {
-            _ = cancel.cancelled() => return,
-            e = stream.next() => e,
-        };
+    let mut stream = super::watch_until(api, config, cancel);
+    while let Some(event) = stream.next().await {
         match event {
-            None => return,
-            Some(Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s))) => {
-                pull_one(&ctx, &s).await
-            }
-            Some(Ok(watcher::Event::Delete(s))) => {
+            Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => pull_one(&ctx, &s).await,
+            Ok(watcher::Event::Delete(s)) => {
                 let id = inventory_id(&s);
                 match ctx.core.delete_server(&id).await {
                     Ok(_) => {
@@ -258,8 +250,8 @@ pub async fn pull(ctx: Arc<Context>, cancel: CancellationToken) {
                     }
                 }
             }
-            Some(Ok(watcher::Event::Init | watcher::Event::InitDone)) => {}
-            Some(Err(e)) => {
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
+            Err(e) => {
                 // The backoff paces the retries; say so once per failure.
                 tracing::warn!(error = %e, "Server watch failed; retrying");
                 ctx.metrics()

@@ -241,15 +241,22 @@ impl Core {
             .unwrap_or_else(|p| p.into_inner()) = Arc::new(envs);
     }
 
-    /// The environment `name`, from the config or the cluster.
-    pub fn environment(&self, name: &str) -> Option<Environment> {
-        self.config.environments.get(name).cloned().or_else(|| {
-            self.cluster_environments
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(name)
-                .cloned()
-        })
+    /// The environment `name`, from the config (borrowed: the boot path's common case)
+    /// or the cluster (copied out from under its lock).
+    pub fn environment(&self, name: &str) -> Option<std::borrow::Cow<'_, Environment>> {
+        use std::borrow::Cow;
+        self.config
+            .environments
+            .get(name)
+            .map(Cow::Borrowed)
+            .or_else(|| {
+                self.cluster_environments
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(name)
+                    .cloned()
+                    .map(Cow::Owned)
+            })
     }
 
     /// A network-boot client was answered by proxyDHCP: its boot has begun.
@@ -456,7 +463,7 @@ impl Core {
                 action: kind.name(),
                 body,
             },
-            env.map(|e| e.name),
+            env.map(|e| e.name.clone()),
         ))
     }
 
