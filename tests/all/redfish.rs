@@ -43,6 +43,18 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// A self-signed CA in `dir`: `ca.key` and `ca.pem`.
+fn make_ca(dir: &Path, name: &str) {
+    let subject = format!("/CN={name}");
+    openssl(
+        dir,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", &subject,
+            "-keyout", "ca.key", "-out", "ca.pem",
+        ],
+    );
+}
+
 struct Sushy {
     dir: tempfile::TempDir,
     authority: String,
@@ -55,24 +67,7 @@ impl Sushy {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         // A CA, and the BMC's certificate from it (SAN 127.0.0.1), as a site would have.
-        openssl(
-            d,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=arges-test-ca",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-            ],
-        );
+        make_ca(d, "arges-test-ca");
         openssl(
             d,
             &[
@@ -236,24 +231,7 @@ fn certificates_credentials_and_absence_are_told_apart() {
         assert!(matches!(e, RedfishError::Tls(..)), "{e}");
         // A CA that did not sign it.
         let other = tempfile::tempdir().unwrap();
-        openssl(
-            other.path(),
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=other",
-                "-keyout",
-                "k",
-                "-out",
-                "ca.pem",
-            ],
-        );
+        make_ca(other.path(), "other");
         let e = RedfishClient::login(&bmc.target(TlsPolicy::Ca(other.path().join("ca.pem"))))
             .await
             .err()

@@ -232,6 +232,15 @@ impl ControlPlane {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// One field of an object: `kubectl get <object> -o jsonpath=<path>`.
+    pub fn field(&self, object: &[&str], jsonpath: &str) -> String {
+        let path = format!("jsonpath={jsonpath}");
+        let mut args = vec!["get"];
+        args.extend_from_slice(object);
+        args.extend(["-o", path.as_str()]);
+        self.kubectl(&args)
+    }
+
     /// kubectl with `stdin` as input.
     pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> std::process::Output {
         use std::io::Write;

@@ -148,19 +148,13 @@ fn registration_becomes_a_server_and_kubectl_drives_the_next_boot() {
     register(&a, "a", UUID_1);
     let table = wait_for_server(&cp, UUID_1);
     assert!(table.contains("Dell Inc."), "printer columns: {table}");
-    let labels = cp.kubectl(&["get", "server", UUID_1, "-o", "jsonpath={.metadata.labels}"]);
+    let labels = cp.field(&["server", UUID_1], "{.metadata.labels}");
     assert!(
         labels.contains("\"metal.arges.dev/appliance\":\"rack-1\""),
         "{labels}"
     );
     let status = eventually(30, "the Server's status", || {
-        let s = cp.kubectl(&[
-            "get",
-            "server",
-            UUID_1,
-            "-o",
-            "jsonpath={.status.appliance}",
-        ]);
+        let s = cp.field(&["server", UUID_1], "{.status.appliance}");
         (s == "rack-1").then_some(s)
     });
     assert_eq!(status, "rack-1");
@@ -206,13 +200,7 @@ fn registration_becomes_a_server_and_kubectl_drives_the_next_boot() {
     assert_eq!((code, body.as_slice()), (200, b"kernel".as_slice()));
     // The boot is reported back.
     eventually(30, "status.lastBoot", || {
-        let s = cp.kubectl(&[
-            "get",
-            "server",
-            UUID_1,
-            "-o",
-            "jsonpath={.status.lastBoot.environment}",
-        ]);
+        let s = cp.field(&["server", UUID_1], "{.status.lastBoot.environment}");
         (s == "from-cluster").then_some(())
     });
 
@@ -225,13 +213,10 @@ fn registration_becomes_a_server_and_kubectl_drives_the_next_boot() {
         String::from_utf8_lossy(&out.stderr)
     );
     let count = || {
-        cp.kubectl(&[
-            "get",
-            "serverclass",
-            "dell-rack-1",
-            "-o",
-            "jsonpath={.status.available}/{.status.servers}",
-        ])
+        cp.field(
+            &["serverclass", "dell-rack-1"],
+            "{.status.available}/{.status.servers}",
+        )
     };
     eventually(60, "the class counts no server without the label", || {
         let c = count();
@@ -350,15 +335,10 @@ fn the_shipped_rbac_is_enough_and_no_more() {
         "the service account reconciles",
     );
     eventually(30, "the service account holds its Lease", || {
-        let h = cp.kubectl(&[
-            "get",
-            "lease",
-            "arges-rack-sa",
-            "-n",
-            "arges-system",
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ]);
+        let h = cp.field(
+            &["lease", "arges-rack-sa", "-n", "arges-system"],
+            "{.spec.holderIdentity}",
+        );
         h.starts_with("rack-sa-").then_some(())
     });
     let sa = "system:serviceaccount:arges-system:arges";
@@ -395,13 +375,10 @@ fn appliances_share_a_cluster_and_replicas_elect_one_leader() {
     wait_for_server(&cp, UUID_1);
     wait_for_server(&cp, UUID_2);
     for (uuid, owner) in [(UUID_1, "rack-a"), (UUID_2, "rack-b")] {
-        let l = cp.kubectl(&[
-            "get",
-            "server",
-            uuid,
-            "-o",
-            "jsonpath={.metadata.labels.metal\\.arges\\.dev/appliance}",
-        ]);
+        let l = cp.field(
+            &["server", uuid],
+            "{.metadata.labels.metal\\.arges\\.dev/appliance}",
+        );
         assert_eq!(l, owner);
     }
     // Rack B's acceptance changes rack B's machine only; rack A never learns of it.
@@ -494,38 +471,22 @@ fn the_guide_s_mgmt_kustomization_applies_with_its_patch_files() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let args = cp.kubectl(&[
-        "get",
-        "environment",
-        "default",
-        "-o",
-        "jsonpath={.spec.kernel.args}",
-    ]);
+    let args = cp.field(&["environment", "default"], "{.spec.kernel.args}");
     assert!(
         args.contains("talos.config=http://10.0.0.2:8080/configdata?uuid="),
         "{args}"
     );
-    let dargs = cp.kubectl(&[
-        "get",
-        "deployment",
-        "arges-appliance",
-        "-n",
-        "arges-system",
-        "-o",
-        "jsonpath={.spec.template.spec.containers[0].args}",
-    ]);
+    let dargs = cp.field(
+        &["deployment", "arges-appliance", "-n", "arges-system"],
+        "{.spec.template.spec.containers[0].args}",
+    );
     assert!(
         dargs.contains("--public-url=http://10.0.0.2:8080"),
         "{dargs}"
     );
-    let sa = cp.kubectl(&[
-        "get",
-        "deployment",
-        "arges-appliance",
-        "-n",
-        "arges-system",
-        "-o",
-        "jsonpath={.spec.template.spec.serviceAccountName}",
-    ]);
+    let sa = cp.field(
+        &["deployment", "arges-appliance", "-n", "arges-system"],
+        "{.spec.template.spec.serviceAccountName}",
+    );
     assert_eq!(sa, "arges");
 }

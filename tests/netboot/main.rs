@@ -89,30 +89,45 @@ fn report(firmware: &str, lab: &Lab, wall: std::time::Duration) {
     );
 }
 
-#[test]
-#[ignore = "QEMU end to end in network namespaces (root); tests/run-all.sh runs it"]
-fn bios_machine_registers_then_boots_its_environment() {
-    let mut lab = Lab::start("b", "");
-    let m = Machine::new(&lab, Firmware::Bios, 1);
+/// A new machine powers on in lab `tag`, registers and powers off; `counted` metrics
+/// show the path it took. Returns the lab, the machine and its Server.
+fn discovers(
+    tag: &str,
+    firmware: Firmware,
+    n: u8,
+    label: &str,
+    counted: &[&str],
+) -> (Lab, Machine, Value) {
+    let mut lab = Lab::start(tag, "");
+    let m = Machine::new(&lab, firmware, n);
     let i = lab.boot(&m);
     let wall = lab.wait_exit(i, &m);
     let s = assert_registered_as(&lab, &m);
+    assert_counted(&lab, &m, counted);
+    report(label, &lab, wall);
+    (lab, m, s)
+}
+
+#[test]
+#[ignore = "QEMU end to end in network namespaces (root); tests/run-all.sh runs it"]
+fn bios_machine_registers_then_boots_its_environment() {
+    let (mut lab, m, s) = discovers(
+        "b",
+        Firmware::Bios,
+        1,
+        "BIOS (SeaBIOS + iPXE ROM)",
+        &["arges_dhcp_replies_total{client=\"ipxe\",firmware=\"bios\"}"],
+    );
     let serial = lab.serial(&m);
     assert!(
         serial.contains("arges-init: action: power-off"),
         "the agent should have been told to power off:\n{}",
         lab.logs(&m.serial_log)
     );
-    assert_counted(
-        &lab,
-        &m,
-        &["arges_dhcp_replies_total{client=\"ipxe\",firmware=\"bios\"}"],
-    );
     assert_eq!(
         metric(&lab.metrics(), "arges_boot_to_registration_seconds_count"),
         1.0
     );
-    report("BIOS (SeaBIOS + iPXE ROM)", &lab, wall);
 
     // Accepted, with an environment: the next boot gets that kernel and command line.
     let id = s["id"].as_str().expect("id").to_string();
@@ -148,41 +163,33 @@ fn bios_machine_registers_then_boots_its_environment() {
 #[test]
 #[ignore = "QEMU end to end in network namespaces (root); tests/run-all.sh runs it"]
 fn uefi_machine_loads_ipxe_efi_over_tftp_and_registers() {
-    let mut lab = Lab::start("u", "");
-    let m = Machine::new(&lab, Firmware::Uefi, 2);
-    let i = lab.boot(&m);
-    let wall = lab.wait_exit(i, &m);
-    assert_registered_as(&lab, &m);
     // The firmware's PXE client got ipxe.efi (over TFTP), then iPXE got the script URL.
-    assert_counted(
-        &lab,
-        &m,
+    discovers(
+        "u",
+        Firmware::Uefi,
+        2,
+        "UEFI PXE (OVMF, ipxe.efi over TFTP)",
         &[
             "arges_dhcp_replies_total{client=\"pxe\",firmware=\"uefi_x86_64\"}",
             "arges_dhcp_replies_total{client=\"ipxe\",firmware=\"uefi_x86_64\"}",
             "arges_tftp_transfers_total{outcome=\"complete\"}",
         ],
     );
-    report("UEFI PXE (OVMF, ipxe.efi over TFTP)", &lab, wall);
 }
 
 #[test]
 #[ignore = "QEMU end to end in network namespaces (root); tests/run-all.sh runs it"]
 fn uefi_http_boot_machine_loads_ipxe_efi_over_http_and_registers() {
-    let mut lab = Lab::start("h", "");
-    let m = Machine::new(&lab, Firmware::UefiHttp, 3);
-    let i = lab.boot(&m);
-    let wall = lab.wait_exit(i, &m);
-    assert_registered_as(&lab, &m);
-    assert_counted(
-        &lab,
-        &m,
+    discovers(
+        "h",
+        Firmware::UefiHttp,
+        3,
+        "UEFI HTTP boot (OVMF, ipxe.efi over HTTP)",
         &[
             "arges_dhcp_replies_total{client=\"http\",firmware=\"uefi_x86_64\"}",
             "arges_http_requests_total{route=\"boot_file\",status=\"2xx\"}",
         ],
     );
-    report("UEFI HTTP boot (OVMF, ipxe.efi over HTTP)", &lab, wall);
 }
 
 #[test]
