@@ -40,6 +40,9 @@ pub struct Metrics {
     pub boot_to_registration_seconds: Histogram,
     pub controller_syncs: Family<Labels2, Counter>,
     pub controller_leader: Gauge,
+    pub bmc_operations: Family<Labels2, Counter>,
+    pub bmc_operation_seconds: Histogram,
+    pub bmc_retries: Family<Labels, Counter>,
 }
 
 /// Labels naming a plugin (names are operator-chosen file names, so bounded by the folder).
@@ -85,6 +88,10 @@ impl Metrics {
             boot_to_registration_seconds: Histogram::new(exponential_buckets(1.0, 1.5, 16)),
             controller_syncs: Family::default(),
             controller_leader: Gauge::default(),
+            bmc_operations: Family::default(),
+            // A status read is ~10 ms on a LAN; a power-on confirmed by polling, seconds.
+            bmc_operation_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
+            bmc_retries: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -197,6 +204,21 @@ impl Metrics {
             "controller_leader",
             "Whether this replica holds its appliance's Lease (1) or not (0)",
             m.controller_leader.clone(),
+        );
+        r.register(
+            "bmc_operations",
+            "BMC operations (status, power, bootdev) by result (ok, or the failure kind)",
+            m.bmc_operations.clone(),
+        );
+        r.register(
+            "bmc_operation_seconds",
+            "Time of one BMC operation, queueing, retries and confirmation included",
+            m.bmc_operation_seconds.clone(),
+        );
+        r.register(
+            "bmc_retries",
+            "BMC steps tried again, by the reason of the failure before",
+            m.bmc_retries.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -2,50 +2,7 @@
 //! boot device for the next boot. The built-in behaviour of the `ipmi` driver.
 
 use super::ipmi::{IpmiError, Session, netfn};
-
-/// A power change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PowerAction {
-    On,
-    Off,
-    /// Ask the OS to shut down (ACPI soft-off).
-    SoftOff,
-    Cycle,
-    Reset,
-}
-
-impl PowerAction {
-    fn control_byte(self) -> u8 {
-        match self {
-            PowerAction::Off => 0x00,
-            PowerAction::On => 0x01,
-            PowerAction::Cycle => 0x02,
-            PowerAction::Reset => 0x03,
-            PowerAction::SoftOff => 0x05,
-        }
-    }
-}
-
-/// Where the next boot goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BootDevice {
-    Pxe,
-    Disk,
-    Bios,
-    Cdrom,
-}
-
-impl BootDevice {
-    /// Boot device selector, bits 5:2 of the boot flags' second byte.
-    fn selector(self) -> u8 {
-        match self {
-            BootDevice::Pxe => 0x04,
-            BootDevice::Disk => 0x08,
-            BootDevice::Cdrom => 0x14,
-            BootDevice::Bios => 0x18,
-        }
-    }
-}
+use super::{BootDevice, PowerAction};
 
 /// Whether the chassis is powered on (Get Chassis Status).
 pub async fn power_is_on(s: &mut Session) -> Result<bool, IpmiError> {

@@ -471,6 +471,26 @@ pub struct IpmiClient {
 const MIN_GAP: Duration = Duration::from_millis(50);
 
 impl IpmiClient {
+    /// Waits for this BMC's turn: until every earlier holder is done and the gap since
+    /// the last session has passed. The turn ends when the returned guard drops.
+    pub async fn turn(&self, addr: SocketAddr) -> IpmiTurn {
+        let lock = Arc::clone(
+            self.locks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(addr)
+                .or_default(),
+        );
+        let last = lock.lock_owned().await;
+        if let Some(t) = *last {
+            let since = t.elapsed();
+            if since < MIN_GAP {
+                tokio::time::sleep(MIN_GAP - since).await;
+            }
+        }
+        IpmiTurn { last }
+    }
+
     /// Runs `f` inside a session to `target` and closes the session afterwards, whatever
     /// `f` returned. Other callers for the same BMC wait their turn.
     pub async fn with_session<T>(
@@ -478,35 +498,28 @@ impl IpmiClient {
         target: &IpmiTarget,
         f: impl AsyncFnOnce(&mut Session) -> Result<T, IpmiError>,
     ) -> Result<T, IpmiError> {
-        let lock = Arc::clone(
-            self.locks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(target.addr)
-                .or_default(),
-        );
-        let mut last = lock.lock().await;
-        if let Some(t) = *last {
-            let since = t.elapsed();
-            if since < MIN_GAP {
-                tokio::time::sleep(MIN_GAP - since).await;
+        let _turn = self.turn(target.addr).await;
+        let mut s = Session::open(target).await?;
+        let r = f(&mut s).await;
+        let closed = s.close().await;
+        match (r, closed) {
+            (Ok(v), Ok(())) => Ok(v),
+            (Ok(v), Err(e)) => {
+                tracing::warn!(bmc = %target.addr, error = %e, "could not close the IPMI session");
+                Ok(v)
             }
+            (Err(e), _) => Err(e),
         }
-        let result = async {
-            let mut s = Session::open(target).await?;
-            let r = f(&mut s).await;
-            let closed = s.close().await;
-            match (r, closed) {
-                (Ok(v), Ok(())) => Ok(v),
-                (Ok(v), Err(e)) => {
-                    tracing::warn!(bmc = %target.addr, error = %e, "could not close the IPMI session");
-                    Ok(v)
-                }
-                (Err(e), _) => Err(e),
-            }
-        }
-        .await;
-        *last = Some(Instant::now());
-        result
+    }
+}
+
+/// One holder's turn at a BMC (see [`IpmiClient::turn`]); its end is remembered for the gap.
+pub struct IpmiTurn {
+    last: tokio::sync::OwnedMutexGuard<Option<Instant>>,
+}
+
+impl Drop for IpmiTurn {
+    fn drop(&mut self) {
+        *self.last = Some(Instant::now());
     }
 }

@@ -25,7 +25,7 @@ use tokio_rustls::rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
 };
 
-use super::chassis::{BootDevice, PowerAction};
+use super::{BootDevice, PowerAction};
 
 /// How a BMC's certificate is checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,6 +206,17 @@ pub struct Answer {
     pub body: Value,
 }
 
+/// Largest answer body taken from a BMC.
+const MAX_BODY: usize = 4 << 20;
+
+/// An answer as it came, body unparsed.
+#[derive(Debug, Clone)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
 /// A logged-in connection to one Redfish BMC.
 pub struct RedfishClient {
     target: RedfishTarget,
@@ -277,7 +288,7 @@ impl RedfishClient {
         Ok(())
     }
 
-    /// One request on a fresh connection (BMCs drop idle ones eagerly).
+    /// One JSON request on a fresh connection (BMCs drop idle ones eagerly).
     pub async fn send(
         &self,
         method: &str,
@@ -285,8 +296,33 @@ impl RedfishClient {
         body: Option<Value>,
         if_match: Option<&str>,
     ) -> Result<Answer, RedfishError> {
+        let bytes = body
+            .as_ref()
+            .map(|b| Bytes::from(serde_json::to_vec(b).unwrap_or_default()))
+            .unwrap_or_default();
+        let headers: Vec<(String, String)> = if_match
+            .map(|t| vec![("if-match".to_string(), t.to_string())])
+            .unwrap_or_default();
+        let raw = self.send_raw(method, path, bytes, &headers).await?;
+        Ok(Answer {
+            status: raw.status,
+            body: serde_json::from_slice(&raw.body).unwrap_or(Value::Null),
+            headers: raw.headers,
+        })
+    }
+
+    /// One request with a body as given and extra headers, authenticated by the client.
+    pub async fn send_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Bytes,
+        extra: &[(String, String)],
+    ) -> Result<RawAnswer, RedfishError> {
         let t = &self.target;
         let bmc = t.authority.clone();
+        let protocol =
+            |e: &dyn std::fmt::Display| RedfishError::Protocol(bmc.clone(), e.to_string());
         let exchange = async {
             let tcp = tokio::net::TcpStream::connect(&t.authority)
                 .await
@@ -306,64 +342,47 @@ impl RedfishClient {
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
                     .await
-                    .map_err(|e| RedfishError::Protocol(bmc.clone(), e.to_string()))?;
+                    .map_err(|e| protocol(&e))?;
             tokio::spawn(conn);
-            let bytes = body
-                .as_ref()
-                .map(|b| Bytes::from(serde_json::to_vec(b).unwrap_or_default()))
-                .unwrap_or_default();
             let mut req = Request::builder()
                 .method(method)
                 .uri(path)
                 .header("host", &t.authority)
                 .header("accept", "application/json")
                 .header("content-type", "application/json")
-                .body(Full::new(bytes))
-                .map_err(|e| RedfishError::Protocol(bmc.clone(), e.to_string()))?;
+                .body(Full::new(body))
+                .map_err(|e| protocol(&e))?;
             let h = req.headers_mut();
-            match &self.session {
-                Some((token, _)) => {
-                    h.insert(
-                        "x-auth-token",
-                        HeaderValue::from_str(token)
-                            .map_err(|e| RedfishError::Protocol(bmc.clone(), e.to_string()))?,
-                    );
-                }
+            let auth = match &self.session {
+                Some((token, _)) => ("x-auth-token", token.clone()),
                 None => {
                     use base64::Engine;
-                    let v = format!(
-                        "Basic {}",
-                        base64::engine::general_purpose::STANDARD
-                            .encode(format!("{}:{}", t.user, t.password))
-                    );
-                    h.insert(
-                        "authorization",
-                        HeaderValue::from_str(&v)
-                            .map_err(|e| RedfishError::Protocol(bmc.clone(), e.to_string()))?,
-                    );
+                    let v = base64::engine::general_purpose::STANDARD
+                        .encode(format!("{}:{}", t.user, t.password));
+                    ("authorization", format!("Basic {v}"))
                 }
-            }
-            if let Some(tag) = if_match {
+            };
+            h.insert(
+                auth.0,
+                HeaderValue::from_str(&auth.1).map_err(|e| protocol(&e))?,
+            );
+            for (name, value) in extra {
                 h.insert(
-                    "if-match",
-                    HeaderValue::from_str(tag)
-                        .map_err(|e| RedfishError::Protocol(bmc.clone(), e.to_string()))?,
+                    hyper::header::HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|e| protocol(&e))?,
+                    HeaderValue::from_str(value).map_err(|e| protocol(&e))?,
                 );
             }
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| RedfishError::Protocol(bmc.clone(), e.to_string()))?;
+            let resp = sender.send_request(req).await.map_err(|e| protocol(&e))?;
             let status = resp.status().as_u16();
             let headers = resp.headers().clone();
-            let raw = resp
-                .into_body()
+            // A BMC's answers are small JSON documents; a runaway one must not fill memory.
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
                 .collect()
                 .await
-                .map_err(|e| RedfishError::Protocol(bmc.clone(), e.to_string()))?
+                .map_err(|e| protocol(&e))?
                 .to_bytes();
-            let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-            Ok(Answer {
+            Ok(RawAnswer {
                 status,
                 headers,
                 body,

@@ -42,6 +42,43 @@ pub struct ConfigFile {
     pub plugins: PluginsSection,
     pub dhcp: DhcpSection,
     pub kubernetes: KubernetesSection,
+    pub bmc: BmcSection,
+}
+
+/// `[bmc]`: how BMC operations are queued, retried and confirmed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BmcSection {
+    /// One exchange with a BMC, milliseconds.
+    pub exchange_timeout_ms: u64,
+    /// Tries of one step that failed for a reason that may pass.
+    pub attempts: u32,
+    /// First pause before a retry (doubled each time), milliseconds.
+    pub backoff_ms: u64,
+    /// How long a power change may take to show, seconds.
+    pub settle_s: u64,
+    /// Pause between power-state polls, milliseconds.
+    pub poll_ms: u64,
+    /// Operations queued for one BMC before more are refused.
+    pub queue_limit: usize,
+    /// The key that seals stored BMC passwords (default: `bmc-credentials.key` in the
+    /// data folder, created on first use).
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for BmcSection {
+    fn default() -> Self {
+        let d = crate::bmc::manager::ManagerSettings::default();
+        BmcSection {
+            exchange_timeout_ms: d.exchange_timeout.as_millis() as u64,
+            attempts: d.attempts,
+            backoff_ms: d.backoff.as_millis() as u64,
+            settle_s: d.settle.as_secs(),
+            poll_ms: d.poll.as_millis() as u64,
+            queue_limit: d.queue_limit,
+            key_file: None,
+        }
+    }
 }
 
 /// `[http]`
@@ -269,7 +306,7 @@ pub fn default_discovery_environment() -> EnvironmentSection {
 pub const DEFAULT_DISCOVERY_CMDLINE: &str = "console=tty0 console=ttyS0,115200 \
 arges.appliance={{ appliance.url }} arges.token={{ registration_token }} arges.mode={{ action }}";
 
-/// `[plugins]`: WebAssembly boot-policy plugins.
+/// `[plugins]`: WebAssembly plugins (boot policies and BMC drivers).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginsSection {
@@ -281,6 +318,8 @@ pub struct PluginsSection {
     pub order: Vec<String>,
     /// Deadline of one decision, milliseconds.
     pub timeout_ms: u64,
+    /// Deadline of one BMC driver step (it waits on the BMC), milliseconds.
+    pub driver_timeout_ms: u64,
     /// Memory one plugin instance may use, bytes.
     pub memory_bytes: u64,
     /// Instances of one plugin running at once.
@@ -302,6 +341,7 @@ impl Default for PluginsSection {
             cache_dir: None,
             order: Vec::new(),
             timeout_ms: 50,
+            driver_timeout_ms: 30_000,
             memory_bytes: 64 << 20,
             max_instances: 32,
             pooling: true,

@@ -176,6 +176,8 @@ pub struct PluginsConfig {
     pub dir: PathBuf,
     pub order: Vec<String>,
     pub timeout: Duration,
+    /// Deadline of one BMC driver step.
+    pub driver_timeout: Duration,
     pub memory_bytes: u64,
     pub max_instances: u32,
     pub pooling: bool,
@@ -197,6 +199,7 @@ impl PluginsConfig {
             dir,
             order: d.order,
             timeout: Duration::from_millis(d.timeout_ms),
+            driver_timeout: Duration::from_millis(d.driver_timeout_ms),
             memory_bytes: d.memory_bytes,
             max_instances: d.max_instances,
             pooling: d.pooling,
@@ -289,6 +292,15 @@ pub struct Config {
     pub templates: Templates,
     pub dhcp: DhcpConfig,
     pub kubernetes: Option<KubernetesConfig>,
+    pub bmc: BmcConfig,
+}
+
+/// `[bmc]`, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BmcConfig {
+    pub manager: crate::bmc::manager::ManagerSettings,
+    /// The key sealing stored BMC passwords.
+    pub key_file: PathBuf,
 }
 
 /// Command-line overrides of the common settings.
@@ -601,6 +613,7 @@ impl Config {
             dir: plugins_dir,
             order: p.order.clone(),
             timeout: Duration::from_millis(p.timeout_ms),
+            driver_timeout: Duration::from_millis(p.driver_timeout_ms),
             memory_bytes: p.memory_bytes,
             max_instances: p.max_instances,
             pooling: p.pooling,
@@ -619,6 +632,32 @@ impl Config {
         };
 
         let dhcp = Self::validate_dhcp(&f.dhcp, o, &invalid)?;
+        let b = &f.bmc;
+        if b.attempts == 0 || b.attempts > 20 {
+            return Err(invalid("bmc.attempts", "must be 1 to 20".into()));
+        }
+        if b.exchange_timeout_ms < 10 || b.poll_ms < 10 || b.queue_limit == 0 {
+            return Err(invalid(
+                "bmc",
+                "exchange_timeout_ms and poll_ms are at least 10, queue_limit at least 1".into(),
+            ));
+        }
+        let bmc = BmcConfig {
+            manager: crate::bmc::manager::ManagerSettings {
+                exchange_timeout: Duration::from_millis(b.exchange_timeout_ms),
+                attempts: b.attempts,
+                backoff: Duration::from_millis(b.backoff_ms),
+                settle: Duration::from_secs(b.settle_s),
+                poll: Duration::from_millis(b.poll_ms),
+                queue_limit: b.queue_limit,
+                ..Default::default()
+            },
+            key_file: b
+                .key_file
+                .as_deref()
+                .map(resolve)
+                .unwrap_or_else(|| under_data("bmc-credentials.key")),
+        };
         let k = &f.kubernetes;
         let kubeconfig = o
             .kubeconfig
@@ -700,6 +739,7 @@ impl Config {
             templates,
             dhcp,
             kubernetes,
+            bmc,
         })
     }
 

@@ -21,11 +21,14 @@ use redb::{
     WriteTransaction,
 };
 
+use crate::bmc::BmcSettings;
 use crate::registration::{RegistrationRequest, normalize_mac};
-pub use model::{BootGrant, BootRecord, Server, now};
+pub use model::{BootGrant, BootRecord, PowerEvent, PowerRecord, Server, now};
 
 const SERVERS: TableDefinition<&str, &[u8]> = TableDefinition::new("servers");
 const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("configs");
+/// Sealed BMC passwords by server id (see `bmc::credentials`).
+const BMC_SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("bmc_secrets");
 const BY_MAC: TableDefinition<&str, &str> = TableDefinition::new("servers_by_mac");
 const BY_UUID: MultimapTableDefinition<&str, &str> =
     MultimapTableDefinition::new("servers_by_uuid");
@@ -114,6 +117,7 @@ impl Inventory {
         let txn = db.begin_write()?;
         txn.open_table(SERVERS)?;
         txn.open_table(CONFIGS)?;
+        txn.open_table(BMC_SECRETS)?;
         txn.open_table(BY_MAC)?;
         txn.open_multimap_table(BY_UUID)?;
         txn.commit()?;
@@ -249,6 +253,8 @@ impl Inventory {
                         cordoned: false,
                         environment: None,
                         bmc_address: None,
+                        bmc: None,
+                        power: Default::default(),
                         uuid_conflict: conflict,
                         has_config: false,
                         registered_at: now,
@@ -344,6 +350,31 @@ impl Inventory {
         Ok(c.get(id)?.map(|v| v.value().to_vec()))
     }
 
+    /// Sets (or with `None`, removes) a server's BMC and its sealed password, together.
+    pub fn set_bmc(&self, id: &str, bmc: Option<(BmcSettings, Vec<u8>)>) -> Result<Server> {
+        self.edit(id, |txn, s| {
+            let mut t = txn.open_table(BMC_SECRETS)?;
+            match bmc {
+                Some((settings, sealed)) => {
+                    t.insert(id, sealed.as_slice())?;
+                    s.bmc = Some(settings);
+                }
+                None => {
+                    t.remove(id)?;
+                    s.bmc = None;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// A server's sealed BMC password.
+    pub fn bmc_secret(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(BMC_SECRETS)?;
+        Ok(t.get(id)?.map(|v| v.value().to_vec()))
+    }
+
     /// Removes a server, its indexes and its configuration.
     pub fn delete(&self, id: &str) -> Result<Server> {
         let txn = self.db.begin_write()?;
@@ -354,6 +385,7 @@ impl Inventory {
                 None => return Err(InventoryError::NotFound(id.to_string())),
             };
             txn.open_table(CONFIGS)?.remove(id)?;
+            txn.open_table(BMC_SECRETS)?.remove(id)?;
             txn.open_multimap_table(BY_UUID)?
                 .remove(s.uuid.as_str(), id)?;
             let mut by_mac = txn.open_table(BY_MAC)?;

@@ -5,10 +5,13 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::bmc::{BmcSettings, BootSetting, PowerState};
 use crate::registration::Hardware;
 
 /// Boots kept in a server's history.
 pub const BOOT_HISTORY_LEN: usize = 20;
+/// Power actions kept in a server's history.
+pub const POWER_HISTORY_LEN: usize = 20;
 
 /// One bare-metal machine known to the appliance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +34,13 @@ pub struct Server {
     /// BMC address (reported by the agent or set by the operator).
     #[serde(default)]
     pub bmc_address: Option<String>,
+    /// How to power the machine: its BMC, as the operator configured it (the password
+    /// is sealed in a table of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bmc: Option<BmcSettings>,
+    /// What the appliance knows and did about the machine's power.
+    #[serde(default)]
+    pub power: PowerRecord,
     /// Another machine reported the same UUID: identified by UUID and MACs together.
     #[serde(default)]
     pub uuid_conflict: bool,
@@ -55,6 +65,55 @@ pub struct BootRecord {
     #[serde(default)]
     pub environment: Option<String>,
     pub source: Option<IpAddr>,
+}
+
+/// The power side of a server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PowerRecord {
+    /// Power state as last read from the BMC.
+    #[serde(default)]
+    pub state: Option<PowerState>,
+    /// Unix seconds of that reading.
+    #[serde(default)]
+    pub checked_at: Option<u64>,
+    /// The driver that served the last operation.
+    #[serde(default)]
+    pub driver: Option<String>,
+    /// The next boot asked for, re-sent before every power-on.
+    #[serde(default)]
+    pub next_boot: Option<BootSetting>,
+    /// The latest operations, oldest first.
+    #[serde(default)]
+    pub history: VecDeque<PowerEvent>,
+}
+
+/// One power operation as it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PowerEvent {
+    pub at: u64,
+    /// `power on`, `bootdev pxe`, `status`, …
+    pub operation: String,
+    pub ok: bool,
+    /// Why it failed: a stable kind (`credentials`, `timeout`, `not_settled`, …)…
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// …and the words.
+    #[serde(default)]
+    pub message: Option<String>,
+    pub attempts: u32,
+    pub took_ms: u64,
+    #[serde(default)]
+    pub driver: Option<String>,
+}
+
+impl PowerRecord {
+    /// Appends an operation to the bounded history.
+    pub fn push(&mut self, event: PowerEvent) {
+        self.history.push_back(event);
+        while self.history.len() > POWER_HISTORY_LEN {
+            self.history.pop_front();
+        }
+    }
 }
 
 /// What a machine was handed with its boot script.

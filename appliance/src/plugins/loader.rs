@@ -15,6 +15,7 @@ use wasmtime::component::{Component, Linker};
 
 use super::PluginError;
 use super::bindings::BootPolicyPre;
+use super::bindings::driver::BmcDriverPre;
 use super::host::PluginState;
 use crate::config::PluginsConfig;
 
@@ -46,6 +47,12 @@ pub(crate) struct WarmSlot {
     pub(crate) uses: u32,
 }
 
+/// What a plugin is, by the world it targets, ready to instantiate.
+pub(crate) enum Entry {
+    Policy(BootPolicyPre<PluginState>),
+    Driver(BmcDriverPre<PluginState>),
+}
+
 /// A loaded plugin.
 pub struct Plugin {
     pub name: Arc<str>,
@@ -56,10 +63,25 @@ pub struct Plugin {
     pub from_cache: bool,
     /// How long loading took.
     pub load_time: std::time::Duration,
-    pub(crate) pre: BootPolicyPre<PluginState>,
+    pub(crate) entry: Entry,
     pub(crate) config: Arc<Vec<(String, String)>>,
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) idle: std::sync::Mutex<Vec<WarmSlot>>,
+}
+
+impl Plugin {
+    /// The world the plugin targets, as `arges plugin check` prints it.
+    pub fn world(&self) -> &'static str {
+        match self.entry {
+            Entry::Policy(_) => "boot-policy",
+            Entry::Driver(_) => "bmc-driver",
+        }
+    }
+
+    /// Whether it is a boot policy (in the chain) rather than a BMC driver.
+    pub fn is_policy(&self) -> bool {
+        matches!(self.entry, Entry::Policy(_))
+    }
 }
 
 impl std::fmt::Debug for Plugin {
@@ -180,7 +202,22 @@ pub fn load(
         message: format!("{e:#}; {}", describe(engine, &component)),
     };
     let pre = linker.instantiate_pre(&component).map_err(wrong)?;
-    let pre = BootPolicyPre::new(pre).map_err(wrong)?;
+    // A boot policy exports `decide`; a driver exports `probe`.
+    let entry = match BootPolicyPre::new(pre.clone()) {
+        Ok(p) => Entry::Policy(p),
+        Err(policy) => match BmcDriverPre::new(pre) {
+            Ok(d) => Entry::Driver(d),
+            Err(driver) => {
+                return Err(PluginError::WrongWorld {
+                    plugin: name.clone(),
+                    message: format!(
+                        "as a boot-policy: {policy:#}; as a bmc-driver: {driver:#}; {}",
+                        describe(engine, &component)
+                    ),
+                });
+            }
+        },
+    };
     Ok(Plugin {
         config: Arc::new(settings.config.get(&name).cloned().unwrap_or_default()),
         name: name.into(),
@@ -189,7 +226,7 @@ pub fn load(
         stamp,
         from_cache,
         load_time: started.elapsed(),
-        pre,
+        entry,
         permits: Arc::new(Semaphore::new(settings.max_instances as usize)),
         idle: std::sync::Mutex::new(Vec::new()),
     })

@@ -18,6 +18,7 @@
 //! for the next request; a broken replacement keeps the last good version serving.
 
 pub mod bindings;
+mod driver;
 mod host;
 pub mod loader;
 pub mod reload;
@@ -68,7 +69,7 @@ pub enum PluginError {
     },
     #[error("plugin {plugin}: not a WebAssembly component: {message}")]
     Invalid { plugin: String, message: String },
-    #[error("plugin {plugin}: not an arges:plugin@0.1.0 boot-policy: {message}")]
+    #[error("plugin {plugin}: not an arges:plugin@0.1.0 boot-policy or bmc-driver: {message}")]
     WrongWorld { plugin: String, message: String },
     #[error("plugin {plugin}: ran past its deadline of {deadline:?}")]
     Timeout { plugin: String, deadline: Duration },
@@ -194,6 +195,18 @@ impl PluginHost {
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         bindings::BootPolicy::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        // The driver world shares `log` and `config`; add only what it has beside them.
+        {
+            use bindings::driver::arges::plugin as d;
+            d::bmc::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)
+                .and_then(|()| {
+                    d::ipmi::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)
+                })
+                .and_then(|()| {
+                    d::http::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)
+                })
+                .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        }
         let ticker = EpochTicker::start(engine.clone());
         Ok(Arc::new(PluginHost {
             engine,
@@ -259,6 +272,12 @@ impl PluginHost {
                     });
                 }
             };
+        let loader::Entry::Policy(pre) = &plugin.entry else {
+            return Err(PluginError::WrongWorld {
+                plugin: name(),
+                message: "it is a bmc-driver, not a boot-policy".into(),
+            });
+        };
         let idle = plugin.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let (mut store, instance, uses) = match idle {
             Some(warm) => (warm.store, Some(warm.instance), warm.uses),
@@ -271,7 +290,7 @@ impl PluginHost {
             let call = async {
                 let instance = match instance {
                     Some(i) => i,
-                    None => plugin.pre.instantiate_async(&mut store).await?,
+                    None => pre.instantiate_async(&mut store).await?,
                 };
                 let answer = instance.call_decide(&mut store, &wit_facts).await?;
                 Ok::<_, wasmtime::Error>((instance, answer))
@@ -353,10 +372,15 @@ impl PluginHost {
     /// An instance kept for repeated calls with no deadline, for benchmarks: the cost of
     /// a decision alone, without the host's per-call bookkeeping.
     pub async fn warm_instance(&self, plugin: &Plugin) -> Result<WarmInstance, PluginError> {
+        let loader::Entry::Policy(pre) = &plugin.entry else {
+            return Err(PluginError::WrongWorld {
+                plugin: plugin.name.to_string(),
+                message: "it is a bmc-driver, not a boot-policy".into(),
+            });
+        };
         let mut store = self.new_store(plugin);
         store.set_epoch_deadline(u64::MAX / 2);
-        let instance = plugin
-            .pre
+        let instance = pre
             .instantiate_async(&mut store)
             .await
             .map_err(|e| PluginError::Trap {
@@ -523,7 +547,7 @@ impl BootPolicy for PolicyChain {
 
     fn decide<'a>(&'a self, facts: &'a MachineFacts) -> Decision<'a> {
         Box::pin(async move {
-            for plugin in self.host.plugins().iter() {
+            for plugin in self.host.plugins().iter().filter(|p| p.is_policy()) {
                 match self.host.decide(plugin, facts).await {
                     Ok(Some(action)) => return Ok(action),
                     Ok(None) => continue,

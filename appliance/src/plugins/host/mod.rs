@@ -4,6 +4,8 @@
 //! the generic trap the guest turns it into.
 
 mod config;
+mod http;
+mod ipmi;
 mod log;
 
 use std::sync::Arc;
@@ -24,6 +26,8 @@ pub struct PluginState {
     memory_cap: usize,
     pub(crate) memory_denied: bool,
     pub(crate) log_lines: u32,
+    /// The BMC a bmc-driver call talks to (none for boot policies).
+    pub(crate) link: Option<crate::bmc::link::BmcLink>,
 }
 
 impl PluginState {
@@ -42,6 +46,7 @@ impl PluginState {
             memory_cap,
             memory_denied: false,
             log_lines: 0,
+            link: None,
         }
     }
 }
@@ -89,5 +94,7 @@ impl ResourceLimiter for PluginState {
     }
 }
 
-// The `types` interface only carries types; its (empty) host trait still needs an impl.
+// The `types` and `bmc` interfaces only carry types; their (empty) host traits still
+// need an impl.
 impl crate::plugins::bindings::arges::plugin::types::Host for PluginState {}
+impl crate::plugins::bindings::driver::arges::plugin::bmc::Host for PluginState {}

@@ -1,0 +1,113 @@
+//! The driver seam: what the power manager asks of a BMC driver, and the trait the
+//! plugin host implements for its bmc-driver plugins (as `BootPolicy` is the seam for
+//! boot-policy plugins). The manager never sees wasm; the plugin host never sees a queue.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use super::link::{BmcLink, TransportError};
+use super::{BootSetting, PowerAction, PowerState, Protocol};
+
+/// What a driver's probe is told about the BMC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BmcInfo {
+    pub protocol: Protocol,
+    pub address: String,
+    pub vendor: String,
+    pub product: String,
+}
+
+/// One step asked of a driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverOp {
+    Probe(BmcInfo),
+    PowerState,
+    SetPower(PowerAction),
+    SetBootDevice(BootSetting),
+    BootDevice,
+}
+
+/// A driver's answer to a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverAnswer {
+    Score(u32),
+    Power(PowerState),
+    Done,
+    Boot(Option<BootSetting>),
+}
+
+/// Why a step failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DriverFault {
+    #[error("no bmc-driver plugin named {0:?} is loaded")]
+    NotLoaded(String),
+    #[error("no loaded bmc-driver plugin fits BMC {0} (loaded: {1})")]
+    NoneFits(String, String),
+    /// The plugin trapped, timed out, ran out of memory or answered something malformed.
+    #[error("{message}")]
+    Plugin { kind: &'static str, message: String },
+    /// The driver says: not now.
+    #[error("driver {driver}: the BMC is not ready: {message}")]
+    RetryLater { driver: String, message: String },
+    #[error("driver {driver}: not supported: {message}")]
+    Unsupported { driver: String, message: String },
+    #[error("driver {driver}: {message}")]
+    Failed { driver: String, message: String },
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("the BMC still reports {got:?} after {waited:?} (wanted {want:?})")]
+    NotSettled {
+        want: PowerState,
+        got: PowerState,
+        waited: std::time::Duration,
+    },
+    #[error("the boot device reads back as {got:?}, not the {want:?} we set")]
+    BootMismatch {
+        want: BootSetting,
+        got: Option<BootSetting>,
+    },
+    #[error("gave up after {0:?}")]
+    Deadline(std::time::Duration),
+}
+
+impl DriverFault {
+    /// Stable label for metrics and the Server's record.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DriverFault::NotLoaded(_) => "no_driver",
+            DriverFault::NoneFits(..) => "no_driver",
+            DriverFault::Plugin { kind, .. } => kind,
+            DriverFault::RetryLater { .. } => "not_ready",
+            DriverFault::Unsupported { .. } => "unsupported",
+            DriverFault::Failed { .. } => "driver_failed",
+            DriverFault::Transport(e) => e.kind(),
+            DriverFault::NotSettled { .. } => "not_settled",
+            DriverFault::BootMismatch { .. } => "boot_mismatch",
+            DriverFault::Deadline(_) => "deadline",
+        }
+    }
+
+    /// Whether the manager should try the step again after a pause.
+    pub fn retryable(&self) -> bool {
+        match self {
+            DriverFault::RetryLater { .. } => true,
+            DriverFault::Transport(e) => e.transient(),
+            // A trap or a timeout may be a one-off (a slow BMC behind a host call).
+            DriverFault::Plugin { kind, .. } => *kind == "timeout",
+            _ => false,
+        }
+    }
+}
+
+/// A boxed future, for an object-safe trait. The link comes back with the answer (it is
+/// `None` only if the driver host lost it, which the manager reports).
+pub type DriverFuture<'a> =
+    Pin<Box<dyn Future<Output = (Option<BmcLink>, Result<DriverAnswer, DriverFault>)> + Send + 'a>>;
+
+/// Where drivers come from: the plugin host.
+pub trait Drivers: Send + Sync {
+    /// The loaded drivers' names.
+    fn names(&self) -> Vec<String>;
+    /// Runs one step of `driver` over `link`, handing the link back.
+    fn call<'a>(&'a self, driver: &'a str, link: BmcLink, op: DriverOp) -> DriverFuture<'a>;
+}
