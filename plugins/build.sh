@@ -12,7 +12,7 @@ if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep 
   rustup target add wasm32-wasip2 >&2
 fi
 cargo build --release --locked --target wasm32-wasip2 --target-dir "$target_dir/plugins" >&2
-for crate in default_policy hardware_policy faults; do
+for crate in default_policy hardware_policy faults ipmi supermicro redfish driver_faults; do
   cp "$target_dir/plugins/wasm32-wasip2/release/$crate.wasm" "$out/${crate//_/-}.wasm"
 done
 

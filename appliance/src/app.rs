@@ -13,6 +13,8 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::bmc::credentials::Sealer;
+use crate::bmc::manager::PowerManager;
 use crate::config::{Config, DhcpMode};
 use crate::core::Core;
 use crate::dhcp::{self, DhcpServer};
@@ -43,14 +45,20 @@ fn bind_hint(e: &std::io::Error, addr: &SocketAddr) -> &'static str {
     }
 }
 
-/// Starts the plugin host and its folder watcher; the chain it returns is the boot policy.
+/// What the plugin host provides: the boot policy (its chain) and the BMC drivers.
+type Plugged = (
+    Option<Arc<dyn crate::core::BootPolicy>>,
+    Arc<dyn crate::bmc::driver::Drivers>,
+);
+
+/// Starts the plugin host and its folder watcher.
 #[cfg(feature = "plugins")]
 fn start_plugins(
     config: &Config,
     metrics: &Arc<Metrics>,
     tasks: &mut JoinSet<std::io::Result<()>>,
     cancel: &CancellationToken,
-) -> Option<Arc<dyn crate::core::BootPolicy>> {
+) -> Plugged {
     use crate::core::DefaultPolicy;
     use crate::plugins::PluginHost;
     match PluginHost::new(config.plugins.clone(), Arc::clone(metrics)) {
@@ -59,19 +67,20 @@ fn start_plugins(
                 config: config.policy.clone(),
             });
             let cancel = cancel.clone();
+            let watched = Arc::clone(&host);
             tasks.spawn(async move {
                 // A watcher failure is not fatal: the plugins loaded so far keep serving.
-                if let Err(e) = host.watch(cancel.clone()).await {
+                if let Err(e) = watched.watch(cancel.clone()).await {
                     tracing::error!(error = %e, "plugin watcher stopped");
                     cancel.cancelled().await;
                 }
                 Ok(())
             });
-            Some(Arc::new(chain))
+            (Some(Arc::new(chain)), host)
         }
         Err(e) => {
-            tracing::error!(error = %e, "plugin host unavailable; using the built-in boot policy");
-            None
+            tracing::error!(error = %e, "plugin host unavailable; using the built-in boot policy and no BMC drivers");
+            (None, Arc::new(crate::bmc::driver::NoDrivers))
         }
     }
 }
@@ -82,8 +91,8 @@ fn start_plugins(
     _metrics: &Arc<Metrics>,
     _tasks: &mut JoinSet<std::io::Result<()>>,
     _cancel: &CancellationToken,
-) -> Option<Arc<dyn crate::core::BootPolicy>> {
-    None
+) -> Plugged {
+    (None, Arc::new(crate::bmc::driver::NoDrivers))
 }
 
 /// Starts the Kubernetes controller when the config turns Kubernetes mode on.
@@ -154,15 +163,23 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let config = Arc::new(config);
     let mut tasks = JoinSet::new();
-    let policy = start_plugins(&config, &metrics, &mut tasks, &cancel);
-    let core = Arc::new(Core::new(
-        Arc::clone(&config),
-        Arc::new(inventory),
-        policy,
-        Arc::clone(&metrics),
-        registration_token,
-        admin_token,
-    ));
+    let (policy, drivers) = start_plugins(&config, &metrics, &mut tasks, &cancel);
+    let sealer = {
+        let key = config.bmc.key_file.clone();
+        tokio::task::spawn_blocking(move || Sealer::open_or_create(&key)).await??
+    };
+    let power = PowerManager::new(drivers, config.bmc.manager.clone(), Arc::clone(&metrics));
+    let core = Arc::new(
+        Core::new(
+            Arc::clone(&config),
+            Arc::new(inventory),
+            policy,
+            Arc::clone(&metrics),
+            registration_token,
+            admin_token,
+        )
+        .with_power(Arc::new(power), Arc::new(sealer)),
+    );
     let mut bound = Bound {
         http: Vec::new(),
         tftp: Vec::new(),

@@ -43,6 +43,8 @@ pub enum Command {
     #[cfg(feature = "plugins")]
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Power control through a running appliance's admin API.
+    Bmc(BmcArgs),
 }
 
 /// `arges plugin`
@@ -170,4 +172,70 @@ pub struct LoadtestArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `arges bmc`
+#[derive(Debug, Args)]
+pub struct BmcArgs {
+    /// The appliance's admin API.
+    #[arg(long, env = "ARGES_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Admin token; default: `admin.token` in --data-dir.
+    #[arg(long, env = "ARGES_ADMIN_TOKEN")]
+    pub token: Option<String>,
+    /// The appliance's data folder, where it keeps its generated admin token.
+    #[arg(long, default_value = "arges-data")]
+    pub data_dir: std::path::PathBuf,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: BmcCommand,
+}
+
+/// What `arges bmc` does.
+#[derive(Debug, Subcommand)]
+pub enum BmcCommand {
+    /// Read the power state and next boot from the server's BMC.
+    Status { server: String },
+    /// Change the server's power: on, off, soft-off, cycle or reset.
+    Power { server: String, action: String },
+    /// Set the next boot: pxe, disk, bios or cdrom (once and UEFI unless told).
+    Bootdev {
+        server: String,
+        device: String,
+        /// Keep it for every boot, not just the next.
+        #[arg(long)]
+        persistent: bool,
+        /// Legacy BIOS boot instead of UEFI.
+        #[arg(long)]
+        legacy: bool,
+    },
+    /// Configure the server's BMC (the password is sealed at rest and never shown).
+    Set {
+        server: String,
+        /// `host` or `host:port`.
+        #[arg(long)]
+        address: String,
+        /// ipmi or redfish.
+        #[arg(long, default_value = "ipmi")]
+        protocol: String,
+        #[arg(long)]
+        username: String,
+        /// A file holding the password (or set ARGES_BMC_PASSWORD).
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<std::path::PathBuf>,
+        /// Pin a driver instead of choosing by probe.
+        #[arg(long)]
+        driver: Option<String>,
+        /// Redfish: CA certificates (PEM) to check the BMC against.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<std::path::PathBuf>,
+        /// Redfish: the sha256 of the BMC certificate (DER), hex.
+        #[arg(long)]
+        pin_sha256: Option<String>,
+        /// Redfish: accept any certificate (warned about on every use).
+        #[arg(long)]
+        insecure: bool,
+    },
 }

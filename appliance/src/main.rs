@@ -10,6 +10,7 @@ use arges::config::{Config, Overrides};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
+mod bmc_cli;
 mod cli;
 #[cfg(feature = "plugins")]
 mod plugin_cli;
@@ -18,8 +19,11 @@ use cli::{AgentArgs, Cli, Command, LoadtestArgs, RunArgs};
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ARGES_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: a log file or journald gets plain text.
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
                     Command::Loadtest(args) => run_loadtest(args).await,
                     #[cfg(feature = "plugins")]
                     Command::Plugin(cmd) => plugin_cli::run(cmd).await,
+                    Command::Bmc(args) => bmc_cli::run(args).await,
                 }
             })
         });

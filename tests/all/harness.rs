@@ -298,3 +298,15 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("a tokio runtime")
 }
+
+/// A registration body for machine number `i`: its UUID and the JSON.
+pub fn registration(i: u32) -> (String, Vec<u8>) {
+    let uuid = format!("00000000-0000-4000-8000-{i:012x}");
+    let body = serde_json::json!({
+        "uuid": uuid,
+        "mode": "discover",
+        "hardware": {"vendor": "QEMU", "nics": [{"name": "eth0", "mac": format!("52:54:00:{:02x}:{:02x}:{:02x}", i >> 16 & 0xff, i >> 8 & 0xff, i & 0xff)}],
+                     "disks": [{"name": "vda", "size_bytes": 1u64 << 34}]},
+    });
+    (uuid, serde_json::to_vec(&body).unwrap())
+}

@@ -9,5 +9,6 @@ mod http;
 mod ipmi;
 mod loadtest;
 mod plugins;
+mod power;
 mod redfish;
 mod tftp;

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use arges::bmc::chassis::{BootDevice, PowerAction};
 use arges::bmc::redfish::{RedfishClient, RedfishError, RedfishTarget, TlsPolicy};
+use arges::bmc::{BootDevice, PowerAction};
 
 use crate::harness::runtime;
 
@@ -55,14 +55,14 @@ fn make_ca(dir: &Path, name: &str) {
     );
 }
 
-struct Sushy {
+pub struct Sushy {
     dir: tempfile::TempDir,
-    authority: String,
+    pub authority: String,
     child: Child,
 }
 
 impl Sushy {
-    fn start() -> Sushy {
+    pub fn start() -> Sushy {
         let (emulator, python) = sushy();
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -160,6 +160,10 @@ impl Sushy {
             // sushy applies power changes after a random 1-11 s.
             settle: Duration::from_secs(40),
         }
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
     }
 
     fn ca(&self) -> TlsPolicy {

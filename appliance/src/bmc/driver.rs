@@ -111,3 +111,17 @@ pub trait Drivers: Send + Sync {
     /// Runs one step of `driver` over `link`, handing the link back.
     fn call<'a>(&'a self, driver: &'a str, link: BmcLink, op: DriverOp) -> DriverFuture<'a>;
 }
+
+/// No drivers at all (a build without plugins): every operation says so.
+#[derive(Debug, Default)]
+pub struct NoDrivers;
+
+impl Drivers for NoDrivers {
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn call<'a>(&'a self, driver: &'a str, link: BmcLink, _op: DriverOp) -> DriverFuture<'a> {
+        Box::pin(async move { (Some(link), Err(DriverFault::NotLoaded(driver.into()))) })
+    }
+}

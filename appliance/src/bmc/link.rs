@@ -190,7 +190,11 @@ impl BmcLink {
             return self.fail(TransportError::Refused("no session".into()));
         };
         match session.raw_with_code(netfn, cmd, data).await {
-            Ok(r) => Ok(r),
+            Ok(r) => {
+                // What the driver sent, for tracing a vendor quirk (no credentials here).
+                tracing::debug!(bmc = %session.addr(), netfn, cmd, data = ?data, completion = r.0, "driver IPMI command");
+                Ok(r)
+            }
             Err(e) => self.fail(e.into()),
         }
     }

@@ -274,6 +274,33 @@ impl PowerManager {
     }
 }
 
+/// Evaluates `$try` until it succeeds, fails for good, or has been tried `attempts`
+/// times, pausing `backoff`, then twice that, and so on, in between. (A macro: an async
+/// closure borrowing the run mutably is not `Send` enough for the HTTP edge's tasks.)
+macro_rules! retrying {
+    ($run:ident, $try:expr) => {{
+        let s = &$run.manager.settings;
+        let (attempts, mut pause) = (s.attempts.max(1), s.backoff);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match $try {
+                Err(e) if e.retryable() && tries < attempts => {
+                    $run.manager
+                        .metrics
+                        .bmc_retries
+                        .get_or_create(&[("reason", e.kind())])
+                        .inc();
+                    tracing::info!(server = %$run.job.server, driver = %$run.driver, error = %e, pause = ?pause, "BMC step failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = pause.saturating_mul(2);
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
 impl Run<'_> {
     /// One driver step, once: the link goes in and comes back.
     async fn step_once(&mut self, driver: &str, op: DriverOp) -> Result<DriverAnswer, DriverFault> {
@@ -283,7 +310,10 @@ impl Run<'_> {
                 message: "the BMC link was lost".into(),
             });
         };
-        self.attempts += 1;
+        // A probe round counts once, in `choose_driver`.
+        if !matches!(op, DriverOp::Probe(_)) {
+            self.attempts += 1;
+        }
         let (link, answer) = self.manager.drivers.call(driver, link, op).await;
         self.link = link;
         answer
@@ -291,30 +321,17 @@ impl Run<'_> {
 
     /// One step, retried with doubling pauses while its failure may pass.
     async fn step(&mut self, op: DriverOp) -> Result<DriverAnswer, DriverFault> {
-        let s = &self.manager.settings;
-        let mut pause = s.backoff;
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let driver = self.driver.clone();
-            match self.step_once(&driver, op.clone()).await {
-                Err(e) if e.retryable() && tries < s.attempts.max(1) => {
-                    self.manager
-                        .metrics
-                        .bmc_retries
-                        .get_or_create(&[("reason", e.kind())])
-                        .inc();
-                    tracing::info!(server = %self.job.server, driver = %driver, error = %e, pause = ?pause, "BMC step failed; trying again");
-                    tokio::time::sleep(pause).await;
-                    pause = pause.saturating_mul(2);
-                }
-                other => return other,
-            }
-        }
+        let driver = self.driver.clone();
+        retrying!(self, self.step_once(&driver, op.clone()).await)
+    }
+
+    /// The driver, with probe rounds retried like steps while the BMC's failure may pass.
+    async fn choose_driver(&mut self) -> Result<String, DriverFault> {
+        retrying!(self, self.choose_driver_once().await)
     }
 
     /// The pinned driver, the one a recent probe chose, or the best probe now.
-    async fn choose_driver(&mut self) -> Result<String, DriverFault> {
+    async fn choose_driver_once(&mut self) -> Result<String, DriverFault> {
         let m = self.manager;
         let names = m.drivers.names();
         if let Some(pinned) = &self.job.driver {
@@ -338,6 +355,7 @@ impl Run<'_> {
             product: self.job.product.clone(),
         };
         let mut best: Option<(u32, String)> = None;
+        self.attempts += 1;
         for name in &names {
             self.driver = String::new();
             match self.step_once(name, DriverOp::Probe(info.clone())).await {

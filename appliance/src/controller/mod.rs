@@ -79,14 +79,31 @@ impl Context {
             return;
         }
         tracing::warn!(object = %obj.name_any(), reason, note, "warning event");
+        self.publish(&obj.object_ref(&()), false, reason, "Reconcile", note)
+            .await;
+    }
+
+    /// An event on the object `to`: Normal, or Warning when `warning`.
+    pub async fn publish(
+        &self,
+        to: &k8s_openapi::api::core::v1::ObjectReference,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
         let event = Event {
-            type_: EventType::Warning,
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: reason.into(),
-            note: Some(note.into()),
-            action: "Reconcile".into(),
+            note: Some(note.chars().take(1024).collect()),
+            action: action.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+        if let Err(e) = self.recorder.publish(&event, to).await {
             tracing::warn!(error = %e, "cannot publish an event");
         }
     }

@@ -97,6 +97,9 @@ fn status_patch(s: &Server, identity: &str) -> serde_json::Value {
         },
         "lastTransitionTime": rfc3339(s.registered_at),
     });
+    let (power, state) = power_status(s);
+    let mut conditions = vec![registered];
+    conditions.extend(power);
     json!({
         "apiVersion": "metal.arges.dev/v1alpha1",
         "kind": "Server",
@@ -104,9 +107,69 @@ fn status_patch(s: &Server, identity: &str) -> serde_json::Value {
             "appliance": identity,
             "addresses": addresses,
             "lastBoot": last_boot,
-            "conditions": [registered],
+            "power": state,
+            "conditions": conditions,
         },
     })
+}
+
+/// A BMC operation's end as an event on the Server: Normal when it worked, Warning with
+/// the reason when not.
+async fn power_event(ctx: &Context, id: &str, e: &crate::inventory::PowerEvent) {
+    let to = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("metal.arges.dev/v1alpha1".into()),
+        kind: Some("Server".into()),
+        name: Some(resource_name(id)),
+        ..Default::default()
+    };
+    let reason = if e.ok {
+        "PowerOperationSucceeded".to_string()
+    } else {
+        format!(
+            "PowerOperationFailed{}",
+            camel(e.reason.as_deref().unwrap_or("unknown"))
+        )
+    };
+    let note = match &e.message {
+        Some(m) => format!("{}: {m}", e.operation),
+        None => format!(
+            "{} done by driver {} in {} ms",
+            e.operation,
+            e.driver.as_deref().unwrap_or("?"),
+            e.took_ms
+        ),
+    };
+    ctx.publish(&to, !e.ok, &reason, "Power", &note).await;
+}
+
+/// `not_settled` → `NotSettled`.
+fn camel(kind: &str) -> String {
+    kind.split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The `PowerControl` condition and the power fields of the status.
+fn power_status(s: &Server) -> (Option<serde_json::Value>, Option<String>) {
+    let state = s.power.state.map(|p| match p {
+        crate::bmc::PowerState::On => "on".to_string(),
+        crate::bmc::PowerState::Off => "off".to_string(),
+    });
+    let condition = s.power.history.back().map(|e| {
+        json!({
+            "type": "PowerControl",
+            "status": if e.ok { "True" } else { "False" },
+            "reason": if e.ok { "Succeeded".to_string() } else { camel(e.reason.as_deref().unwrap_or("unknown")) },
+            "message": e.message.clone().unwrap_or_else(|| format!("{} by driver {}", e.operation, e.driver.as_deref().unwrap_or("?"))),
+            "lastTransitionTime": rfc3339(e.at),
+        })
+    });
+    (condition, state)
 }
 
 /// Pushes one server's spec and status.
@@ -135,6 +198,10 @@ pub async fn push(ctx: Arc<Context>, cancel: CancellationToken) {
                 Ok(ServerEvent::Changed(id)) => { dirty.insert(id); }
                 // Deletions come from the cluster (pull), which already has them.
                 Ok(ServerEvent::Deleted(id)) => { dirty.remove(&id); }
+                Ok(ServerEvent::Power(id, event)) => {
+                    power_event(&ctx, &id, &event).await;
+                    dirty.insert(id);
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(missed = n, "inventory events lagged; resynchronising");
                     resync = true;

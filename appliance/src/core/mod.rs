@@ -7,6 +7,7 @@
 //! (fsync on commit), so they run on the blocking pool.
 
 pub mod policy;
+mod power;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -26,6 +27,7 @@ pub use policy::{
     BootAction, BootPolicy, Decision, DefaultPolicy, HardwareSummary, InventoryFacts, MachineFacts,
     PolicyError,
 };
+pub use power::PowerReport;
 
 /// Failures of core operations; the HTTP edge maps each to a status.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +100,8 @@ pub struct Core {
     events: tokio::sync::broadcast::Sender<ServerEvent>,
     /// Environments defined in the cluster (Kubernetes mode), beside the config's.
     cluster_environments: RwLock<Arc<BTreeMap<String, Environment>>>,
+    /// Power control: the manager and the key of the stored BMC passwords.
+    power: Option<power::PowerControl>,
 }
 
 /// A change to the inventory, for edges that mirror it (the Kubernetes controller).
@@ -107,6 +111,8 @@ pub enum ServerEvent {
     Changed(String),
     /// The server was deleted.
     Deleted(String),
+    /// A BMC operation on the server ended (the server changed too).
+    Power(String, crate::inventory::PowerEvent),
 }
 
 /// What the cluster says an operator wants of a server (Kubernetes mode).
@@ -210,7 +216,19 @@ impl Core {
             // Subscribers that fall this far behind resynchronise from the inventory.
             events: tokio::sync::broadcast::channel(1024).0,
             cluster_environments: RwLock::new(Arc::new(BTreeMap::new())),
+            power: None,
         }
+    }
+
+    /// Turns power control on: BMC operations go through `manager`, and BMC passwords
+    /// are sealed with `sealer`.
+    pub fn with_power(
+        mut self,
+        manager: Arc<crate::bmc::manager::PowerManager>,
+        sealer: Arc<crate::bmc::credentials::Sealer>,
+    ) -> Self {
+        self.power = Some(power::PowerControl { manager, sealer });
+        self
     }
 
     /// Inventory changes from now on. A receiver that lags gets `Lagged` and should

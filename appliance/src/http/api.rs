@@ -9,7 +9,14 @@
 //! | POST | `/api/v1/servers/{id}/{accept,unaccept,cordon,uncordon}` | flags |
 //! | PUT | `/api/v1/servers/{id}/environment` | `{"environment": "name"}` or `null` |
 //! | PUT | `/api/v1/servers/{id}/labels` | `{"key": "value", …}` |
-//! | PUT | `/api/v1/servers/{id}/bmc` | `{"address": "10.0.0.9"}` or `null` |
+//! | PUT | `/api/v1/servers/{id}/bmc` | `{"address", "protocol", "username", "password", "driver", "tls"}`: power control (the password is sealed and never returned); `{"address"}` alone only records the address |
+//! | GET, DELETE | `/api/v1/servers/{id}/bmc` | the BMC settings, power record and loaded drivers; or forget the BMC |
+//! | GET | `/api/v1/servers/{id}/bmc/status` | read power state and next boot from the BMC |
+//! | POST | `/api/v1/servers/{id}/bmc/power` | `{"action": "on|off|soft-off|cycle|reset"}` |
+//! | POST | `/api/v1/servers/{id}/bmc/bootdev` | `{"device": "pxe|disk|bios|cdrom", "persistent": false, "efi": true}` |
+//!
+//! A BMC operation answers 200 when it worked and 502 when the BMC (or its driver) did
+//! not do it; both carry the recorded event with its reason.
 //! | PUT, DELETE | `/api/v1/servers/{id}/config` | the `/configdata` blob (raw body) |
 
 use std::collections::BTreeMap;
@@ -20,7 +27,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 
 use super::{Body, HttpContext, bearer, json, json_error, read_body, status_of};
-use crate::core::{CoreError, ServerEdit};
+use crate::bmc::{BmcSettings, BootSetting, Protocol, TlsSettings};
+use crate::core::{Core, CoreError, PowerReport, ServerEdit};
 use crate::metrics::Metrics;
 use crate::registration::RegistrationRequest;
 
@@ -84,6 +92,58 @@ struct EnvironmentBody {
 #[serde(deny_unknown_fields)]
 struct BmcBody {
     address: Option<String>,
+    #[serde(default)]
+    protocol: Protocol,
+    username: Option<String>,
+    password: Option<String>,
+    driver: Option<String>,
+    #[serde(default)]
+    tls: TlsSettings,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PowerBody {
+    action: String,
+}
+
+/// A BMC operation's answer: 200 when it worked, 502 when the BMC did not do it.
+fn power_report(r: PowerReport) -> Response<Body> {
+    let status = if r.event.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    json(status, &r)
+}
+
+/// `PUT …/bmc`: full settings configure power control; an address alone is recorded.
+async fn put_bmc(core: &Core, id: &str, b: BmcBody) -> Result<Response<Body>, CoreError> {
+    let s = match (b.username, b.password) {
+        (Some(username), Some(password)) => {
+            let address = b
+                .address
+                .ok_or_else(|| CoreError::Invalid("bmc.address is required".into()))?;
+            let settings = BmcSettings {
+                address,
+                protocol: b.protocol,
+                driver: b.driver,
+                tls: b.tls,
+                username,
+            };
+            core.set_bmc(id, Some((settings, password))).await?
+        }
+        (None, None) => {
+            core.edit_server(id, ServerEdit::BmcAddress(b.address))
+                .await?
+        }
+        _ => {
+            return Err(CoreError::Invalid(
+                "give both username and password (or neither, to record only the address)".into(),
+            ));
+        }
+    };
+    Ok(json(StatusCode::OK, &s))
 }
 
 async fn json_body<T: for<'de> Deserialize<'de>>(
@@ -104,7 +164,17 @@ pub async fn admin(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> 
         return unauthorized();
     }
     let path = req.uri().path().trim_end_matches('/').to_string();
-    let parts: Vec<&str> = path.trim_start_matches("/api/v1/").split('/').collect();
+    // Segments are percent-decoded: a client may encode the `:` of a `<uuid>-<mac>` id.
+    let decoded: Vec<String> = path
+        .trim_start_matches("/api/v1/")
+        .split('/')
+        .map(|p| {
+            percent_encoding::percent_decode_str(p)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    let parts: Vec<&str> = decoded.iter().map(String::as_str).collect();
     let method = req.method().clone();
     let core = &ctx.core;
     let result = match (method, parts.as_slice()) {
@@ -148,9 +218,12 @@ pub async fn admin(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> 
                 "labels" => json_body::<BTreeMap<String, String>>(req)
                     .await
                     .map(ServerEdit::Labels),
-                "bmc" => json_body::<BmcBody>(req)
-                    .await
-                    .map(|b| ServerEdit::BmcAddress(b.address)),
+                "bmc" => {
+                    return match json_body::<BmcBody>(req).await {
+                        Ok(b) => put_bmc(core, &id, b).await.unwrap_or_else(core_error),
+                        Err(r) => r,
+                    };
+                }
                 _ => read_body(req, CONFIG_LIMIT)
                     .await
                     .map(|b| ServerEdit::Config(Some(b.to_vec()))),
@@ -160,6 +233,42 @@ pub async fn admin(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> 
                     .edit_server(&id, edit)
                     .await
                     .map(|s| json(StatusCode::OK, &s)),
+                Err(r) => return r,
+            }
+        }
+        (Method::GET, ["servers", id, "bmc"]) => core.server(id).await.map(|s| {
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "server": s.id,
+                    "bmc": s.bmc,
+                    "address": s.bmc_address,
+                    "power": s.power,
+                    "drivers": core.bmc_drivers(),
+                }),
+            )
+        }),
+        (Method::DELETE, ["servers", id, "bmc"]) => core
+            .set_bmc(id, None)
+            .await
+            .map(|s| json(StatusCode::OK, &s)),
+        (Method::GET, ["servers", id, "bmc", "status"]) => {
+            core.bmc_status(id).await.map(power_report)
+        }
+        (Method::POST, ["servers", id, "bmc", "power"]) => {
+            let id = id.to_string();
+            match json_body::<PowerBody>(req).await {
+                Ok(b) => match b.action.parse() {
+                    Ok(action) => core.bmc_power(&id, action).await.map(power_report),
+                    Err(e) => Err(CoreError::Invalid(e)),
+                },
+                Err(r) => return r,
+            }
+        }
+        (Method::POST, ["servers", id, "bmc", "bootdev"]) => {
+            let id = id.to_string();
+            match json_body::<BootSetting>(req).await {
+                Ok(b) => core.bmc_boot_device(&id, b).await.map(power_report),
                 Err(r) => return r,
             }
         }

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use wasmtime::Store;
+use wasmtime::{Store, UpdateDeadline};
 
 use super::bindings::driver::arges::plugin::bmc as wit;
 use super::loader::Entry;
@@ -16,6 +16,8 @@ use crate::bmc::driver::{DriverAnswer, DriverFault, DriverFuture, DriverOp, Driv
 use crate::bmc::link::BmcLink;
 use crate::bmc::{BootDevice, BootSetting, PowerAction, PowerState, Protocol};
 
+/// Beyond the deadline, how long one driver step may spend waiting on its BMC in all.
+const HOST_WAIT_CAP: Duration = Duration::from_secs(300);
 /// Longest message a driver's error may carry.
 const MAX_MESSAGE: usize = 1024;
 
@@ -75,7 +77,19 @@ impl PluginHost {
         let mut store: Store<PluginState> = self.new_store(plugin);
         store.data_mut().link = Some(link);
         store.set_epoch_deadline((deadline.as_micros() / TICK.as_micros()).max(1) as u64);
-        let outcome = tokio::time::timeout(deadline + Duration::from_millis(500), async {
+        // Time the host spent waiting on the BMC is given back: the deadline bounds the
+        // driver's own work; the transports' timeouts bound the waiting.
+        store.epoch_deadline_callback(|mut ctx| {
+            let s = ctx.data_mut();
+            let owed = s.host_ticks.saturating_sub(s.credited_ticks);
+            s.credited_ticks = s.host_ticks;
+            Ok(if owed > 0 {
+                UpdateDeadline::Continue(owed)
+            } else {
+                UpdateDeadline::Interrupt
+            })
+        });
+        let outcome = tokio::time::timeout(deadline + HOST_WAIT_CAP, async {
             let d = pre.instantiate_async(&mut store).await?;
             Ok::<_, wasmtime::Error>(match &op {
                 DriverOp::Probe(info) => {
@@ -117,7 +131,7 @@ impl PluginHost {
                 message: format!("driver {driver}: ran past its deadline of {deadline:?}"),
             }),
             (Ok(Err(e)), _) => {
-                let e = self.classify(plugin, &store, e);
+                let e = self.classify(plugin, &store, e, deadline);
                 Err(DriverFault::Plugin {
                     kind: e.kind(),
                     message: e.to_string(),

@@ -305,7 +305,7 @@ impl PluginHost {
                     deadline,
                 });
             }
-            Ok(Err(e)) => return Err(self.classify(plugin, &store, e)),
+            Ok(Err(e)) => return Err(self.classify(plugin, &store, e, deadline)),
             Ok(Ok((instance, answer))) => {
                 // The instance came through a whole call: keep it for the next one. One
                 // that trapped or ran out of time is never entered again.
@@ -343,6 +343,7 @@ impl PluginHost {
         plugin: &Plugin,
         store: &Store<PluginState>,
         e: wasmtime::Error,
+        deadline: Duration,
     ) -> PluginError {
         let plugin_name = plugin.name.to_string();
         if store.data().memory_denied {
@@ -353,7 +354,7 @@ impl PluginHost {
         } else if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
             PluginError::Timeout {
                 plugin: plugin_name,
-                deadline: self.settings.timeout,
+                deadline,
             }
         } else {
             tracing::debug!(plugin = %plugin.name, error = ?e, "plugin trap in full");

@@ -9,12 +9,13 @@ impl Host for PluginState {
         let Some(link) = self.link.as_mut() else {
             return Err("no BMC in this call".into());
         };
-        link.ipmi_raw(netfn, cmd, &data)
-            .await
-            .map(|(completion_code, data)| Response {
-                completion_code,
-                data,
-            })
-            .map_err(|e| e.to_string())
+        let started = std::time::Instant::now();
+        let r = link.ipmi_raw(netfn, cmd, &data).await;
+        self.waited(started);
+        r.map(|(completion_code, data)| Response {
+            completion_code,
+            data,
+        })
+        .map_err(|e| e.to_string())
     }
 }

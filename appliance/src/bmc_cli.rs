@@ -1,0 +1,230 @@
+//! `arges bmc status|power|bootdev|set SERVER`: the admin API's power endpoints from a
+//! shell. It prints one line per answer (or the JSON with `--json`) and exits non-zero
+//! when the BMC did not do what was asked.
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use serde_json::{Value, json};
+
+use crate::cli::{BmcArgs, BmcCommand};
+
+/// One request to the admin API.
+async fn call(
+    args: &BmcArgs,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value)> {
+    let token = match &args.token {
+        Some(t) => t.clone(),
+        None => {
+            let file = args.data_dir.join("admin.token");
+            std::fs::read_to_string(&file)
+                .with_context(|| {
+                    format!(
+                        "no --token and cannot read {} (use --data-dir or ARGES_ADMIN_TOKEN)",
+                        file.display()
+                    )
+                })?
+                .trim()
+                .to_string()
+        }
+    };
+    let url: hyper::Uri = args.url.parse().context("--url is not a URL")?;
+    if url.scheme_str() != Some("http") {
+        bail!("--url must be http://host:port (the admin API listens on plain HTTP)");
+    }
+    let authority = url.authority().context("--url has no host")?.to_string();
+    let addr = if authority.contains(':') {
+        authority.clone()
+    } else {
+        format!("{authority}:80")
+    };
+    let stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .with_context(|| format!("cannot reach the appliance at {addr}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", authority)
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(Full::new(body))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let raw = resp.into_body().collect().await?.to_bytes();
+    let value = serde_json::from_slice(&raw)
+        .unwrap_or_else(|_| json!({"error": String::from_utf8_lossy(&raw)}));
+    Ok((status, value))
+}
+
+/// Runs an `arges bmc` subcommand.
+pub async fn run(args: BmcArgs) -> Result<()> {
+    // Unreserved characters and `:` stay as they are; anything else is encoded.
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~')
+        .remove(b':');
+    let server_path = |s: &str| {
+        format!(
+            "/api/v1/servers/{}",
+            percent_encoding::utf8_percent_encode(s, SEGMENT)
+        )
+    };
+    let (status, answer) = match &args.command {
+        BmcCommand::Status { server } => {
+            call(
+                &args,
+                "GET",
+                &format!("{}/bmc/status", server_path(server)),
+                None,
+            )
+            .await?
+        }
+        BmcCommand::Power { server, action } => {
+            call(
+                &args,
+                "POST",
+                &format!("{}/bmc/power", server_path(server)),
+                Some(json!({"action": action})),
+            )
+            .await?
+        }
+        BmcCommand::Bootdev {
+            server,
+            device,
+            persistent,
+            legacy,
+        } => {
+            let body = json!({"device": device, "persistent": persistent, "efi": !legacy});
+            call(
+                &args,
+                "POST",
+                &format!("{}/bmc/bootdev", server_path(server)),
+                Some(body),
+            )
+            .await?
+        }
+        BmcCommand::Set {
+            server,
+            address,
+            protocol,
+            username,
+            password_file,
+            driver,
+            ca_file,
+            pin_sha256,
+            insecure,
+        } => {
+            let password = match password_file {
+                Some(f) => std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+                None => std::env::var("ARGES_BMC_PASSWORD")
+                    .context("give --password-file or set ARGES_BMC_PASSWORD")?,
+            };
+            let mut tls = json!({});
+            if let Some(ca) = ca_file {
+                tls["ca_file"] = json!(std::path::absolute(ca)?);
+            }
+            if let Some(pin) = pin_sha256 {
+                tls["pin_sha256"] = json!(pin);
+            }
+            if *insecure {
+                tls["insecure"] = json!(true);
+            }
+            let body = json!({
+                "address": address, "protocol": protocol, "username": username,
+                "password": password, "driver": driver, "tls": tls,
+            });
+            call(
+                &args,
+                "PUT",
+                &format!("{}/bmc", server_path(server)),
+                Some(body),
+            )
+            .await?
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        println!("{}", summary(&answer));
+    }
+    match status {
+        200 => Ok(()),
+        502 => bail!("the BMC did not do it"),
+        s => bail!("the appliance answered {s}"),
+    }
+}
+
+/// One line about an answer.
+fn summary(a: &Value) -> String {
+    if let Some(e) = a["error"].as_str() {
+        return format!("error: {e}");
+    }
+    if a["event"].is_object() {
+        let e = &a["event"];
+        let p = &a["power"];
+        let boot = match &p["next_boot"] {
+            Value::Null => "-".to_string(),
+            b => format!(
+                "{}{}{}",
+                b["device"].as_str().unwrap_or("?"),
+                if b["persistent"].as_bool() == Some(true) {
+                    " persistent"
+                } else {
+                    ""
+                },
+                if b["efi"].as_bool() == Some(true) {
+                    " uefi"
+                } else {
+                    " legacy"
+                }
+            ),
+        };
+        return if e["ok"].as_bool() == Some(true) {
+            format!(
+                "{}: {} ok (driver {}, {} steps, {} ms); power {}, next boot {}",
+                a["server"].as_str().unwrap_or("?"),
+                e["operation"].as_str().unwrap_or("?"),
+                e["driver"].as_str().unwrap_or("?"),
+                e["attempts"],
+                e["took_ms"],
+                p["state"].as_str().unwrap_or("unknown"),
+                boot
+            )
+        } else {
+            format!(
+                "{}: {} FAILED ({}): {}",
+                a["server"].as_str().unwrap_or("?"),
+                e["operation"].as_str().unwrap_or("?"),
+                e["reason"].as_str().unwrap_or("?"),
+                e["message"].as_str().unwrap_or("")
+            )
+        };
+    }
+    match &a["bmc"] {
+        Value::Object(b) => format!(
+            "{}: BMC {} ({}, user {}{})",
+            a["id"].as_str().unwrap_or("?"),
+            b.get("address").and_then(|v| v.as_str()).unwrap_or("?"),
+            b.get("protocol").and_then(|v| v.as_str()).unwrap_or("?"),
+            b.get("username").and_then(|v| v.as_str()).unwrap_or("?"),
+            b.get("driver")
+                .and_then(|v| v.as_str())
+                .map(|d| format!(", driver {d}"))
+                .unwrap_or_default()
+        ),
+        _ => a.to_string(),
+    }
+}

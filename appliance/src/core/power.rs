@@ -1,0 +1,169 @@
+//! The core's power operations: configure a server's BMC (the password sealed on the
+//! way in), and run status, power and boot-device operations through the power manager,
+//! recording each outcome on the server. A failed BMC operation is not a core error: it
+//! is an outcome, recorded and returned with its reason.
+
+use std::sync::Arc;
+
+use super::{Core, CoreError, Result, ServerEvent, blocking};
+use crate::bmc::credentials::Sealer;
+use crate::bmc::link::Target;
+use crate::bmc::manager::{Job, Operation, Outcome, PowerManager};
+use crate::bmc::{BmcSettings, BootSetting, PowerAction};
+use crate::inventory::{PowerEvent, Server, now};
+
+/// What the core holds for power control.
+pub(super) struct PowerControl {
+    pub(super) manager: Arc<PowerManager>,
+    pub(super) sealer: Arc<Sealer>,
+}
+
+/// A BMC operation's result as the API returns it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PowerReport {
+    pub server: String,
+    pub event: PowerEvent,
+    /// The power record after the operation.
+    pub power: crate::inventory::PowerRecord,
+}
+
+impl Core {
+    fn power_control(&self) -> Result<&PowerControl> {
+        self.power
+            .as_ref()
+            .ok_or_else(|| CoreError::Internal("power control is not running".into()))
+    }
+
+    /// The loaded BMC drivers.
+    pub fn bmc_drivers(&self) -> Vec<String> {
+        self.power
+            .as_ref()
+            .map(|p| p.manager.drivers())
+            .unwrap_or_default()
+    }
+
+    /// Sets a server's BMC and seals its password (or with `None`, removes both).
+    pub async fn set_bmc(&self, id: &str, bmc: Option<(BmcSettings, String)>) -> Result<Server> {
+        let sealed = match bmc {
+            Some((settings, password)) => {
+                settings.validate().map_err(CoreError::Invalid)?;
+                if password.is_empty() || password.len() > 256 {
+                    return Err(CoreError::Invalid(
+                        "bmc.password must be 1 to 256 bytes".into(),
+                    ));
+                }
+                let sealed = self
+                    .power_control()?
+                    .sealer
+                    .seal(id, &password)
+                    .map_err(|e| CoreError::Internal(e.to_string()))?;
+                Some((settings, sealed))
+            }
+            None => None,
+        };
+        let inv = Arc::clone(&self.inventory);
+        let key = id.to_string();
+        let s = blocking(move || Ok(inv.set_bmc(&key, sealed)?)).await?;
+        tracing::info!(id = %s.id, bmc = s.bmc.as_ref().map(|b| b.authority()), "server BMC set");
+        self.changed(&s.id);
+        Ok(s)
+    }
+
+    /// Reads the power state (and next boot) from the server's BMC.
+    pub async fn bmc_status(&self, id: &str) -> Result<PowerReport> {
+        self.bmc_operation(id, Operation::Status).await
+    }
+
+    /// Changes the server's power; the next boot set earlier is sent again first.
+    pub async fn bmc_power(&self, id: &str, action: PowerAction) -> Result<PowerReport> {
+        self.bmc_operation(id, Operation::Power(action)).await
+    }
+
+    /// Sets the server's next boot (and remembers it for the next power-on).
+    pub async fn bmc_boot_device(&self, id: &str, boot: BootSetting) -> Result<PowerReport> {
+        let inv = Arc::clone(&self.inventory);
+        let key = id.to_string();
+        blocking(move || Ok(inv.update(&key, |s| s.power.next_boot = Some(boot))?)).await?;
+        self.bmc_operation(id, Operation::BootDevice(boot)).await
+    }
+
+    async fn bmc_operation(&self, id: &str, operation: Operation) -> Result<PowerReport> {
+        let control = self.power_control()?;
+        let server = self.server(id).await?;
+        let Some(settings) = server.bmc.clone() else {
+            return Err(CoreError::Invalid(format!(
+                "server {id} has no BMC configured (PUT /api/v1/servers/{id}/bmc)"
+            )));
+        };
+        let inv = Arc::clone(&self.inventory);
+        let key = id.to_string();
+        let sealed = blocking(move || Ok(inv.bmc_secret(&key)?))
+            .await?
+            .ok_or_else(|| CoreError::Invalid(format!("server {id} has no BMC password stored")))?;
+        let password = control
+            .sealer
+            .open(id, &sealed)
+            .map_err(|e| CoreError::Internal(e.to_string()))?;
+        let target = Target::new(
+            &settings,
+            &password,
+            control.manager.settings().exchange_timeout,
+        )
+        .map_err(CoreError::Invalid)?;
+        drop(password);
+        let job = Job {
+            server: id.to_string(),
+            target,
+            vendor: server.hardware.vendor.clone(),
+            product: server.hardware.product.clone(),
+            driver: settings.driver.clone(),
+            operation,
+            next_boot: server.power.next_boot,
+        };
+        let outcome = control.manager.run(job).await;
+        self.record_power(id, &operation, outcome).await
+    }
+
+    async fn record_power(
+        &self,
+        id: &str,
+        operation: &Operation,
+        outcome: Outcome,
+    ) -> Result<PowerReport> {
+        let event = PowerEvent {
+            at: now(),
+            operation: operation.describe(),
+            ok: outcome.result.is_ok(),
+            reason: outcome.result.as_ref().err().map(|e| e.kind().to_string()),
+            message: outcome.result.as_ref().err().map(|e| e.to_string()),
+            attempts: outcome.attempts,
+            took_ms: outcome.took.as_millis() as u64,
+            driver: outcome.driver.clone(),
+        };
+        let inv = Arc::clone(&self.inventory);
+        let key = id.to_string();
+        let recorded = event.clone();
+        let s = blocking(move || {
+            Ok(inv.update(&key, |s| {
+                if let Some(state) = outcome.state {
+                    s.power.state = Some(state);
+                    s.power.checked_at = Some(recorded.at);
+                }
+                if outcome.driver.is_some() {
+                    s.power.driver = outcome.driver.clone();
+                }
+                s.power.push(recorded);
+            })?)
+        })
+        .await?;
+        self.changed(&s.id);
+        let _ = self
+            .events
+            .send(ServerEvent::Power(s.id.clone(), event.clone()));
+        Ok(PowerReport {
+            server: s.id.clone(),
+            event,
+            power: s.power,
+        })
+    }
+}
