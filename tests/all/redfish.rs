@@ -1,6 +1,7 @@
-//! Redfish against sushy-emulator (sushy-tools from PyPI) over TLS with its own
-//! certificate and basic auth: power, the boot override, certificate checks by CA and
-//! by pin, wrong credentials and an absent BMC.
+//! The Redfish transport against sushy-emulator (sushy-tools from PyPI) over TLS with its
+//! own certificate and basic auth: certificate checks by CA and by pin, wrong credentials
+//! and an absent BMC. Power and the boot override through the `redfish` driver are in
+//! `power.rs`.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use arges::bmc::redfish::{RedfishClient, RedfishError, RedfishTarget, TlsPolicy};
-use arges::bmc::{BootDevice, PowerAction};
 
 use crate::harness::runtime;
 
@@ -157,8 +157,6 @@ impl Sushy {
             password: "password".into(),
             tls,
             timeout: Duration::from_secs(10),
-            // sushy applies power changes after a random 1-11 s.
-            settle: Duration::from_secs(40),
         }
     }
 
@@ -192,29 +190,21 @@ impl Drop for Sushy {
 }
 
 #[test]
-fn power_and_boot_override_through_sushy_over_tls() {
+fn a_logged_in_client_reads_the_bmc_and_logs_out() {
     let bmc = Sushy::start();
     let rt = runtime();
     rt.block_on(async {
         let c = RedfishClient::login(&bmc.target(bmc.ca())).await.unwrap();
-        let system = c.system().await.unwrap();
-        assert_eq!(c.power_state(&system).await.unwrap(), "Off");
-        let sent = c
-            .set_boot_device(&system, BootDevice::Pxe, false, true)
+        let a = c
+            .send("GET", "/redfish/v1/Systems", None, None)
             .await
             .unwrap();
-        // sushy reads Enabled back as Continuous whatever we send: check what we sent.
-        assert_eq!(sent["Boot"]["BootSourceOverrideEnabled"], "Once");
-        assert_eq!(sent["Boot"]["BootSourceOverrideMode"], "UEFI");
-        let a = c.send("GET", &system, None, None).await.unwrap();
-        assert_eq!(a.body["Boot"]["BootSourceOverrideTarget"], "Pxe");
-        c.set_power(&system, PowerAction::On).await.unwrap();
-        assert_eq!(c.power_state(&system).await.unwrap(), "On");
-        // PowerCycle is refused by sushy (501): off, then on, each confirmed.
-        c.set_power(&system, PowerAction::Cycle).await.unwrap();
-        assert_eq!(c.power_state(&system).await.unwrap(), "On");
-        c.set_power(&system, PowerAction::Off).await.unwrap();
-        assert_eq!(c.power_state(&system).await.unwrap(), "Off");
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        assert!(
+            a.body["Members"][0]["@odata.id"].is_string(),
+            "{:?}",
+            a.body
+        );
         c.logout().await.unwrap();
     });
 }
@@ -226,7 +216,11 @@ fn certificates_credentials_and_absence_are_told_apart() {
     rt.block_on(async {
         // Pinned: the right pin works, a wrong one is refused at the handshake.
         let c = RedfishClient::login(&bmc.target(bmc.pin())).await.unwrap();
-        c.system().await.unwrap();
+        let a = c
+            .send("GET", "/redfish/v1/Systems", None, None)
+            .await
+            .unwrap();
+        assert_eq!(a.status, 200);
         let wrong_pin = TlsPolicy::Pinned("00".repeat(32));
         let e = RedfishClient::login(&bmc.target(wrong_pin))
             .await

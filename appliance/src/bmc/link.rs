@@ -70,7 +70,6 @@ impl Target {
                 password: password.to_string(),
                 tls: settings.tls.policy()?,
                 timeout: exchange_timeout,
-                settle: std::time::Duration::from_secs(0),
             }),
         })
     }

@@ -432,7 +432,7 @@ impl Run<'_> {
         match self.step(DriverOp::BootDevice).await {
             Ok(DriverAnswer::Boot(b)) => self.boot = b,
             Ok(other) => return Err(self.odd(other)),
-            Err(e) if matches!(e, DriverFault::Unsupported { .. }) => {}
+            Err(DriverFault::Unsupported { .. }) => {}
             Err(e) => return Err(e),
         }
         Ok(())

@@ -1,12 +1,12 @@
-//! Redfish over HTTPS: the host side of a Redfish BMC (hyper over tokio-rustls).
+//! Redfish over HTTPS: the host side of a Redfish BMC (hyper over tokio-rustls), the
+//! transport under the `http` import of bmc-driver plugins.
 //!
 //! TLS is checked per BMC, because self-signed BMC certificates are the norm: against a CA
 //! file, or against a pinned certificate (sha256 of its DER), and only on an explicit,
 //! warned setting against nothing. Authentication is a Redfish session (deleted when the
 //! client is done) with a fall back to basic auth where the BMC has no session service.
-//! Actions are taken from the BMC's own resources (the Reset target and its allowed
-//! values), PATCHes carry the resource's ETag in If-Match, and a power change is polled
-//! until the system really reports it.
+//! What to ask of the BMC (Reset targets, the boot override with its ETag) is the
+//! `redfish` driver's business; polling until a change shows is the power manager's.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +24,6 @@ use tokio_rustls::rustls::{
     self, ClientConfig, DigitallySignedStruct, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
 };
-
-use super::{BootDevice, PowerAction};
 
 /// How a BMC's certificate is checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,8 +46,6 @@ pub struct RedfishTarget {
     pub tls: TlsPolicy,
     /// One HTTP exchange.
     pub timeout: Duration,
-    /// How long a power change may take to show.
-    pub settle: Duration,
 }
 
 impl std::fmt::Debug for RedfishTarget {
@@ -77,8 +73,6 @@ pub enum RedfishError {
     Timeout(String),
     #[error("BMC {0}: {1}")]
     Protocol(String, String),
-    #[error("BMC {0}: the power state did not become {1} in time (still {2})")]
-    NotSettled(String, String, String),
 }
 
 impl RedfishError {
@@ -91,7 +85,6 @@ impl RedfishError {
             RedfishError::Status(..) => "status",
             RedfishError::Timeout(..) => "timeout",
             RedfishError::Protocol(..) => "protocol",
-            RedfishError::NotSettled(..) => "not_settled",
         }
     }
 }
@@ -391,161 +384,5 @@ impl RedfishClient {
         tokio::time::timeout(t.timeout, exchange)
             .await
             .map_err(|_| RedfishError::Timeout(t.authority.clone()))?
-    }
-
-    async fn get_ok(&self, path: &str) -> Result<Answer, RedfishError> {
-        let a = self.send("GET", path, None, None).await?;
-        self.ok(a, "GET", path)
-    }
-
-    fn ok(&self, a: Answer, method: &str, path: &str) -> Result<Answer, RedfishError> {
-        match a.status {
-            200..=299 => Ok(a),
-            401 | 403 => Err(RedfishError::Credentials(
-                self.target.authority.clone(),
-                self.target.user.clone(),
-            )),
-            s => Err(RedfishError::Status(
-                self.target.authority.clone(),
-                format!("{method} {path}"),
-                s,
-                a.body["error"]["message"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-            )),
-        }
-    }
-
-    /// The first ComputerSystem's URI.
-    pub async fn system(&self) -> Result<String, RedfishError> {
-        let a = self.get_ok("/redfish/v1/Systems").await?;
-        a.body["Members"][0]["@odata.id"]
-            .as_str()
-            .map(String::from)
-            .ok_or_else(|| {
-                RedfishError::Protocol(self.target.authority.clone(), "no ComputerSystem".into())
-            })
-    }
-
-    /// `On`, `Off`, … as the system reports it.
-    pub async fn power_state(&self, system: &str) -> Result<String, RedfishError> {
-        let a = self.get_ok(system).await?;
-        Ok(a.body["PowerState"]
-            .as_str()
-            .unwrap_or("Unknown")
-            .to_string())
-    }
-
-    /// Resets the system as asked and waits until its power state shows it.
-    pub async fn set_power(&self, system: &str, action: PowerAction) -> Result<(), RedfishError> {
-        let a = self.get_ok(system).await?;
-        let reset = &a.body["Actions"]["#ComputerSystem.Reset"];
-        let target = reset["target"].as_str().map(String::from).ok_or_else(|| {
-            RedfishError::Protocol(self.target.authority.clone(), "no Reset action".into())
-        })?;
-        let allowed: Vec<String> = reset["ResetType@Redfish.AllowableValues"]
-            .as_array()
-            .map(|v| {
-                v.iter()
-                    .filter_map(|s| s.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let allows = |t: &str| allowed.is_empty() || allowed.iter().any(|a| a == t);
-        let steps: Vec<(&str, &str)> = match action {
-            PowerAction::On => vec![("On", "On")],
-            PowerAction::Off => vec![("ForceOff", "Off")],
-            PowerAction::SoftOff => vec![("GracefulShutdown", "Off")],
-            PowerAction::Reset => vec![("ForceRestart", "On")],
-            PowerAction::Cycle if allows("PowerCycle") => vec![("PowerCycle", "On")],
-            // Not offered: off, wait, on.
-            PowerAction::Cycle => vec![("ForceOff", "Off"), ("On", "On")],
-        };
-        match self.run_steps(system, &target, &steps).await {
-            // Offered but refused (sushy does this): off, wait, on.
-            Err(RedfishError::Status(_, _, 400 | 501, _)) if steps[0].0 == "PowerCycle" => {
-                self.run_steps(system, &target, &[("ForceOff", "Off"), ("On", "On")])
-                    .await
-            }
-            other => other,
-        }
-    }
-
-    /// Posts each reset type in turn, waiting for its power state.
-    async fn run_steps(
-        &self,
-        system: &str,
-        target: &str,
-        steps: &[(&str, &str)],
-    ) -> Result<(), RedfishError> {
-        for (reset_type, want) in steps {
-            let a = self
-                .send("POST", target, Some(json!({"ResetType": reset_type})), None)
-                .await?;
-            self.ok(a, "POST", target)?;
-            self.wait_power(system, want).await?;
-        }
-        Ok(())
-    }
-
-    async fn wait_power(&self, system: &str, want: &str) -> Result<(), RedfishError> {
-        let deadline = tokio::time::Instant::now() + self.target.settle;
-        loop {
-            let now = self.power_state(system).await?;
-            if now == want {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(RedfishError::NotSettled(
-                    self.target.authority.clone(),
-                    want.into(),
-                    now,
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-
-    /// Sets the boot override; the PATCH carries the system's ETag when it has one.
-    pub async fn set_boot_device(
-        &self,
-        system: &str,
-        device: BootDevice,
-        persistent: bool,
-        efi: bool,
-    ) -> Result<Value, RedfishError> {
-        let target = match device {
-            BootDevice::Pxe => "Pxe",
-            BootDevice::Disk => "Hdd",
-            BootDevice::Bios => "BiosSetup",
-            BootDevice::Cdrom => "Cd",
-        };
-        let patch = json!({"Boot": {
-            "BootSourceOverrideTarget": target,
-            "BootSourceOverrideEnabled": if persistent { "Continuous" } else { "Once" },
-            "BootSourceOverrideMode": if efi { "UEFI" } else { "Legacy" },
-        }});
-        for attempt in 0..2 {
-            let a = self.get_ok(system).await?;
-            let etag = a
-                .headers
-                .get("etag")
-                .and_then(|v| v.to_str().ok())
-                .map(String::from);
-            let r = self
-                .send("PATCH", system, Some(patch.clone()), etag.as_deref())
-                .await?;
-            // 412: the resource changed since we read it; 428: it wants If-Match.
-            if (r.status == 412 || r.status == 428) && attempt == 0 {
-                continue;
-            }
-            self.ok(r, "PATCH", system)?;
-            return Ok(patch);
-        }
-        Err(RedfishError::Protocol(
-            self.target.authority.clone(),
-            "the boot override kept conflicting".into(),
-        ))
     }
 }
