@@ -7,6 +7,7 @@ mod dhcp;
 mod harness;
 mod http;
 mod ipmi;
+mod ipmi_sim;
 mod loadtest;
 mod plugins;
 mod power;

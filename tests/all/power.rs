@@ -12,7 +12,8 @@ use arges::bmc::ipmi::IpmiClient;
 use serde_json::{Value, json};
 
 use crate::harness::{ADMIN_TOKEN, Appliance, REG_TOKEN, raw_http, registration, runtime};
-use crate::ipmi::{Bmc, SUPERMICRO, lossy_relay};
+use crate::ipmi::lossy_relay;
+use crate::ipmi_sim::{Bmc, SUPERMICRO};
 use crate::plugins::built;
 use crate::redfish::Sushy;
 

@@ -10,6 +10,9 @@ mod control_plane;
 #[allow(dead_code)]
 #[path = "../all/harness.rs"]
 mod harness;
+#[allow(dead_code)]
+#[path = "../all/ipmi_sim.rs"]
+mod ipmi_sim;
 
 use std::process::Command;
 
@@ -323,7 +326,15 @@ fn the_shipped_rbac_is_enough_and_no_more() {
         "--duration=1h",
     ]);
     let kubeconfig = cp.write_kubeconfig("sa.kubeconfig", token.trim());
-    let a = appliance(&kubeconfig, "rack-sa");
+    let dir = Appliance::prepare(
+        "[kubernetes]\nidentity = \"rack-sa\"\nnamespace = \"arges-system\"\n[bmc]\npoll_ms = 200\n",
+    );
+    // The generic IPMI driver, as plugins/build.sh (run before these tests) left it.
+    let ipmi = concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/out/ipmi.wasm");
+    std::fs::create_dir_all(dir.path().join("data/plugins")).unwrap();
+    std::fs::copy(ipmi, dir.path().join("data/plugins/ipmi.wasm"))
+        .unwrap_or_else(|e| panic!("{ipmi}: {e} (run plugins/build.sh first)"));
+    let a = Appliance::start_in(dir, &["--kubeconfig", &kubeconfig.display().to_string()]);
     register(&a, "a", UUID_1);
     wait_for_server(&cp, UUID_1);
     accept_into_talos(
@@ -341,9 +352,80 @@ fn the_shipped_rbac_is_enough_and_no_more() {
         );
         h.starts_with("rack-sa-").then_some(())
     });
+    // The BMC from the Server, its credentials from a Secret the account may read.
+    let bmc = ipmi_sim::Bmc::start();
+    cp.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "bmc-r1",
+        "-n",
+        "arges-system",
+        "--from-literal=user=admin",
+        "--from-literal=pass=password",
+    ]);
+    let patch = format!(
+        r#"{{"spec":{{"bmc":{{"endpoint":"ipmi://{}","credentialsSecretRef":{{"name":"bmc-r1"}}}}}}}}"#,
+        bmc.addr
+    );
+    cp.kubectl(&["patch", "server", UUID_1, "--type=merge", "-p", &patch]);
+    let taken = (0..300).any(|_| {
+        let (_, b) = a.request(
+            "GET",
+            &format!("/api/v1/servers/{UUID_1}/bmc"),
+            Some(ADMIN_TOKEN),
+            b"",
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        serde_json::from_slice::<serde_json::Value>(&b)
+            .is_ok_and(|v| v["bmc"]["username"] == "admin")
+    });
+    assert!(
+        taken,
+        "the appliance did not take the BMC from the Server:\n{}",
+        a.log()
+    );
+    let (status, body) = a.request(
+        "POST",
+        &format!("/api/v1/servers/{UUID_1}/bmc/power"),
+        Some(ADMIN_TOKEN),
+        br#"{"action":"on"}"#,
+    );
+    assert_eq!(
+        status,
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&body),
+        a.log()
+    );
+    assert!(
+        bmc.ipmitool(&["power", "status"])
+            .unwrap()
+            .contains("is on")
+    );
+    eventually(30, "the Server shows the power and its condition", || {
+        let power = cp.field(&["server", UUID_1], "{.status.power}");
+        let cond = cp.field(
+            &["server", UUID_1],
+            "{.status.conditions[?(@.type==\"PowerControl\")].status}",
+        );
+        (power == "on" && cond == "True").then_some(())
+    });
+    eventually(30, "an event says the power-on worked", || {
+        let events = cp.kubectl(&[
+            "get",
+            "events",
+            "-A",
+            "--field-selector",
+            &format!("involvedObject.name={UUID_1}"),
+        ]);
+        events.contains("PowerOperationSucceeded").then_some(())
+    });
     let sa = "system:serviceaccount:arges-system:arges";
     for (verb, resource, ns) in [
         ("list", "secrets", "default"),
+        ("get", "secrets", "default"),
+        ("list", "secrets", "arges-system"),
         ("delete", "nodes", ""),
         ("create", "pods", "arges-system"),
         ("delete", "customresourcedefinitions", ""),

@@ -149,6 +149,18 @@ pub struct Bmc {
     /// A Secret with keys `user` and `pass` (or the keys named here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
+    /// The bmc-driver plugin to use; unset: the best probe score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// Redfish: the sha256 (hex) of the BMC certificate's DER encoding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_sha256: Option<String>,
+    /// Redfish: a PEM file of CA certificates on the appliance's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// Redfish: accept any certificate (warned about on every use).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
 }
 
 /// A Secret holding credentials.
@@ -156,7 +168,7 @@ pub struct Bmc {
 #[serde(rename_all = "camelCase")]
 pub struct SecretRef {
     pub name: String,
-    /// Defaults to the referring object's namespace (the appliance's for Servers).
+    /// The appliance's namespace when unset (the only one its RBAC reads Secrets in).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -276,8 +276,12 @@ async fn pull_one(ctx: &Context, s: &ServerResource) {
         )
         .await;
     }
-    match ctx.core.apply_desired(&id, desired(s)).await {
-        Ok(_) => {
+    let applied = match ctx.core.apply_desired(&id, desired(s)).await {
+        Ok(_) => apply_bmc(ctx, s, &id).await,
+        Err(e) => Err(e),
+    };
+    match applied {
+        Ok(()) => {
             ctx.metrics()
                 .controller_syncs
                 .get_or_create(&[("direction", "pull"), ("result", "ok")])
@@ -296,6 +300,110 @@ async fn pull_one(ctx: &Context, s: &ServerResource) {
             tracing::warn!(server = %id, error = %e, "cannot apply the Server to the inventory");
         }
     }
+}
+
+/// `spec.bmc` to the inventory: the endpoint read as a protocol and address, the
+/// credentials from the Secret (or inline), sealed by the core. Unchanged settings are
+/// left alone, so a resync does not rewrite the store.
+async fn apply_bmc(
+    ctx: &Context,
+    s: &ServerResource,
+    id: &str,
+) -> Result<(), crate::core::CoreError> {
+    use crate::core::CoreError;
+    let Some(b) = &s.spec.bmc else {
+        return Ok(());
+    };
+    let (user, pass) = match (&b.credentials_secret_ref, &b.user, &b.pass) {
+        (Some(r), _, _) => match secret_credentials(ctx, r).await {
+            Ok(c) => c,
+            Err(note) => {
+                ctx.warn_once(s, "BMCCredentialsUnavailable", &note).await;
+                return Err(CoreError::Invalid(note));
+            }
+        },
+        (None, Some(u), Some(p)) => (u.clone(), p.clone()),
+        _ => {
+            ctx.warn_once(
+                s,
+                "BMCCredentialsMissing",
+                "spec.bmc has neither credentialsSecretRef nor user and pass",
+            )
+            .await;
+            return Ok(());
+        }
+    };
+    let settings = match bmc_settings(b, user) {
+        Ok(settings) => settings,
+        Err(note) => {
+            ctx.warn_once(s, "BMCInvalid", &note).await;
+            return Err(CoreError::Invalid(note));
+        }
+    };
+    ctx.core
+        .set_bmc_if_changed(id, settings, pass)
+        .await
+        .map(|_| ())
+}
+
+/// Reads `user` and `pass` (or the named keys) from a Secret.
+async fn secret_credentials(
+    ctx: &Context,
+    r: &super::resources::SecretRef,
+) -> Result<(String, String), String> {
+    let ns = r.namespace.as_deref().unwrap_or(&ctx.namespace);
+    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let secret = api
+        .get(&r.name)
+        .await
+        .map_err(|e| format!("cannot read Secret {ns}/{}: {e}", r.name))?;
+    let data = secret.data.unwrap_or_default();
+    let get = |key: &str| {
+        data.get(key)
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            .ok_or_else(|| format!("Secret {ns}/{} has no key {key:?}", r.name))
+    };
+    Ok((
+        get(r.user_key.as_deref().unwrap_or("user"))?,
+        get(r.pass_key.as_deref().unwrap_or("pass"))?,
+    ))
+}
+
+/// `spec.bmc` as the inventory keeps it: `ipmi://`, `redfish://` or `https://` say the
+/// protocol, a bare `host[:port]` is IPMI.
+fn bmc_settings(
+    b: &super::resources::Bmc,
+    username: String,
+) -> Result<crate::bmc::BmcSettings, String> {
+    use crate::bmc::{BmcSettings, Protocol, TlsSettings};
+    let e = b.endpoint.trim();
+    let (protocol, address) = if let Some(rest) = e.strip_prefix("ipmi://") {
+        (Protocol::Ipmi, rest)
+    } else if let Some(rest) = e
+        .strip_prefix("redfish://")
+        .or_else(|| e.strip_prefix("https://"))
+    {
+        (Protocol::Redfish, rest)
+    } else if e.contains("://") {
+        return Err(format!(
+            "spec.bmc.endpoint {e:?}: use ipmi://, redfish:// or https://"
+        ));
+    } else {
+        (Protocol::Ipmi, e)
+    };
+    let settings = BmcSettings {
+        address: address.trim_end_matches('/').to_string(),
+        protocol,
+        driver: b.driver.clone(),
+        tls: TlsSettings {
+            ca_file: b.ca_file.clone().map(Into::into),
+            pin_sha256: b.certificate_sha256.clone(),
+            insecure: b.insecure_skip_verify,
+        },
+        username,
+    };
+    settings.validate()?;
+    Ok(settings)
 }
 
 /// Cluster → inventory, until `cancel` fires.

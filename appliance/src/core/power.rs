@@ -69,6 +69,30 @@ impl Core {
         Ok(s)
     }
 
+    /// Sets the BMC unless it already is exactly this (the password compared after
+    /// opening the sealed one); whether it changed.
+    pub async fn set_bmc_if_changed(
+        &self,
+        id: &str,
+        settings: BmcSettings,
+        password: String,
+    ) -> Result<bool> {
+        let control = self.power_control()?;
+        let current = self.server(id).await?;
+        if current.bmc.as_ref() == Some(&settings) {
+            let inv = Arc::clone(&self.inventory);
+            let key = id.to_string();
+            let sealed = blocking(move || Ok(inv.bmc_secret(&key)?)).await?;
+            if sealed.is_some_and(|s| {
+                control.sealer.open(id, &s).ok().as_deref() == Some(password.as_str())
+            }) {
+                return Ok(false);
+            }
+        }
+        self.set_bmc(id, Some((settings, password))).await?;
+        Ok(true)
+    }
+
     /// Reads the power state (and next boot) from the server's BMC.
     pub async fn bmc_status(&self, id: &str) -> Result<PowerReport> {
         self.bmc_operation(id, Operation::Status).await
