@@ -78,6 +78,8 @@ export ARGES_K8S_BIN
 # benches, which saves a full compile in CI. `cargo test` stays the quick inner loop.
 step "cargo test --release (unit and integration tests against real peers)"
 cargo test --workspace --locked --release
+# The plugins' shared host-independent code (IPMI chassis commands) has unit tests too.
+cargo test --manifest-path plugins/Cargo.toml --locked -p ipmi-chassis --target-dir "${CARGO_TARGET_DIR:-plugins/target}/plugins-host"
 
 step "benches, quick mode"
 cargo bench --workspace --locked --benches -- --quick --noplot
