@@ -39,7 +39,15 @@ pub async fn run(cmd: PluginCommand) -> Result<()> {
             .await??;
             println!("{}: ok", p.path.display());
             println!("  name:    {}", p.name);
-            println!("  world:   arges:plugin/boot-policy@0.1.0 (exports decide)");
+            println!(
+                "  world:   arges:plugin/{}@0.1.0 ({})",
+                p.world(),
+                if p.is_policy() {
+                    "exports decide"
+                } else {
+                    "exports probe, power-state, set-power, set-boot-device, boot-device"
+                }
+            );
             println!("  sha256:  {}", p.sha256);
             println!(
                 "  loaded:  {:?}{}",

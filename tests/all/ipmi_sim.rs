@@ -145,6 +145,15 @@ impl Bmc {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Whether ipmitool (a second opinion) sees the chassis powered on.
+    pub fn ipmitool_says_on(&self) -> bool {
+        let status = self
+            .ipmitool(&["power", "status"])
+            .expect("ipmitool power status");
+        assert!(status.contains("Chassis Power is"), "ipmitool: {status}");
+        status.contains("Chassis Power is on")
+    }
+
     /// What the chassis script was asked to do, in order.
     pub fn requests(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("state/log")).unwrap_or_default()

@@ -398,11 +398,7 @@ fn the_shipped_rbac_is_enough_and_no_more() {
         String::from_utf8_lossy(&body),
         a.log()
     );
-    assert!(
-        bmc.ipmitool(&["power", "status"])
-            .unwrap()
-            .contains("is on")
-    );
+    assert!(bmc.ipmitool_says_on());
     eventually(30, "the Server shows the power and its condition", || {
         let power = cp.field(&["server", UUID_1], "{.status.power}");
         let cond = cp.field(

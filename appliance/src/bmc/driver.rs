@@ -66,8 +66,8 @@ pub enum DriverFault {
         want: BootSetting,
         got: Option<BootSetting>,
     },
-    #[error("gave up after {0:?}")]
-    Deadline(std::time::Duration),
+    #[error("{1} operations are already queued for BMC {0}")]
+    QueueFull(String, usize),
 }
 
 impl DriverFault {
@@ -83,7 +83,7 @@ impl DriverFault {
             DriverFault::Transport(e) => e.kind(),
             DriverFault::NotSettled { .. } => "not_settled",
             DriverFault::BootMismatch { .. } => "boot_mismatch",
-            DriverFault::Deadline(_) => "deadline",
+            DriverFault::QueueFull(..) => "queue_full",
         }
     }
 

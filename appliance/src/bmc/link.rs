@@ -231,14 +231,15 @@ impl BmcLink {
             .iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
             .collect();
+        let sent_body = Bytes::from(body.unwrap_or_default());
         let sent = client
-            .send_raw(
-                method,
-                path,
-                Bytes::from(body.unwrap_or_default()),
-                &headers,
-            )
+            .send_raw(method, path, sent_body.clone(), &headers)
             .await;
+        if let Ok(a) = &sent {
+            // What the driver asked, for tracing a quirk (credentials never pass here:
+            // the login is the client's own).
+            tracing::debug!(bmc = %t.authority, method, path, status = a.status, body = %String::from_utf8_lossy(&sent_body[..sent_body.len().min(512)]), "driver HTTP request");
+        }
         match sent {
             Ok(a) if a.status == 401 => self.fail(TransportError::Redfish(
                 RedfishError::Credentials(t.authority.clone(), t.user.clone()),

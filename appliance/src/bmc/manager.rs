@@ -194,13 +194,10 @@ impl PowerManager {
         let mut outcome =
             if queue.waiting.fetch_add(1, Ordering::SeqCst) >= self.settings.queue_limit {
                 Outcome {
-                    result: Err(DriverFault::Failed {
-                        driver: "host".into(),
-                        message: format!(
-                            "{} operations are already queued for BMC {bmc}",
-                            self.settings.queue_limit
-                        ),
-                    }),
+                    result: Err(DriverFault::QueueFull(
+                        bmc.clone(),
+                        self.settings.queue_limit,
+                    )),
                     driver: None,
                     state: None,
                     boot: None,
@@ -507,5 +504,83 @@ impl Run<'_> {
             }
             tokio::time::sleep(poll).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bmc::driver::DriverFuture;
+    use crate::bmc::ipmi::IpmiTarget;
+
+    /// A driver that takes its time and records nothing: the queue is what is tested.
+    struct Slow;
+
+    impl Drivers for Slow {
+        fn names(&self) -> Vec<String> {
+            vec!["slow".into()]
+        }
+
+        fn call<'a>(&'a self, _: &'a str, link: BmcLink, op: DriverOp) -> DriverFuture<'a> {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let answer = match op {
+                    DriverOp::Probe(_) => DriverAnswer::Score(1),
+                    DriverOp::PowerState => DriverAnswer::Power(PowerState::On),
+                    DriverOp::BootDevice => DriverAnswer::Boot(None),
+                    _ => DriverAnswer::Done,
+                };
+                (Some(link), Ok(answer))
+            })
+        }
+    }
+
+    fn job(port: u16) -> Job {
+        Job {
+            server: format!("s{port}"),
+            target: Target::Ipmi(IpmiTarget::new(([127, 0, 0, 1], port).into(), "admin", "x")),
+            vendor: String::new(),
+            product: String::new(),
+            driver: None,
+            operation: Operation::Power(PowerAction::On),
+            next_boot: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_refuses_and_other_bmcs_do_not_wait() {
+        let settings = ManagerSettings {
+            queue_limit: 2,
+            ..Default::default()
+        };
+        let m = Arc::new(PowerManager::new(
+            Arc::new(Slow),
+            settings,
+            Arc::new(Metrics::new()),
+        ));
+        let same: Vec<_> = (0..4)
+            .map(|_| {
+                let m = Arc::clone(&m);
+                tokio::spawn(async move { m.run(job(1)).await })
+            })
+            .collect();
+        let other = {
+            let m = Arc::clone(&m);
+            tokio::spawn(async move { m.run(job(2)).await })
+        };
+        let mut full = 0;
+        for h in same {
+            match h.await.unwrap().result {
+                Ok(()) => {}
+                Err(DriverFault::QueueFull(..)) => full += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(full, 2, "two waited their turn, two were refused");
+        let o = other.await.unwrap();
+        assert!(o.result.is_ok());
+        // Probe, power on, one poll: the other BMC's job ran beside, not after.
+        assert_eq!(o.attempts, 3);
+        assert!(o.took < Duration::from_millis(1000), "{:?}", o.took);
     }
 }
