@@ -2,8 +2,9 @@
 //!
 //! Reads the validated config and the disk, never the network: the iPXE binaries each
 //! firmware family loads, the discovery environment's kernel and initramfs, whether
-//! machines can reach the addresses HTTP, TFTP and proxyDHCP listen on, and whether the
-//! process may bind the ports below 1024 it is configured for.
+//! machines can reach the addresses HTTP, TFTP and proxyDHCP listen on, whether the
+//! process may bind the ports below 1024 it is configured for, and (with [`plugins`])
+//! which plugins load and whether any of them can drive a BMC.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -171,6 +172,59 @@ pub fn check(config: &Config, may_bind_low_ports: bool) -> Vec<Finding> {
             format!("ports below 1024 ({low:?}) need root or CAP_NET_BIND_SERVICE"),
         ));
     }
+    out
+}
+
+/// Loads the plugins folder as the appliance would (compiling into its cache) and says
+/// what is there: boot policies, BMC drivers, and files that do not load.
+#[cfg(feature = "plugins")]
+pub fn plugins(config: &Config) -> Vec<Finding> {
+    let mut settings = config.plugins.clone();
+    // A one-off load needs no reserved address space.
+    settings.pooling = false;
+    let host = match crate::plugins::PluginHost::new(
+        settings,
+        std::sync::Arc::new(crate::metrics::Metrics::new()),
+    ) {
+        Ok(h) => h,
+        Err(e) => return vec![finding(Severity::Warning, format!("plugin host: {e}"))],
+    };
+    let report = host.rescan();
+    let mut out: Vec<Finding> = report
+        .failed
+        .iter()
+        .map(|(name, why)| {
+            finding(
+                Severity::Warning,
+                format!("plugin {name} does not load: {why}"),
+            )
+        })
+        .collect();
+    let loaded = host.plugins();
+    let (policies, drivers): (Vec<_>, Vec<_>) = loaded.iter().partition(|p| p.is_policy());
+    let names = |v: &[&std::sync::Arc<crate::plugins::Plugin>]| {
+        v.iter()
+            .map(|p| p.name.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !policies.is_empty() {
+        out.push(finding(
+            Severity::Ok,
+            format!("boot-policy plugins: {}", names(&policies)),
+        ));
+    }
+    out.push(if drivers.is_empty() {
+        finding(
+            Severity::Warning,
+            format!(
+                "no bmc-driver plugin in {}: Arges cannot power machines (copy ipmi.wasm, redfish.wasm from plugins/out)",
+                config.plugins.dir.display()
+            ),
+        )
+    } else {
+        finding(Severity::Ok, format!("bmc-driver plugins: {}", names(&drivers)))
+    });
     out
 }
 

@@ -151,7 +151,10 @@ fn doctor(file: Option<&std::path::Path>, dhcp: Option<arges::config::DhcpMode>)
         Some(path) => Config::load(path, &overrides)?,
         None => Config::defaults(&overrides)?,
     };
-    let findings = arges::doctor::check(&config, arges::config::file::is_root());
+    #[allow(unused_mut)]
+    let mut findings = arges::doctor::check(&config, arges::config::file::is_root());
+    #[cfg(feature = "plugins")]
+    findings.extend(arges::doctor::plugins(&config));
     for f in &findings {
         let mark = match f.severity {
             Severity::Ok => "ok     ",

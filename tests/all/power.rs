@@ -425,3 +425,34 @@ fn fifty_servers_at_once_and_no_session_left_open() {
         assert!(b.requests().contains("power 1"), "{}", b.requests());
     }
 }
+
+#[test]
+fn doctor_says_which_bmc_drivers_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let config = dir.path().join("appliance.toml");
+    std::fs::write(&config, "[plugins]\ndir = \"plugins\"\n").unwrap();
+    let doctor = || {
+        let out = Command::new(crate::harness::bin())
+            .args(["doctor", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        doctor().contains("warning  no bmc-driver plugin in"),
+        "{}",
+        doctor()
+    );
+    std::fs::copy(built().join("ipmi.wasm"), plugins.join("ipmi.wasm")).unwrap();
+    std::fs::copy(built().join("redfish.wasm"), plugins.join("redfish.wasm")).unwrap();
+    std::fs::write(plugins.join("junk.wasm"), b"not wasm").unwrap();
+    let text = doctor();
+    assert!(
+        text.contains("ok       bmc-driver plugins: ipmi, redfish"),
+        "{text}"
+    );
+    assert!(text.contains("plugin junk does not load"), "{text}");
+}
