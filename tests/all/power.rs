@@ -456,3 +456,33 @@ fn doctor_says_which_bmc_drivers_load() {
     );
     assert!(text.contains("plugin junk does not load"), "{text}");
 }
+
+#[test]
+fn an_operation_whose_caller_hangs_up_still_ends_and_is_recorded() {
+    use std::io::Write;
+    let a = appliance("[bmc]\nexchange_timeout_ms = 200\nattempts = 1\n");
+    let id = server(&a, 40);
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    set_bmc(&a, &id, ipmi_bmc(silent.local_addr().unwrap(), "password"));
+    // Ask, then hang up before the answer.
+    let body = r#"{"action":"on"}"#;
+    let mut c = std::net::TcpStream::connect(a.http).unwrap();
+    write!(
+        c,
+        "POST /api/v1/servers/{id}/bmc/power HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(c);
+    let recorded = (0..100).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        let (_, s) = api(&a, "GET", &format!("/api/v1/servers/{id}"), json!(null));
+        s["power"]["history"]
+            .as_array()
+            .and_then(|h| h.first().cloned())
+    });
+    let e = recorded.unwrap_or_else(|| panic!("never recorded:\n{}", a.log()));
+    assert_eq!(e["operation"], "power on");
+    assert_eq!(e["reason"], "timeout", "{e}");
+}

@@ -144,50 +144,62 @@ impl Core {
             operation,
             next_boot: server.power.next_boot,
         };
-        let outcome = control.manager.run(job).await;
-        self.record_power(id, &operation, outcome).await
+        // The operation runs in a task of its own: if the caller goes away (an HTTP client
+        // hanging up), it still ends cleanly, closes its session and is recorded.
+        let manager = Arc::clone(&control.manager);
+        let (inv, events, key) = (
+            Arc::clone(&self.inventory),
+            self.events.clone(),
+            id.to_string(),
+        );
+        tokio::spawn(async move {
+            let outcome = manager.run(job).await;
+            record_power(inv, events, &key, &operation, outcome).await
+        })
+        .await
+        .map_err(|e| CoreError::Internal(format!("the BMC operation task failed: {e}")))?
     }
+}
 
-    async fn record_power(
-        &self,
-        id: &str,
-        operation: &Operation,
-        outcome: Outcome,
-    ) -> Result<PowerReport> {
-        let event = PowerEvent {
-            at: now(),
-            operation: operation.describe(),
-            ok: outcome.result.is_ok(),
-            reason: outcome.result.as_ref().err().map(|e| e.kind().to_string()),
-            message: outcome.result.as_ref().err().map(|e| e.to_string()),
-            attempts: outcome.attempts,
-            took_ms: outcome.took.as_millis() as u64,
-            driver: outcome.driver.clone(),
-        };
-        let inv = Arc::clone(&self.inventory);
-        let key = id.to_string();
-        let recorded = event.clone();
-        let s = blocking(move || {
-            Ok(inv.update(&key, |s| {
-                if let Some(state) = outcome.state {
-                    s.power.state = Some(state);
-                    s.power.checked_at = Some(recorded.at);
-                }
-                if outcome.driver.is_some() {
-                    s.power.driver = outcome.driver.clone();
-                }
-                s.power.push(recorded);
-            })?)
-        })
-        .await?;
-        self.changed(&s.id);
-        let _ = self
-            .events
-            .send(ServerEvent::Power(s.id.clone(), event.clone()));
-        Ok(PowerReport {
-            server: s.id.clone(),
-            event,
-            power: s.power,
-        })
-    }
+/// Records how an operation ended on its server and tells the subscribers.
+async fn record_power(
+    inventory: Arc<crate::inventory::Inventory>,
+    events: tokio::sync::broadcast::Sender<ServerEvent>,
+    id: &str,
+    operation: &Operation,
+    outcome: Outcome,
+) -> Result<PowerReport> {
+    let event = PowerEvent {
+        at: now(),
+        operation: operation.describe(),
+        ok: outcome.result.is_ok(),
+        reason: outcome.result.as_ref().err().map(|e| e.kind().to_string()),
+        message: outcome.result.as_ref().err().map(|e| e.to_string()),
+        attempts: outcome.attempts,
+        took_ms: outcome.took.as_millis() as u64,
+        driver: outcome.driver.clone(),
+    };
+    let key = id.to_string();
+    let recorded = event.clone();
+    let s = blocking(move || {
+        Ok(inventory.update(&key, |s| {
+            if let Some(state) = outcome.state {
+                s.power.state = Some(state);
+                s.power.checked_at = Some(recorded.at);
+            }
+            if outcome.driver.is_some() {
+                s.power.driver = outcome.driver.clone();
+            }
+            s.power.push(recorded);
+        })?)
+    })
+    .await?;
+    // No subscriber is fine: nobody mirrors the inventory.
+    let _ = events.send(ServerEvent::Changed(s.id.clone()));
+    let _ = events.send(ServerEvent::Power(s.id.clone(), event.clone()));
+    Ok(PowerReport {
+        server: s.id.clone(),
+        event,
+        power: s.power,
+    })
 }
