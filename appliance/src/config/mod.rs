@@ -863,6 +863,25 @@ mod tests {
     }
 
     #[test]
+    fn bmc_settings_are_checked_and_resolved() {
+        let c = parse("[bmc]\nattempts = 5\nbackoff_ms = 250\nsettle_s = 90\n").unwrap();
+        assert_eq!(c.bmc.manager.attempts, 5);
+        assert_eq!(c.bmc.manager.backoff, Duration::from_millis(250));
+        assert_eq!(c.bmc.manager.settle, Duration::from_secs(90));
+        // Beside the inventory, in the data folder.
+        assert_eq!(c.bmc.key_file, c.data_dir.join("bmc-credentials.key"));
+        for bad in [
+            "attempts = 0",
+            "attempts = 99",
+            "poll_ms = 1",
+            "queue_limit = 0",
+        ] {
+            let e = parse(&format!("[bmc]\n{bad}\n")).unwrap_err().to_string();
+            assert!(e.contains("bmc"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn unknown_key_names_key_and_line() {
         let e = parse("[tftp]\nmax_blksize = 1468\nblocksize = 3\n")
             .unwrap_err()
