@@ -4,14 +4,13 @@
 //! failure of the BMC seen through the `ipmi` or `http` import is reported as that
 //! failure, whatever the driver answered.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::{Store, UpdateDeadline};
 
 use super::bindings::driver::arges::plugin::bmc as wit;
 use super::loader::Entry;
-use super::{PluginHost, PluginState, TICK, truncate};
+use super::{PluginHost, PluginState, ticks, truncate};
 use crate::bmc::driver::{DriverAnswer, DriverFault, DriverFuture, DriverOp, Drivers};
 use crate::bmc::link::BmcLink;
 use crate::bmc::{BootDevice, BootSetting, PowerAction, PowerState, Protocol};
@@ -62,27 +61,20 @@ impl PluginHost {
             return (Some(link), Err(DriverFault::NotLoaded(driver.into())));
         };
         let deadline = self.settings.driver_timeout;
-        let _permit =
-            match tokio::time::timeout(deadline, Arc::clone(&plugin.permits).acquire_owned()).await
-            {
-                Ok(Ok(p)) => p,
-                _ => {
-                    let e = DriverFault::Plugin {
-                        kind: "busy",
-                        message: format!("driver {driver}: all instances busy"),
-                    };
-                    return (Some(link), Err(e));
-                }
+        let Some(_permit) = plugin.permit(deadline).await else {
+            let e = DriverFault::Plugin {
+                kind: "busy",
+                message: format!("driver {driver}: all instances busy"),
             };
+            return (Some(link), Err(e));
+        };
         let mut store: Store<PluginState> = self.new_store(plugin);
         store.data_mut().link = Some(link);
-        store.set_epoch_deadline((deadline.as_micros() / TICK.as_micros()).max(1) as u64);
+        store.set_epoch_deadline(ticks(deadline).max(1));
         // Time the host spent waiting on the BMC is given back: the deadline bounds the
         // driver's own work; the transports' timeouts bound the waiting.
         store.epoch_deadline_callback(|mut ctx| {
-            let s = ctx.data_mut();
-            let owed = s.host_ticks.saturating_sub(s.credited_ticks);
-            s.credited_ticks = s.host_ticks;
+            let owed = std::mem::take(&mut ctx.data_mut().host_ticks);
             Ok(if owed > 0 {
                 UpdateDeadline::Continue(owed)
             } else {

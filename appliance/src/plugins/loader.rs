@@ -78,6 +78,17 @@ impl Plugin {
         }
     }
 
+    /// One of the plugin's instance slots, waiting at most `wait`; `None` when all stay busy.
+    pub(crate) async fn permit(
+        &self,
+        wait: std::time::Duration,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        match tokio::time::timeout(wait, Arc::clone(&self.permits).acquire_owned()).await {
+            Ok(Ok(p)) => Some(p),
+            _ => None,
+        }
+    }
+
     /// Whether it is a boot policy (in the chain) rather than a BMC driver.
     pub fn is_policy(&self) -> bool {
         matches!(self.entry, Entry::Policy(_))

@@ -40,6 +40,11 @@ pub use loader::{FileStamp, Plugin};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
 const TICK: Duration = Duration::from_millis(1);
+/// `d` in epoch ticks.
+fn ticks(d: Duration) -> u64 {
+    (d.as_micros() / TICK.as_micros()) as u64
+}
+
 /// Largest script a plugin may return.
 const MAX_SCRIPT: usize = 64 << 10;
 /// Longest deny reason a plugin may return.
@@ -261,17 +266,12 @@ impl PluginHost {
     ) -> Result<Option<BootAction>, PluginError> {
         let deadline = self.settings.timeout;
         let name = || plugin.name.to_string();
-        let _permit =
-            match tokio::time::timeout(deadline, Arc::clone(&plugin.permits).acquire_owned()).await
-            {
-                Ok(Ok(p)) => p,
-                _ => {
-                    return Err(PluginError::Busy {
-                        plugin: name(),
-                        max: self.settings.max_instances,
-                    });
-                }
-            };
+        let Some(_permit) = plugin.permit(deadline).await else {
+            return Err(PluginError::Busy {
+                plugin: name(),
+                max: self.settings.max_instances,
+            });
+        };
         let loader::Entry::Policy(pre) = &plugin.entry else {
             return Err(PluginError::WrongWorld {
                 plugin: name(),
@@ -284,7 +284,7 @@ impl PluginHost {
             None => (self.new_store(plugin), None, 0),
         };
         store.data_mut().log_lines = 0;
-        store.set_epoch_deadline((deadline.as_micros() / TICK.as_micros()).max(1) as u64);
+        store.set_epoch_deadline(ticks(deadline).max(1));
         let wit_facts = to_wit(facts);
         let outcome = {
             let call = async {

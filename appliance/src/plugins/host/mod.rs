@@ -28,11 +28,9 @@ pub struct PluginState {
     pub(crate) log_lines: u32,
     /// The BMC a bmc-driver call talks to (none for boot policies).
     pub(crate) link: Option<crate::bmc::link::BmcLink>,
-    /// Time spent waiting on the BMC in host calls, in epoch ticks, and how much of it
-    /// was already added back to the deadline: a driver's deadline bounds its own work,
-    /// and the transports bound theirs.
+    /// Time spent waiting on the BMC in host calls, in epoch ticks, not yet added back to
+    /// the deadline: a driver's deadline bounds its own work, the transports bound theirs.
     pub(crate) host_ticks: u64,
-    pub(crate) credited_ticks: u64,
 }
 
 impl PluginState {
@@ -53,7 +51,6 @@ impl PluginState {
             log_lines: 0,
             link: None,
             host_ticks: 0,
-            credited_ticks: 0,
         }
     }
 }
@@ -61,7 +58,7 @@ impl PluginState {
 impl PluginState {
     /// Counts time a host call spent on the BMC (see `host_ticks`).
     pub(crate) fn waited(&mut self, since: std::time::Instant) {
-        self.host_ticks += (since.elapsed().as_micros() / super::TICK.as_micros()) as u64;
+        self.host_ticks += super::ticks(since.elapsed());
     }
 }
 
