@@ -78,16 +78,11 @@ impl Core {
         password: String,
     ) -> Result<bool> {
         let control = self.power_control()?;
-        let current = self.server(id).await?;
-        if current.bmc.as_ref() == Some(&settings) {
-            let inv = Arc::clone(&self.inventory);
-            let key = id.to_string();
-            let sealed = blocking(move || Ok(inv.bmc_secret(&key)?)).await?;
-            if sealed.is_some_and(|s| {
-                control.sealer.open(id, &s).ok().as_deref() == Some(password.as_str())
-            }) {
-                return Ok(false);
-            }
+        let (current, sealed) = self.server_with_secret(id).await?;
+        let same_password =
+            |s: Vec<u8>| control.sealer.open(id, &s).ok().as_deref() == Some(password.as_str());
+        if current.bmc.as_ref() == Some(&settings) && sealed.is_some_and(same_password) {
+            return Ok(false);
         }
         self.set_bmc(id, Some((settings, password))).await?;
         Ok(true)
@@ -111,18 +106,21 @@ impl Core {
         self.bmc_operation(id, Operation::BootDevice(boot)).await
     }
 
+    async fn server_with_secret(&self, id: &str) -> Result<(Server, Option<Vec<u8>>)> {
+        let inv = Arc::clone(&self.inventory);
+        let key = id.to_string();
+        blocking(move || Ok(inv.with_bmc_secret(&key)?)).await
+    }
+
     async fn bmc_operation(&self, id: &str, operation: Operation) -> Result<PowerReport> {
         let control = self.power_control()?;
-        let server = self.server(id).await?;
+        let (server, sealed) = self.server_with_secret(id).await?;
         let Some(settings) = server.bmc.clone() else {
             return Err(CoreError::Invalid(format!(
                 "server {id} has no BMC configured (PUT /api/v1/servers/{id}/bmc)"
             )));
         };
-        let inv = Arc::clone(&self.inventory);
-        let key = id.to_string();
-        let sealed = blocking(move || Ok(inv.bmc_secret(&key)?))
-            .await?
+        let sealed = sealed
             .ok_or_else(|| CoreError::Invalid(format!("server {id} has no BMC password stored")))?;
         let password = control
             .sealer

@@ -368,11 +368,22 @@ impl Inventory {
         })
     }
 
-    /// A server's sealed BMC password.
-    pub fn bmc_secret(&self, id: &str) -> Result<Option<Vec<u8>>> {
+    /// A server and its sealed BMC password, read together (one snapshot, so the
+    /// settings and the password always belong to each other).
+    pub fn with_bmc_secret(&self, id: &str) -> Result<(Server, Option<Vec<u8>>)> {
         let txn = self.db.begin_read()?;
-        let t = txn.open_table(BMC_SECRETS)?;
-        Ok(t.get(id)?.map(|v| v.value().to_vec()))
+        let server = {
+            let t = txn.open_table(SERVERS)?;
+            let v = t
+                .get(id)?
+                .ok_or_else(|| InventoryError::NotFound(id.to_string()))?;
+            decode(id, v.value())?
+        };
+        let secret = txn
+            .open_table(BMC_SECRETS)?
+            .get(id)?
+            .map(|v| v.value().to_vec());
+        Ok((server, secret))
     }
 
     /// Removes a server, its indexes and its configuration.
