@@ -6,11 +6,11 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use arges::bmc::chassis;
 use arges::bmc::ipmi::{IpmiClient, IpmiError, IpmiTarget};
 use arges::bmc::rmcp::Suite;
 use arges::bmc::{BootDevice, PowerAction};
 
+use crate::chassis;
 use crate::harness::runtime;
 use crate::ipmi_sim::Bmc;
 

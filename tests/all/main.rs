@@ -1,6 +1,7 @@
 //! Integration tests: the real `arges` binary against real clients on loopback.
 
 mod agent;
+mod chassis;
 mod config;
 mod crash;
 mod dhcp;

@@ -7,10 +7,10 @@ use std::net::{SocketAddr, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
-use arges::bmc::chassis;
 use arges::bmc::ipmi::IpmiClient;
 use serde_json::{Value, json};
 
+use crate::chassis;
 use crate::harness::{ADMIN_TOKEN, Appliance, REG_TOKEN, raw_http, registration, runtime};
 use crate::ipmi::lossy_relay;
 use crate::ipmi_sim::{Bmc, SUPERMICRO};

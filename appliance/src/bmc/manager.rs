@@ -70,10 +70,7 @@ impl Operation {
             Operation::Power(a) => format!("power {}", a.as_str()),
             Operation::BootDevice(b) => format!(
                 "bootdev {}{}{}",
-                serde_json::to_value(b.device)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default(),
+                b.device.as_str(),
                 if b.persistent { " persistent" } else { "" },
                 if b.efi { " efi" } else { " legacy" }
             ),

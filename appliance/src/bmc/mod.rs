@@ -2,13 +2,11 @@
 //! [`redfish`]), the per-operation connection a driver talks through ([`link`]), the
 //! driver seam the plugin host fills ([`driver`]), the stored credentials
 //! ([`credentials`]) and the power manager that queues, retries and confirms every
-//! action ([`manager`]). [`chassis`] holds the generic IPMI chassis commands the tests
-//! use as a second client.
+//! action ([`manager`]).
 //!
 //! Credentials stay in this module: bmc-driver plugins speak raw IPMI commands or HTTP
 //! through a [`link::BmcLink`], never holding a password.
 
-pub mod chassis;
 pub mod credentials;
 pub mod driver;
 pub mod ipmi;
@@ -31,18 +29,6 @@ pub enum PowerAction {
     Reset,
 }
 
-impl PowerAction {
-    pub(crate) fn control_byte(self) -> u8 {
-        match self {
-            PowerAction::Off => 0x00,
-            PowerAction::On => 0x01,
-            PowerAction::Cycle => 0x02,
-            PowerAction::Reset => 0x03,
-            PowerAction::SoftOff => 0x05,
-        }
-    }
-}
-
 /// Where the next boot goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -54,13 +40,13 @@ pub enum BootDevice {
 }
 
 impl BootDevice {
-    /// Boot device selector, bits 5:2 of the boot flags' second byte.
-    pub(crate) fn selector(self) -> u8 {
+    /// Name as in the API.
+    pub fn as_str(self) -> &'static str {
         match self {
-            BootDevice::Pxe => 0x04,
-            BootDevice::Disk => 0x08,
-            BootDevice::Cdrom => 0x14,
-            BootDevice::Bios => 0x18,
+            BootDevice::Pxe => "pxe",
+            BootDevice::Disk => "disk",
+            BootDevice::Bios => "bios",
+            BootDevice::Cdrom => "cdrom",
         }
     }
 }

@@ -1,8 +1,29 @@
-//! Generic IPMI chassis commands (IPMI 2.0 §28): power state, power control and the
-//! boot device for the next boot. The built-in behaviour of the `ipmi` driver.
+//! Generic IPMI chassis commands (IPMI 2.0 §28) over the appliance's RMCP+ session: the
+//! tests' own client, beside the `ipmi` driver plugin (which the appliance uses), to
+//! drive ipmi_sim directly and count its sessions.
 
-use super::ipmi::{IpmiError, Session, netfn};
-use super::{BootDevice, PowerAction};
+use arges::bmc::ipmi::{IpmiError, Session, netfn};
+use arges::bmc::{BootDevice, PowerAction};
+
+fn control_byte(action: PowerAction) -> u8 {
+    match action {
+        PowerAction::Off => 0x00,
+        PowerAction::On => 0x01,
+        PowerAction::Cycle => 0x02,
+        PowerAction::Reset => 0x03,
+        PowerAction::SoftOff => 0x05,
+    }
+}
+
+/// Boot device selector, bits 5:2 of the boot flags' second byte.
+fn selector(device: BootDevice) -> u8 {
+    match device {
+        BootDevice::Pxe => 0x04,
+        BootDevice::Disk => 0x08,
+        BootDevice::Cdrom => 0x14,
+        BootDevice::Bios => 0x18,
+    }
+}
 
 /// Whether the chassis is powered on (Get Chassis Status).
 pub async fn power_is_on(s: &mut Session) -> Result<bool, IpmiError> {
@@ -12,7 +33,7 @@ pub async fn power_is_on(s: &mut Session) -> Result<bool, IpmiError> {
 
 /// Chassis Control.
 pub async fn set_power(s: &mut Session, action: PowerAction) -> Result<(), IpmiError> {
-    s.raw(netfn::CHASSIS, 0x02, &[action.control_byte()])
+    s.raw(netfn::CHASSIS, 0x02, &[control_byte(action)])
         .await
         .map(|_| ())
 }
@@ -26,7 +47,7 @@ pub fn boot_flags(device: BootDevice, persistent: bool, efi: bool) -> [u8; 6] {
     if efi {
         first |= 0x20;
     }
-    [0x05, first, device.selector(), 0, 0, 0]
+    [0x05, first, selector(device), 0, 0, 0]
 }
 
 /// Sets the next boot device. The boot-flag valid bit is first told not to expire
