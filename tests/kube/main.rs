@@ -104,33 +104,34 @@ fn wait_for_server(cp: &ControlPlane, uuid: &str) -> String {
     cp.kubectl(&["get", "servers", "-o", "wide"])
 }
 
+/// Applies `manifest`, which the apiserver must refuse; returns kubectl's reason.
+fn refused(cp: &ControlPlane, manifest: &str) -> String {
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], manifest);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "accepted, but should not be:\n{manifest}"
+    );
+    err
+}
+
 #[test]
 #[ignore = "real kube-apiserver (built from Go modules); tests/run-all.sh runs it"]
 fn crds_apply_and_malformed_servers_are_refused_with_the_reason() {
     let cp = ControlPlane::start();
     cp.apply_crds();
     let bad_mac = "apiVersion: metal.arges.dev/v1alpha1\nkind: Server\nmetadata:\n  name: bad-mac\nspec:\n  uuid: x\n  hardware:\n    nics:\n    - name: eth0\n      mac: not-a-mac\n";
-    let out = cp.kubectl_stdin(&["apply", "-f", "-"], bad_mac);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a malformed MAC was accepted");
+    let err = refused(&cp, bad_mac);
     assert!(
         err.contains("spec.hardware.nics[0].mac") && err.contains("should match"),
         "{err}"
     );
     let no_uuid = "apiVersion: metal.arges.dev/v1alpha1\nkind: Server\nmetadata:\n  name: no-uuid\nspec:\n  accepted: true\n";
-    let out = cp.kubectl_stdin(&["apply", "-f", "-"], no_uuid);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("spec.uuid: Required value"),
-        "{err}"
-    );
+    let err = refused(&cp, no_uuid);
+    assert!(err.contains("spec.uuid: Required value"), "{err}");
     let bad_port = "apiVersion: infrastructure.cluster.x-k8s.io/v1alpha2\nkind: MetalCluster\nmetadata:\n  name: c\n  namespace: default\nspec:\n  apiEndpoints:\n  - host: 10.0.0.1\n    port: 70000\n";
-    let out = cp.kubectl_stdin(&["apply", "-f", "-"], bad_port);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("spec.apiEndpoints[0].port"),
-        "{err}"
-    );
+    let err = refused(&cp, bad_port);
+    assert!(err.contains("spec.apiEndpoints[0].port"), "{err}");
     // The guide's own shapes are accepted.
     let guide = "apiVersion: infrastructure.cluster.x-k8s.io/v1alpha2\nkind: MetalCluster\nmetadata:\n  name: example-0\n  namespace: default\nspec:\n  apiEndpoints:\n  - host: 192.168.1.101\n    port: 6443\n---\napiVersion: infrastructure.cluster.x-k8s.io/v1alpha2\nkind: MetalMachine\nmetadata:\n  name: controlplane-0\n  namespace: default\nspec:\n  serverRef:\n    apiVersion: metal.arges.dev/v1alpha1\n    kind: Server\n    name: 00000000-0000-0000-0000-d05099d4c8ed\n  bmc:\n    endpoint: 10.0.0.9\n    user: admin\n    pass: secret\n";
     let out = cp.kubectl_stdin(&["apply", "-f", "-"], guide);
