@@ -205,6 +205,13 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
             "the appliance URL and the registration token are needed (--appliance/--token or arges.appliance=/arges.token= on the kernel command line)"
         );
     }
+    if opts.mode == "wipe" {
+        // The registration below reports the wipe: it must not be sent unless every
+        // disk was wiped.
+        let wiped = agent::wipe::wipe_disks(&opts.root, &reg.hardware.disks)
+            .context("the wipe failed; not reporting this machine clean")?;
+        tracing::info!(disks = ?wiped, "disks wiped");
+    }
     let resp = agent::register(&opts, &reg).await?;
     tracing::info!(server = %resp.server_id, action = ?resp.action, conflict = resp.uuid_conflict, "registered");
     let action = serde_json::to_value(resp.action)?;

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub bmc_operations: Family<Labels2, Counter>,
     pub bmc_operation_seconds: Histogram,
     pub bmc_retries: Family<Labels, Counter>,
+    pub provisioning_steps: Family<Labels2, Counter>,
+    pub capi_reconciles: Family<Labels2, Counter>,
 }
 
 /// Labels naming a plugin (names are operator-chosen file names, so bounded by the folder).
@@ -92,6 +94,8 @@ impl Metrics {
             // A status read is ~10 ms on a LAN; a power-on confirmed by polling, seconds.
             bmc_operation_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
             bmc_retries: Family::default(),
+            provisioning_steps: Family::default(),
+            capi_reconciles: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -219,6 +223,16 @@ impl Metrics {
             "bmc_retries",
             "BMC steps tried again, by the reason of the failure before",
             m.bmc_retries.clone(),
+        );
+        r.register(
+            "provisioning_steps",
+            "Steps of a server's cluster life (claim, config_served, installed, release, wiped) by result",
+            m.provisioning_steps.clone(),
+        );
+        r.register(
+            "capi_reconciles",
+            "Cluster API reconciles (MetalCluster, MetalMachine) by kind and result (ok, waiting, or the failure reason)",
+            m.capi_reconciles.clone(),
         );
         Metrics { registry, ..m }
     }

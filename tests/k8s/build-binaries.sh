@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Builds the Kubernetes test binaries from Go modules at pinned releases (never downloads
-# prebuilt ones): kube-apiserver and kubectl from k8s.io/kubernetes, and etcd. They are
-# cached outside the work tree, under $ARGES_CACHE/k8s/<versions>/bin, and reused while
-# the pins stay the same. Prints the bin folder.
+# prebuilt ones): kube-apiserver and kubectl from k8s.io/kubernetes, etcd, and the Cluster
+# API controllers the provider tests run beside Arges: the core manager
+# (sigs.k8s.io/cluster-api) and the Talos bootstrap provider (CABPT), with the CRDs from
+# those same modules. They are cached outside the work tree, under
+# $ARGES_CACHE/k8s/<versions>/bin, and reused while the pins stay the same. The providers
+# live in bin/capi-<versions>/ ({cluster-api,cabpt} and crds/), which bin/capi links to.
+# Prints the bin folder.
 #
 # k8s.io/kubernetes requires its ~30 staging modules (k8s.io/api, k8s.io/apiserver, …) at
 # v0.0.0 and replaces them with its own staging/ folder, which a module download lacks: a
@@ -10,10 +14,16 @@
 set -euo pipefail
 K8S_VERSION="${ARGES_K8S_VERSION:-v1.35.4}"
 ETCD_VERSION="${ARGES_ETCD_VERSION:-v3.6.14}"
+CAPI_VERSION="${ARGES_CAPI_VERSION:-v1.14.2}"
+CABPT_VERSION="${ARGES_CABPT_VERSION:-v0.6.11}"
 cache="${ARGES_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/arges}"
 out="$cache/k8s/kubernetes-$K8S_VERSION-etcd-$ETCD_VERSION/bin"
+providers="$out/capi-$CAPI_VERSION-cabpt-$CABPT_VERSION"
 
-if [ -x "$out/kube-apiserver" ] && [ -x "$out/kubectl" ] && [ -x "$out/etcd" ]; then
+have_control_plane() { [ -x "$out/kube-apiserver" ] && [ -x "$out/kubectl" ] && [ -x "$out/etcd" ]; }
+have_providers() { [ -x "$providers/cluster-api" ] && [ -x "$providers/cabpt" ] && [ -f "$providers/crds/.complete" ]; }
+if have_control_plane && have_providers; then
+  ln -sfn "$(basename "$providers")" "$out/capi"
   echo "$out"
   exit 0
 fi
@@ -26,6 +36,44 @@ trap 'rm -rf "$work"' EXIT
 
 log() { echo "[control plane] $*" >&2; }
 
+# A module's own source tree (read-only in the module cache), copied to build as the main
+# module, so its go.sum and replace directives apply as in the release.
+module_tree() {
+  local dir
+  dir="$(go mod download -json "$1@$2" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')"
+  [ -d "$dir" ] || { echo "error: cannot download $1@$2" >&2; exit 1; }
+  mkdir -p "$work/src"
+  cp -r "$dir" "$work/src/$3"
+  chmod -R u+w "$work/src/$3"
+  echo "$work/src/$3"
+}
+
+build_providers() {
+  rm -rf "$providers"
+  mkdir -p "$providers/crds"
+  # The Cluster API core manager. Its go.mod replaces the api module by ./api, which the
+  # module download leaves out: the published api module at the same release stands in.
+  local capi
+  capi="$(module_tree sigs.k8s.io/cluster-api "$CAPI_VERSION" cluster-api)"
+  (cd "$capi" &&
+    go mod edit -dropreplace=sigs.k8s.io/cluster-api/api -require="sigs.k8s.io/cluster-api/api@$CAPI_VERSION" &&
+    log "building the Cluster API core manager $CAPI_VERSION (the first build takes several minutes)" &&
+    go build -trimpath -ldflags "-s -w" -o "$providers/cluster-api.partial" ./core &&
+    cp core/config/crd/bases/*.yaml "$providers/crds/")
+  mv "$providers/cluster-api.partial" "$providers/cluster-api"
+  # The Talos bootstrap provider. Its checksum database lookup answers 404, so its own
+  # module is not checked against sum.golang.org (its dependencies still are, by go.sum).
+  local cabpt
+  cabpt="$(GONOSUMDB=github.com/siderolabs module_tree github.com/siderolabs/cluster-api-bootstrap-provider-talos "$CABPT_VERSION" cabpt)"
+  (cd "$cabpt" &&
+    log "building the Talos bootstrap provider $CABPT_VERSION" &&
+    go build -trimpath -ldflags "-s -w" -o "$providers/cabpt.partial" . &&
+    cp config/crd/bases/*.yaml "$providers/crds/")
+  mv "$providers/cabpt.partial" "$providers/cabpt"
+  touch "$providers/crds/.complete"
+}
+
+build_control_plane() {
 # kube-apiserver and kubectl.
 minor="${K8S_VERSION#v1.}"            # 35.4
 staging_version="v0.${minor}"         # v0.35.4
@@ -62,4 +110,9 @@ go build -trimpath -ldflags "-s -w" -o "$out/etcd.partial" go.etcd.io/etcd/serve
 mv "$out/etcd.partial" "$out/etcd"
 
 "$out/kube-apiserver" --version >&2
+}
+
+have_control_plane || build_control_plane
+have_providers || build_providers
+ln -sfn "$(basename "$providers")" "$out/capi"
 echo "$out"

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 pub const ADMIN_TOKEN: &str = "arges-test-admin-token-0001";
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -6,6 +6,7 @@
 //! The first run builds the control plane (minutes), so `cargo test` leaves these out
 //! (ignored); `tests/run-all.sh` builds it and runs them.
 
+mod cluster_api;
 mod control_plane;
 #[allow(dead_code)]
 #[path = "../all/harness.rs"]
@@ -13,6 +14,7 @@ mod harness;
 #[allow(dead_code)]
 #[path = "../all/ipmi_sim.rs"]
 mod ipmi_sim;
+mod provider;
 
 use std::process::Command;
 
@@ -421,8 +423,10 @@ fn the_shipped_rbac_is_enough_and_no_more() {
     let sa = "system:serviceaccount:arges-system:arges";
     for (verb, resource, ns) in [
         ("list", "secrets", "default"),
-        ("get", "secrets", "default"),
+        ("watch", "secrets", "default"),
+        ("update", "secrets", "default"),
         ("list", "secrets", "arges-system"),
+        ("delete", "machines.cluster.x-k8s.io", "default"),
         ("delete", "nodes", ""),
         ("create", "pods", "arges-system"),
         ("delete", "customresourcedefinitions", ""),

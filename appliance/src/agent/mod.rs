@@ -1,13 +1,15 @@
 //! The discovery agent (`arges agent`): runs in the discovery initramfs, reads the
 //! machine's hardware, registers it with the appliance and says what to do next.
 //!
-//! It prints the appliance's answer (`power-off`, `reboot` or `wait`) on stdout for the
+//! In `wipe` mode it first zeroes the ends of every disk ([`wipe`]); the registration that
+//! follows is the wipe's report. It prints the appliance's answer (`power-off`, `reboot` or `wait`) on stdout for the
 //! initramfs's init to act on, so the agent itself never needs to be PID 1. Registration is
 //! retried with backoff while the network comes up. It carries no cluster credentials: only
 //! the registration token from its kernel command line.
 
 pub mod bmc;
 pub mod facts;
+pub mod wipe;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

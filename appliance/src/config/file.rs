@@ -453,6 +453,18 @@ pub struct KubernetesSection {
     pub identity: Option<String>,
     /// Namespace of the appliance's Lease, Events and default Secrets.
     pub namespace: String,
+    /// What a Server released by its MetalMachine does: `wipe` (boot the wipe
+    /// environment; free once it reports) or `power-off` (free at once).
+    pub release: Release,
+}
+
+/// `[kubernetes] release`.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Release {
+    #[default]
+    Wipe,
+    PowerOff,
 }
 
 impl Default for KubernetesSection {
@@ -462,6 +474,7 @@ impl Default for KubernetesSection {
             in_cluster: false,
             identity: None,
             namespace: "arges-system".into(),
+            release: Release::Wipe,
         }
     }
 }

@@ -248,6 +248,8 @@ pub struct KubernetesConfig {
     pub kubeconfig: Option<PathBuf>,
     pub identity: String,
     pub namespace: String,
+    /// Released servers are wiped (else powered off and free at once).
+    pub wipe_on_release: bool,
 }
 
 /// Whether `s` is a valid Kubernetes label value (and DNS-label-like: no dots).
@@ -689,6 +691,7 @@ impl Config {
                 kubeconfig,
                 identity,
                 namespace: k.namespace.clone(),
+                wipe_on_release: k.release == file::Release::Wipe,
             })
         } else {
             None

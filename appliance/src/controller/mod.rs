@@ -4,7 +4,8 @@
 //! becomes the shared state of every appliance in the fleet. [`resources`] holds the CRD
 //! types; [`servers`] mirrors the inventory into `Server` resources and operators'
 //! changes back; [`environments`] feeds cluster-defined Environments to the core;
-//! [`server_classes`] decides class membership and keeps class counts; [`lease`] elects
+//! [`server_classes`] decides class membership and keeps class counts; [`capi`] is the
+//! Cluster API infrastructure provider (MetalCluster, MetalMachine); [`lease`] elects
 //! one active replica per appliance identity.
 //!
 //! Each appliance marks the Servers it discovered with its identity
@@ -12,6 +13,7 @@
 //! control plane without fighting. While the control plane is unreachable the boot path
 //! goes on deciding from the local inventory; queued changes are pushed once it is back.
 
+pub mod capi;
 pub mod environments;
 pub mod lease;
 pub mod resources;
@@ -53,6 +55,8 @@ pub struct Context {
     pub namespace: String,
     /// Server-side apply field manager: one per appliance identity.
     pub field_manager: String,
+    /// Servers released by their MetalMachine are wiped (else powered off).
+    pub wipe_on_release: bool,
     recorder: Recorder,
     /// (object uid, reason) pairs already warned about, so a resync does not repeat them.
     warned: Mutex<HashSet<(String, &'static str)>>,
@@ -174,6 +178,7 @@ pub async fn run(
         identity: config.identity.clone(),
         namespace: config.namespace.clone(),
         field_manager: format!("arges-{}", config.identity),
+        wipe_on_release: config.wipe_on_release,
         recorder,
         warned: Mutex::new(HashSet::new()),
     });
@@ -191,10 +196,12 @@ pub async fn run(
         let leading = cancel.child_token();
         let push = tokio::spawn(servers::push(Arc::clone(&ctx), leading.clone()));
         let classes = tokio::spawn(server_classes::refresh(Arc::clone(&ctx), leading.clone()));
+        let capi = tokio::spawn(capi::run(Arc::clone(&ctx), leading.clone()));
         elector.hold(&leading).await;
         leading.cancel();
         let _ = push.await;
         let _ = classes.await;
+        let _ = capi.await;
         ctx.metrics().controller_leader.set(0);
     }
     let _ = pull.await;

@@ -59,6 +59,7 @@ pub const APPLIANCE_LABEL: &str = "metal.arges.dev/appliance";
         json_path = ".spec.environmentRef.name"
     ),
     printcolumn(name = "InUse", type_ = "boolean", json_path = ".status.inUse"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Clean", type_ = "boolean", json_path = ".status.clean"),
     printcolumn(name = "Power", type_ = "string", json_path = ".status.power"),
     printcolumn(
@@ -193,9 +194,16 @@ pub struct ServerStatus {
     pub power: Option<String>,
     /// Claimed by a MetalMachine.
     pub in_use: bool,
+    /// Which MetalMachine holds the server: the cluster-wide lock, taken with a
+    /// resourceVersion precondition so two machines can never hold one server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claim: Option<ServerClaim>,
     /// Wiped since its last use; unset means never used, which is clean too.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clean: Option<bool>,
+    /// `Available`, `Claimed`, `Installing`, `Installed`, `Wiping` or `Dirty`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
     /// Addresses the machine's NICs held when it last registered.
     pub addresses: Vec<MachineAddress>,
     /// The latest boot decision.
@@ -205,6 +213,17 @@ pub struct ServerStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub appliance: Option<String>,
     pub conditions: Vec<Condition>,
+}
+
+/// The MetalMachine holding a Server.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerClaim {
+    /// `namespace/name` of the MetalMachine.
+    pub machine: String,
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
 }
 
 /// The latest boot decision for a Server.

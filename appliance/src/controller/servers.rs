@@ -71,17 +71,35 @@ fn spec_patch(s: &Server, identity: &str) -> serde_json::Value {
     })
 }
 
-/// The apply patch of the status the appliance observes.
-fn status_patch(s: &Server, identity: &str) -> serde_json::Value {
-    let addresses: Vec<_> = s
-        .hardware
+/// The machine's addresses as Cluster API writes them: every NIC address from its last
+/// registration, less link-local and loopback ones.
+pub fn addresses(s: &Server) -> Vec<serde_json::Value> {
+    s.hardware
         .nics
         .iter()
         .flat_map(|n| n.addresses.iter())
         .filter_map(|a| a.split('/').next())
         .filter(|a| !a.starts_with("fe80") && !a.starts_with("127."))
         .map(|a| json!({"type": "InternalIP", "address": a}))
-        .collect();
+        .collect()
+}
+
+/// Where the server stands in a cluster's life, for `kubectl get servers`.
+fn phase(s: &Server) -> &'static str {
+    let p = &s.provisioning;
+    match &p.claim {
+        Some(c) if c.installed_at.is_some() => "Installed",
+        Some(c) if c.powered_at.is_some() || c.config_served_at.is_some() => "Installing",
+        Some(_) => "Claimed",
+        None if p.wipe_requested_at.is_some() => "Wiping",
+        None if p.dirty => "Dirty",
+        None => "Available",
+    }
+}
+
+/// The apply patch of the status the appliance observes.
+fn status_patch(s: &Server, identity: &str) -> serde_json::Value {
+    let addresses = addresses(s);
     let last_boot = s
         .boot_history
         .back()
@@ -108,6 +126,8 @@ fn status_patch(s: &Server, identity: &str) -> serde_json::Value {
             "addresses": addresses,
             "lastBoot": last_boot,
             "power": state,
+            "clean": !s.provisioning.dirty,
+            "phase": phase(s),
             "conditions": conditions,
         },
     })
@@ -314,28 +334,17 @@ async fn apply_bmc(
     let Some(b) = &s.spec.bmc else {
         return Ok(());
     };
-    let (user, pass) = match (&b.credentials_secret_ref, &b.user, &b.pass) {
-        (Some(r), _, _) => match secret_credentials(ctx, r).await {
-            Ok(c) => c,
-            Err(note) => {
-                ctx.warn_once(s, "BMCCredentialsUnavailable", &note).await;
-                return Err(CoreError::Invalid(note));
-            }
-        },
-        (None, Some(u), Some(p)) => (u.clone(), p.clone()),
-        _ => {
-            ctx.warn_once(
-                s,
-                "BMCCredentialsMissing",
-                "spec.bmc has neither credentialsSecretRef nor user and pass",
-            )
-            .await;
+    let (settings, pass) = match bmc_with_credentials(ctx, b, &ctx.namespace).await {
+        Ok(found) => found,
+        Err(BmcProblem::Missing(note)) => {
+            ctx.warn_once(s, "BMCCredentialsMissing", &note).await;
             return Ok(());
         }
-    };
-    let settings = match bmc_settings(b, user) {
-        Ok(settings) => settings,
-        Err(note) => {
+        Err(BmcProblem::Unavailable(note)) => {
+            ctx.warn_once(s, "BMCCredentialsUnavailable", &note).await;
+            return Err(CoreError::Invalid(note));
+        }
+        Err(BmcProblem::Invalid(note)) => {
             ctx.warn_once(s, "BMCInvalid", &note).await;
             return Err(CoreError::Invalid(note));
         }
@@ -346,12 +355,64 @@ async fn apply_bmc(
         .map(|_| ())
 }
 
+/// Why a `bmc` block cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BmcProblem {
+    /// Neither a Secret nor inline credentials.
+    Missing(String),
+    /// The Secret cannot be read or lacks a key.
+    Unavailable(String),
+    /// The endpoint or TLS settings are wrong.
+    Invalid(String),
+}
+
+impl BmcProblem {
+    /// A condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BmcProblem::Missing(_) => "BMCCredentialsMissing",
+            BmcProblem::Unavailable(_) => "BMCCredentialsUnavailable",
+            BmcProblem::Invalid(_) => "BMCInvalid",
+        }
+    }
+
+    /// What is wrong, in words.
+    pub fn note(&self) -> &str {
+        match self {
+            BmcProblem::Missing(n) | BmcProblem::Unavailable(n) | BmcProblem::Invalid(n) => n,
+        }
+    }
+}
+
+/// A `bmc` block (of a Server or a MetalMachine) as settings and a password: the
+/// credentials from its Secret (in `default_namespace` unless it names one), else inline.
+pub async fn bmc_with_credentials(
+    ctx: &Context,
+    b: &super::resources::Bmc,
+    default_namespace: &str,
+) -> Result<(crate::bmc::BmcSettings, String), BmcProblem> {
+    let (user, pass) = match (&b.credentials_secret_ref, &b.user, &b.pass) {
+        (Some(r), _, _) => secret_credentials(ctx, r, default_namespace)
+            .await
+            .map_err(BmcProblem::Unavailable)?,
+        (None, Some(u), Some(p)) => (u.clone(), p.clone()),
+        _ => {
+            return Err(BmcProblem::Missing(
+                "bmc has neither credentialsSecretRef nor user and pass".into(),
+            ));
+        }
+    };
+    let settings = bmc_settings(b, user).map_err(BmcProblem::Invalid)?;
+    Ok((settings, pass))
+}
+
 /// Reads `user` and `pass` (or the named keys) from a Secret.
 async fn secret_credentials(
     ctx: &Context,
     r: &super::resources::SecretRef,
+    default_namespace: &str,
 ) -> Result<(String, String), String> {
-    let ns = r.namespace.as_deref().unwrap_or(&ctx.namespace);
+    let ns = r.namespace.as_deref().unwrap_or(default_namespace);
     let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
     let secret = api
         .get(&r.name)

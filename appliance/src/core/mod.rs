@@ -8,6 +8,7 @@
 
 pub mod policy;
 mod power;
+mod provision;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -28,6 +29,7 @@ pub use policy::{
     PolicyError,
 };
 pub use power::PowerReport;
+pub use provision::ClaimRequest;
 
 /// Failures of core operations; the HTTP edge maps each to a status.
 #[derive(Debug, thiserror::Error)]
@@ -329,13 +331,20 @@ impl Core {
             req.source,
             server.as_ref(),
         );
-        let action = match self.policy.decide(&facts).await {
-            Ok(a) => a,
-            Err(e) => {
-                self.metrics.policy_fallbacks.inc();
-                tracing::warn!(error = %e, kind = e.kind, "boot policy failed; using the built-in decision");
-                self.fallback.decide_now(&facts)
-            }
+        // A machine in a cluster's life boots what that life says; the policy decides
+        // for everyone else.
+        let lifecycle = server.as_ref().and_then(|s| self.lifecycle_boot(s));
+        let installed_now = lifecycle.as_ref().is_some_and(|(_, done)| *done);
+        let action = match lifecycle {
+            Some((action, _)) => action,
+            None => match self.policy.decide(&facts).await {
+                Ok(a) => a,
+                Err(e) => {
+                    self.metrics.policy_fallbacks.inc();
+                    tracing::warn!(error = %e, kind = e.kind, "boot policy failed; using the built-in decision");
+                    self.fallback.decide_now(&facts)
+                }
+            },
         };
         Metrics::inc(&self.metrics.boot_decisions, "action", action.name());
         let token = crate::random_token();
@@ -363,6 +372,7 @@ impl Core {
             let id = server.id.clone();
             blocking(move || Ok(inv.record_boot(&id, record, grant)?)).await?;
             self.changed(&server.id);
+            self.after_lifecycle_boot(&server.id, installed_now).await;
         }
         self.metrics
             .boot_script_seconds
@@ -507,6 +517,9 @@ impl Core {
             })?;
         let s = &registered.server;
         self.changed(&s.id);
+        // A wipe environment registering is the wipe's report: it is done, and the
+        // machine powers off, free for the next cluster.
+        let wiped = mode == "wipe" && self.note_wiped(&s.id).await?;
         if let Some(took) = self.boot_clock.finish(&s.macs) {
             self.metrics
                 .boot_to_registration_seconds
@@ -530,7 +543,12 @@ impl Core {
             source,
             Some(s),
         );
-        let action = match self.fallback.decide_now(&facts) {
+        let next = match self.lifecycle_boot(s) {
+            Some((action, _)) => action,
+            None => self.fallback.decide_now(&facts),
+        };
+        let action = match next {
+            _ if wiped => NextAction::PowerOff,
             BootAction::Environment(_) | BootAction::Wipe => NextAction::Reboot,
             _ => NextAction::PowerOff,
         };
@@ -570,13 +588,34 @@ impl Core {
         token: Option<&str>,
         source: IpAddr,
     ) -> Result<Vec<u8>> {
+        let server = self.granted_server(uuid, token, source).await?;
+        let inv = Arc::clone(&self.inventory);
+        let id = server.id.clone();
+        let blob = blocking(move || {
+            inv.config(&id)?
+                .ok_or_else(|| CoreError::NotFound(format!("server {id} has no configuration")))
+        })
+        .await?;
+        self.note_config_served(&server).await?;
+        Ok(blob)
+    }
+
+    /// The server `uuid` if the caller is that machine: it presents the token of the
+    /// server's latest boot, or asks from the address it booted from, within the token's
+    /// lifetime.
+    async fn granted_server(
+        &self,
+        uuid: &str,
+        token: Option<&str>,
+        source: IpAddr,
+    ) -> Result<Server> {
         let denied =
             || CoreError::Forbidden("this configuration belongs to another machine".into());
         let uuid = normalize_uuid(uuid).ok_or_else(denied)?;
         let inv = Arc::clone(&self.inventory);
         let candidates = blocking(move || Ok(inv.with_uuid(&uuid)?)).await?;
         let ttl = self.config.policy.boot_token_ttl.as_secs();
-        let server = candidates
+        candidates
             .into_iter()
             .find(|s| {
                 s.last_boot.as_ref().is_some_and(|g| {
@@ -586,14 +625,7 @@ impl Core {
                     fresh && (by_token || by_source)
                 })
             })
-            .ok_or_else(denied)?;
-        let inv = Arc::clone(&self.inventory);
-        let id = server.id.clone();
-        blocking(move || {
-            inv.config(&id)?
-                .ok_or_else(|| CoreError::NotFound(format!("server {id} has no configuration")))
-        })
-        .await
+            .ok_or_else(denied)
     }
 
     // ---- administration ----
@@ -626,6 +658,14 @@ impl Core {
         {
             return Err(CoreError::Managed(format!(
                 "Kubernetes mode: change Server {id} with kubectl (spec.accepted, spec.cordoned, spec.environmentRef, labels)"
+            )));
+        }
+        if matches!(edit, ServerEdit::Config(_))
+            && let Some(claim) = self.server(id).await?.provisioning.claim
+        {
+            return Err(CoreError::Managed(format!(
+                "server {id} is claimed by {}: its configuration is that machine's bootstrap data",
+                claim.machine
             )));
         }
         if let ServerEdit::Environment(Some(env)) = &edit

@@ -1,4 +1,5 @@
-//! `/boot.ipxe` and `/configdata`: what a booting machine asks for.
+//! `/boot.ipxe` and `/configdata`: what a booting machine asks for, and
+//! `POST /configdata/done`, its install environment's report.
 
 use std::net::SocketAddr;
 
@@ -72,6 +73,30 @@ pub async fn configdata(
         Ok(blob) => full(StatusCode::OK, "application/octet-stream", blob),
         Err(e) => {
             tracing::warn!(%peer, uuid, error = %e, "configuration refused");
+            text(status_of(&e), e.to_string())
+        }
+    }
+}
+
+/// `POST /configdata/done?uuid=&token=`: the install environment's report that the
+/// machine is installed. Proven like `/configdata`; the next boots go to the disk.
+pub async fn configdata_done(
+    ctx: &HttpContext,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<Body> {
+    let Some(uuid) = query_param(req, "uuid") else {
+        return text(StatusCode::BAD_REQUEST, "uuid is required");
+    };
+    let token = query_param(req, "token");
+    match ctx
+        .core
+        .report_installed(&uuid, token.as_deref(), peer.ip())
+        .await
+    {
+        Ok(s) => text(StatusCode::OK, format!("server {} installed\n", s.id)),
+        Err(e) => {
+            tracing::warn!(%peer, uuid, error = %e, "installation report refused");
             text(status_of(&e), e.to_string())
         }
     }

@@ -80,7 +80,9 @@ fn status_of(e: &CoreError) -> StatusCode {
             StatusCode::BAD_REQUEST
         }
         CoreError::Forbidden(_) => StatusCode::FORBIDDEN,
-        CoreError::Managed(_) => StatusCode::CONFLICT,
+        CoreError::Managed(_) | CoreError::Inventory(InventoryError::Conflict(_)) => {
+            StatusCode::CONFLICT
+        }
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -145,6 +147,10 @@ async fn route(
         ),
         (Method::GET, "/boot.ipxe") => ("boot", boot::boot_script(&ctx, peer, &req).await),
         (Method::GET, "/configdata") => ("configdata", boot::configdata(&ctx, peer, &req).await),
+        (Method::POST, "/configdata/done") => (
+            "configdata_done",
+            boot::configdata_done(&ctx, peer, &req).await,
+        ),
         (Method::GET | Method::HEAD, p) if p.starts_with("/env/") => {
             ("env", assets::environment_file(&ctx, &req).await)
         }

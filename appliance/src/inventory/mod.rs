@@ -23,7 +23,7 @@ use redb::{
 
 use crate::bmc::BmcSettings;
 use crate::registration::{RegistrationRequest, normalize_mac};
-pub use model::{BootGrant, BootRecord, PowerEvent, PowerRecord, Server, now};
+pub use model::{BootGrant, BootRecord, Claim, PowerEvent, PowerRecord, Provisioning, Server, now};
 
 const SERVERS: TableDefinition<&str, &[u8]> = TableDefinition::new("servers");
 const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("configs");
@@ -49,6 +49,8 @@ pub enum InventoryError {
     },
     #[error("invalid registration: {0}")]
     Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl InventoryError {
@@ -59,6 +61,7 @@ impl InventoryError {
             InventoryError::NotFound(_) => "not_found",
             InventoryError::Corrupt { .. } => "corrupt",
             InventoryError::Invalid(_) => "invalid",
+            InventoryError::Conflict(_) => "conflict",
         }
     }
 }
@@ -261,6 +264,7 @@ impl Inventory {
                         updated_at: now,
                         boot_history: Default::default(),
                         last_boot: None,
+                        provisioning: Default::default(),
                     };
                     by_uuid.insert(uuid, s.id.as_str())?;
                     (s, true)
@@ -341,6 +345,68 @@ impl Inventory {
             s.has_config = blob.is_some();
             Ok(())
         })
+    }
+
+    /// Claims a server for a machine and stages its configuration, in one transaction:
+    /// refused when another machine holds it or it waits for a wipe. The same machine
+    /// claiming again only refreshes the configuration (its install progress is kept).
+    pub fn claim(&self, id: &str, claim: Claim, blob: &[u8]) -> Result<Server> {
+        self.edit(id, |txn, s| {
+            let p = &mut s.provisioning;
+            match &p.claim {
+                Some(held) if held.uid == claim.uid => {}
+                Some(held) => {
+                    return Err(InventoryError::Conflict(format!(
+                        "server {id} is in use by {}",
+                        held.machine
+                    )));
+                }
+                None if p.dirty => {
+                    return Err(InventoryError::Conflict(format!(
+                        "server {id} was used and is not wiped yet"
+                    )));
+                }
+                None => {
+                    p.claim = Some(claim);
+                    p.dirty = true;
+                    p.wipe_requested_at = None;
+                }
+            }
+            txn.open_table(CONFIGS)?.insert(id, blob)?;
+            s.has_config = true;
+            Ok(())
+        })
+    }
+
+    /// Releases the server from the machine `uid` (or from any machine, with `None`),
+    /// dropping its configuration: dirty until wiped when `wipe`, else free at once.
+    /// Releasing a server that is not held is a no-op; one held by another is refused.
+    pub fn release(&self, id: &str, uid: Option<&str>, wipe: bool) -> Result<(Server, bool)> {
+        let mut released = false;
+        let s = self.edit(id, |txn, s| {
+            let p = &mut s.provisioning;
+            match &p.claim {
+                None => return Ok(()),
+                Some(held) if uid.is_some_and(|u| u != held.uid) => {
+                    return Err(InventoryError::Conflict(format!(
+                        "server {id} is held by {}, not by the releasing machine",
+                        held.machine
+                    )));
+                }
+                Some(_) => {}
+            }
+            p.claim = None;
+            if wipe {
+                p.wipe_requested_at = Some(now());
+            } else {
+                p.dirty = false;
+            }
+            txn.open_table(CONFIGS)?.remove(id)?;
+            s.has_config = false;
+            released = true;
+            Ok(())
+        })?;
+        Ok((s, released))
     }
 
     /// A server's configuration blob.

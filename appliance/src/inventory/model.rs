@@ -55,6 +55,58 @@ pub struct Server {
     /// The grant of the latest boot script, which `/configdata` checks.
     #[serde(default)]
     pub last_boot: Option<BootGrant>,
+    /// The server's part in a cluster: claimed, installed, released, wiped.
+    #[serde(default)]
+    pub provisioning: Provisioning,
+}
+
+/// Where a server stands in a cluster's life. Free: no claim and not dirty. Claimed: a
+/// Cluster API machine holds it and its configuration is staged for `/configdata`.
+/// Released: the claim is gone and, until the wipe environment reports, it is dirty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Provisioning {
+    #[serde(default)]
+    pub claim: Option<Claim>,
+    /// Used since its last wipe: never given to another machine until wiped.
+    #[serde(default)]
+    pub dirty: bool,
+    /// Released with a wipe asked for (unix seconds): the next boot runs the wipe
+    /// environment.
+    #[serde(default)]
+    pub wipe_requested_at: Option<u64>,
+}
+
+impl Provisioning {
+    /// Free to be claimed by a new machine.
+    pub fn is_free(&self) -> bool {
+        self.claim.is_none() && !self.dirty
+    }
+}
+
+/// The Cluster API machine holding a server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// `namespace/name` of the MetalMachine.
+    pub machine: String,
+    /// Its uid: a machine deleted and made again under the same name is another claim.
+    pub uid: String,
+    #[serde(default)]
+    pub cluster: Option<String>,
+    pub claimed_at: u64,
+    /// When the machine was sent into its install environment (next boot PXE, power
+    /// cycled): done once per claim, even across restarts.
+    #[serde(default)]
+    pub powered_at: Option<u64>,
+    /// When the install environment first fetched the configuration.
+    #[serde(default)]
+    pub config_served_at: Option<u64>,
+    /// When the installation was known to be done…
+    #[serde(default)]
+    pub installed_at: Option<u64>,
+    /// …and how: `reported` (the install environment said so) or `rebooted` (it booted
+    /// again after fetching its configuration, as Talos does once installed).
+    #[serde(default)]
+    pub installed_by: Option<String>,
 }
 
 /// One boot decision as served.

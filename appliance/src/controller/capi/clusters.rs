@@ -1,0 +1,129 @@
+//! MetalCluster: the infrastructure of one Cluster API cluster. Bare metal has nothing to
+//! build for a whole cluster, so provisioning it is naming the control plane's endpoint:
+//! `spec.controlPlaneEndpoint`, or the guide's first `apiEndpoints` entry copied into it
+//! (Cluster API copies that field into the Cluster). Then `status.initialization.
+//! provisioned` (and the v1beta1 `status.ready`) go true, once and for good as the
+//! contract asks, with the `Ready` condition saying why or why not.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    FIELD_MANAGER, RETRY, ReconcileError, capi_owner, count, get_cluster, paused, set_condition,
+};
+use crate::controller::Context;
+use crate::controller::resources::MetalCluster;
+
+const KIND: &str = "MetalCluster";
+
+/// Reconciles every MetalCluster until `cancel` fires.
+pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
+    let api: Api<MetalCluster> = Api::all(ctx.client.clone());
+    Controller::new(api, watcher::Config::default())
+        .graceful_shutdown_on(cancel.cancelled_owned())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "MetalCluster reconcile did not run");
+            }
+        })
+        .await;
+}
+
+fn error_policy(mc: Arc<MetalCluster>, e: &ReconcileError, ctx: Arc<Context>) -> Action {
+    count(&ctx, KIND, e.kind());
+    tracing::warn!(metalcluster = %mc.name_any(), error = %e, "MetalCluster reconcile failed; retrying");
+    Action::requeue(RETRY)
+}
+
+async fn reconcile(mc: Arc<MetalCluster>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    if mc.meta().deletion_timestamp.is_some() {
+        // Nothing is held for a cluster as a whole: its machines release their servers.
+        return Ok(Action::await_change());
+    }
+    let ns = mc.namespace().unwrap_or_default();
+    let name = mc.name_any();
+    let owner = capi_owner(&*mc, "Cluster").map(|o| o.name.clone());
+    let cluster = match &owner {
+        Some(o) => get_cluster(&ctx, &ns, o).await?,
+        None => None,
+    };
+    if paused(&*mc, cluster.as_ref()) {
+        count(&ctx, KIND, "paused");
+        return Ok(Action::await_change());
+    }
+    let api: Api<MetalCluster> = Api::namespaced(ctx.client.clone(), &ns);
+    let endpoint = mc
+        .spec
+        .control_plane_endpoint
+        .clone()
+        .filter(|e| !e.host.is_empty())
+        .or_else(|| mc.spec.api_endpoints.first().cloned());
+    let (ready, reason, message) = match (&owner, &endpoint) {
+        (None, _) => (
+            false,
+            "WaitingForCluster",
+            "no Cluster owns this MetalCluster yet".to_string(),
+        ),
+        (Some(_), None) => (
+            false,
+            "NoEndpoint",
+            "set spec.controlPlaneEndpoint (or the first spec.apiEndpoints entry)".to_string(),
+        ),
+        (Some(_), Some(e)) => (
+            true,
+            "Provisioned",
+            format!("the control plane answers at {}:{}", e.host, e.port),
+        ),
+    };
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    if ready && mc.spec.control_plane_endpoint != endpoint {
+        api.patch(
+            &name,
+            &pp,
+            &Patch::Merge(json!({"spec": {"controlPlaneEndpoint": endpoint}})),
+        )
+        .await?;
+    }
+    let mut status = mc.status.clone().unwrap_or_default();
+    let changed = set_condition(
+        &mut status.conditions,
+        "Ready",
+        ready,
+        reason,
+        &message,
+        mc.meta().generation,
+    );
+    // The contract: once provisioned, always provisioned.
+    let provisioned = ready
+        || status
+            .initialization
+            .as_ref()
+            .is_some_and(|i| i.provisioned);
+    let patch = json!({"status": {
+        "ready": provisioned,
+        "initialization": {"provisioned": provisioned},
+        "conditions": status.conditions,
+    }});
+    api.patch_status(&name, &pp, &Patch::Merge(&patch)).await?;
+    if changed {
+        ctx.publish(&mc.object_ref(&()), !ready, reason, "Provision", &message)
+            .await;
+    }
+    count(&ctx, KIND, if ready { "ok" } else { "waiting" });
+    Ok(if ready {
+        Action::await_change()
+    } else {
+        Action::requeue(RETRY * 6)
+    })
+}

@@ -1,0 +1,152 @@
+//! The Cluster API infrastructure provider (contract v1beta2): [`clusters`] reconciles
+//! MetalClusters, [`machines`] MetalMachines, both run by the leader of each appliance
+//! identity. MetalMachineTemplates need no reconciler: Cluster API clones them into
+//! MetalMachines for MachineDeployments and control-plane providers.
+//!
+//! This module holds what both share: the Cluster API objects read as dynamic objects
+//! (their Go types are Cluster API's, and only a few fields matter here), owner lookup,
+//! the pause rule, conditions that keep their transition time, and the error type.
+
+pub mod clusters;
+pub mod machines;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::{Api, Resource, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+use super::Context;
+
+/// Cluster API's group and the version this provider reads it at.
+pub const CAPI_GROUP: &str = "cluster.x-k8s.io";
+pub const CAPI_VERSION: &str = "v1beta2";
+/// The finalizer on MetalMachines: the Server is released before the machine goes.
+pub const FINALIZER: &str = "metalmachine.infrastructure.cluster.x-k8s.io/arges";
+/// Field manager of the provider's writes (claims, bindings, statuses).
+pub const FIELD_MANAGER: &str = "arges-capi";
+/// Cluster API's pause annotation (also honoured on a Cluster's `spec.paused`).
+const PAUSED: &str = "cluster.x-k8s.io/paused";
+/// How long to wait before looking again at something outside our watches.
+pub const RETRY: Duration = Duration::from_secs(5);
+
+/// Why a reconcile failed (it is retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Core(#[from] crate::core::CoreError),
+}
+
+impl ReconcileError {
+    /// Metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ReconcileError::Kube(kube::Error::Api(e)) if e.code == 409 => "conflict",
+            ReconcileError::Kube(_) => "kube",
+            ReconcileError::Core(e) => e.kind(),
+        }
+    }
+}
+
+/// A Cluster API kind at [`CAPI_VERSION`], for dynamic access.
+pub fn capi_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(CAPI_GROUP, CAPI_VERSION, kind),
+        plural,
+    )
+}
+
+/// The owner of `obj` of Cluster API kind `kind` (any version), by name.
+pub fn capi_owner<'a, K: Resource>(obj: &'a K, kind: &str) -> Option<&'a OwnerReference> {
+    obj.meta().owner_references.iter().flatten().find(|o| {
+        o.kind == kind
+            && o.api_version
+                .split_once('/')
+                .is_some_and(|(g, _)| g == CAPI_GROUP)
+    })
+}
+
+/// The Cluster `name` in `ns`, or `None` when it does not exist (yet).
+pub async fn get_cluster(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+) -> Result<Option<DynamicObject>, kube::Error> {
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        ns,
+        &capi_resource("Cluster", "clusters"),
+    );
+    api.get_opt(name).await
+}
+
+/// Whether reconciling is paused: by the annotation on `obj` or on its Cluster, or the
+/// Cluster's `spec.paused`.
+pub fn paused<K: Resource>(obj: &K, cluster: Option<&DynamicObject>) -> bool {
+    let annotated = |m: &std::collections::BTreeMap<String, String>| m.contains_key(PAUSED);
+    annotated(obj.annotations())
+        || cluster.is_some_and(|c| {
+            annotated(c.annotations()) || c.data["spec"]["paused"].as_bool() == Some(true)
+        })
+}
+
+/// Sets condition `type_` in `conditions`, keeping its transition time when its status
+/// does not change. Whether the reason or status changed (worth an event).
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) -> bool {
+    let status = if status { "True" } else { "False" };
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let fresh = Condition {
+        type_: type_.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message: message.chars().take(1024).collect(),
+        observed_generation: generation,
+        last_transition_time: now,
+    };
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            let changed = c.status != fresh.status || c.reason != fresh.reason;
+            let since = if c.status == fresh.status {
+                c.last_transition_time.clone()
+            } else {
+                fresh.last_transition_time.clone()
+            };
+            *c = Condition {
+                last_transition_time: since,
+                ..fresh
+            };
+            changed
+        }
+        None => {
+            conditions.push(fresh);
+            true
+        }
+    }
+}
+
+/// Counts one reconcile.
+pub fn count(ctx: &Context, kind: &'static str, result: &'static str) {
+    ctx.metrics()
+        .capi_reconciles
+        .get_or_create(&[("kind", kind), ("result", result)])
+        .inc();
+}
+
+/// Runs both reconcilers until `cancel` fires (leadership lost or shutdown).
+pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
+    let clusters = tokio::spawn(clusters::run(Arc::clone(&ctx), cancel.clone()));
+    let machines = tokio::spawn(machines::run(Arc::clone(&ctx), cancel.clone()));
+    let _ = clusters.await;
+    let _ = machines.await;
+}
