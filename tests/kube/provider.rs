@@ -131,6 +131,36 @@ fn wipe_root(tree: &str, disks: &[&str]) -> tempfile::TempDir {
     root
 }
 
+/// Polls `f` every 300 ms for at most `secs`; on timeout panics with `state()`.
+fn within<T>(
+    secs: u64,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+    state: impl Fn() -> String,
+) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > Duration::from_secs(secs) {
+            panic!("{what}: not within {secs} s\n{}", state());
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// What the machines and servers look like, and the logs.
+fn pool_state(cp: &ControlPlane, a: &Appliance, capi: &ClusterApi) -> String {
+    format!(
+        "{}\n{}\n{}\n{}",
+        cp.kubectl(&["get", "machines,metalmachines", "-n", NS, "-o", "wide"]),
+        cp.kubectl(&["get", "servers", "-o", "wide"]),
+        a.log(),
+        capi.log("capi")
+    )
+}
+
 /// The token on the kernel command line of a boot script.
 fn token(script: &str) -> String {
     let at = script.find("token=").expect("a token in the script") + "token=".len();
@@ -336,4 +366,229 @@ fn the_guide_s_cluster_is_provisioned_by_real_cluster_api_and_cabpt() {
     );
     let s: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(s["has_config"], false, "the bootstrap data is gone: {s}");
+}
+
+/// Registers machine `i` (a QEMU machine with one disk) over the API; its UUID.
+fn register_machine(a: &Appliance, i: u32) -> String {
+    let (uuid, body) = crate::harness::registration(i);
+    let (code, resp) = a.request("POST", "/api/v1/register", Some(REG_TOKEN), &body);
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&resp));
+    uuid
+}
+
+/// Accepts Server `uuid` into `talos`, with its BMC at `bmc` (credentials from the
+/// Secret `bmc` in the appliance's namespace).
+fn accept_with_bmc(cp: &ControlPlane, uuid: &str, bmc: &Bmc) {
+    let patch = format!(
+        r#"{{"spec":{{"accepted":true,"environmentRef":{{"name":"talos"}},"bmc":{{"endpoint":"ipmi://{}","credentialsSecretRef":{{"name":"bmc"}}}}}}}}"#,
+        bmc.addr
+    );
+    cp.kubectl(&["patch", "server", uuid, "--type=merge", "-p", &patch]);
+}
+
+/// A Cluster whose workers come from a MachineDeployment of `replicas`, on the
+/// MetalMachineTemplate `pool` (servers of the class `qemu`).
+fn pool_manifests(replicas: u32) -> String {
+    format!(
+        r#"apiVersion: cluster.x-k8s.io/v1beta2
+kind: Cluster
+metadata: {{name: pool, namespace: {NS}}}
+spec:
+  infrastructureRef: {{apiGroup: infrastructure.cluster.x-k8s.io, kind: MetalCluster, name: pool}}
+---
+apiVersion: infrastructure.cluster.x-k8s.io/v1alpha2
+kind: MetalCluster
+metadata: {{name: pool, namespace: {NS}}}
+spec:
+  controlPlaneEndpoint: {{host: 10.0.0.20, port: 6443}}
+---
+apiVersion: infrastructure.cluster.x-k8s.io/v1alpha2
+kind: MetalMachineTemplate
+metadata: {{name: pool, namespace: {NS}}}
+spec:
+  template:
+    spec:
+      serverClassRef: {{name: qemu}}
+---
+apiVersion: bootstrap.cluster.x-k8s.io/v1alpha3
+kind: TalosConfigTemplate
+metadata: {{name: pool, namespace: {NS}}}
+spec:
+  template:
+    spec:
+      generateType: none
+      data: |
+        version: v1alpha1
+        machine: {{type: worker}}
+        cluster: {{clusterName: pool, controlPlane: {{endpoint: "https://10.0.0.20:6443"}}}}
+---
+apiVersion: cluster.x-k8s.io/v1beta2
+kind: MachineDeployment
+metadata: {{name: pool, namespace: {NS}}}
+spec:
+  clusterName: pool
+  replicas: {replicas}
+  # Cluster API's defaulting webhook would set these; the tests register no admission
+  # webhooks, so they are spelled out.
+  rollout: {{strategy: {{type: RollingUpdate, rollingUpdate: {{maxSurge: 1, maxUnavailable: 0}}}}}}
+  deletion: {{order: Random}}
+  selector: {{matchLabels: {{pool: workers}}}}
+  template:
+    metadata: {{labels: {{pool: workers}}}}
+    spec:
+      clusterName: pool
+      version: v1.35.4
+      bootstrap:
+        configRef: {{apiGroup: bootstrap.cluster.x-k8s.io, kind: TalosConfigTemplate, name: pool}}
+      infrastructureRef: {{apiGroup: infrastructure.cluster.x-k8s.io, kind: MetalMachineTemplate, name: pool}}
+"#
+    )
+}
+
+/// Every MetalMachine: (name, Ready status/reason, providerID, uid).
+fn metal_machines(cp: &ControlPlane) -> Vec<(String, String, String, String)> {
+    let table = cp.kubectl(&[
+        "get",
+        "metalmachines",
+        "-n",
+        NS,
+        "-o",
+        r#"jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type=="Ready")].status}/{.status.conditions[?(@.type=="Ready")].reason} {.spec.providerID} {.metadata.uid}{"\n"}{end}"#,
+    ]);
+    table
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.len() == 4).then(|| (f[0].into(), f[1].into(), f[2].into(), f[3].into()))
+        })
+        .collect()
+}
+
+/// Every Server: (name, claim uid, phase).
+fn server_claims(cp: &ControlPlane) -> Vec<(String, String, String)> {
+    let table = cp.kubectl(&[
+        "get",
+        "servers",
+        "-o",
+        r#"jsonpath={range .items[*]}{.metadata.name} {.status.claim.uid} {.status.phase}{"\n"}{end}"#,
+    ]);
+    table
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (
+                f[0].to_string(),
+                f.get(1).unwrap_or(&"").to_string(),
+                f.get(2).unwrap_or(&"").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "real kube-apiserver and Cluster API (built from Go modules); tests/run-all.sh runs it"]
+fn machines_of_a_class_never_share_a_server_and_freed_servers_are_reused() {
+    let (cp, capi) = control_plane();
+    let a = provider_appliance(&cp, "release = \"power-off\"");
+    cp.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "bmc",
+        "-n",
+        "arges-system",
+        "--from-literal=user=admin",
+        "--from-literal=pass=password",
+    ]);
+    let bmcs: Vec<Bmc> = (0..6).map(|_| Bmc::start()).collect();
+    let uuids: Vec<String> = (1..=6).map(|i| register_machine(&a, i)).collect();
+    for (uuid, bmc) in uuids.iter().zip(&bmcs) {
+        wait_for_server(&cp, uuid);
+        accept_with_bmc(&cp, uuid, bmc);
+    }
+    apply(
+        &cp,
+        "apiVersion: metal.arges.dev/v1alpha1\nkind: ServerClass\nmetadata:\n  name: qemu\nspec:\n  qualifiers:\n    vendors: [QEMU]\n",
+    );
+    eventually(60, "the class counts six free servers", || {
+        (cp.field(&["serverclass", "qemu"], "{.status.available}") == "6").then_some(())
+    });
+
+    // Nine machines at once for six servers.
+    apply(&cp, &pool_manifests(9));
+    let settled = within(
+        180,
+        "six machines ready and three waiting for a server",
+        || {
+            let mms = metal_machines(&cp);
+            let ready = mms.iter().filter(|m| m.1 == "True/Provisioned").count();
+            let waiting = mms.iter().filter(|m| m.1 == "False/NoFreeServer").count();
+            (mms.len() == 9 && ready == 6 && waiting == 3).then_some(mms)
+        },
+        || pool_state(&cp, &a, &capi),
+    );
+    let mut ids: Vec<&String> = settled
+        .iter()
+        .filter(|m| m.1 == "True/Provisioned")
+        .map(|m| &m.2)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 6, "six distinct providerIDs: {settled:?}");
+    let claims = server_claims(&cp);
+    for (server, uid, _) in &claims {
+        let holders: Vec<_> = settled.iter().filter(|m| &m.3 == uid).collect();
+        assert_eq!(
+            holders.len(),
+            1,
+            "Server {server} is held by exactly one machine: {settled:?}"
+        );
+        assert_eq!(
+            holders[0].2,
+            format!("arges://{server}"),
+            "and that machine names it"
+        );
+    }
+    for bmc in &bmcs {
+        assert!(bmc.ipmitool_says_on());
+    }
+    let waiting = settled
+        .iter()
+        .find(|m| m.1 == "False/NoFreeServer")
+        .unwrap();
+    assert!(
+        events(&cp, &waiting.0).contains("NoFreeServer"),
+        "{}",
+        events(&cp, &waiting.0)
+    );
+
+    // Down to four: the servers released are powered off and free (release =
+    // power-off), and the machines that waited get the servers freed.
+    cp.kubectl(&[
+        "patch",
+        "machinedeployment",
+        "pool",
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":4}}"#,
+    ]);
+    within(
+        180,
+        "four machines, all ready, two servers free",
+        || {
+            let mms = metal_machines(&cp);
+            let claims = server_claims(&cp);
+            let free = claims
+                .iter()
+                .filter(|c| c.1.is_empty() && c.2 == "Available")
+                .count();
+            (mms.len() == 4 && mms.iter().all(|m| m.1 == "True/Provisioned") && free == 2)
+                .then_some(())
+        },
+        || pool_state(&cp, &a, &capi),
+    );
+    let off = bmcs.iter().filter(|b| !b.ipmitool_says_on()).count();
+    assert_eq!(off, 2, "the released servers were powered off");
 }
