@@ -15,18 +15,30 @@ use crate::{UUID_1, UUID_2, boot_script, ensure_namespace, register, wait_for_se
 const NS: &str = "arges-examples";
 const MAC_1: &str = "b8:ca:3a:00:00:0a";
 
-/// The control plane with the Cluster API controllers and every CRD.
+/// The control plane with the Cluster API controllers, every CRD and the shipped RBAC.
 fn control_plane() -> (ControlPlane, ClusterApi) {
     let cp = ControlPlane::start();
     cp.apply_crds();
     ensure_namespace(&cp);
+    let rbac = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac/rbac.yaml");
+    cp.kubectl(&["apply", "-f", rbac]);
     let capi = ClusterApi::start(&cp);
     cp.kubectl(&["create", "namespace", NS]);
     (cp, capi)
 }
 
-/// An appliance in Kubernetes mode (identity `rack-1`) with the shipped IPMI driver.
+/// An appliance in Kubernetes mode (identity `rack-1`) with the shipped IPMI driver,
+/// as the shipped service account: its RBAC must be enough for the provider.
 fn provider_appliance(cp: &ControlPlane, extra: &str) -> Appliance {
+    let token = cp.kubectl(&[
+        "create",
+        "token",
+        "arges",
+        "-n",
+        "arges-system",
+        "--duration=2h",
+    ]);
+    let kubeconfig = cp.write_kubeconfig("sa.kubeconfig", token.trim());
     let dir = Appliance::prepare(&format!(
         "[kubernetes]\nidentity = \"rack-1\"\nnamespace = \"arges-system\"\n{extra}\n[bmc]\npoll_ms = 200\n"
     ));
@@ -34,10 +46,7 @@ fn provider_appliance(cp: &ControlPlane, extra: &str) -> Appliance {
     std::fs::create_dir_all(dir.path().join("data/plugins")).unwrap();
     std::fs::copy(ipmi, dir.path().join("data/plugins/ipmi.wasm"))
         .unwrap_or_else(|e| panic!("{ipmi}: {e} (run plugins/build.sh first)"));
-    Appliance::start_in(
-        dir,
-        &["--kubeconfig", &cp.kubeconfig().display().to_string()],
-    )
+    Appliance::start_in(dir, &["--kubeconfig", &kubeconfig.display().to_string()])
 }
 
 fn apply(cp: &ControlPlane, yaml: &str) {
