@@ -10,7 +10,7 @@ use arges::bmc::ipmi::IpmiTarget;
 
 use crate::harness::require;
 
-const CHASSIS_SCRIPT: &str = r#"#!/bin/sh
+pub const CHASSIS_SCRIPT: &str = r#"#!/bin/sh
 # ipmi_sim chassis control: remembers and records what the client asked for.
 d=$1; shift; mc=$1; op=$2; shift 2
 if [ "$op" = get ]; then
@@ -35,6 +35,20 @@ pub struct Bmc {
     pub addr: SocketAddr,
     dir: tempfile::TempDir,
     child: Child,
+    /// The network namespace the simulator runs in (`None`: the host's loopback).
+    netns: Option<String>,
+}
+
+/// `program`, inside `netns` when there is one.
+fn command_in(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, program]);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 impl Bmc {
@@ -45,15 +59,27 @@ impl Bmc {
 
     /// Starts a simulator whose Get Device ID names `manufacturer`.
     pub fn start_as(manufacturer: u32) -> Bmc {
+        Self::start_with(manufacturer, CHASSIS_SCRIPT, None)
+    }
+
+    /// Starts a simulator inside `netns` whose chassis control is `script` (called as
+    /// `script STATE_DIR MC set|get PARAM [VALUE]...`; see [`CHASSIS_SCRIPT`]).
+    pub fn start_with(manufacturer: u32, script: &str, netns: Option<&str>) -> Bmc {
         for _ in 0..3 {
-            if let Some(bmc) = Self::try_start(manufacturer) {
+            if let Some(bmc) = Self::try_start(manufacturer, script, netns) {
                 return bmc;
             }
         }
         panic!("ipmi_sim did not start in three tries (its log is printed above)");
     }
 
-    fn try_start(manufacturer: u32) -> Option<Bmc> {
+    /// The folder the chassis script keeps its state in.
+    #[allow(dead_code)] // the netboot tests wire a VM to it
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn try_start(manufacturer: u32, chassis: &str, netns: Option<&str>) -> Option<Bmc> {
         require("ipmi_sim");
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -63,7 +89,7 @@ impl Bmc {
             .unwrap()
             .port();
         let script = d.join("chassis.sh");
-        std::fs::write(&script, CHASSIS_SCRIPT).unwrap();
+        std::fs::write(&script, chassis).unwrap();
         Command::new("chmod")
             .arg("+x")
             .arg(&script)
@@ -84,7 +110,7 @@ impl Bmc {
             format!("mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f {manufacturer:#x} 0xf02 persist_sdr\nmc_enable 0x20\n"),
         )
         .unwrap();
-        let child = Command::new("ipmi_sim")
+        let child = command_in(netns, "ipmi_sim")
             .arg("-c")
             .arg(d.join("lan.conf"))
             .arg("-f")
@@ -98,7 +124,12 @@ impl Bmc {
             .spawn()
             .expect("start ipmi_sim");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut bmc = Bmc { addr, dir, child };
+        let mut bmc = Bmc {
+            addr,
+            dir,
+            child,
+            netns: netns.map(String::from),
+        };
         // Ready once ipmitool gets an answer.
         for _ in 0..100 {
             if bmc.ipmitool(&["power", "status"]).is_some() {
@@ -123,7 +154,7 @@ impl Bmc {
     /// ipmitool's view, as a second opinion.
     pub fn ipmitool(&self, args: &[&str]) -> Option<String> {
         require("ipmitool");
-        let out = Command::new("ipmitool")
+        let out = command_in(self.netns.as_deref(), "ipmitool")
             .args([
                 "-I",
                 "lanplus",

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -123,7 +124,7 @@ impl ClusterApi {
 
         let (capi_health, cabpt_health) = (free_port(), free_port());
         let start = |name: &str, binary: &str, webhook: u16, health: u16| -> Child {
-            Command::new(providers().join(binary))
+            cp.command(providers().join(binary))
                 .arg(format!("--kubeconfig={}", cp.kubeconfig().display()))
                 .arg(format!("--webhook-port={webhook}"))
                 .arg(format!("--webhook-cert-dir={}", certs.display()))
@@ -142,15 +143,15 @@ impl ClusterApi {
             capi_health,
             cabpt_health,
         };
-        capi.wait_ready();
+        capi.wait_ready(cp);
         capi
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self, cp: &ControlPlane) {
         let start = Instant::now();
         for (name, port) in [("capi", self.capi_health), ("cabpt", self.cabpt_health)] {
             loop {
-                if http_ok(port, "/readyz") {
+                if http_ok(cp, port, "/readyz") {
                     break;
                 }
                 let child = if name == "capi" {
@@ -177,20 +178,14 @@ impl ClusterApi {
     }
 }
 
-/// Whether `GET http://127.0.0.1:port/path` answers 200.
-fn http_ok(port: u16, path: &str) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .is_err()
-    {
-        return false;
-    }
-    let mut buf = [0u8; 12];
-    s.read_exact(&mut buf).is_ok() && buf.ends_with(b"200")
+/// Whether `GET http://127.0.0.1:port/path` answers 200, asked where the control plane
+/// runs (curl, so it works inside a namespace too).
+fn http_ok(cp: &ControlPlane, port: u16, path: &str) -> bool {
+    cp.command("curl")
+        .args(["-sf", "-m", "2", "-o", "/dev/null"])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn tail(path: &Path) -> String {

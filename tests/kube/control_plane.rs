@@ -5,6 +5,8 @@
 //! keys, lets kube-apiserver make its own serving certificate, authenticates an admin by
 //! a static token, turns RBAC on, waits for `/readyz` and writes a kubeconfig. It can stop
 //! and restart the apiserver (same etcd, same ports), and stops everything on drop.
+//! `ControlPlane::start_in(netns)` runs it all inside a network namespace instead (the
+//! netboot lab's), where the appliance under test lives.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -42,9 +44,23 @@ pub fn bin_dir() -> &'static Path {
     })
 }
 
+/// `program`, run inside network namespace `netns` when there is one.
+pub fn command_in(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 pub struct ControlPlane {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// The network namespace everything runs in (`None`: the host's loopback).
+    pub netns: Option<String>,
     etcd: Option<Child>,
     apiserver: Option<Child>,
 }
@@ -52,6 +68,11 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// etcd and kube-apiserver, ready.
     pub fn start() -> ControlPlane {
+        Self::start_in(None)
+    }
+
+    /// etcd and kube-apiserver inside network namespace `netns` (on its loopback), ready.
+    pub fn start_in(netns: Option<&str>) -> ControlPlane {
         let bin = bin_dir();
         for b in ["etcd", "kube-apiserver", "kubectl"] {
             assert!(
@@ -87,7 +108,7 @@ impl ControlPlane {
         )
         .expect("token file");
         let (client, peer) = (free_port(), free_port());
-        let etcd = Command::new(bin.join("etcd"))
+        let etcd = command_in(netns, bin.join("etcd"))
             .args(["--name", "default", "--unsafe-no-fsync"])
             .arg(format!("--data-dir={}", d.join("etcd").display()))
             .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
@@ -104,6 +125,7 @@ impl ControlPlane {
         std::fs::write(d.join("etcd.port"), client.to_string()).expect("etcd port");
         let mut cp = ControlPlane {
             port: free_port(),
+            netns: netns.map(String::from),
             dir,
             etcd: Some(etcd),
             apiserver: None,
@@ -116,7 +138,8 @@ impl ControlPlane {
     fn start_apiserver(&mut self) {
         let d = self.dir.path();
         let etcd_port = std::fs::read_to_string(d.join("etcd.port")).expect("etcd port");
-        let child = Command::new(bin_dir().join("kube-apiserver"))
+        let child = self
+            .command(bin_dir().join("kube-apiserver"))
             .arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
             .arg(format!("--secure-port={}", self.port))
             .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
@@ -207,13 +230,18 @@ impl ControlPlane {
         path
     }
 
+    /// `program`, where the control plane runs.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        command_in(self.netns.as_deref(), program)
+    }
+
     /// The admin's kubeconfig.
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.path().join("admin.kubeconfig")
     }
 
     pub fn kubectl_output(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin_dir().join("kubectl"))
+        self.command(bin_dir().join("kubectl"))
             .arg(format!("--kubeconfig={}", self.kubeconfig().display()))
             .args(args)
             .output()
@@ -244,7 +272,8 @@ impl ControlPlane {
     /// kubectl with `stdin` as input.
     pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> std::process::Output {
         use std::io::Write;
-        let mut child = Command::new(bin_dir().join("kubectl"))
+        let mut child = self
+            .command(bin_dir().join("kubectl"))
             .arg(format!("--kubeconfig={}", self.kubeconfig().display()))
             .args(args)
             .stdin(Stdio::piped())

@@ -23,11 +23,15 @@ const SITE_IP: &str = "10.77.0.1";
 /// How long one machine may take to do what a test waits for (TCG is slow, CI slower);
 /// `ARGES_BOOT_DEADLINE_SECS` changes it.
 fn boot_deadline() -> Duration {
-    let secs = std::env::var("ARGES_BOOT_DEADLINE_SECS")
+    Duration::from_secs(boot_deadline_secs())
+}
+
+/// [`boot_deadline`] in seconds.
+pub fn boot_deadline_secs() -> u64 {
+    std::env::var("ARGES_BOOT_DEADLINE_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
-    Duration::from_secs(secs)
+        .unwrap_or(300)
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -114,7 +118,8 @@ pub struct Lab {
 }
 
 impl Lab {
-    fn lan(&self) -> String {
+    /// The namespace of the LAN (the appliance, the bridge, the machines).
+    pub fn lan(&self) -> String {
         format!("{}-lan", self.name)
     }
     fn site(&self) -> String {
@@ -123,8 +128,14 @@ impl Lab {
 
     /// Builds the namespaces and starts dnsmasq and the appliance with `extra` config.
     pub fn start(tag: &str, extra_config: &str) -> Lab {
+        let mut lab = Self::prepare(tag);
+        lab.start_appliance(extra_config);
+        lab
+    }
+
+    /// Builds the namespaces and starts dnsmasq; the appliance is not started yet.
+    pub fn prepare(tag: &str) -> Lab {
         require_peers();
-        let discovery = discovery_dir();
         let name = format!("arges{}{tag}", std::process::id() % 100_000);
         let lab = Lab {
             name,
@@ -186,7 +197,6 @@ impl Lab {
         nsip(&site, &["link", "set", "eth0", "up"]);
         let mut lab = lab;
         lab.start_dnsmasq();
-        lab.start_appliance(discovery, extra_config);
         lab
     }
 
@@ -217,7 +227,9 @@ impl Lab {
         self.dnsmasq = Some(child);
     }
 
-    fn start_appliance(&mut self, discovery: &Path, extra: &str) {
+    /// Starts the appliance in the LAN with the lab's config plus `extra`.
+    pub fn start_appliance(&mut self, extra: &str) {
+        let discovery = discovery_dir();
         let d = self.dir.path();
         std::fs::create_dir_all(d.join("tftp")).expect("tftp root");
         let kernel = discovery.join("vmlinuz");
@@ -346,8 +358,25 @@ cmdline = "console=ttyS0,115200 arges.mode=install arges.marker=install-{{{{ ser
     /// Powers on a machine; returns its index for [`Lab::wait_exit`].
     pub fn boot(&mut self, m: &Machine) -> usize {
         let d = self.dir.path();
+        let _ = std::fs::remove_file(d.join(&m.serial_log));
+        let args = self.qemu_args(m);
+        let child = in_ns(&self.lan(), "qemu-system-x86_64")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(d.join(format!("{}.qemu.log", m.serial_log))).expect("log"),
+            )
+            .spawn()
+            .expect("start QEMU");
+        self.machines.push(child);
+        self.machines.len() - 1
+    }
+
+    /// QEMU's arguments for `m` (its serial console appends to the machine's log).
+    pub fn qemu_args(&self, m: &Machine) -> Vec<String> {
+        let d = self.dir.path();
         let serial = d.join(&m.serial_log);
-        let _ = std::fs::remove_file(&serial);
         let mut args: Vec<String> = vec![
             "-machine".into(),
             "q35,accel=tcg".into(),
@@ -363,8 +392,11 @@ cmdline = "console=ttyS0,115200 arges.mode=install arges.marker=install-{{{{ ser
             "none".into(),
             "-monitor".into(),
             "none".into(),
+            // Appended to, so a machine powered on again by its BMC keeps one log.
+            "-chardev".into(),
+            format!("file,id=console,path={},append=on", serial.display()),
             "-serial".into(),
-            format!("file:{}", serial.display()),
+            "chardev:console".into(),
             "-no-reboot".into(),
             "-netdev".into(),
             "tap,id=n0,ifname=tap0,script=no,downscript=no".into(),
@@ -412,17 +444,7 @@ cmdline = "console=ttyS0,115200 arges.mode=install arges.marker=install-{{{{ ser
                 }
             }
         }
-        let child = in_ns(&self.lan(), "qemu-system-x86_64")
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::File::create(d.join(format!("{}.qemu.log", m.serial_log))).expect("log"),
-            )
-            .spawn()
-            .expect("start QEMU");
-        self.machines.push(child);
-        self.machines.len() - 1
+        args
     }
 
     /// Waits until machine `i` powers off (QEMU exits), or the deadline.

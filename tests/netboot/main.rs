@@ -1,11 +1,25 @@
 //! End to end with real firmware: QEMU machines power on in a network namespace, with a
 //! site DHCP server that only leases addresses and Arges answering proxyDHCP, TFTP and
-//! HTTP, and go from power-on to a registered Server.
+//! HTTP, and go from power-on to a registered Server; and (`cluster.rs`) from a bare
+//! machine behind a BMC to a Cluster API machine.
 //!
 //! These need root, QEMU and a few Debian packages, and take a minute or two each under
 //! TCG, so `cargo test` leaves them out (ignored); `tests/run-all.sh` runs them, and when
 //! a peer is missing they fail with the reason.
 
+mod cluster;
+#[allow(dead_code)]
+#[path = "../kube/cluster_api.rs"]
+mod cluster_api;
+#[allow(dead_code)]
+#[path = "../kube/control_plane.rs"]
+mod control_plane;
+#[allow(dead_code)]
+#[path = "../all/harness.rs"]
+mod harness;
+#[allow(dead_code)]
+#[path = "../all/ipmi_sim.rs"]
+mod ipmi_sim;
 mod lab;
 
 use lab::{Firmware, Lab, Machine};
