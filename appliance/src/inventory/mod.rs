@@ -609,4 +609,60 @@ mod tests {
             Err(InventoryError::NotFound(_))
         ));
     }
+
+    fn claim(uid: &str) -> Claim {
+        Claim {
+            machine: format!("ns/{uid}"),
+            uid: uid.into(),
+            cluster: Some("c".into()),
+            claimed_at: 1,
+            powered_at: None,
+            config_served_at: None,
+            installed_at: None,
+            installed_by: None,
+        }
+    }
+
+    #[test]
+    fn one_machine_holds_a_server_until_it_is_released_and_wiped() {
+        let dir = tempfile::tempdir().unwrap();
+        let inv = Inventory::open(&dir.path().join("i.redb")).unwrap();
+        inv.register(&req(&["52:54:00:00:00:01"]), U).unwrap();
+        let s = inv.claim(U, claim("a"), b"config-a").unwrap();
+        assert!(s.has_config && s.provisioning.dirty);
+        assert_eq!(inv.config(U).unwrap().unwrap(), b"config-a");
+        // Another machine is refused; the holder claiming again keeps its progress.
+        assert!(matches!(
+            inv.claim(U, claim("b"), b"config-b"),
+            Err(InventoryError::Conflict(_))
+        ));
+        inv.update(U, |s| {
+            s.provisioning.claim.as_mut().unwrap().powered_at = Some(5)
+        })
+        .unwrap();
+        let s = inv.claim(U, claim("a"), b"config-a2").unwrap();
+        assert_eq!(s.provisioning.claim.unwrap().powered_at, Some(5));
+        assert_eq!(inv.config(U).unwrap().unwrap(), b"config-a2");
+        // Only the holder releases; a release to wipe leaves it dirty and unclaimable.
+        assert!(matches!(
+            inv.release(U, Some("b"), true),
+            Err(InventoryError::Conflict(_))
+        ));
+        let (s, released) = inv.release(U, Some("a"), true).unwrap();
+        assert!(released && s.provisioning.claim.is_none() && !s.has_config);
+        assert!(s.provisioning.dirty && s.provisioning.wipe_requested_at.is_some());
+        assert!(inv.config(U).unwrap().is_none());
+        let (_, again) = inv.release(U, Some("a"), true).unwrap();
+        assert!(!again, "a second release does nothing");
+        assert!(matches!(
+            inv.claim(U, claim("c"), b"x"),
+            Err(InventoryError::Conflict(_))
+        ));
+        // Released without a wipe: free at once.
+        inv.update(U, |s| s.provisioning = Default::default())
+            .unwrap();
+        inv.claim(U, claim("d"), b"x").unwrap();
+        let (s, _) = inv.release(U, None, false).unwrap();
+        assert!(s.provisioning.is_free());
+    }
 }

@@ -150,3 +150,50 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
     let _ = clusters.await;
     let _ = machines.await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_while_its_status_stays() {
+        let mut c = Vec::new();
+        assert!(set_condition(
+            &mut c,
+            "Ready",
+            false,
+            "Waiting",
+            "a",
+            Some(1)
+        ));
+        let since = c[0].last_transition_time.clone();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(
+            set_condition(&mut c, "Ready", false, "NoBMC", "b", Some(2)),
+            "a new reason is a change"
+        );
+        assert_eq!(c[0].last_transition_time, since, "same status, same time");
+        assert_eq!(
+            (c[0].reason.as_str(), c[0].message.as_str()),
+            ("NoBMC", "b")
+        );
+        assert!(!set_condition(
+            &mut c,
+            "Ready",
+            false,
+            "NoBMC",
+            "c",
+            Some(2)
+        ));
+        assert!(set_condition(
+            &mut c,
+            "Ready",
+            true,
+            "Provisioned",
+            "d",
+            Some(2)
+        ));
+        assert_ne!(c[0].last_transition_time, since, "a new status, a new time");
+        assert_eq!(c.len(), 1);
+    }
+}
