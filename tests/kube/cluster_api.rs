@@ -178,6 +178,18 @@ impl ClusterApi {
     }
 }
 
+/// The bootstrap data of Machine `machine` in `ns`: its data Secret's `value`.
+pub fn bootstrap_data(cp: &ControlPlane, ns: &str, machine: &str) -> Vec<u8> {
+    let secret = cp.field(
+        &["machine", machine, "-n", ns],
+        "{.spec.bootstrap.dataSecretName}",
+    );
+    let value = cp.field(&["secret", &secret, "-n", ns], "{.data.value}");
+    base64::engine::general_purpose::STANDARD
+        .decode(value.trim())
+        .expect("base64 in the Secret")
+}
+
 /// Whether `GET http://127.0.0.1:port/path` answers 200, asked where the control plane
 /// runs (curl, so it works inside a namespace too).
 fn http_ok(cp: &ControlPlane, port: u16, path: &str) -> bool {

@@ -235,6 +235,20 @@ impl ControlPlane {
         command_in(self.netns.as_deref(), program)
     }
 
+    /// A kubeconfig of the shipped RBAC's service account (`arges` in `arges-system`,
+    /// from `deploy/rbac/rbac.yaml`, applied by the caller).
+    pub fn service_account_kubeconfig(&self) -> PathBuf {
+        let token = self.kubectl(&[
+            "create",
+            "token",
+            "arges",
+            "-n",
+            "arges-system",
+            "--duration=2h",
+        ]);
+        self.write_kubeconfig("sa.kubeconfig", token.trim())
+    }
+
     /// The admin's kubeconfig.
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.path().join("admin.kubeconfig")
@@ -326,16 +340,25 @@ impl Drop for ControlPlane {
 }
 
 /// Polls `f` every 200 ms until it returns `Some`, for at most `secs`.
-pub fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn eventually<T>(secs: u64, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    within(secs, what, f, String::new)
+}
+
+/// Like [`eventually`], and on timeout the panic shows `state()` (objects, logs).
+pub fn within<T>(
+    secs: u64,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+    state: impl Fn() -> String,
+) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "{what}: not within {secs} s"
-        );
+        if start.elapsed() > Duration::from_secs(secs) {
+            panic!("{what}: not within {secs} s\n{}", state());
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }

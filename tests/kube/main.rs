@@ -32,6 +32,15 @@ fn appliance(kubeconfig: &std::path::Path, identity: &str) -> Appliance {
     Appliance::start_in(dir, &["--kubeconfig", &kubeconfig.display().to_string()])
 }
 
+/// Puts the generic IPMI driver, as plugins/build.sh (run before these tests) left it,
+/// into the plugins folder of the appliance prepared in `dir`.
+fn with_ipmi_driver(dir: &std::path::Path) {
+    let ipmi = concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/out/ipmi.wasm");
+    std::fs::create_dir_all(dir.join("data/plugins")).unwrap();
+    std::fs::copy(ipmi, dir.join("data/plugins/ipmi.wasm"))
+        .unwrap_or_else(|e| panic!("{ipmi}: {e} (run plugins/build.sh first)"));
+}
+
 /// The real agent registers the recorded machine `root` under `uuid`.
 fn register(a: &Appliance, root: &str, uuid: &str) {
     let out = Command::new(bin())
@@ -67,6 +76,18 @@ fn ensure_namespace(cp: &ControlPlane) {
     );
 }
 
+/// Accepts Server `uuid` into the `talos` environment with kubectl.
+fn accept(cp: &ControlPlane, uuid: &str) {
+    cp.kubectl(&[
+        "patch",
+        "server",
+        uuid,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"accepted":true,"environmentRef":{"name":"talos"}}}"#,
+    ]);
+}
+
 /// Accepts a Server into the `talos` environment with kubectl, and waits (at most `secs`)
 /// until the appliance's next boot script for it says so.
 fn accept_into_talos(
@@ -77,14 +98,7 @@ fn accept_into_talos(
     secs: u64,
     what: &str,
 ) {
-    cp.kubectl(&[
-        "patch",
-        "server",
-        uuid,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"accepted":true,"environmentRef":{"name":"talos"}}}"#,
-    ]);
+    accept(cp, uuid);
     eventually(secs, what, || {
         boot_script(a, uuid, mac)
             .contains("/env/talos/")
@@ -320,23 +334,11 @@ fn the_shipped_rbac_is_enough_and_no_more() {
     cp.apply_crds();
     let rbac = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac/rbac.yaml");
     cp.kubectl(&["apply", "-f", rbac]);
-    let token = cp.kubectl(&[
-        "create",
-        "token",
-        "arges",
-        "-n",
-        "arges-system",
-        "--duration=1h",
-    ]);
-    let kubeconfig = cp.write_kubeconfig("sa.kubeconfig", token.trim());
+    let kubeconfig = cp.service_account_kubeconfig();
     let dir = Appliance::prepare(
         "[kubernetes]\nidentity = \"rack-sa\"\nnamespace = \"arges-system\"\n[bmc]\npoll_ms = 200\n",
     );
-    // The generic IPMI driver, as plugins/build.sh (run before these tests) left it.
-    let ipmi = concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/out/ipmi.wasm");
-    std::fs::create_dir_all(dir.path().join("data/plugins")).unwrap();
-    std::fs::copy(ipmi, dir.path().join("data/plugins/ipmi.wasm"))
-        .unwrap_or_else(|e| panic!("{ipmi}: {e} (run plugins/build.sh first)"));
+    with_ipmi_driver(dir.path());
     let a = Appliance::start_in(dir, &["--kubeconfig", &kubeconfig.display().to_string()]);
     register(&a, "a", UUID_1);
     wait_for_server(&cp, UUID_1);

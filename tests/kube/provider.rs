@@ -7,10 +7,10 @@
 use std::time::Duration;
 
 use crate::cluster_api::ClusterApi;
-use crate::control_plane::{ControlPlane, eventually};
+use crate::control_plane::{ControlPlane, eventually, within};
 use crate::harness::{ADMIN_TOKEN, Appliance, REG_TOKEN};
 use crate::ipmi_sim::Bmc;
-use crate::{UUID_1, UUID_2, boot_script, ensure_namespace, register, wait_for_server};
+use crate::{UUID_1, UUID_2, accept, boot_script, ensure_namespace, register, wait_for_server};
 
 const NS: &str = "arges-examples";
 const MAC_1: &str = "b8:ca:3a:00:00:0a";
@@ -30,23 +30,27 @@ fn control_plane() -> (ControlPlane, ClusterApi) {
 /// An appliance in Kubernetes mode (identity `rack-1`) with the shipped IPMI driver,
 /// as the shipped service account: its RBAC must be enough for the provider.
 fn provider_appliance(cp: &ControlPlane, extra: &str) -> Appliance {
-    let token = cp.kubectl(&[
-        "create",
-        "token",
-        "arges",
-        "-n",
-        "arges-system",
-        "--duration=2h",
-    ]);
-    let kubeconfig = cp.write_kubeconfig("sa.kubeconfig", token.trim());
+    let kubeconfig = cp.service_account_kubeconfig();
     let dir = Appliance::prepare(&format!(
         "[kubernetes]\nidentity = \"rack-1\"\nnamespace = \"arges-system\"\n{extra}\n[bmc]\npoll_ms = 200\n"
     ));
-    let ipmi = concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/out/ipmi.wasm");
-    std::fs::create_dir_all(dir.path().join("data/plugins")).unwrap();
-    std::fs::copy(ipmi, dir.path().join("data/plugins/ipmi.wasm"))
-        .unwrap_or_else(|e| panic!("{ipmi}: {e} (run plugins/build.sh first)"));
+    crate::with_ipmi_driver(dir.path());
     Appliance::start_in(dir, &["--kubeconfig", &kubeconfig.display().to_string()])
+}
+
+/// `GET /configdata` (or with `done`, `POST /configdata/done`) for `uuid` with `token`.
+fn configdata(a: &Appliance, done: bool, uuid: &str, token: &str) -> (u16, Vec<u8>) {
+    let (method, path) = if done {
+        ("POST", "/configdata/done")
+    } else {
+        ("GET", "/configdata")
+    };
+    a.request(
+        method,
+        &format!("{path}?uuid={uuid}&token={token}"),
+        None,
+        b"",
+    )
 }
 
 fn apply(cp: &ControlPlane, yaml: &str) {
@@ -140,25 +144,6 @@ fn wipe_root(tree: &str, disks: &[&str]) -> tempfile::TempDir {
     root
 }
 
-/// Polls `f` every 300 ms for at most `secs`; on timeout panics with `state()`.
-fn within<T>(
-    secs: u64,
-    what: &str,
-    mut f: impl FnMut() -> Option<T>,
-    state: impl Fn() -> String,
-) -> T {
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if start.elapsed() > Duration::from_secs(secs) {
-            panic!("{what}: not within {secs} s\n{}", state());
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
 /// What the machines and servers look like, and the logs.
 fn pool_state(cp: &ControlPlane, a: &Appliance, capi: &ClusterApi) -> String {
     format!(
@@ -200,14 +185,7 @@ fn the_guide_s_cluster_is_provisioned_by_real_cluster_api_and_cabpt() {
     // Register, then accept into the Talos environment (the guide's `default` one).
     register(&a, "a", UUID_1);
     wait_for_server(&cp, UUID_1);
-    cp.kubectl(&[
-        "patch",
-        "server",
-        UUID_1,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"accepted":true,"environmentRef":{"name":"talos"}}}"#,
-    ]);
+    accept(&cp, UUID_1);
     let bmc = Bmc::start();
     bmc_secret(&cp, "controlplane-0-bmc", "password");
     apply(&cp, &guide_manifests(&cp, UUID_1, &bmc));
@@ -262,48 +240,22 @@ fn the_guide_s_cluster_is_provisioned_by_real_cluster_api_and_cabpt() {
     let script = boot_script(&a, UUID_1, MAC_1);
     assert!(script.contains("/env/talos/"), "{script}");
     let t = token(&script);
-    let (code, body) = a.request(
-        "GET",
-        &format!("/configdata?uuid={UUID_1}&token={t}"),
-        None,
-        b"",
-    );
+    let (code, body) = configdata(&a, false, UUID_1, &t);
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
     // What CABPT made of the TalosConfig (it normalises the YAML) is what is served.
-    let secret = cp.field(
-        &["machine", "controlplane-0", "-n", NS],
-        "{.spec.bootstrap.dataSecretName}",
-    );
-    let value = cp.field(&["secret", &secret, "-n", NS], "{.data.value}");
-    let value =
-        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, value.trim()).unwrap();
+    let value = crate::cluster_api::bootstrap_data(&cp, NS, "controlplane-0");
     assert_eq!(body, value, "the bootstrap data Secret's value");
     assert!(String::from_utf8_lossy(&body).contains("endpoint: https://10.0.0.10:6443"));
-    let (code, _) = a.request(
-        "GET",
-        &format!("/configdata?uuid={UUID_2}&token={t}"),
-        None,
-        b"",
-    );
+    let (code, _) = configdata(&a, false, UUID_2, &t);
     assert_eq!(code, 403, "another machine with this token");
-    let (code, _) = a.request(
-        "GET",
-        &format!("/configdata?uuid={UUID_1}&token=guess"),
-        None,
-        b"",
-    );
+    let (code, _) = configdata(&a, false, UUID_1, "guess");
     assert_eq!(code, 403, "a wrong token");
     eventually(30, "the Server shows the install in progress", || {
         (cp.field(&["server", UUID_1], "{.status.phase}") == "Installing").then_some(())
     });
 
     // The install environment reports; the machine boots its disk from now on.
-    let (code, body) = a.request(
-        "POST",
-        &format!("/configdata/done?uuid={UUID_1}&token={t}"),
-        None,
-        b"",
-    );
+    let (code, body) = configdata(&a, true, UUID_1, &t);
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
     eventually(30, "the MetalMachine says installed", || {
         (condition(&cp, &["metalmachine", "controlplane-0"], "Installed") == "True/InstallReported")
@@ -375,6 +327,21 @@ fn the_guide_s_cluster_is_provisioned_by_real_cluster_api_and_cabpt() {
     );
     let s: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(s["has_config"], false, "the bootstrap data is gone: {s}");
+}
+
+/// The Secret `bmc` (admin/password) Servers' `spec.bmc` names, in the appliance's
+/// namespace.
+fn server_bmc_secret(cp: &ControlPlane) {
+    cp.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "bmc",
+        "-n",
+        "arges-system",
+        "--from-literal=user=admin",
+        "--from-literal=pass=password",
+    ]);
 }
 
 /// Registers machine `i` (a QEMU machine with one disk) over the API; its UUID.
@@ -499,16 +466,7 @@ fn server_claims(cp: &ControlPlane) -> Vec<(String, String, String)> {
 fn machines_of_a_class_never_share_a_server_and_freed_servers_are_reused() {
     let (cp, capi) = control_plane();
     let a = provider_appliance(&cp, "release = \"power-off\"");
-    cp.kubectl(&[
-        "create",
-        "secret",
-        "generic",
-        "bmc",
-        "-n",
-        "arges-system",
-        "--from-literal=user=admin",
-        "--from-literal=pass=password",
-    ]);
+    server_bmc_secret(&cp);
     let bmcs: Vec<Bmc> = (0..6).map(|_| Bmc::start()).collect();
     let uuids: Vec<String> = (1..=6).map(|i| register_machine(&a, i)).collect();
     for (uuid, bmc) in uuids.iter().zip(&bmcs) {
@@ -640,14 +598,7 @@ fn failures_say_why_and_provisioning_recovers_across_restarts() {
     register(&a, "b", UUID_2);
     for uuid in [UUID_1, UUID_2] {
         wait_for_server(&cp, uuid);
-        cp.kubectl(&[
-            "patch",
-            "server",
-            uuid,
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"accepted":true,"environmentRef":{"name":"talos"}}}"#,
-        ]);
+        accept(&cp, uuid);
     }
     let bmc = Bmc::start();
 
@@ -723,16 +674,7 @@ fn failures_say_why_and_provisioning_recovers_across_restarts() {
     std::thread::sleep(Duration::from_secs(3));
     cp.restart_apiserver();
     let bmc_2 = Bmc::start();
-    cp.kubectl(&[
-        "create",
-        "secret",
-        "generic",
-        "bmc",
-        "-n",
-        "arges-system",
-        "--from-literal=user=admin",
-        "--from-literal=pass=password",
-    ]);
+    server_bmc_secret(&cp);
     let patch = format!(
         r#"{{"spec":{{"bmc":{{"endpoint":"ipmi://{}","credentialsSecretRef":{{"name":"bmc"}}}}}}}}"#,
         bmc_2.addr

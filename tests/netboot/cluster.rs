@@ -9,13 +9,11 @@
 //! Another machine asking for that configuration is refused, and the next boot is the
 //! machine's disk.
 
-use std::time::{Duration, Instant};
-
 use serde_json::Value;
 use sha2::Digest;
 
 use crate::cluster_api::ClusterApi;
-use crate::control_plane::ControlPlane;
+use crate::control_plane::{ControlPlane, within as wait};
 use crate::ipmi_sim::{Bmc, GENERIC};
 use crate::lab::{self, APPLIANCE_IP, Firmware, Lab, Machine, discovery_dir};
 
@@ -76,24 +74,6 @@ fn wire_vm(lab: &Lab, m: &Machine, bmc: &Bmc) {
             format!("exec qemu-system-x86_64 {}\n", a.join(" ")),
         )
         .unwrap();
-    }
-}
-
-fn wait<T>(
-    secs: u64,
-    what: &str,
-    mut f: impl FnMut() -> Option<T>,
-    state: impl Fn() -> String,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if start.elapsed() > Duration::from_secs(secs) {
-            panic!("{what}: not within {secs} s\n{}", state());
-        }
-        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -269,13 +249,7 @@ spec:
         state,
     );
     // What the machine fetched is the Machine's bootstrap data.
-    let secret = cp.field(
-        &["machine", "controlplane-0", "-n", NS],
-        "{.spec.bootstrap.dataSecretName}",
-    );
-    let value = cp.field(&["secret", &secret, "-n", NS], "{.data.value}");
-    let value =
-        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, value.trim()).unwrap();
+    let value = crate::cluster_api::bootstrap_data(&cp, NS, "controlplane-0");
     let serial = lab.serial(&m);
     assert!(
         serial.contains(&format!(

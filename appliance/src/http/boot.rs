@@ -55,16 +55,21 @@ pub async fn boot_script(
     }
 }
 
+/// The machine a `/configdata` request speaks for (`uuid`) and its proof (`token`);
+/// `None` without a uuid.
+fn machine_proof(req: &Request<Incoming>) -> Option<(String, Option<String>)> {
+    Some((query_param(req, "uuid")?, query_param(req, "token")))
+}
+
 /// `GET /configdata?uuid=&token=`
 pub async fn configdata(
     ctx: &HttpContext,
     peer: SocketAddr,
     req: &Request<Incoming>,
 ) -> Response<Body> {
-    let Some(uuid) = query_param(req, "uuid") else {
+    let Some((uuid, token)) = machine_proof(req) else {
         return text(StatusCode::BAD_REQUEST, "uuid is required");
     };
-    let token = query_param(req, "token");
     match ctx
         .core
         .config_for(&uuid, token.as_deref(), peer.ip())
@@ -85,10 +90,9 @@ pub async fn configdata_done(
     peer: SocketAddr,
     req: &Request<Incoming>,
 ) -> Response<Body> {
-    let Some(uuid) = query_param(req, "uuid") else {
+    let Some((uuid, token)) = machine_proof(req) else {
         return text(StatusCode::BAD_REQUEST, "uuid is required");
     };
-    let token = query_param(req, "token");
     match ctx
         .core
         .report_installed(&uuid, token.as_deref(), peer.ip())
