@@ -210,6 +210,7 @@ spec:
         uuid = m.uuid,
         bmc = bmc.addr,
     );
+    let applied = std::time::Instant::now();
     let out = cp.kubectl_stdin(&["apply", "-f", "-"], &manifests);
     assert!(
         out.status.success(),
@@ -228,6 +229,10 @@ spec:
                 .then_some(())
         },
         state,
+    );
+    eprintln!(
+        "cluster manifests applied to the install environment's report: {:.1} s",
+        applied.elapsed().as_secs_f64()
     );
     let requests = bmc.requests();
     let second_boot = &requests[requests.find("power 0").unwrap_or(0)..];
@@ -248,6 +253,12 @@ spec:
         },
         state,
     );
+    // Its addresses are the ones its NICs held when it registered (the site's lease).
+    let addresses = cp.field(
+        &["metalmachine", "controlplane-0", "-n", NS],
+        "{range .status.addresses[*]}{.type}={.address} {end}",
+    );
+    assert!(addresses.contains("InternalIP=10.77.0.1"), "{addresses}");
     // What the machine fetched is the Machine's bootstrap data.
     let value = crate::cluster_api::bootstrap_data(&cp, NS, "controlplane-0");
     let serial = lab.serial(&m);

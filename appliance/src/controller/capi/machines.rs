@@ -203,6 +203,10 @@ async fn reconcile(mm: Arc<MetalMachine>, ctx: Arc<Context>) -> Result<Action, R
                 .claim
                 .as_ref()
                 .and_then(|c| c.installed_by.clone());
+            let ready = match installed {
+                Some(_) => format!("server {server} is installed"),
+                None => format!("server {server} is powered and booting its install environment"),
+            };
             match installed {
                 Some(how) => report.step(
                     "Installed",
@@ -223,13 +227,7 @@ async fn reconcile(mm: Arc<MetalMachine>, ctx: Arc<Context>) -> Result<Action, R
                     false,
                 ),
             }
-            report.step(
-                "Ready",
-                true,
-                "Provisioned",
-                &format!("server {server} is powered and booting its install environment"),
-                false,
-            );
+            report.step("Ready", true, "Provisioned", &ready, false);
             write_status(&api, &mm, &report, true, addresses(&s)).await?;
             count(&ctx, KIND, "ok");
             Action::await_change()
@@ -242,8 +240,10 @@ async fn reconcile(mm: Arc<MetalMachine>, ctx: Arc<Context>) -> Result<Action, R
                 .as_ref()
                 .and_then(|s| s.initialization.as_ref())
                 .is_some_and(|i| i.provisioned);
+            let before = report.events.len();
             report.step("Ready", false, b.reason, &b.message, b.warning);
-            if b.warning {
+            // Said once per reason; the retries that follow are quiet.
+            if b.warning && report.events.len() > before {
                 tracing::warn!(metalmachine = %mm.name_any(), reason = b.reason, message = %b.message, "MetalMachine blocked");
             }
             let kept = mm
