@@ -88,6 +88,18 @@ pub struct ServerSpec {
     /// The Environment the machine boots once accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment_ref: Option<LocalRef>,
+    /// What the machine does when its MetalMachine gives it back: `Wipe` (boot the wipe
+    /// environment; free once it reports) or `PowerOff` (free at once). Unset: the
+    /// appliance's `[kubernetes] release`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleasePolicy>,
+}
+
+/// A Server's `spec.release`.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+pub enum ReleasePolicy {
+    Wipe,
+    PowerOff,
 }
 
 /// Hardware facts as the discovery agent reported them.

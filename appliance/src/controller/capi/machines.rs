@@ -45,8 +45,8 @@ use super::{
 };
 use crate::bmc::{BootDevice, BootSetting, PowerAction, PowerState};
 use crate::controller::resources::{
-    APPLIANCE_LABEL, MetalMachine, ObjectRef as SpecRef, Server as ServerResource, ServerClaim,
-    ServerClass,
+    APPLIANCE_LABEL, MetalMachine, ObjectRef as SpecRef, ReleasePolicy, Server as ServerResource,
+    ServerClaim, ServerClass,
 };
 use crate::controller::servers::{BmcProblem, addresses, bmc_with_credentials};
 use crate::controller::{Context, server_classes};
@@ -859,7 +859,10 @@ async fn release_server(
 ) -> Result<(), ReconcileError> {
     let id = inventory_id(s);
     let name = s.name_any();
-    let wipe = ctx.wipe_on_release;
+    let wipe = s
+        .spec
+        .release
+        .map_or(ctx.wipe_on_release, |r| r == ReleasePolicy::Wipe);
     match ctx.core.release_server(&id, Some(uid), wipe).await {
         Ok(_) | Err(CoreError::Inventory(InventoryError::NotFound(_))) => {}
         Err(e) => return Err(e.into()),
