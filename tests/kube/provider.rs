@@ -500,6 +500,7 @@ fn machines_of_a_class_never_share_a_server_and_freed_servers_are_reused() {
     });
 
     // Nine machines at once for six servers.
+    let applied = std::time::Instant::now();
     apply(&cp, &pool_manifests(9));
     let settled = within(
         180,
@@ -511,6 +512,10 @@ fn machines_of_a_class_never_share_a_server_and_freed_servers_are_reused() {
             (mms.len() == 9 && ready == 6 && waiting == 3).then_some(mms)
         },
         || pool_state(&cp, &a, &capi),
+    );
+    eprintln!(
+        "nine MachineDeployment machines for six servers: settled (six claimed, powered, ready) in {:.1} s",
+        applied.elapsed().as_secs_f64()
     );
     let mut ids: Vec<&String> = settled
         .iter()
