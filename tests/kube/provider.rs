@@ -30,9 +30,14 @@ fn control_plane() -> (ControlPlane, ClusterApi) {
 /// An appliance in Kubernetes mode (identity `rack-1`) with the shipped IPMI driver,
 /// as the shipped service account: its RBAC must be enough for the provider.
 fn provider_appliance(cp: &ControlPlane, extra: &str) -> Appliance {
+    provider_appliance_as(cp, "rack-1", extra)
+}
+
+/// [`provider_appliance`] with another identity.
+fn provider_appliance_as(cp: &ControlPlane, identity: &str, extra: &str) -> Appliance {
     let kubeconfig = cp.service_account_kubeconfig();
     let dir = Appliance::prepare(&format!(
-        "[kubernetes]\nidentity = \"rack-1\"\nnamespace = \"arges-system\"\n{extra}\n[bmc]\npoll_ms = 200\n"
+        "[kubernetes]\nidentity = \"{identity}\"\nnamespace = \"arges-system\"\n{extra}\n[bmc]\npoll_ms = 200\n"
     ));
     crate::with_ipmi_driver(dir.path());
     Appliance::start_in(dir, &["--kubeconfig", &kubeconfig.display().to_string()])
@@ -747,4 +752,65 @@ fn failures_say_why_and_provisioning_recovers_across_restarts() {
             "each server released once: {m}"
         );
     }
+}
+
+#[test]
+#[ignore = "real kube-apiserver and Cluster API (built from Go modules); tests/run-all.sh runs it"]
+fn two_appliances_claiming_for_one_class_bind_each_machine_once() {
+    let (cp, capi) = control_plane();
+    let racks = [
+        provider_appliance_as(&cp, "rack-a", "release = \"power-off\""),
+        provider_appliance_as(&cp, "rack-b", "release = \"power-off\""),
+    ];
+    server_bmc_secret(&cp);
+    let bmcs: Vec<Bmc> = (0..4).map(|_| Bmc::start()).collect();
+    // Two servers in each rack, all of one class.
+    for (i, bmc) in (1..=4).zip(&bmcs) {
+        let uuid = register_machine(&racks[(i as usize - 1) / 2], i);
+        wait_for_server(&cp, &uuid);
+        accept_with_bmc(&cp, &uuid, bmc);
+    }
+    apply(
+        &cp,
+        "apiVersion: metal.arges.dev/v1alpha1\nkind: ServerClass\nmetadata:\n  name: qemu\nspec:\n  qualifiers:\n    vendors: [QEMU]\n",
+    );
+    eventually(60, "the class counts four free servers", || {
+        (cp.field(&["serverclass", "qemu"], "{.status.available}") == "4").then_some(())
+    });
+    // Both leaders race for every machine; each machine ends on one server, and no
+    // server stays claimed for a machine bound elsewhere.
+    apply(&cp, &pool_manifests(3));
+    within(
+        120,
+        "three machines ready, each on its own server, one server free",
+        || {
+            let mms = metal_machines(&cp);
+            let claims = server_claims(&cp);
+            let held: Vec<_> = claims.iter().filter(|c| !c.1.is_empty()).collect();
+            let consistent = held.iter().all(|(server, uid, _)| {
+                mms.iter()
+                    .any(|m| &m.3 == uid && m.2 == format!("arges://{server}"))
+            });
+            (mms.len() == 3
+                && mms.iter().all(|m| m.1 == "True/Provisioned")
+                && held.len() == 3
+                && consistent)
+                .then_some(())
+        },
+        || {
+            format!(
+                "{}\n--- rack-a ---\n{}\n--- rack-b ---\n{}",
+                pool_state(&cp, &racks[0], &capi),
+                racks[0].log(),
+                racks[1].log()
+            )
+        },
+    );
+    let on = bmcs.iter().filter(|b| b.ipmitool_says_on()).count();
+    assert_eq!(on, 3, "exactly the three claimed machines were powered on");
+    let given_back: usize = racks
+        .iter()
+        .map(|r| r.log().matches("machine bound elsewhere; releasing").count())
+        .sum();
+    eprintln!("claims given back after losing a bind race: {given_back}");
 }

@@ -19,8 +19,9 @@
 //!
 //! Deleting releases the Server before the finalizer goes: the claim and configuration
 //! are dropped, the machine is wiped (next boot PXE into the wipe environment, power
-//! cycle) or powered off, as `[cluster_api] release` says, and only then is the Server's
-//! claim cleared. A sweep releases servers whose machine is gone without a word.
+//! cycle) or powered off, as the Server's `spec.release` (else `[kubernetes] release`)
+//! says, and only then is the Server's claim cleared. A sweep releases servers whose
+//! machine is gone without a word, or bound to another server.
 //!
 //! Every step that waits or fails sets the `Ready` condition's reason, with an event
 //! when the reason changes.
@@ -924,7 +925,8 @@ async fn release_server(
 }
 
 /// Releases servers whose claim names a MetalMachine that is gone (deleted with its
-/// finalizer removed by hand, or recreated under the same name).
+/// finalizer removed by hand, or recreated under the same name) or that was bound to
+/// another server (another appliance bound it first, and giving this one back failed).
 async fn sweep(ctx: Arc<Context>, cancel: CancellationToken) {
     let servers: Api<ServerResource> = Api::all(ctx.client.clone());
     let mut tick = tokio::time::interval(SWEEP_EVERY);
@@ -946,9 +948,16 @@ async fn sweep(ctx: Arc<Context>, cancel: CancellationToken) {
             };
             let api: Api<MetalMachine> = Api::namespaced(ctx.client.clone(), ns);
             match api.get_opt(name).await {
-                Ok(Some(mm)) if mm.uid().as_deref() == Some(c.uid.as_str()) => {}
+                // Still its machine: unbound yet (between claim and bind), or bound to it.
+                Ok(Some(mm))
+                    if mm.uid().as_deref() == Some(c.uid.as_str())
+                        && mm
+                            .spec
+                            .server_ref
+                            .as_ref()
+                            .is_none_or(|r| r.name == s.name_any()) => {}
                 Ok(_) => {
-                    tracing::warn!(server = %s.name_any(), machine = %c.machine, "the machine holding this server is gone; releasing it");
+                    tracing::warn!(server = %s.name_any(), machine = %c.machine, "the machine holding this server is gone or bound to another; releasing it");
                     let uid = c.uid.clone();
                     if let Err(e) = release_server(&ctx, s, &uid, None).await {
                         tracing::warn!(server = %s.name_any(), error = %e, "cannot release an orphaned server");
