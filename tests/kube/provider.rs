@@ -810,7 +810,11 @@ fn two_appliances_claiming_for_one_class_bind_each_machine_once() {
     assert_eq!(on, 3, "exactly the three claimed machines were powered on");
     let given_back: usize = racks
         .iter()
-        .map(|r| r.log().matches("machine bound elsewhere; releasing").count())
+        .map(|r| {
+            r.log()
+                .matches("machine bound elsewhere; releasing")
+                .count()
+        })
         .sum();
     eprintln!("claims given back after losing a bind race: {given_back}");
 }
