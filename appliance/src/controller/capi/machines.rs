@@ -350,7 +350,6 @@ async fn provision(
         None => None,
     };
     if paused(mm, cluster.as_ref()) {
-        count(ctx, KIND, "paused");
         return Err(Blocked::waiting("Paused", "the cluster is paused").into());
     }
     let infrastructure = cluster.as_ref().is_some_and(|c| {
