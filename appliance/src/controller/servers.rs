@@ -279,7 +279,8 @@ fn desired(s: &ServerResource) -> DesiredState {
     }
 }
 
-fn inventory_id(s: &ServerResource) -> String {
+/// The inventory id of a Server: its annotation, else its name.
+pub fn inventory_id(s: &ServerResource) -> String {
     s.annotations()
         .get(ID_ANNOTATION)
         .cloned()

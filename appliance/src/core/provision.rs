@@ -53,16 +53,12 @@ impl Core {
             installed_at: None,
             installed_by: None,
         };
-        let before = self.server(id).await?;
-        let s = blocking(move || Ok(inv.claim(&key, claim, &config)?))
+        let (s, fresh) = blocking(move || Ok(inv.claim(&key, claim, &config)?))
             .await
             .inspect_err(|e| self.step("claim", e.kind()))?;
-        let fresh = before.provisioning.claim.as_ref().map(|c| &c.uid) != Some(&req.uid);
         if fresh {
             self.step("claim", "ok");
             tracing::info!(id = %s.id, machine = %req.machine, cluster = req.cluster.as_deref(), "server claimed");
-        }
-        if fresh || !before.has_config {
             self.changed(&s.id);
         }
         Ok(s)

@@ -350,8 +350,10 @@ impl Inventory {
     /// Claims a server for a machine and stages its configuration, in one transaction:
     /// refused when another machine holds it or it waits for a wipe. The same machine
     /// claiming again only refreshes the configuration (its install progress is kept).
-    pub fn claim(&self, id: &str, claim: Claim, blob: &[u8]) -> Result<Server> {
-        self.edit(id, |txn, s| {
+    /// The flag says the claim is new.
+    pub fn claim(&self, id: &str, claim: Claim, blob: &[u8]) -> Result<(Server, bool)> {
+        let mut fresh = false;
+        let s = self.edit(id, |txn, s| {
             let p = &mut s.provisioning;
             match &p.claim {
                 Some(held) if held.uid == claim.uid => {}
@@ -370,12 +372,14 @@ impl Inventory {
                     p.claim = Some(claim);
                     p.dirty = true;
                     p.wipe_requested_at = None;
+                    fresh = true;
                 }
             }
             txn.open_table(CONFIGS)?.insert(id, blob)?;
             s.has_config = true;
             Ok(())
-        })
+        })?;
+        Ok((s, fresh))
     }
 
     /// Releases the server from the machine `uid` (or from any machine, with `None`),
@@ -628,8 +632,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let inv = Inventory::open(&dir.path().join("i.redb")).unwrap();
         inv.register(&req(&["52:54:00:00:00:01"]), U).unwrap();
-        let s = inv.claim(U, claim("a"), b"config-a").unwrap();
-        assert!(s.has_config && s.provisioning.dirty);
+        let (s, fresh) = inv.claim(U, claim("a"), b"config-a").unwrap();
+        assert!(fresh && s.has_config && s.provisioning.dirty);
         assert_eq!(inv.config(U).unwrap().unwrap(), b"config-a");
         // Another machine is refused; the holder claiming again keeps its progress.
         assert!(matches!(
@@ -640,7 +644,8 @@ mod tests {
             s.provisioning.claim.as_mut().unwrap().powered_at = Some(5)
         })
         .unwrap();
-        let s = inv.claim(U, claim("a"), b"config-a2").unwrap();
+        let (s, fresh) = inv.claim(U, claim("a"), b"config-a2").unwrap();
+        assert!(!fresh, "the holder claiming again");
         assert_eq!(s.provisioning.claim.unwrap().powered_at, Some(5));
         assert_eq!(inv.config(U).unwrap().unwrap(), b"config-a2");
         // Only the holder releases; a release to wipe leaves it dirty and unclaimable.

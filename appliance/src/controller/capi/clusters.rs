@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use kube::api::{Patch, PatchParams};
+use kube::api::Patch;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    FIELD_MANAGER, RETRY, ReconcileError, capi_owner, count, get_cluster, paused, set_condition,
+    RETRY, ReconcileError, capi_owner, count, get_cluster, patch_params, paused, set_condition,
 };
 use crate::controller::Context;
 use crate::controller::resources::MetalCluster;
@@ -83,10 +83,7 @@ async fn reconcile(mc: Arc<MetalCluster>, ctx: Arc<Context>) -> Result<Action, R
             format!("the control plane answers at {}:{}", e.host, e.port),
         ),
     };
-    let pp = PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
+    let pp = patch_params();
     if ready && mc.spec.control_plane_endpoint != endpoint {
         api.patch(
             &name,

@@ -32,7 +32,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{DynamicObject, ListParams, Patch};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -41,7 +41,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    FIELD_MANAGER, FINALIZER, RETRY, ReconcileError, capi_owner, capi_resource, count, get_cluster,
+    FINALIZER, RETRY, ReconcileError, capi_owner, capi_resource, count, get_cluster, patch_params,
     paused, set_condition,
 };
 use crate::bmc::{BootDevice, BootSetting, PowerAction, PowerState};
@@ -49,7 +49,7 @@ use crate::controller::resources::{
     APPLIANCE_LABEL, MetalMachine, ObjectRef as SpecRef, ReleasePolicy, Server as ServerResource,
     ServerClaim, ServerClass,
 };
-use crate::controller::servers::{BmcProblem, addresses, bmc_with_credentials};
+use crate::controller::servers::{BmcProblem, addresses, bmc_with_credentials, inventory_id};
 use crate::controller::{Context, server_classes};
 use crate::core::{ClaimRequest, CoreError};
 use crate::inventory::InventoryError;
@@ -70,7 +70,7 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
         // the machine holding it hears of it.
         .watches(
             servers,
-            watcher::Config::default().labels(&format!("{APPLIANCE_LABEL}={}", ctx.identity)),
+            watcher::Config::default().labels(&own_servers_selector(&ctx)),
             |s: ServerResource| {
                 s.status
                     .and_then(|st| st.claim)
@@ -197,8 +197,8 @@ async fn reconcile(mm: Arc<MetalMachine>, ctx: Arc<Context>) -> Result<Action, R
     let mut report = Report::new(&mm);
     let outcome = provision(&mm, &api, &ctx, &mut report).await;
     let action = match outcome {
-        Ok(Progress::Done { server }) => {
-            let s = ctx.core.server(&server).await?;
+        Ok(Progress::Done(s)) => {
+            let server = &s.id;
             let installed = s
                 .provisioning
                 .claim
@@ -270,8 +270,8 @@ async fn reconcile(mm: Arc<MetalMachine>, ctx: Arc<Context>) -> Result<Action, R
 
 /// Where provisioning got to.
 enum Progress {
-    /// Claimed, staged, powered: `server` is the inventory id.
-    Done { server: String },
+    /// Claimed, staged, powered: the Server's inventory record as it now is.
+    Done(Box<crate::inventory::Server>),
     /// The machine's Server belongs to another appliance: its leader reconciles it.
     NotOurs,
 }
@@ -446,7 +446,7 @@ async fn provision(
             },
         });
         if let Err(e) = api
-            .patch(&mm.name_any(), &pp(), &Patch::Merge(&patch))
+            .patch(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
             .await
         {
             // Bound to another server meanwhile (another appliance was first): give
@@ -522,11 +522,12 @@ async fn provision(
         .claim
         .as_ref()
         .is_some_and(|c| c.uid == uid && c.powered_at.is_some());
-    if !powered {
-        power_into_install(ctx, &id, &name, &uid, report).await?;
-        ctx.core.mark_powered(&id, &uid).await?;
+    if powered {
+        return Ok(Progress::Done(Box::new(local)));
     }
-    Ok(Progress::Done { server: id })
+    power_into_install(ctx, &id, &name, &uid, report).await?;
+    let local = ctx.core.mark_powered(&id, &uid).await?;
+    Ok(Progress::Done(Box::new(local)))
 }
 
 /// Next boot PXE, then a power cycle, or a power-on when the machine is off.
@@ -596,22 +597,13 @@ fn power_reason(kind: &str) -> &'static str {
     }
 }
 
-fn pp() -> PatchParams {
-    PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    }
+/// The label selector of the Servers this appliance discovered.
+fn own_servers_selector(ctx: &Context) -> String {
+    format!("{APPLIANCE_LABEL}={}", ctx.identity)
 }
 
 fn ours(ctx: &Context, s: &ServerResource) -> bool {
     s.labels().get(APPLIANCE_LABEL) == Some(&ctx.identity)
-}
-
-fn inventory_id(s: &ServerResource) -> String {
-    s.annotations()
-        .get(crate::controller::servers::ID_ANNOTATION)
-        .cloned()
-        .unwrap_or_else(|| s.name_any())
 }
 
 fn claim_of(s: &ServerResource) -> Option<&ServerClaim> {
@@ -659,7 +651,7 @@ async fn take_claim(
         "status": {"inUse": true, "claim": claim},
     });
     servers
-        .patch_status(&s.name_any(), &pp(), &Patch::Merge(&patch))
+        .patch_status(&s.name_any(), &patch_params(), &Patch::Merge(&patch))
         .await
 }
 
@@ -695,7 +687,7 @@ async fn claim_from_class(
     };
     let servers: Api<ServerResource> = Api::all(ctx.client.clone());
     let mut all = servers
-        .list(&ListParams::default().labels(&format!("{APPLIANCE_LABEL}={}", ctx.identity)))
+        .list(&ListParams::default().labels(&own_servers_selector(ctx)))
         .await?
         .items;
     // A restart after claiming but before binding finds its own claim first.
@@ -758,7 +750,7 @@ async fn clear_claim(ctx: &Context, s: &ServerResource, dirty: bool) -> Result<(
         "status": {"inUse": false, "claim": null, "clean": !dirty},
     });
     servers
-        .patch_status(&s.name_any(), &pp(), &Patch::Merge(&patch))
+        .patch_status(&s.name_any(), &patch_params(), &Patch::Merge(&patch))
         .await?;
     Ok(())
 }
@@ -771,7 +763,7 @@ async fn ensure_finalizer(mm: &MetalMachine, api: &Api<MetalMachine>) -> Result<
     finalizers.push(FINALIZER.to_string());
     let patch =
         json!({"metadata": {"resourceVersion": mm.resource_version(), "finalizers": finalizers}});
-    api.patch(&mm.name_any(), &pp(), &Patch::Merge(&patch))
+    api.patch(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
         .await?;
     Ok(())
 }
@@ -789,7 +781,7 @@ async fn write_status(
         "addresses": addresses,
         "conditions": report.conditions,
     }});
-    api.patch_status(&mm.name_any(), &pp(), &Patch::Merge(&patch))
+    api.patch_status(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
         .await?;
     Ok(())
 }
@@ -798,7 +790,7 @@ async fn write_status(
 async fn write_status_best_effort(api: &Api<MetalMachine>, mm: &MetalMachine, report: &Report) {
     let patch = json!({"status": {"conditions": report.conditions}});
     if let Err(e) = api
-        .patch_status(&mm.name_any(), &pp(), &Patch::Merge(&patch))
+        .patch_status(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
         .await
     {
         tracing::debug!(metalmachine = %mm.name_any(), error = %e, "cannot write the conditions");
@@ -829,7 +821,7 @@ async fn delete(
         // Unbound: a claim taken just before a restart may still name this machine.
         let servers: Api<ServerResource> = Api::all(ctx.client.clone());
         let mine = servers
-            .list(&ListParams::default().labels(&format!("{APPLIANCE_LABEL}={}", ctx.identity)))
+            .list(&ListParams::default().labels(&own_servers_selector(ctx)))
             .await?;
         for s in mine
             .items
@@ -842,7 +834,7 @@ async fn delete(
     let finalizers: Vec<&String> = mm.finalizers().iter().filter(|f| *f != FINALIZER).collect();
     let patch =
         json!({"metadata": {"resourceVersion": mm.resource_version(), "finalizers": finalizers}});
-    api.patch(&mm.name_any(), &pp(), &Patch::Merge(&patch))
+    api.patch(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
         .await?;
     count(ctx, KIND, "released");
     Ok(Action::await_change())
@@ -935,7 +927,7 @@ async fn sweep(ctx: Arc<Context>, cancel: CancellationToken) {
             _ = tick.tick() => {}
         }
         let Ok(list) = servers
-            .list(&ListParams::default().labels(&format!("{APPLIANCE_LABEL}={}", ctx.identity)))
+            .list(&ListParams::default().labels(&own_servers_selector(&ctx)))
             .await
         else {
             continue;

@@ -135,6 +135,14 @@ pub fn set_condition(
     }
 }
 
+/// Patch parameters of the provider's writes (its own field manager).
+pub fn patch_params() -> kube::api::PatchParams {
+    kube::api::PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    }
+}
+
 /// Counts one reconcile.
 pub fn count(ctx: &Context, kind: &'static str, result: &'static str) {
     ctx.metrics()
