@@ -105,14 +105,19 @@ fn bench(c: &mut Criterion) {
     );
     let inventory = Arc::new(Inventory::open(&data.path().join("inventory.redb")).unwrap());
     let metrics = Arc::new(Metrics::new());
+    let sealer =
+        Arc::new(arges::sealing::Sealer::open_or_create(&data.path().join("secrets.key")).unwrap());
     let core_for = |policy: Option<Arc<dyn BootPolicy>>| {
         Core::new(
             Arc::clone(&config),
             Arc::clone(&inventory),
             policy,
             Arc::clone(&metrics),
-            "r".repeat(32),
-            "a".repeat(32),
+            arges::core::Tokens {
+                registration: "r".repeat(32),
+                admin: "a".repeat(32),
+            },
+            Arc::clone(&sealer),
         )
     };
     let builtin = core_for(None);

@@ -13,7 +13,6 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::bmc::credentials::Sealer;
 use crate::bmc::manager::PowerManager;
 use crate::config::{Config, DhcpMode};
 use crate::core::Core;
@@ -22,6 +21,7 @@ use crate::files::FileRoot;
 use crate::http::{self, HttpContext};
 use crate::inventory::Inventory;
 use crate::metrics::Metrics;
+use crate::sealing::Sealer;
 use crate::tftp::TftpServer;
 
 /// Addresses actually bound, as written to the ready file.
@@ -166,19 +166,40 @@ pub async fn run(
     let (policy, drivers) = start_plugins(&config, &metrics, &mut tasks, &cancel);
     let sealer = {
         let key = config.bmc.key_file.clone();
-        tokio::task::spawn_blocking(move || Sealer::open_or_create(&key)).await??
+        Arc::new(tokio::task::spawn_blocking(move || Sealer::open_or_create(&key)).await??)
     };
+    let inventory = Arc::new(inventory);
+    {
+        // Configurations stored before they were sealed are sealed once, now.
+        let (inv, sealer) = (Arc::clone(&inventory), Arc::clone(&sealer));
+        let sealed = tokio::task::spawn_blocking(move || {
+            inv.seal_plain_configs(|id, blob| {
+                sealer.seal_config(id, blob).map_err(|e| e.to_string())
+            })
+        })
+        .await?
+        .context("cannot seal the stored configurations")?;
+        if sealed > 0 {
+            tracing::info!(
+                sealed,
+                "sealed configurations stored in the clear by an earlier version"
+            );
+        }
+    }
     let power = PowerManager::new(drivers, config.bmc.manager.clone(), Arc::clone(&metrics));
     let core = Arc::new(
         Core::new(
             Arc::clone(&config),
-            Arc::new(inventory),
+            inventory,
             policy,
             Arc::clone(&metrics),
-            registration_token,
-            admin_token,
+            crate::core::Tokens {
+                registration: registration_token,
+                admin: admin_token,
+            },
+            Arc::clone(&sealer),
         )
-        .with_power(Arc::new(power), Arc::new(sealer)),
+        .with_power(Arc::new(power)),
     );
     let mut bound = Bound {
         http: Vec::new(),

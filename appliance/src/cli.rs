@@ -45,6 +45,8 @@ pub enum Command {
     Plugin(PluginCommand),
     /// Power control through a running appliance's admin API.
     Bmc(BmcArgs),
+    /// Provisioning windows through a running appliance's admin API.
+    Server(ServerArgs),
 }
 
 /// `arges plugin`
@@ -174,9 +176,9 @@ pub struct LoadtestArgs {
     pub json: bool,
 }
 
-/// `arges bmc`
+/// How to reach a running appliance's admin API.
 #[derive(Debug, Args)]
-pub struct BmcArgs {
+pub struct AdminArgs {
     /// The appliance's admin API.
     #[arg(long, env = "ARGES_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
@@ -189,8 +191,36 @@ pub struct BmcArgs {
     /// Print the answer as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `arges bmc`
+#[derive(Debug, Args)]
+pub struct BmcArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
     #[command(subcommand)]
     pub command: BmcCommand,
+}
+
+/// `arges server`
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    #[command(subcommand)]
+    pub command: ServerCommand,
+}
+
+/// What `arges server` does.
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// Open a provisioning window (and clear an alarm): the machine's next boot, within
+    /// `[windows] secs`, gets its secrets. For machines without a BMC, and after an alarm.
+    Arm { server: String },
+    /// Close the server's window and revoke its secret.
+    Disarm { server: String },
+    /// The server's window and alarm.
+    Show { server: String },
 }
 
 /// What `arges bmc` does.

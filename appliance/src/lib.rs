@@ -2,7 +2,8 @@
 //!
 //! The crate is laid out in three floors (see `ARCHITECTURE.md`): protocol *edges*
 //! ([`tftp`], [`http`], [`dhcp`], and the Kubernetes `controller`) that hold an `Arc<Core>`; the [`core`] facade, the only door the
-//! edges use; and the *services* behind it ([`inventory`], [`ipxe`], [`config`], [`files`]).
+//! edges use; and the *services* behind it ([`inventory`], [`ipxe`], [`config`], [`files`],
+//! [`sealing`]).
 //! The discovery [`agent`] shares only the [`registration`] wire types with the HTTP edge.
 
 pub mod agent;
@@ -23,7 +24,14 @@ pub mod metrics;
 #[cfg(feature = "plugins")]
 pub mod plugins;
 pub mod registration;
+pub mod sealing;
 pub mod tftp;
+
+/// The hex sha256 of a secret: how the inventory keeps the secrets it hands out.
+pub fn secret_hash(secret: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+}
 
 /// A fresh random token: 32 bytes from the OS, hex-encoded.
 pub fn random_token() -> String {

@@ -10,7 +10,7 @@ use arges::config::{Config, Overrides};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-mod bmc_cli;
+mod admin_cli;
 mod cli;
 #[cfg(feature = "plugins")]
 mod plugin_cli;
@@ -50,7 +50,8 @@ fn main() -> ExitCode {
                     Command::Loadtest(args) => run_loadtest(args).await,
                     #[cfg(feature = "plugins")]
                     Command::Plugin(cmd) => plugin_cli::run(cmd).await,
-                    Command::Bmc(args) => bmc_cli::run(args).await,
+                    Command::Bmc(args) => admin_cli::bmc(args).await,
+                    Command::Server(args) => admin_cli::server(args).await,
                 }
             })
         });
@@ -212,7 +213,17 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
             .context("the wipe failed; not reporting this machine clean")?;
         tracing::info!(disks = ?wiped, "disks wiped");
     }
-    let resp = agent::register(&opts, &reg).await?;
+    let resp = match agent::register(&opts, &reg).await {
+        Ok(r) => r,
+        Err(e @ agent::AgentError::Refused { .. }) => {
+            // Asking again would get the same answer: say so, and let the machine power
+            // off (exit status 3) instead of rebooting into a loop.
+            eprintln!("error: {e}");
+            println!("power-off");
+            std::process::exit(agent::REFUSED_EXIT);
+        }
+        Err(e) => return Err(e.into()),
+    };
     tracing::info!(server = %resp.server_id, action = ?resp.action, conflict = resp.uuid_conflict, "registered");
     let action = serde_json::to_value(resp.action)?;
     println!("{}", action.as_str().unwrap_or("power-off"));

@@ -29,6 +29,9 @@ pub struct Metrics {
     pub boot_decisions: Family<Labels, Counter>,
     pub registrations: Family<Labels, Counter>,
     pub configdata: Family<Labels, Counter>,
+    pub provisioning_windows: Family<Labels, Counter>,
+    pub identity_alarms: Family<Labels, Counter>,
+    pub secrets_issued: Family<Labels, Counter>,
     pub boot_script_seconds: Histogram,
     pub policy_fallbacks: Counter,
     pub plugin_calls: Family<PluginLabels, Counter>,
@@ -78,6 +81,9 @@ impl Metrics {
             boot_decisions: Family::default(),
             registrations: Family::default(),
             configdata: Family::default(),
+            provisioning_windows: Family::default(),
+            identity_alarms: Family::default(),
+            secrets_issued: Family::default(),
             boot_script_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             policy_fallbacks: Counter::default(),
             plugin_calls: Family::default(),
@@ -153,6 +159,21 @@ impl Metrics {
             "configdata_requests",
             "/configdata requests by result",
             m.configdata.clone(),
+        );
+        r.register(
+            "provisioning_windows",
+            "Provisioning window events (opened, armed, claimed, used, tripped, disarmed, power-failed)",
+            m.provisioning_windows.clone(),
+        );
+        r.register(
+            "identity_alarms",
+            "Alarms raised by a second requester in a window or a replayed secret, by kind",
+            m.identity_alarms.clone(),
+        );
+        r.register(
+            "secrets_issued",
+            "Secrets handed to booting machines, by kind",
+            m.secrets_issued.clone(),
         );
         r.register(
             "boot_script_seconds",

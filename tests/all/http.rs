@@ -39,14 +39,33 @@ pub fn boot(a: &Appliance, from: &str) -> (u16, String) {
     (s, String::from_utf8_lossy(&b).into_owned())
 }
 
+/// The value of `key=` on a script's kernel command line (empty when it is empty).
+pub fn param(script: &str, key: &str) -> String {
+    let at = format!("{key}=");
+    script
+        .split_whitespace()
+        .flat_map(|w| w.split('&'))
+        .find_map(|w| w.strip_prefix(at.as_str()))
+        .unwrap_or_default()
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .collect()
+}
+
+/// The agent registers recorded machine `machine` with the shared registration token.
 pub fn register_machine(a: &Appliance, machine: &str) -> std::process::Output {
+    register_with(a, machine, REG_TOKEN)
+}
+
+/// The agent registers recorded machine `machine` with `token` (from 127.0.0.1).
+pub fn register_with(a: &Appliance, machine: &str, token: &str) -> std::process::Output {
     run(Command::new(crate::harness::bin())
         .args([
             "agent",
             "--appliance",
             &a.url(""),
             "--token",
-            REG_TOKEN,
+            token,
             "--timeout",
             "10",
             "--root",
@@ -70,7 +89,8 @@ fn admin(a: &Appliance, method: &str, path: &str, body: &str) -> u16 {
 #[test]
 fn a_machine_through_its_life() {
     let a = Appliance::start("");
-    // Unknown: discovery, with the registration token on the command line.
+    // Unknown: discovery, with a registration secret of its own on the command line
+    // (never the shared registration token).
     let (s, script) = boot(&a, "127.0.0.1");
     assert_eq!(s, 200);
     assert!(script.starts_with("#!ipxe\n"), "{script}");
@@ -81,10 +101,10 @@ fn a_machine_through_its_life() {
         )),
         "{script}"
     );
-    assert!(
-        script.contains(&format!("arges.token={REG_TOKEN} arges.mode=discover")),
-        "{script}"
-    );
+    let secret = param(&script, "arges.token");
+    assert_eq!(secret.len(), 64, "{script}");
+    assert!(!script.contains(REG_TOKEN), "{script}");
+    assert!(script.contains("arges.mode=discover"), "{script}");
     assert!(
         script.contains(&format!(
             "initrd --name initramfs.img {}/env/discovery/initramfs.img",
@@ -96,7 +116,8 @@ fn a_machine_through_its_life() {
     let (s, body, _) = curl(&[&a.url("/env/discovery/initramfs.img")]);
     assert_eq!((s, body.as_slice()), (200, b"discovery initrd".as_slice()));
 
-    let reg = register_machine(&a, "a");
+    // The agent registers with that secret, from the address that booted.
+    let reg = register_with(&a, "a", &secret);
     assert!(reg.status.success(), "{reg:?}\n{}", a.log());
     assert_eq!(String::from_utf8_lossy(&reg.stdout).trim(), "power-off");
 
@@ -107,7 +128,7 @@ fn a_machine_through_its_life() {
         "{script}"
     );
 
-    // Accepted with an environment: that environment, with a boot token.
+    // Accepted with an environment and a configuration.
     assert_eq!(
         admin(&a, "POST", &format!("/api/v1/servers/{UUID_A}/accept"), ""),
         200
@@ -130,30 +151,14 @@ fn a_machine_through_its_life() {
         ),
         200
     );
+    // Outside a provisioning window it boots its environment, but its script carries no
+    // token, and nothing opens its configuration.
     let (_, script) = boot(&a, "127.0.0.1");
     assert!(
         script.contains("/env/talos/vmlinuz initrd=initramfs.xz talos.platform=metal"),
         "{script}"
     );
-    let token = script
-        .split("token=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
-    assert_eq!(token.len(), 64);
-    assert!(
-        script.contains(&format!(
-            "talos.config={}/configdata?uuid={UUID_A}&token={token}",
-            a.url("")
-        )),
-        "{script}"
-    );
-
-    // /configdata: the machine's token works from anywhere; its boot address works without one;
-    // any other machine gets 403.
+    assert_eq!(param(&script, "token"), "", "{script}");
     let cfg = |from: &str, q: &str| {
         curl(&[
             "--interface",
@@ -161,35 +166,55 @@ fn a_machine_through_its_life() {
             &a.url(&format!("/configdata?uuid={UUID_A}{q}")),
         ])
     };
+    assert_eq!(
+        cfg("127.0.0.1", "").0,
+        403,
+        "no token, from the boot address"
+    );
+
+    // Armed (no BMC here): the next boot is the window's claimant and gets a token.
+    assert_eq!(
+        admin(&a, "POST", &format!("/api/v1/servers/{UUID_A}/arm"), ""),
+        200
+    );
+    let (_, script) = boot(&a, "127.0.0.1");
+    let token = param(&script, "token");
+    assert_eq!(token.len(), 64, "{script}");
+    assert!(
+        script.contains(&format!(
+            "talos.config={}/configdata?uuid={UUID_A}&token={token}",
+            a.url("")
+        )),
+        "{script}"
+    );
+    // The token is needed, and is the proof: a wrong one or none is refused.
+    assert_eq!(cfg("127.0.0.1", "").0, 403, "no token");
+    assert_eq!(cfg("127.0.0.1", "&token=0000").0, 403, "a wrong token");
+    // Its first use (an installer may have a new lease) spends it; an honest retry from
+    // the same address is served, a bounded number of times.
     let (s, body, _) = cfg("127.0.0.3", &format!("&token={token}"));
     assert_eq!(
         (s, body.as_slice()),
         (200, b"machine:\n  type: controlplane\n".as_slice())
     );
-    assert_eq!(cfg("127.0.0.1", "").0, 200, "same source as the boot");
     assert_eq!(
-        cfg("127.0.0.2", "").0,
-        403,
-        "another machine without the token"
+        cfg("127.0.0.3", &format!("&token={token}")).0,
+        200,
+        "retry 1"
     );
     assert_eq!(
-        cfg("127.0.0.1", "&token=0000").0,
-        403,
-        "a wrong token is refused even from the boot address"
+        cfg("127.0.0.3", &format!("&token={token}")).0,
+        200,
+        "retry 2"
     );
-    assert_eq!(cfg("127.0.0.2", "").0, 403);
-    // A new boot replaces the token.
-    boot(&a, "127.0.0.5");
     assert_eq!(
         cfg("127.0.0.3", &format!("&token={token}")).0,
         403,
-        "the previous boot's token is spent"
+        "retries are bounded"
     );
-    assert_eq!(
-        cfg("127.0.0.1", "").0,
-        403,
-        "the old address is no longer the boot address"
-    );
+    // The window closed with the first use: the next boot carries no token.
+    let (_, script) = boot(&a, "127.0.0.1");
+    assert_eq!(param(&script, "token"), "", "{script}");
 
     // Cordoned: local disk again.
     assert_eq!(
@@ -204,9 +229,15 @@ fn a_machine_through_its_life() {
         &format!("Authorization: Bearer {ADMIN_TOKEN}"),
         &a.url(&format!("/api/v1/servers/{UUID_A}")),
     ]);
+    let text = String::from_utf8_lossy(&server).into_owned();
+    assert!(!text.contains(&token), "no token in the admin API: {text}");
     let server: serde_json::Value = serde_json::from_slice(&server).unwrap();
     assert_eq!(server["hardware"]["product"], "PowerEdge R640");
     assert_eq!(server["environment"], "talos");
+    assert_eq!(server["window"]["opened_by"], "the admin API");
+    assert_eq!(server["window"]["claimant"]["source"], "127.0.0.1");
+    assert_eq!(server["window"]["closed"]["why"], "used");
+    assert_eq!(server["window"]["uses"][0]["source"], "127.0.0.3");
     let history: Vec<&str> = server["boot_history"]
         .as_array()
         .unwrap()
@@ -215,15 +246,28 @@ fn a_machine_through_its_life() {
         .collect();
     assert_eq!(
         history,
-        vec!["local-disk", "environment", "environment", "local-disk"]
+        vec![
+            "local-disk",
+            "environment",
+            "environment",
+            "environment",
+            "local-disk"
+        ]
     );
 
     let metrics = String::from_utf8_lossy(&curl(&[&a.url("/metrics")]).1).into_owned();
     for want in [
         "arges_boot_decisions_total{action=\"discover\"} 1",
         "arges_registrations_total{result=\"created\"} 1",
-        "arges_configdata_requests_total{result=\"forbidden\"} 5",
-        "arges_configdata_requests_total{result=\"served\"} 2",
+        "arges_configdata_requests_total{result=\"no_token\"} 2",
+        "arges_configdata_requests_total{result=\"forbidden\"} 1",
+        "arges_configdata_requests_total{result=\"served\"} 1",
+        "arges_configdata_requests_total{result=\"retried\"} 2",
+        "arges_configdata_requests_total{result=\"spent\"} 1",
+        "arges_provisioning_windows_total{event=\"armed\"} 1",
+        "arges_provisioning_windows_total{event=\"claimed\"} 1",
+        "arges_secrets_issued_total{kind=\"boot-discover\"} 1",
+        "arges_secrets_issued_total{kind=\"config-token\"} 1",
     ] {
         assert!(metrics.contains(want), "{want} missing:\n{metrics}");
     }

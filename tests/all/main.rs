@@ -7,6 +7,7 @@ mod crash;
 mod dhcp;
 mod harness;
 mod http;
+mod identity;
 mod ipmi;
 mod ipmi_sim;
 mod loadtest;

@@ -17,10 +17,21 @@ use std::time::{Duration, Instant};
 pub const ADMIN_TOKEN: &str = "arges-test-admin-token-0001";
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    // Below the kernel's ephemeral range (32768 and up), which outgoing connections draw
+    // their source ports from: a port handed out here cannot be taken by a client
+    // connection between now and the moment its server binds it (a kernel-chosen
+    // `:0` port could be, and was). Each port is handed out once per process.
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 500) * 20;
+    for _ in 0..12_000 {
+        let port = 20_000 + (base - 20_000 + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        let port = port as u16;
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 32000")
 }
 
 /// The folder holding kube-apiserver, kubectl and etcd: `ARGES_K8S_BIN`, or built here.

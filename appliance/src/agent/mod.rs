@@ -5,7 +5,7 @@
 //! follows is the wipe's report. It prints the appliance's answer (`power-off`, `reboot` or `wait`) on stdout for the
 //! initramfs's init to act on, so the agent itself never needs to be PID 1. Registration is
 //! retried with backoff while the network comes up. It carries no cluster credentials: only
-//! the registration token from its kernel command line.
+//! the registration secret of its boot, from its kernel command line.
 
 pub mod bmc;
 pub mod facts;
@@ -20,6 +20,10 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 
 use crate::registration::{RegistrationRequest, RegistrationResponse};
+
+/// The exit status of `arges agent` when the appliance refused the registration (it
+/// still prints `power-off`): the initramfs powers off rather than retrying.
+pub const REFUSED_EXIT: i32 = 3;
 
 /// Agent failures.
 #[derive(Debug, thiserror::Error)]

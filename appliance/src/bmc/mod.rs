@@ -1,13 +1,12 @@
 //! BMC power control: the transports the host owns ([`ipmi`] over [`rmcp`], and
 //! [`redfish`]), the per-operation connection a driver talks through ([`link`]), the
-//! driver seam the plugin host fills ([`driver`]), the stored credentials
-//! ([`credentials`]) and the power manager that queues, retries and confirms every
-//! action ([`manager`]).
+//! driver seam the plugin host fills ([`driver`]) and the power manager that queues,
+//! retries and confirms every action ([`manager`]). Passwords are sealed at rest by
+//! [`crate::sealing`].
 //!
 //! Credentials stay in this module: bmc-driver plugins speak raw IPMI commands or HTTP
 //! through a [`link::BmcLink`], never holding a password.
 
-pub mod credentials;
 pub mod driver;
 pub mod ipmi;
 pub mod link;
@@ -172,7 +171,7 @@ impl TlsSettings {
 }
 
 /// A server's BMC as the operator configured it (the credentials are kept apart,
-/// sealed: see [`credentials`]).
+/// sealed: see [`crate::sealing`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BmcSettings {
     /// `host` or `host:port` (623 for IPMI and 443 for Redfish when left out).

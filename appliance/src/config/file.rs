@@ -35,6 +35,7 @@ pub struct ConfigFile {
     pub data_dir: Option<PathBuf>,
     pub tokens: TokensSection,
     pub policy: PolicySection,
+    pub windows: WindowsSection,
     pub discovery: DiscoverySection,
     /// Boot environments by name.
     pub environments: BTreeMap<String, EnvironmentSection>,
@@ -200,7 +201,7 @@ impl LocalDiskMethod {
 }
 
 /// `[policy]`: the built-in boot policy.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicySection {
     pub unaccepted: Unaccepted,
@@ -209,18 +210,32 @@ pub struct PolicySection {
     pub local_disk_method: LocalDiskMethod,
     /// Per-architecture override of `local_disk_method` (keys: `x86_64`, `i386`, `arm64`, …).
     pub local_disk_method_by_arch: BTreeMap<String, LocalDiskMethod>,
-    /// How long a boot token stays valid for `/configdata`, seconds.
-    pub boot_token_ttl_secs: u64,
+    /// Replaced by `[windows] secs`; kept only to say so clearly.
+    #[serde(default, skip_serializing)]
+    pub boot_token_ttl_secs: Option<u64>,
 }
 
-impl Default for PolicySection {
+/// `[windows]`: provisioning windows, the only spans in which a machine is handed its
+/// secrets (see `SECURITY.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowsSection {
+    /// How long a window stays open after the appliance powers a machine on (or an
+    /// operator arms it), seconds: the boot must claim it and use its secret by then.
+    pub secs: u64,
+    /// Honest retries of a used secret (a configuration fetch or a registration whose
+    /// answer was lost), each from the address that used it first.
+    pub retries: u32,
+    /// How long after its first use a secret may be retried, seconds.
+    pub retry_secs: u64,
+}
+
+impl Default for WindowsSection {
     fn default() -> Self {
-        PolicySection {
-            unaccepted: Unaccepted::default(),
-            default_environment: None,
-            local_disk_method: LocalDiskMethod::default(),
-            local_disk_method_by_arch: BTreeMap::new(),
-            boot_token_ttl_secs: 3600,
+        WindowsSection {
+            secs: 900,
+            retries: 2,
+            retry_secs: 120,
         }
     }
 }

@@ -157,7 +157,27 @@ pub struct PolicyConfig {
     pub default_environment: Option<String>,
     pub local_disk_method: LocalDiskMethod,
     pub local_disk_method_by_arch: BTreeMap<String, LocalDiskMethod>,
-    pub boot_token_ttl: Duration,
+}
+
+/// `[windows]`, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowsConfig {
+    /// How long a provisioning window stays open.
+    pub length: Duration,
+    /// Honest retries of a used secret, from the address that used it.
+    pub retries: u32,
+    /// How long after its first use a secret may be retried.
+    pub retry_for: Duration,
+}
+
+impl Default for WindowsConfig {
+    fn default() -> Self {
+        WindowsConfig {
+            length: Duration::from_secs(900),
+            retries: 2,
+            retry_for: Duration::from_secs(120),
+        }
+    }
 }
 
 impl PolicyConfig {
@@ -288,6 +308,7 @@ pub struct Config {
     pub registration_token: TokenSource,
     pub admin_token: TokenSource,
     pub policy: PolicyConfig,
+    pub windows: WindowsConfig,
     pub discovery_environment: String,
     pub wipe_environment: String,
     pub environments: BTreeMap<String, Environment>,
@@ -449,6 +470,34 @@ impl Config {
                 format!("{url:?} is not an http:// or https:// URL"),
             ));
         }
+
+        if f.policy.boot_token_ttl_secs.is_some() {
+            return Err(invalid(
+                "policy.boot_token_ttl_secs",
+                "was replaced by [windows] secs: a machine's secrets now go out only in a provisioning window the appliance opens (default 900 seconds; see SECURITY.md)".into(),
+            ));
+        }
+        let w = &f.windows;
+        if !(30..=3600).contains(&w.secs) {
+            return Err(invalid(
+                "windows.secs",
+                format!("{} is outside 30 to 3600 seconds", w.secs),
+            ));
+        }
+        if w.retries > 10 {
+            return Err(invalid("windows.retries", "must be 0 to 10".into()));
+        }
+        if w.retry_secs > w.secs {
+            return Err(invalid(
+                "windows.retry_secs",
+                format!("must not exceed windows.secs ({})", w.secs),
+            ));
+        }
+        let windows = WindowsConfig {
+            length: Duration::from_secs(w.secs),
+            retries: w.retries,
+            retry_for: Duration::from_secs(w.retry_secs),
+        };
 
         let token = |inline: &Option<String>,
                      path: &Option<PathBuf>,
@@ -734,8 +783,8 @@ impl Config {
                 default_environment: f.policy.default_environment.clone(),
                 local_disk_method: f.policy.local_disk_method,
                 local_disk_method_by_arch: f.policy.local_disk_method_by_arch.clone(),
-                boot_token_ttl: Duration::from_secs(f.policy.boot_token_ttl_secs),
             },
+            windows,
             discovery_environment: discovery,
             wipe_environment,
             environments,

@@ -93,6 +93,12 @@ pub struct ServerSpec {
     /// appliance's `[kubernetes] release`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<ReleasePolicy>,
+    /// Set to a new value (a timestamp, say) to arm the server: a provisioning window
+    /// opens, its next boot gets its secrets, and an alarm standing on it is cleared.
+    /// For machines without a BMC, and to resume after an alarm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub arm: Option<String>,
 }
 
 /// A Server's `spec.release`.
@@ -224,7 +230,55 @@ pub struct ServerStatus {
     /// The appliance that discovered and reconciles this Server.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub appliance: Option<String>,
+    /// The latest provisioning window: the only span its secrets go out in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowStatus>,
+    /// A tripped window or a replayed secret; stands until the Server is armed again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alarm: Option<AlarmStatus>,
     pub conditions: Vec<Condition>,
+}
+
+/// A Server's latest provisioning window.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct WindowStatus {
+    pub id: String,
+    /// `open`, `claimed`, `used`, `expired`, `tripped`, `disarmed`, `replaced` or
+    /// `power-failed`.
+    pub state: String,
+    pub opened_at: String,
+    pub expires_at: String,
+    pub opened_by: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claimant: Option<WindowClaimant>,
+    /// What was handed to the claimant (never the secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issued: Option<String>,
+}
+
+/// Who claimed a window.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct WindowClaimant {
+    pub address: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// What tripped a Server's window.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AlarmStatus {
+    pub time: String,
+    /// `SecondRequester` or `SecretReplayed`.
+    pub reason: String,
+    pub message: String,
+    /// The claimant's address, when there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first: Option<String>,
+    /// The address that tripped it.
+    pub second: String,
 }
 
 /// The MetalMachine holding a Server.

@@ -4,7 +4,8 @@
 //! the appliance owns: the Server's identity, hardware and appliance label, and its
 //! status. Changes are queued by id and flushed every couple of seconds; a failed push
 //! stays queued, so registrations made while the control plane is down reach it once it
-//! is back. A full resync runs at start, after a lagged event stream, and periodically.
+//! is back. A Server the apiserver refuses waits alone with its own backoff: it never
+//! holds up the others. A full resync runs at start, after a lagged event stream, and periodically.
 //!
 //! *Pull* (every replica): a watch on the Servers labelled with this appliance's identity
 //! feeds what operators set with kubectl (`accepted`, `cordoned`, `environmentRef`,
@@ -32,6 +33,8 @@ use crate::inventory::Server;
 pub const ID_ANNOTATION: &str = "metal.arges.dev/inventory-id";
 const FLUSH_EVERY: Duration = Duration::from_secs(2);
 const RESYNC_EVERY: Duration = Duration::from_secs(300);
+/// Longest pause before a refused Server is tried again.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// The Kubernetes name of an inventory id: duplicate-UUID ids (`<uuid>-<mac>`) lose
 /// their colons.
@@ -87,6 +90,9 @@ pub fn addresses(s: &Server) -> Vec<serde_json::Value> {
 /// Where the server stands in a cluster's life, for `kubectl get servers`.
 fn phase(s: &Server) -> &'static str {
     let p = &s.provisioning;
+    if s.alarm.is_some() {
+        return "Alarm";
+    }
     match &p.claim {
         Some(c) if c.installed_at.is_some() => "Installed",
         Some(c) if c.powered_at.is_some() || c.config_served_at.is_some() => "Installing",
@@ -118,6 +124,53 @@ fn status_patch(s: &Server, identity: &str) -> serde_json::Value {
     let (power, state) = power_status(s);
     let mut conditions = vec![registered];
     conditions.extend(power);
+    let now = crate::inventory::now();
+    let window = s.window.as_ref().map(|w| {
+        json!({
+            "id": w.id,
+            "state": w.state(now),
+            "openedAt": rfc3339(w.opened_at),
+            "expiresAt": rfc3339(w.expires_at),
+            "openedBy": w.opened_by,
+            "claimant": w.claimant.as_ref().map(|c| json!({"address": c.source.to_string(), "mac": c.mac})),
+            "issued": w.issued.map(|k| k.name()),
+        })
+    });
+    let alarm = s.alarm.as_ref().map(|a| {
+        json!({
+            "time": rfc3339(a.at),
+            "reason": a.kind.reason(),
+            "message": a.message,
+            "first": a.first.as_ref().map(|r| r.source.to_string()),
+            "second": a.second.source.to_string(),
+        })
+    });
+    match (&s.alarm, &s.window) {
+        (Some(a), _) => conditions.push(json!({
+            "type": "ProvisioningWindow",
+            "status": "False",
+            "reason": a.kind.reason(),
+            "message": format!("{}; no secret goes out until the Server is armed again (spec.arm)", a.message),
+            "lastTransitionTime": rfc3339(a.at),
+        })),
+        (None, Some(w)) => conditions.push(json!({
+            "type": "ProvisioningWindow",
+            "status": if w.is_open(now) { "True" } else { "False" },
+            "reason": camel(&w.state(now).replace('-', "_")),
+            "message": format!("window {} opened by {}", w.id, w.opened_by),
+            "lastTransitionTime": rfc3339(w.closed.as_ref().map_or(w.opened_at, |c| c.at)),
+        })),
+        (None, None) => {}
+    }
+    if let Some(r) = s.refusals.back() {
+        conditions.push(json!({
+            "type": "RegistrationRefused",
+            "status": "True",
+            "reason": "Refused",
+            "message": format!("from {}: {}", r.source, r.reason),
+            "lastTransitionTime": rfc3339(r.at),
+        }));
+    }
     json!({
         "apiVersion": "metal.arges.dev/v1alpha1",
         "kind": "Server",
@@ -128,6 +181,8 @@ fn status_patch(s: &Server, identity: &str) -> serde_json::Value {
             "power": state,
             "clean": !s.provisioning.dirty,
             "phase": phase(s),
+            "window": window,
+            "alarm": alarm,
             "conditions": conditions,
         },
     })
@@ -160,6 +215,27 @@ async fn power_event(ctx: &Context, id: &str, e: &crate::inventory::PowerEvent) 
         ),
     };
     ctx.publish(&to, !e.ok, &reason, "Power", &note).await;
+}
+
+/// A tripped window or a replayed secret as a Warning event on the Server.
+async fn alarm_event(ctx: &Context, id: &str, alarm: &crate::inventory::Alarm) {
+    let to = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("metal.arges.dev/v1alpha1".into()),
+        kind: Some("Server".into()),
+        name: Some(resource_name(id)),
+        ..Default::default()
+    };
+    ctx.publish(
+        &to,
+        true,
+        alarm.kind.reason(),
+        "ProvisioningWindow",
+        &format!(
+            "{}; arm the Server again (spec.arm) once the real machine is known",
+            alarm.message
+        ),
+    )
+    .await;
 }
 
 /// `not_settled` → `NotSettled`.
@@ -208,6 +284,8 @@ pub async fn push(ctx: Arc<Context>, cancel: CancellationToken) {
     let api: Api<ServerResource> = Api::all(ctx.client.clone());
     let mut events = ctx.core.subscribe();
     let mut dirty: BTreeSet<String> = BTreeSet::new();
+    // Servers the apiserver refused: attempts, and when to try again.
+    let mut held: BTreeMap<String, (u32, tokio::time::Instant)> = BTreeMap::new();
     let mut resync = true;
     let mut flush = tokio::time::interval(FLUSH_EVERY);
     let mut full = tokio::time::interval(RESYNC_EVERY);
@@ -220,6 +298,10 @@ pub async fn push(ctx: Arc<Context>, cancel: CancellationToken) {
                 Ok(ServerEvent::Deleted(id)) => { dirty.remove(&id); }
                 Ok(ServerEvent::Power(id, event)) => {
                     power_event(&ctx, &id, &event).await;
+                    dirty.insert(id);
+                }
+                Ok(ServerEvent::Alarm(id, alarm)) => {
+                    alarm_event(&ctx, &id, &alarm).await;
                     dirty.insert(id);
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
@@ -239,16 +321,35 @@ pub async fn push(ctx: Arc<Context>, cancel: CancellationToken) {
                         Err(e) => tracing::error!(error = %e, "cannot read the inventory to resynchronise"),
                     }
                 }
-                let ids: Vec<String> = dirty.iter().cloned().collect();
+                let now = tokio::time::Instant::now();
+                let ids: Vec<String> = dirty
+                    .iter()
+                    .filter(|id| held.get(*id).is_none_or(|(_, until)| *until <= now))
+                    .cloned()
+                    .collect();
                 for id in ids {
                     let s = match ctx.core.server(&id).await {
                         Ok(s) => s,
-                        Err(_) => { dirty.remove(&id); continue; }
+                        Err(_) => { dirty.remove(&id); held.remove(&id); continue; }
                     };
                     match push_one(&api, &s, &ctx).await {
                         Ok(()) => {
                             dirty.remove(&id);
+                            if held.remove(&id).is_some() {
+                                tracing::info!(server = %id, "the Server is updated again");
+                            }
                             ctx.metrics().controller_syncs.get_or_create(&[("direction", "push"), ("result", "ok")]).inc();
+                        }
+                        Err(e) if refused_object(&e) => {
+                            // The apiserver refuses this object: it waits alone, with
+                            // its own backoff, and every other Server goes on.
+                            ctx.metrics().controller_syncs.get_or_create(&[("direction", "push"), ("result", "refused")]).inc();
+                            let tries = held.get(&id).map_or(0, |(n, _)| *n) + 1;
+                            let wait = (FLUSH_EVERY * 2u32.saturating_pow(tries.min(8))).min(MAX_BACKOFF);
+                            if tries == 1 {
+                                tracing::warn!(server = %id, error = %e, retry_in = ?wait, "the apiserver refuses this Server's update; the others go on");
+                            }
+                            held.insert(id, (tries, now + wait));
                         }
                         Err(e) => {
                             ctx.metrics().controller_syncs.get_or_create(&[("direction", "push"), ("result", "error")]).inc();
@@ -261,6 +362,12 @@ pub async fn push(ctx: Arc<Context>, cancel: CancellationToken) {
             }
         }
     }
+}
+
+/// Whether the apiserver refused this one object (invalid, forbidden, in conflict),
+/// rather than being unreachable or overloaded.
+fn refused_object(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 429)
 }
 
 /// What a Server resource asks of the inventory.
@@ -276,6 +383,7 @@ fn desired(s: &ServerResource) -> DesiredState {
         cordoned: s.spec.cordoned,
         environment: s.spec.environment_ref.as_ref().map(|r| r.name.clone()),
         labels,
+        arm: s.spec.arm.clone(),
     }
 }
 

@@ -1,11 +1,13 @@
 //! The core: the one door the protocol edges use.
 //!
 //! Four operations: decide a boot (and render its script), register a machine, hand out a
-//! machine's configuration, and administer the inventory. The edges (HTTP now, the
-//! Kubernetes controller later) call only these; the services behind them (inventory,
-//! policy, templates, config) are never reached around. Inventory writes are blocking
-//! (fsync on commit), so they run on the blocking pool.
+//! machine's configuration, and administer the inventory. The edges (HTTP and the
+//! Kubernetes controller) call only these; the services behind them (inventory, policy,
+//! templates, config, sealing) are never reached around. Who may have which secret is
+//! [`identity`]'s to say. Inventory writes are blocking (fsync on commit), so they run on
+//! the blocking pool.
 
+pub mod identity;
 pub mod policy;
 mod power;
 mod provision;
@@ -18,12 +20,13 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::config::{Config, Environment, LocalDiskMethod};
-use crate::inventory::{BootGrant, BootRecord, Inventory, InventoryError, Server, now};
+use crate::inventory::{BootRecord, Inventory, InventoryError, Requester, SecretKind, Server, now};
 use crate::ipxe::{ScriptKind, TemplateError};
 use crate::metrics::Metrics;
-use crate::registration::{
-    NextAction, RegistrationRequest, RegistrationResponse, normalize_mac, normalize_uuid,
-};
+use crate::registration::{NextAction, RegistrationResponse, normalize_mac, normalize_uuid};
+use crate::sealing::Sealer;
+pub use identity::RegistrationProof;
+use identity::{Admission, BootSecrets, BootSecretsFor};
 pub use policy::{
     BootAction, BootPolicy, Decision, DefaultPolicy, HardwareSummary, InventoryFacts, MachineFacts,
     PolicyError,
@@ -42,6 +45,9 @@ pub enum CoreError {
     Invalid(String),
     #[error("{0}")]
     Forbidden(String),
+    /// No credential the appliance knows.
+    #[error("{0}")]
+    Unauthorized(String),
     #[error("{0}")]
     NotFound(String),
     /// Kubernetes mode: the cluster owns this; change it there.
@@ -59,6 +65,7 @@ impl CoreError {
             CoreError::Template(_) => "template",
             CoreError::Invalid(_) => "invalid",
             CoreError::Forbidden(_) => "forbidden",
+            CoreError::Unauthorized(_) => "unauthorized",
             CoreError::NotFound(_) => "not_found",
             CoreError::Managed(_) => "managed",
             CoreError::Internal(_) => "internal",
@@ -102,8 +109,14 @@ pub struct Core {
     events: tokio::sync::broadcast::Sender<ServerEvent>,
     /// Environments defined in the cluster (Kubernetes mode), beside the config's.
     cluster_environments: RwLock<Arc<BTreeMap<String, Environment>>>,
-    /// Power control: the manager and the key of the stored BMC passwords.
+    /// Power control: the BMC power manager.
     power: Option<power::PowerControl>,
+    /// Seals BMC passwords and configurations at rest.
+    sealer: Arc<Sealer>,
+    /// Registration secrets handed to boots outside any window.
+    boot_secrets: BootSecrets,
+    /// When proxyDHCP last answered each MAC (unix seconds).
+    dhcp_seen: Mutex<HashMap<String, u64>>,
 }
 
 /// A change to the inventory, for edges that mirror it (the Kubernetes controller).
@@ -115,6 +128,8 @@ pub enum ServerEvent {
     Deleted(String),
     /// A BMC operation on the server ended (the server changed too).
     Power(String, crate::inventory::PowerEvent),
+    /// The server's provisioning window tripped, or a secret was replayed.
+    Alarm(String, crate::inventory::Alarm),
 }
 
 /// What the cluster says an operator wants of a server (Kubernetes mode).
@@ -124,6 +139,8 @@ pub struct DesiredState {
     pub cordoned: bool,
     pub environment: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// `spec.arm`: a value not acted on yet opens a window (and clears an alarm).
+    pub arm: Option<String>,
 }
 
 /// When each machine (by MAC) was first answered by proxyDHCP in its current boot, so a
@@ -176,6 +193,21 @@ impl std::fmt::Debug for Core {
     }
 }
 
+/// The appliance's two long-lived tokens.
+#[derive(Clone)]
+pub struct Tokens {
+    /// For agents an operator runs by hand; never printed into a boot script.
+    pub registration: String,
+    /// For the admin API.
+    pub admin: String,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tokens")
+    }
+}
+
 /// Compares secrets in time independent of where they differ.
 pub fn secret_eq(a: &str, b: &str) -> bool {
     a.len() == b.len()
@@ -193,14 +225,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 impl Core {
     /// Builds the core. `policy` is the active boot policy (the built-in one when no
-    /// plugins are loaded); it falls back to the built-in one on any failure.
+    /// plugins are loaded); it falls back to the built-in one on any failure. `sealer`
+    /// seals what the inventory keeps secret.
     pub fn new(
         config: Arc<Config>,
         inventory: Arc<Inventory>,
         policy: Option<Arc<dyn BootPolicy>>,
         metrics: Arc<Metrics>,
-        registration_token: String,
-        admin_token: String,
+        tokens: Tokens,
+        sealer: Arc<Sealer>,
     ) -> Self {
         let fallback = DefaultPolicy {
             config: config.policy.clone(),
@@ -212,24 +245,22 @@ impl Core {
             policy,
             fallback,
             metrics,
-            registration_token,
-            admin_token,
+            registration_token: tokens.registration,
+            admin_token: tokens.admin,
             boot_clock: BootClock::default(),
             // Subscribers that fall this far behind resynchronise from the inventory.
             events: tokio::sync::broadcast::channel(1024).0,
             cluster_environments: RwLock::new(Arc::new(BTreeMap::new())),
             power: None,
+            sealer,
+            boot_secrets: BootSecrets::default(),
+            dhcp_seen: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Turns power control on: BMC operations go through `manager`, and BMC passwords
-    /// are sealed with `sealer`.
-    pub fn with_power(
-        mut self,
-        manager: Arc<crate::bmc::manager::PowerManager>,
-        sealer: Arc<crate::bmc::credentials::Sealer>,
-    ) -> Self {
-        self.power = Some(power::PowerControl { manager, sealer });
+    /// Turns power control on: BMC operations go through `manager`.
+    pub fn with_power(mut self, manager: Arc<crate::bmc::manager::PowerManager>) -> Self {
+        self.power = Some(power::PowerControl { manager });
         self
     }
 
@@ -283,6 +314,7 @@ impl Core {
     pub fn network_boot_seen(&self, mac: &str) {
         if let Some(mac) = normalize_mac(mac) {
             self.boot_clock.start(&mac);
+            self.note_dhcp(&mac);
         }
     }
 
@@ -308,7 +340,9 @@ impl Core {
 
     // ---- boot ----
 
-    /// Decides how a machine boots and renders the script it gets.
+    /// Decides how a machine boots and renders the script it gets. A known server's
+    /// boot goes through its provisioning window ([`identity`]): only the window's
+    /// claimant is handed a secret.
     #[tracing::instrument(skip(self, req), fields(uuid = req.uuid.as_deref(), mac = req.mac.as_deref(), source = %req.source))]
     pub async fn decide_boot(&self, req: BootRequest) -> Result<BootScript> {
         let started = Instant::now();
@@ -335,7 +369,7 @@ impl Core {
         // for everyone else.
         let lifecycle = server.as_ref().and_then(|s| self.lifecycle_boot(s));
         let installed_now = lifecycle.as_ref().is_some_and(|(_, done)| *done);
-        let action = match lifecycle {
+        let mut action = match lifecycle {
             Some((action, _)) => action,
             None => match self.policy.decide(&facts).await {
                 Ok(a) => a,
@@ -346,43 +380,104 @@ impl Core {
                 }
             },
         };
+        let wants = match &action {
+            BootAction::Environment(_) => Some(SecretKind::ConfigToken),
+            BootAction::Discover => Some(SecretKind::DiscoverSecret),
+            BootAction::Wipe => Some(SecretKind::WipeSecret),
+            _ => None,
+        };
+        let mut secrets = BootSecretsFor::default();
+        let bound = |s: &Self| {
+            matches!(
+                wants,
+                Some(SecretKind::DiscoverSecret | SecretKind::WipeSecret)
+            )
+            .then(|| {
+                s.boot_bound_secret(
+                    uuid.as_deref(),
+                    mac.as_deref(),
+                    req.source,
+                    wants == Some(SecretKind::WipeSecret),
+                )
+            })
+        };
+        let server = match server {
+            None => {
+                secrets.registration = bound(self);
+                None
+            }
+            Some(server) => {
+                let requester = Requester {
+                    source: req.source,
+                    mac: mac.clone(),
+                    uuid: uuid.clone(),
+                    at: now(),
+                };
+                let (stored, admission, secret, by_claimant) = {
+                    let record = BootRecord {
+                        at: requester.at,
+                        action: action.name().into(),
+                        environment: self.environment_of(&action).map(String::from),
+                        source: Some(req.source),
+                    };
+                    self.admit_boot(&server, requester, wants, record).await?
+                };
+                match admission {
+                    Admission::Claimant => match wants {
+                        Some(SecretKind::ConfigToken) => secrets.config = secret,
+                        Some(_) => secrets.registration = secret,
+                        None => {}
+                    },
+                    Admission::Outside => secrets.registration = bound(self),
+                    Admission::Tripped(_) | Admission::Alarmed if wants.is_some() => {
+                        let why = stored
+                            .alarm
+                            .as_ref()
+                            .map(|a| a.message.clone())
+                            .unwrap_or_default();
+                        action = BootAction::Deny(format!(
+                            "server {} stands in alarm ({why}); an operator must arm it again",
+                            stored.id
+                        ));
+                        Metrics::inc(&self.metrics.boot_decisions, "action", "alarm");
+                    }
+                    _ => {}
+                }
+                self.changed(&stored.id);
+                self.after_lifecycle_boot(&stored.id, installed_now && by_claimant)
+                    .await;
+                Some(stored)
+            }
+        };
         Metrics::inc(&self.metrics.boot_decisions, "action", action.name());
-        let token = crate::random_token();
         let (script, env_name) = self.render(
             &action,
             &facts,
             server.as_ref(),
             &req.base_url,
             arch.unwrap_or(""),
-            &token,
+            &secrets,
         )?;
-        if let Some(server) = server {
-            let record = BootRecord {
-                at: now(),
-                action: action.name().into(),
-                environment: env_name.clone(),
-                source: Some(req.source),
-            };
-            let grant = env_name.as_ref().map(|_| BootGrant {
-                token,
-                source: Some(req.source),
-                issued_at: now(),
-            });
-            let inv = Arc::clone(&self.inventory);
-            let id = server.id.clone();
-            blocking(move || Ok(inv.record_boot(&id, record, grant)?)).await?;
-            self.changed(&server.id);
-            self.after_lifecycle_boot(&server.id, installed_now).await;
-        }
         self.metrics
             .boot_script_seconds
             .observe(started.elapsed().as_secs_f64());
         tracing::info!(
             action = action.name(),
             environment = env_name.as_deref(),
+            secret = secrets.config.is_some() || secrets.registration.is_some(),
             "boot decided"
         );
         Ok(script)
+    }
+
+    /// The environment an action boots, by name.
+    fn environment_of<'a>(&'a self, action: &'a BootAction) -> Option<&'a str> {
+        match action {
+            BootAction::Discover => Some(&self.config.discovery_environment),
+            BootAction::Wipe => Some(&self.config.wipe_environment),
+            BootAction::Environment(name) => Some(name),
+            _ => None,
+        }
     }
 
     fn render(
@@ -392,7 +487,7 @@ impl Core {
         server: Option<&Server>,
         base_url: &str,
         arch: &str,
-        token: &str,
+        secrets: &BootSecretsFor,
     ) -> Result<(BootScript, Option<String>)> {
         let base_url = self.config.public_url.as_deref().unwrap_or(base_url);
         let method = self.config.policy.local_disk_method(arch);
@@ -438,7 +533,7 @@ impl Core {
                         "boot policy chose an undefined environment"
                     );
                     let deny = BootAction::Deny(format!("environment {name} is not defined"));
-                    return self.render(&deny, facts, server, base_url, arch, token);
+                    return self.render(&deny, facts, server, base_url, arch, secrets);
                 }
             },
             None => None,
@@ -456,8 +551,9 @@ impl Core {
                 "address": facts.client_address.to_string(),
             },
             "server": server_json,
-            "boot_token": token,
-            "registration_token": self.registration_token,
+            // Empty outside a window: the script carries no secret.
+            "boot_token": secrets.config.as_deref().unwrap_or_default(),
+            "registration_token": secrets.registration.as_deref().unwrap_or_default(),
             "local_disk": {"method": method.name()},
             "reason": reason.unwrap_or_default(),
             "env": {},
@@ -497,45 +593,9 @@ impl Core {
 
     // ---- registration ----
 
-    /// Registers a machine reported by the discovery agent.
-    #[tracing::instrument(skip(self, req), fields(uuid = %req.uuid, source = %source))]
-    pub async fn register(
-        &self,
-        req: RegistrationRequest,
-        source: IpAddr,
-    ) -> Result<RegistrationResponse> {
-        let uuid = normalize_uuid(&req.uuid).ok_or_else(|| {
-            Metrics::inc(&self.metrics.registrations, "result", "invalid");
-            CoreError::Invalid(format!("{:?} is not an SMBIOS UUID", req.uuid))
-        })?;
-        let inv = Arc::clone(&self.inventory);
-        let mode = req.mode.clone();
-        let registered = blocking(move || Ok(inv.register(&req, &uuid)?))
-            .await
-            .inspect_err(|e| {
-                Metrics::inc(&self.metrics.registrations, "result", e.kind());
-            })?;
-        let s = &registered.server;
-        self.changed(&s.id);
-        // A wipe environment registering is the wipe's report: it is done, and the
-        // machine powers off, free for the next cluster.
-        let wiped = mode == "wipe" && self.note_wiped(&s.id).await?;
-        if let Some(took) = self.boot_clock.finish(&s.macs) {
-            self.metrics
-                .boot_to_registration_seconds
-                .observe(took.as_secs_f64());
-            tracing::info!(id = %s.id, seconds = took.as_secs_f64(), "power-on to registered");
-        }
-        Metrics::inc(
-            &self.metrics.registrations,
-            "result",
-            if registered.created {
-                "created"
-            } else {
-                "updated"
-            },
-        );
-        tracing::info!(id = %s.id, created = registered.created, mode, conflict = s.uuid_conflict, "machine registered");
+    /// What an agent does once registered: reboot into what its server boots next, else
+    /// power off.
+    fn registration_answer(&self, s: &Server, source: IpAddr, wiped: bool) -> RegistrationResponse {
         let facts = facts_for(
             Some(s.uuid.clone()),
             s.macs.first().cloned(),
@@ -552,80 +612,11 @@ impl Core {
             BootAction::Environment(_) | BootAction::Wipe => NextAction::Reboot,
             _ => NextAction::PowerOff,
         };
-        Ok(RegistrationResponse {
+        RegistrationResponse {
             server_id: s.id.clone(),
             action,
             uuid_conflict: s.uuid_conflict,
-        })
-    }
-
-    // ---- configuration ----
-
-    /// The configuration blob of the machine `uuid`, for the machine itself only: it must
-    /// present the token of its latest boot, or ask from the address it booted from, within
-    /// the token's lifetime.
-    pub async fn config_for(
-        &self,
-        uuid: &str,
-        token: Option<&str>,
-        source: IpAddr,
-    ) -> Result<Vec<u8>> {
-        let result = self.config_for_inner(uuid, token, source).await;
-        Metrics::inc(
-            &self.metrics.configdata,
-            "result",
-            match &result {
-                Ok(_) => "served",
-                Err(e) => e.kind(),
-            },
-        );
-        result
-    }
-
-    async fn config_for_inner(
-        &self,
-        uuid: &str,
-        token: Option<&str>,
-        source: IpAddr,
-    ) -> Result<Vec<u8>> {
-        let server = self.granted_server(uuid, token, source).await?;
-        let inv = Arc::clone(&self.inventory);
-        let id = server.id.clone();
-        let blob = blocking(move || {
-            inv.config(&id)?
-                .ok_or_else(|| CoreError::NotFound(format!("server {id} has no configuration")))
-        })
-        .await?;
-        self.note_config_served(&server).await?;
-        Ok(blob)
-    }
-
-    /// The server `uuid` if the caller is that machine: it presents the token of the
-    /// server's latest boot, or asks from the address it booted from, within the token's
-    /// lifetime.
-    async fn granted_server(
-        &self,
-        uuid: &str,
-        token: Option<&str>,
-        source: IpAddr,
-    ) -> Result<Server> {
-        let denied =
-            || CoreError::Forbidden("this configuration belongs to another machine".into());
-        let uuid = normalize_uuid(uuid).ok_or_else(denied)?;
-        let inv = Arc::clone(&self.inventory);
-        let candidates = blocking(move || Ok(inv.with_uuid(&uuid)?)).await?;
-        let ttl = self.config.policy.boot_token_ttl.as_secs();
-        candidates
-            .into_iter()
-            .find(|s| {
-                s.last_boot.as_ref().is_some_and(|g| {
-                    let fresh = now().saturating_sub(g.issued_at) <= ttl;
-                    let by_token = token.is_some_and(|t| secret_eq(t, &g.token));
-                    let by_source = token.is_none() && g.source == Some(source);
-                    fresh && (by_token || by_source)
-                })
-            })
-            .ok_or_else(denied)
+        }
     }
 
     // ---- administration ----
@@ -675,6 +666,14 @@ impl Core {
                 "environment {env:?} is not defined"
             )));
         }
+        let edit = match edit {
+            ServerEdit::Config(Some(blob)) => ServerEdit::Config(Some(
+                self.sealer
+                    .seal_config(id, &blob)
+                    .map_err(|e| CoreError::Internal(e.to_string()))?,
+            )),
+            other => other,
+        };
         let inv = Arc::clone(&self.inventory);
         let id = id.to_string();
         let s = blocking(move || {
@@ -703,12 +702,22 @@ impl Core {
         let inv = Arc::clone(&self.inventory);
         let key = id.to_string();
         let current = blocking(move || Ok(inv.get(&key)?)).await?;
+        let arm = want
+            .arm
+            .clone()
+            .filter(|a| current.arm_key.as_ref() != Some(a));
+        if let Some(value) = &arm {
+            self.arm(id, "spec.arm").await?;
+            let inv = Arc::clone(&self.inventory);
+            let (key, value) = (id.to_string(), value.clone());
+            blocking(move || Ok(inv.update(&key, |s| s.arm_key = Some(value))?)).await?;
+        }
         if current.accepted == want.accepted
             && current.cordoned == want.cordoned
             && current.environment == want.environment
             && current.labels == want.labels
         {
-            return Ok(None);
+            return Ok(arm.map(|_| current));
         }
         let inv = Arc::clone(&self.inventory);
         let key = id.to_string();

@@ -170,7 +170,6 @@ pub(crate) mod tests {
                 default_environment: default_env.map(String::from),
                 local_disk_method: LocalDiskMethod::Exit,
                 local_disk_method_by_arch: Default::default(),
-                boot_token_ttl: std::time::Duration::from_secs(60),
             },
         }
     }

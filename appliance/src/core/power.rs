@@ -6,16 +6,14 @@
 use std::sync::Arc;
 
 use super::{Core, CoreError, Result, ServerEvent, blocking};
-use crate::bmc::credentials::Sealer;
 use crate::bmc::link::Target;
 use crate::bmc::manager::{Job, Operation, Outcome, PowerManager};
 use crate::bmc::{BmcSettings, BootSetting, PowerAction};
-use crate::inventory::{PowerEvent, Server, now};
+use crate::inventory::{CloseReason, PowerEvent, Server, now};
 
 /// What the core holds for power control.
 pub(super) struct PowerControl {
     pub(super) manager: Arc<PowerManager>,
-    pub(super) sealer: Arc<Sealer>,
 }
 
 /// A BMC operation's result as the API returns it.
@@ -52,8 +50,8 @@ impl Core {
                         "bmc.password must be 1 to 256 bytes".into(),
                     ));
                 }
+                self.power_control()?;
                 let sealed = self
-                    .power_control()?
                     .sealer
                     .seal(id, &password)
                     .map_err(|e| CoreError::Internal(e.to_string()))?;
@@ -77,10 +75,10 @@ impl Core {
         settings: BmcSettings,
         password: String,
     ) -> Result<bool> {
-        let control = self.power_control()?;
+        self.power_control()?;
         let (current, sealed) = self.server_with_secret(id).await?;
         let same_password =
-            |s: Vec<u8>| control.sealer.open(id, &s).ok().as_deref() == Some(password.as_str());
+            |s: Vec<u8>| self.sealer.open(id, &s).ok().as_deref() == Some(password.as_str());
         if current.bmc.as_ref() == Some(&settings) && sealed.is_some_and(same_password) {
             return Ok(false);
         }
@@ -93,9 +91,26 @@ impl Core {
         self.bmc_operation(id, Operation::Status).await
     }
 
-    /// Changes the server's power; the next boot set earlier is sent again first.
+    /// Changes the server's power; the next boot set earlier is sent again first. A
+    /// power-on, cycle or reset opens a provisioning window first (the appliance now
+    /// expects this machine's boot), closed again if the BMC did not do it.
     pub async fn bmc_power(&self, id: &str, action: PowerAction) -> Result<PowerReport> {
-        self.bmc_operation(id, Operation::Power(action)).await
+        let window = match action {
+            PowerAction::On | PowerAction::Cycle | PowerAction::Reset => self
+                .open_window(id, &format!("power {}", action.as_str()))
+                .await?
+                .window
+                .map(|w| w.id),
+            PowerAction::Off | PowerAction::SoftOff => None,
+        };
+        let report = self.bmc_operation(id, Operation::Power(action)).await;
+        if let Some(w) = &window
+            && !report.as_ref().is_ok_and(|r| r.event.ok)
+        {
+            self.close_window(id, Some(w), CloseReason::PowerFailed)
+                .await?;
+        }
+        report
     }
 
     /// Sets the server's next boot (and remembers it for the next power-on).
@@ -122,7 +137,7 @@ impl Core {
         };
         let sealed = sealed
             .ok_or_else(|| CoreError::Invalid(format!("server {id} has no BMC password stored")))?;
-        let password = control
+        let password = self
             .sealer
             .open(id, &sealed)
             .map_err(|e| CoreError::Internal(e.to_string()))?;

@@ -1,14 +1,14 @@
 //! The core's part in Cluster API provisioning: a server claimed for a machine with its
-//! bootstrap configuration staged for `/configdata`, the boots of its cluster life
-//! (install, then the local disk; after release, the wipe environment), the install
-//! environment's report, and release.
+//! bootstrap configuration staged (sealed) for `/configdata`, the boots of its cluster
+//! life (install, then the local disk; after release, the wipe environment), the
+//! installation recorded as done, and release. Who may fetch the configuration, report
+//! the installation or the wipe is [`super::identity`]'s to say.
 //!
 //! The Kubernetes controller holds the cluster-wide lock (the Server's `status.claim`,
 //! taken with a resourceVersion precondition); this module keeps the local truth the boot
 //! path reads, so a machine boots correctly while the control plane is away. Every step
 //! is idempotent: the controller repeats them after a restart.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::policy::BootAction;
@@ -25,7 +25,7 @@ pub struct ClaimRequest {
 }
 
 impl Core {
-    fn step(&self, step: &'static str, result: &'static str) {
+    pub(super) fn step(&self, step: &'static str, result: &'static str) {
         self.metrics
             .provisioning_steps
             .get_or_create(&[("step", step), ("result", result)])
@@ -41,6 +41,10 @@ impl Core {
         req: ClaimRequest,
         config: Vec<u8>,
     ) -> Result<Server> {
+        let config = self
+            .sealer
+            .seal_config(id, &config)
+            .map_err(|e| CoreError::Internal(e.to_string()))?;
         let inv = Arc::clone(&self.inventory);
         let key = id.to_string();
         let claim = Claim {
@@ -99,30 +103,8 @@ impl Core {
         Ok(s)
     }
 
-    /// The install environment of a claimed machine says it is done (`POST
-    /// /configdata/done`, proven like `/configdata`: the boot's token or address).
-    pub async fn report_installed(
-        &self,
-        uuid: &str,
-        token: Option<&str>,
-        source: IpAddr,
-    ) -> Result<Server> {
-        let server = self
-            .granted_server(uuid, token, source)
-            .await
-            .inspect_err(|e| self.step("installed", e.kind()))?;
-        if server.provisioning.claim.is_none() {
-            self.step("installed", "not_claimed");
-            return Err(CoreError::Invalid(format!(
-                "server {} is not claimed by a machine: nothing was being installed",
-                server.id
-            )));
-        }
-        self.mark_installed(&server.id, "reported").await
-    }
-
     /// Records the installation as done (once; a repeat keeps the first time).
-    async fn mark_installed(&self, id: &str, how: &'static str) -> Result<Server> {
+    pub(super) async fn mark_installed(&self, id: &str, how: &'static str) -> Result<Server> {
         let inv = Arc::clone(&self.inventory);
         let key = id.to_string();
         let (s, first) = blocking(move || {
@@ -145,57 +127,6 @@ impl Core {
             self.changed(&s.id);
         }
         Ok(s)
-    }
-
-    /// Notes that a claimed machine fetched its configuration (the first time only).
-    pub(super) async fn note_config_served(&self, server: &Server) -> Result<()> {
-        if server
-            .provisioning
-            .claim
-            .as_ref()
-            .is_none_or(|c| c.config_served_at.is_some())
-        {
-            return Ok(());
-        }
-        let inv = Arc::clone(&self.inventory);
-        let key = server.id.clone();
-        let s = blocking(move || {
-            Ok(inv.update(&key, |s| {
-                if let Some(c) = &mut s.provisioning.claim {
-                    c.config_served_at.get_or_insert_with(now);
-                }
-            })?)
-        })
-        .await?;
-        self.step("config_served", "ok");
-        self.changed(&s.id);
-        Ok(())
-    }
-
-    /// A wipe environment registered (`mode = wipe`): a server released for wiping is
-    /// clean, and free again. Whether it was.
-    pub(super) async fn note_wiped(&self, id: &str) -> Result<bool> {
-        let inv = Arc::clone(&self.inventory);
-        let key = id.to_string();
-        let (s, wiped) = blocking(move || {
-            let mut wiped = false;
-            let s = inv.update(&key, |s| {
-                let p = &mut s.provisioning;
-                if p.claim.is_none() && p.wipe_requested_at.is_some() {
-                    p.wipe_requested_at = None;
-                    p.dirty = false;
-                    wiped = true;
-                }
-            })?;
-            Ok((s, wiped))
-        })
-        .await?;
-        if wiped {
-            self.step("wiped", "ok");
-            tracing::info!(id = %s.id, "wipe done; server free");
-            self.changed(&s.id);
-        }
-        Ok(wiped)
     }
 
     /// The boot a server's cluster life decides, before any policy: a claimed machine

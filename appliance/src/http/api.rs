@@ -3,10 +3,12 @@
 //!
 //! | method | path | what |
 //! |---|---|---|
-//! | POST | `/api/v1/register` | the agent registers a machine |
+//! | POST | `/api/v1/register` | the agent registers a machine (bearer: a boot's registration secret, or the shared token) |
 //! | GET | `/api/v1/servers` | list servers |
 //! | GET, DELETE | `/api/v1/servers/{id}` | get or delete a server |
 //! | POST | `/api/v1/servers/{id}/{accept,unaccept,cordon,uncordon}` | flags |
+//! | POST | `/api/v1/servers/{id}/arm` | open a provisioning window (and clear an alarm): the machine's next boot gets its secrets |
+//! | POST | `/api/v1/servers/{id}/disarm` | close the window and revoke its secret |
 //! | PUT | `/api/v1/servers/{id}/environment` | `{"environment": "name"}` or `null` |
 //! | PUT | `/api/v1/servers/{id}/labels` | `{"key": "value", …}` |
 //! | PUT | `/api/v1/servers/{id}/bmc` | `{"address", "protocol", "username", "password", "driver", "tls"}`: power control (the password is sealed and never returned); `{"address"}` alone only records the address |
@@ -28,7 +30,8 @@ use serde::Deserialize;
 
 use super::{Body, HttpContext, bearer, json, json_error, read_body, status_of};
 use crate::bmc::{BmcSettings, BootSetting, Protocol, TlsSettings};
-use crate::core::{Core, CoreError, PowerReport, ServerEdit};
+use crate::core::{Core, CoreError, PowerReport, RegistrationProof, ServerEdit};
+use crate::inventory::CloseReason;
 use crate::metrics::Metrics;
 use crate::registration::RegistrationRequest;
 
@@ -57,11 +60,16 @@ pub async fn register(
     if req.method() != Method::POST {
         return json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
     }
-    if !bearer(&req).is_some_and(|t| ctx.core.is_registration(t)) {
-        Metrics::inc(&ctx.core.metrics().registrations, "result", "unauthorized");
-        tracing::warn!(%peer, "registration with a missing or wrong token refused");
-        return unauthorized();
-    }
+    // The shared token (agents run by hand), or the per-boot secret of a discover or
+    // wipe script, which the core checks against the boot it was handed to.
+    let secret = match bearer(&req) {
+        Some(t) if !t.is_empty() => t.to_string(),
+        _ => {
+            Metrics::inc(&ctx.core.metrics().registrations, "result", "unauthorized");
+            tracing::warn!(%peer, "registration without a token refused");
+            return unauthorized();
+        }
+    };
     let body = match read_body(req, REGISTRATION_LIMIT).await {
         Ok(b) => b,
         Err(r) => return r,
@@ -76,7 +84,12 @@ pub async fn register(
             );
         }
     };
-    match ctx.core.register(reg, peer.ip()).await {
+    let proof = if ctx.core.is_registration(&secret) {
+        RegistrationProof::Shared
+    } else {
+        RegistrationProof::Secret(&secret)
+    };
+    match ctx.core.register(reg, proof, peer.ip()).await {
         Ok(resp) => json(StatusCode::OK, &resp),
         Err(e) => core_error(e),
     }
@@ -272,6 +285,14 @@ pub async fn admin(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> 
                 Err(r) => return r,
             }
         }
+        (Method::POST, ["servers", id, "arm"]) => core
+            .arm(id, "the admin API")
+            .await
+            .map(|s| json(StatusCode::OK, &s)),
+        (Method::POST, ["servers", id, "disarm"]) => core
+            .close_window(id, None, CloseReason::Disarmed)
+            .await
+            .map(|s| json(StatusCode::OK, &s)),
         (Method::DELETE, ["servers", id, "config"]) => core
             .edit_server(id, ServerEdit::Config(None))
             .await

@@ -80,6 +80,7 @@ fn status_of(e: &CoreError) -> StatusCode {
             StatusCode::BAD_REQUEST
         }
         CoreError::Forbidden(_) => StatusCode::FORBIDDEN,
+        CoreError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         CoreError::Managed(_) | CoreError::Inventory(InventoryError::Conflict(_)) => {
             StatusCode::CONFLICT
         }

@@ -12,8 +12,6 @@
 
 pub mod model;
 
-use std::collections::HashSet;
-use std::net::IpAddr;
 use std::path::Path;
 
 use redb::{
@@ -22,8 +20,11 @@ use redb::{
 };
 
 use crate::bmc::BmcSettings;
-use crate::registration::{RegistrationRequest, normalize_mac};
-pub use model::{BootGrant, BootRecord, Claim, PowerEvent, PowerRecord, Provisioning, Server, now};
+use crate::registration::ValidRegistration;
+pub use model::{
+    Alarm, AlarmKind, BootRecord, Claim, CloseReason, Grant, PowerEvent, PowerRecord, Provisioning,
+    Refusal, Requester, SecretKind, SecretUse, Server, Window, WindowClose, now,
+};
 
 const SERVERS: TableDefinition<&str, &[u8]> = TableDefinition::new("servers");
 const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("configs");
@@ -32,6 +33,13 @@ const BMC_SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("bmc_secr
 const BY_MAC: TableDefinition<&str, &str> = TableDefinition::new("servers_by_mac");
 const BY_UUID: MultimapTableDefinition<&str, &str> =
     MultimapTableDefinition::new("servers_by_uuid");
+/// Each server's window secret, hashed (see `core::identity`), apart from the record the
+/// admin API shows.
+const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("window_grants");
+/// Facts about the store itself (migrations done).
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Set once every configuration blob is sealed.
+const CONFIGS_SEALED: &str = "configs_sealed";
 
 /// Inventory failures.
 #[derive(Debug, thiserror::Error)]
@@ -83,13 +91,6 @@ store_err!(
 /// Result alias of this module.
 pub type Result<T> = std::result::Result<T, InventoryError>;
 
-/// The outcome of a registration.
-#[derive(Debug, Clone)]
-pub struct Registered {
-    pub server: Server,
-    pub created: bool,
-}
-
 /// The embedded store.
 pub struct Inventory {
     db: Database,
@@ -123,6 +124,8 @@ impl Inventory {
         txn.open_table(BMC_SECRETS)?;
         txn.open_table(BY_MAC)?;
         txn.open_multimap_table(BY_UUID)?;
+        txn.open_table(GRANTS)?;
+        txn.open_table(META)?;
         txn.commit()?;
         Ok(Inventory { db })
     }
@@ -197,107 +200,54 @@ impl Inventory {
         Ok(out)
     }
 
-    /// Records a registration from the agent, creating or updating the server.
-    pub fn register(&self, req: &RegistrationRequest, uuid: &str) -> Result<Registered> {
-        let macs: Vec<String> = {
-            let mut seen = HashSet::new();
-            req.hardware
-                .nics
-                .iter()
-                .filter_map(|n| normalize_mac(&n.mac))
-                .filter(|m| seen.insert(m.clone()))
-                .collect()
-        };
+    /// Runs `f` in one write transaction, committed (durably) when it returns `Ok`; an
+    /// `Err` leaves the store as it was. The core's identity rules run in here, so a check
+    /// and the write it allows can never be split by another request.
+    pub fn write<R>(&self, f: impl FnOnce(&Tx<'_>) -> Result<R>) -> Result<R> {
         let txn = self.db.begin_write()?;
-        let result = {
-            let mut servers = txn.open_table(SERVERS)?;
-            let mut by_uuid = txn.open_multimap_table(BY_UUID)?;
-            let mut candidates = Vec::new();
-            for id in by_uuid.get(uuid)? {
-                let id = id?.value().to_string();
-                if let Some(v) = servers.get(id.as_str())? {
-                    candidates.push(decode(&id, v.value())?);
-                }
-            }
-            let now = now();
-            let same = candidates.iter().position(|s| {
-                s.macs.is_empty() || macs.is_empty() || s.macs.iter().any(|m| macs.contains(m))
-            });
-            let (mut server, created) = match same {
-                Some(i) => (candidates.swap_remove(i), false),
-                None => {
-                    let conflict = !candidates.is_empty();
-                    let id = if conflict {
-                        let suffix = macs.first().map(|m| m.replace(':', "")).ok_or_else(|| {
-                            InventoryError::Invalid(format!("UUID {uuid} is already registered and this machine reports no MAC to tell it apart"))
-                        })?;
-                        format!("{uuid}-{suffix}")
-                    } else {
-                        uuid.to_string()
-                    };
-                    if conflict {
-                        tracing::warn!(
-                            uuid,
-                            id,
-                            "another machine already registered with this UUID; keeping both apart by MAC"
-                        );
-                        for other in &mut candidates {
-                            other.uuid_conflict = true;
-                            servers.insert(other.id.as_str(), encode(other).as_slice())?;
-                        }
-                    }
-                    let s = Server {
-                        id,
-                        uuid: uuid.to_string(),
-                        macs: Vec::new(),
-                        hardware: Default::default(),
-                        labels: Default::default(),
-                        accepted: false,
-                        cordoned: false,
-                        environment: None,
-                        bmc_address: None,
-                        bmc: None,
-                        power: Default::default(),
-                        uuid_conflict: conflict,
-                        has_config: false,
-                        registered_at: now,
-                        updated_at: now,
-                        boot_history: Default::default(),
-                        last_boot: None,
-                        provisioning: Default::default(),
-                    };
-                    by_uuid.insert(uuid, s.id.as_str())?;
-                    (s, true)
-                }
-            };
-            let mut new_macs = server.macs.clone();
-            for m in &macs {
-                if !new_macs.contains(m) {
-                    new_macs.push(m.clone());
-                }
-            }
-            server.macs = new_macs;
-            server.hardware = req.hardware.clone();
-            if let Some(bmc) = &req.hardware.bmc
-                && !bmc.ip.is_empty()
-            {
-                server.bmc_address = Some(bmc.ip.clone());
-            }
-            server.updated_at = now;
-            servers.insert(server.id.as_str(), encode(&server).as_slice())?;
-            Self::index_macs(&txn, &server)?;
-            Registered { server, created }
-        };
+        let out = f(&Tx { txn: &txn })?;
         txn.commit()?;
-        Ok(result)
+        Ok(out)
     }
 
-    fn index_macs(txn: &WriteTransaction, server: &Server) -> Result<()> {
-        let mut by_mac = txn.open_table(BY_MAC)?;
-        for m in &server.macs {
-            by_mac.insert(m.as_str(), server.id.as_str())?;
+    /// The server whose window secret hashes to `sha256`, if any.
+    pub fn grant_owner(&self, sha256: &str) -> Result<Option<String>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(GRANTS)?;
+        for row in t.iter()? {
+            let (k, v) = row?;
+            if let Ok(g) = serde_json::from_slice::<Grant>(v.value())
+                && crate::core::secret_eq(&g.sha256, sha256)
+            {
+                return Ok(Some(k.value().to_string()));
+            }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Seals configuration blobs written before configurations were sealed, once: `seal`
+    /// turns a server's plain blob into its sealed form.
+    pub fn seal_plain_configs(
+        &self,
+        seal: impl Fn(&str, &[u8]) -> std::result::Result<Vec<u8>, String>,
+    ) -> Result<usize> {
+        self.write(|t| {
+            let mut meta = t.txn.open_table(META)?;
+            if meta.get(CONFIGS_SEALED)?.is_some() {
+                return Ok(0);
+            }
+            let mut configs = t.txn.open_table(CONFIGS)?;
+            let plain: Vec<(String, Vec<u8>)> = configs
+                .iter()?
+                .map(|row| row.map(|(k, v)| (k.value().to_string(), v.value().to_vec())))
+                .collect::<std::result::Result<_, _>>()?;
+            for (id, blob) in &plain {
+                let sealed = seal(id, blob).map_err(InventoryError::Invalid)?;
+                configs.insert(id.as_str(), sealed.as_slice())?;
+            }
+            meta.insert(CONFIGS_SEALED, &b"1"[..])?;
+            Ok(plain.len())
+        })
     }
 
     /// Loads a server in a write transaction, lets `change` edit it (and other tables of
@@ -306,20 +256,12 @@ impl Inventory {
     where
         F: FnOnce(&WriteTransaction, &mut Server) -> Result<()>,
     {
-        let txn = self.db.begin_write()?;
-        let server = {
-            let mut t = txn.open_table(SERVERS)?;
-            let mut s = match t.get(id)? {
-                Some(v) => decode(id, v.value())?,
-                None => return Err(InventoryError::NotFound(id.to_string())),
-            };
-            change(&txn, &mut s)?;
-            s.updated_at = now();
-            t.insert(id, encode(&s).as_slice())?;
-            s
-        };
-        txn.commit()?;
-        Ok(server)
+        self.write(|t| {
+            let mut s = t.require(id)?;
+            change(t.txn, &mut s)?;
+            t.put(&mut s)?;
+            Ok(s)
+        })
     }
 
     /// Applies `change` to a server and stores it, in one transaction.
@@ -467,6 +409,7 @@ impl Inventory {
             };
             txn.open_table(CONFIGS)?.remove(id)?;
             txn.open_table(BMC_SECRETS)?.remove(id)?;
+            txn.open_table(GRANTS)?.remove(id)?;
             txn.open_multimap_table(BY_UUID)?
                 .remove(s.uuid.as_str(), id)?;
             let mut by_mac = txn.open_table(BY_MAC)?;
@@ -482,35 +425,222 @@ impl Inventory {
         Ok(server)
     }
 
-    /// Records a served boot script and its grant.
-    pub fn record_boot(
-        &self,
-        id: &str,
-        record: BootRecord,
-        grant: Option<BootGrant>,
-    ) -> Result<Server> {
-        self.update(id, |s| {
-            s.push_boot(record);
-            if grant.is_some() {
-                s.last_boot = grant;
+    /// Records a served boot.
+    pub fn record_boot(&self, id: &str, record: BootRecord) -> Result<Server> {
+        self.update(id, |s| s.push_boot(record))
+    }
+}
+
+/// One write transaction, as [`Inventory::write`] lends it.
+pub struct Tx<'a> {
+    txn: &'a WriteTransaction,
+}
+
+/// Where a registration lands among the servers its UUID and MACs name.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The server with this UUID that shares a MAC with the registration.
+    pub existing: Option<Server>,
+    /// The other servers with this UUID (duplicate-UUID boards).
+    pub others: Vec<Server>,
+    /// Reported MACs that belong to some other server: (MAC, its server's id).
+    pub foreign_macs: Vec<(String, String)>,
+}
+
+impl Tx<'_> {
+    /// One server by id, if there is one.
+    pub fn server(&self, id: &str) -> Result<Option<Server>> {
+        let t = self.txn.open_table(SERVERS)?;
+        let v = t.get(id)?;
+        v.map(|v| decode(id, v.value())).transpose()
+    }
+
+    /// One server by id.
+    pub fn require(&self, id: &str) -> Result<Server> {
+        self.server(id)?
+            .ok_or_else(|| InventoryError::NotFound(id.to_string()))
+    }
+
+    /// Stores a server (stamping `updated_at`) and indexes its MACs.
+    pub fn put(&self, s: &mut Server) -> Result<()> {
+        s.updated_at = now();
+        self.txn
+            .open_table(SERVERS)?
+            .insert(s.id.as_str(), encode(s).as_slice())?;
+        let mut by_mac = self.txn.open_table(BY_MAC)?;
+        for m in &s.macs {
+            by_mac.insert(m.as_str(), s.id.as_str())?;
+        }
+        Ok(())
+    }
+
+    /// The secret (its hash) of a server's current window.
+    pub fn grant(&self, id: &str) -> Result<Option<Grant>> {
+        let t = self.txn.open_table(GRANTS)?;
+        let v = t.get(id)?;
+        v.map(|v| {
+            serde_json::from_slice(v.value()).map_err(|source| InventoryError::Corrupt {
+                id: format!("grant of {id}"),
+                source,
+            })
+        })
+        .transpose()
+    }
+
+    /// Sets (or with `None`, revokes) a server's window secret.
+    pub fn set_grant(&self, id: &str, grant: Option<&Grant>) -> Result<()> {
+        let mut t = self.txn.open_table(GRANTS)?;
+        match grant {
+            // Serialising a plain struct to JSON cannot fail.
+            Some(g) => {
+                t.insert(id, serde_json::to_vec(g).unwrap_or_default().as_slice())?;
             }
+            None => {
+                t.remove(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every server registered under `uuid`.
+    pub fn with_uuid(&self, uuid: &str) -> Result<Vec<Server>> {
+        let ids: Vec<String> = self
+            .txn
+            .open_multimap_table(BY_UUID)?
+            .get(uuid)?
+            .map(|g| g.map(|g| g.value().to_string()))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut out = Vec::new();
+        for id in ids {
+            out.extend(self.server(&id)?);
+        }
+        Ok(out)
+    }
+
+    /// Finds the server a registration speaks of: the one with its UUID sharing a MAC
+    /// (or one registered without MACs), and any MAC it reports that another server owns.
+    pub fn resolve(&self, reg: &ValidRegistration) -> Result<Resolved> {
+        let mut others = self.with_uuid(&reg.uuid)?;
+        let existing = others
+            .iter()
+            .position(|s| s.macs.is_empty() || s.macs.iter().any(|m| reg.macs.contains(m)))
+            .map(|i| others.swap_remove(i));
+        let by_mac = self.txn.open_table(BY_MAC)?;
+        let mut foreign_macs = Vec::new();
+        for m in &reg.macs {
+            if let Some(owner) = by_mac.get(m.as_str())?.map(|g| g.value().to_string())
+                && existing.as_ref().is_none_or(|e| e.id != owner)
+                && self.server(&owner)?.is_some()
+            {
+                foreign_macs.push((m.clone(), owner));
+            }
+        }
+        Ok(Resolved {
+            existing,
+            others,
+            foreign_macs,
         })
     }
 
-    /// The address a server last booted from (for `/configdata`'s same-source rule).
-    pub fn last_boot_source(&self, id: &str) -> Result<Option<IpAddr>> {
-        Ok(self.get(id)?.last_boot.and_then(|g| g.source))
+    /// Creates the server a registration describes. With `others` (servers already
+    /// registered under the same UUID) it is `<uuid>-<mac>`, and all are flagged
+    /// `uuid_conflict`.
+    pub fn create(&self, reg: &ValidRegistration, others: &[Server]) -> Result<Server> {
+        let conflict = !others.is_empty();
+        let id = match reg.macs.first() {
+            Some(m) if conflict => format!("{}-{}", reg.uuid, m.replace(':', "")),
+            _ => reg.uuid.clone(),
+        };
+        if self.server(&id)?.is_some() {
+            return Err(InventoryError::Conflict(format!(
+                "server {id} already exists"
+            )));
+        }
+        if conflict {
+            tracing::warn!(
+                uuid = %reg.uuid,
+                id,
+                "another machine already registered with this UUID; keeping both apart by MAC"
+            );
+            for other in others {
+                let mut other = other.clone();
+                if !other.uuid_conflict {
+                    other.uuid_conflict = true;
+                    self.put(&mut other)?;
+                }
+            }
+        }
+        let now = now();
+        let mut s = Server {
+            id,
+            uuid: reg.uuid.clone(),
+            macs: Vec::new(),
+            hardware: Default::default(),
+            labels: Default::default(),
+            accepted: false,
+            cordoned: false,
+            environment: None,
+            bmc_address: None,
+            bmc: None,
+            power: Default::default(),
+            uuid_conflict: conflict,
+            has_config: false,
+            registered_at: now,
+            updated_at: now,
+            boot_history: Default::default(),
+            window: None,
+            alarm: None,
+            arm_key: None,
+            refusals: Default::default(),
+            provisioning: Default::default(),
+        };
+        self.txn
+            .open_multimap_table(BY_UUID)?
+            .insert(reg.uuid.as_str(), s.id.as_str())?;
+        self.apply_registration(&mut s, reg)?;
+        Ok(s)
+    }
+
+    /// Makes a server what its registration reports (MACs, hardware, the BMC's address)
+    /// and stores it; MACs it no longer reports leave the index.
+    pub fn apply_registration(&self, s: &mut Server, reg: &ValidRegistration) -> Result<()> {
+        {
+            let mut by_mac = self.txn.open_table(BY_MAC)?;
+            for old in s.macs.iter().filter(|m| !reg.macs.contains(m)) {
+                let owner = by_mac.get(old.as_str())?.map(|g| g.value().to_string());
+                if owner.as_deref() == Some(s.id.as_str()) {
+                    by_mac.remove(old.as_str())?;
+                }
+            }
+        }
+        s.macs = reg.macs.clone();
+        s.hardware = reg.hardware.clone();
+        if let Some(bmc) = &reg.hardware.bmc
+            && !bmc.ip.is_empty()
+        {
+            s.bmc_address = Some(bmc.ip.clone());
+        }
+        self.put(s)
+    }
+
+    /// A server's configuration blob (as stored: sealed).
+    pub fn config(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        let c = self.txn.open_table(CONFIGS)?;
+        let v = c.get(id)?;
+        Ok(v.map(|v| v.value().to_vec()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registration::{Hardware, Nic};
+    use crate::registration::{Hardware, Nic, RegistrationRequest};
 
-    fn req(macs: &[&str]) -> RegistrationRequest {
+    const U: &str = "03000200-0400-0500-0006-000700080009";
+
+    fn reg(macs: &[&str]) -> ValidRegistration {
         RegistrationRequest {
-            uuid: String::new(),
+            uuid: U.into(),
             hardware: Hardware {
                 vendor: "QEMU".into(),
                 nics: macs
@@ -525,28 +655,40 @@ mod tests {
             },
             mode: "discover".into(),
         }
+        .validate()
+        .unwrap()
     }
 
-    const U: &str = "03000200-0400-0500-0006-000700080009";
+    /// Registers as the core does once a registration may change the inventory: the
+    /// server it names updated, else created. Whether it was created.
+    fn register(inv: &Inventory, macs: &[&str]) -> (Server, bool) {
+        let r = reg(macs);
+        inv.write(|t| {
+            let found = t.resolve(&r)?;
+            match found.existing {
+                Some(mut s) => {
+                    t.apply_registration(&mut s, &r)?;
+                    Ok((s, false))
+                }
+                None => Ok((t.create(&r, &found.others)?, true)),
+            }
+        })
+        .unwrap()
+    }
 
     #[test]
     fn duplicate_uuids_do_not_merge() {
         let dir = tempfile::tempdir().unwrap();
         let inv = Inventory::open(&dir.path().join("i.redb")).unwrap();
-        let a = inv.register(&req(&["52:54:00:00:00:01"]), U).unwrap();
-        assert!(a.created);
-        assert_eq!(a.server.id, U);
-        let again = inv
-            .register(&req(&["52:54:00:00:00:01", "52:54:00:00:01:01"]), U)
-            .unwrap();
-        assert!(
-            !again.created,
-            "same UUID and a shared MAC is the same machine"
-        );
-        let b = inv.register(&req(&["52:54:00:00:00:02"]), U).unwrap();
-        assert!(b.created);
-        assert_eq!(b.server.id, format!("{U}-525400000002"));
-        assert!(b.server.uuid_conflict);
+        let (a, created) = register(&inv, &["52:54:00:00:00:01"]);
+        assert!(created);
+        assert_eq!(a.id, U);
+        let (_, created) = register(&inv, &["52:54:00:00:00:01", "52:54:00:00:01:01"]);
+        assert!(!created, "same UUID and a shared MAC is the same machine");
+        let (b, created) = register(&inv, &["52:54:00:00:00:02"]);
+        assert!(created);
+        assert_eq!(b.id, format!("{U}-525400000002"));
+        assert!(b.uuid_conflict);
         assert!(inv.get(U).unwrap().uuid_conflict);
         assert_eq!(inv.list().unwrap().len(), 2);
         // Booting: the MAC tells them apart; the UUID alone is ambiguous.
@@ -555,7 +697,7 @@ mod tests {
                 .unwrap()
                 .unwrap()
                 .id,
-            b.server.id
+            b.id
         );
         assert_eq!(
             inv.find_for_boot(Some(U), Some("52:54:00:00:01:01"))
@@ -565,9 +707,20 @@ mod tests {
             U
         );
         assert!(inv.find_for_boot(Some(U), None).unwrap().is_none());
+        // A MAC of one server reported for another is found, never silently moved.
+        let r = reg(&["52:54:00:00:00:01", "52:54:00:00:00:02"]);
+        let found = inv.write(|t| t.resolve(&r)).unwrap();
+        assert_eq!(found.existing.unwrap().id, U);
+        assert_eq!(
+            found.foreign_macs,
+            vec![("52:54:00:00:00:02".to_string(), b.id.clone())]
+        );
+        // A MAC the machine no longer reports leaves the index.
+        register(&inv, &["52:54:00:00:01:01"]);
         assert!(
-            inv.register(&req(&[]), U).is_ok(),
-            "no MACs: updates the first, not an error"
+            inv.find_for_boot(None, Some("52:54:00:00:00:01"))
+                .unwrap()
+                .is_none()
         );
     }
 
@@ -577,7 +730,7 @@ mod tests {
         let path = dir.path().join("i.redb");
         {
             let inv = Inventory::open(&path).unwrap();
-            inv.register(&req(&["52:54:00:00:00:01"]), U).unwrap();
+            register(&inv, &["52:54:00:00:00:01"]);
             inv.update(U, |s| s.accepted = true).unwrap();
             inv.set_config(U, Some(b"machine: {}")).unwrap();
             for i in 0..30 {
@@ -589,7 +742,6 @@ mod tests {
                         environment: None,
                         source: None,
                     },
-                    None,
                 )
                 .unwrap();
             }
@@ -631,7 +783,7 @@ mod tests {
     fn one_machine_holds_a_server_until_it_is_released_and_wiped() {
         let dir = tempfile::tempdir().unwrap();
         let inv = Inventory::open(&dir.path().join("i.redb")).unwrap();
-        inv.register(&req(&["52:54:00:00:00:01"]), U).unwrap();
+        register(&inv, &["52:54:00:00:00:01"]);
         let (s, fresh) = inv.claim(U, claim("a"), b"config-a").unwrap();
         assert!(fresh && s.has_config && s.provisioning.dirty);
         assert_eq!(inv.config(U).unwrap().unwrap(), b"config-a");

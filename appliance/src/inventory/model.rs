@@ -52,9 +52,20 @@ pub struct Server {
     pub updated_at: u64,
     #[serde(default)]
     pub boot_history: VecDeque<BootRecord>,
-    /// The grant of the latest boot script, which `/configdata` checks.
+    /// The latest provisioning window: when the appliance expected this machine to boot,
+    /// and who claimed it (its secrets are kept apart, hashed, in the inventory).
     #[serde(default)]
-    pub last_boot: Option<BootGrant>,
+    pub window: Option<Window>,
+    /// A window tripped or a secret replayed: no secrets for this server until an
+    /// operator arms it again.
+    #[serde(default)]
+    pub alarm: Option<Alarm>,
+    /// Kubernetes mode: the last `spec.arm` value acted on (a new one opens a window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arm_key: Option<String>,
+    /// Registrations refused for this server, latest last (bounded).
+    #[serde(default)]
+    pub refusals: VecDeque<Refusal>,
     /// The server's part in a cluster: claimed, installed, released, wiped.
     #[serde(default)]
     pub provisioning: Provisioning,
@@ -168,17 +179,241 @@ impl PowerRecord {
     }
 }
 
-/// What a machine was handed with its boot script.
+/// Refusals kept on a server.
+pub const REFUSALS_LEN: usize = 10;
+/// Uses of a window's secret kept on the window.
+pub const SECRET_USES_LEN: usize = 10;
+
+/// A provisioning window: a span in which the appliance expects this server to boot,
+/// because it powered the machine on through its BMC or an operator armed it. Its first
+/// matching requester is the claimant, the only one ever handed the boot's secret; any
+/// other requester trips it. It closes when the secret is used, at `expires_at`, or when
+/// it trips.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BootGrant {
-    /// One-time token placed on the kernel command line.
-    pub token: String,
-    /// Address the boot script was fetched from.
-    pub source: Option<IpAddr>,
-    pub issued_at: u64,
+pub struct Window {
+    /// Random, for logs and to tie a secret to its window.
+    pub id: String,
+    pub opened_at: u64,
+    pub expires_at: u64,
+    /// `power on`, `power cycle`, `armed by the admin API`, `armed by spec.arm`, …
+    pub opened_by: String,
+    /// The first matching `/boot.ipxe` requester.
+    #[serde(default)]
+    pub claimant: Option<Requester>,
+    /// What was handed to the claimant (never the secret itself), and when.
+    #[serde(default)]
+    pub issued: Option<SecretKind>,
+    #[serde(default)]
+    pub issued_at: Option<u64>,
+    /// Each use of the secret, oldest first (bounded).
+    #[serde(default)]
+    pub uses: Vec<SecretUse>,
+    #[serde(default)]
+    pub closed: Option<WindowClose>,
+}
+
+impl Window {
+    /// Still open at `now`: not closed and not past its deadline.
+    pub fn is_open(&self, now: u64) -> bool {
+        self.closed.is_none() && now < self.expires_at
+    }
+
+    /// `open`, `claimed`, `used`, `expired`, `tripped`, `disarmed`, `replaced` or
+    /// `power-failed`.
+    pub fn state(&self, now: u64) -> &'static str {
+        match &self.closed {
+            Some(c) => c.why.name(),
+            None if now >= self.expires_at => "expired",
+            None if self.claimant.is_some() => "claimed",
+            None => "open",
+        }
+    }
+
+    /// The first use of the secret for `what`.
+    pub fn first_use(&self, what: &str) -> Option<&SecretUse> {
+        self.uses.iter().find(|u| u.what == what)
+    }
+
+    /// Records a use of the secret.
+    pub fn push_use(&mut self, use_: SecretUse) {
+        self.uses.push(use_);
+        if self.uses.len() > SECRET_USES_LEN {
+            self.uses.remove(0);
+        }
+    }
+}
+
+/// How a window ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowClose {
+    pub at: u64,
+    pub why: CloseReason,
+}
+
+/// Why a window closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CloseReason {
+    /// Its secret was used (configuration fetched, registration made).
+    Used,
+    /// A second requester, or a replayed secret: see the server's alarm.
+    Tripped,
+    /// An operator closed it.
+    Disarmed,
+    /// A newer window took its place.
+    Replaced,
+    /// The power-on that opened it failed.
+    PowerFailed,
+}
+
+impl CloseReason {
+    /// The reason's name in the API, in metrics and in Kubernetes.
+    pub fn name(self) -> &'static str {
+        match self {
+            CloseReason::Used => "used",
+            CloseReason::Tripped => "tripped",
+            CloseReason::Disarmed => "disarmed",
+            CloseReason::Replaced => "replaced",
+            CloseReason::PowerFailed => "power-failed",
+        }
+    }
+}
+
+/// Who asked for a server's boot: what its firmware said and where it asked from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requester {
+    pub source: IpAddr,
+    #[serde(default)]
+    pub mac: Option<String>,
+    #[serde(default)]
+    pub uuid: Option<String>,
+    pub at: u64,
+}
+
+impl Requester {
+    /// The same machine as `other`, as far as the network shows: same address, same MAC.
+    pub fn same_as(&self, other: &Requester) -> bool {
+        self.source == other.source && self.mac == other.mac
+    }
+}
+
+impl std::fmt::Display for Requester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (mac {}, uuid {})",
+            self.source,
+            self.mac.as_deref().unwrap_or("none"),
+            self.uuid.as_deref().unwrap_or("none")
+        )
+    }
+}
+
+/// The kinds of secret a boot can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum SecretKind {
+    /// The token `/configdata` and `/configdata/done` need (an environment boot).
+    ConfigToken,
+    /// The registration secret of a discover boot: may change this server's record.
+    DiscoverSecret,
+    /// The registration secret of a wipe boot: its report marks the server clean.
+    WipeSecret,
+}
+
+impl SecretKind {
+    /// The kind's name in the API and in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            SecretKind::ConfigToken => "config-token",
+            SecretKind::DiscoverSecret => "discover-secret",
+            SecretKind::WipeSecret => "wipe-secret",
+        }
+    }
+}
+
+/// One use of a window's secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretUse {
+    pub at: u64,
+    pub source: IpAddr,
+    /// `configdata`, `done`, `registration` or `wipe-report`.
+    pub what: String,
+}
+
+/// What tripped a server's window; stands until an operator arms the server again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alarm {
+    pub at: u64,
+    pub kind: AlarmKind,
+    /// The window it happened in.
+    pub window: String,
+    /// The claimant, when there was one.
+    #[serde(default)]
+    pub first: Option<Requester>,
+    /// The requester that tripped it.
+    pub second: Requester,
+    pub message: String,
+}
+
+/// Kinds of alarm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AlarmKind {
+    /// A second machine asked for the server's boot in its window.
+    SecondRequester,
+    /// A secret of the window was presented from another address than its user's.
+    SecretReplayed,
+}
+
+impl AlarmKind {
+    /// The kind's name in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            AlarmKind::SecondRequester => "second_requester",
+            AlarmKind::SecretReplayed => "secret_replayed",
+        }
+    }
+
+    /// The kind as a Kubernetes reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            AlarmKind::SecondRequester => "SecondRequester",
+            AlarmKind::SecretReplayed => "SecretReplayed",
+        }
+    }
+}
+
+/// A registration refused for a server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub at: u64,
+    pub source: IpAddr,
+    pub reason: String,
+}
+
+/// A window's secret as the inventory keeps it (apart from the server record, which
+/// the admin API shows): its hash, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// The window the secret belongs to.
+    pub window: String,
+    pub kind: SecretKind,
+    /// Hex sha256 of the secret.
+    pub sha256: String,
+    /// Where the claimant asked from.
+    pub source: IpAddr,
 }
 
 impl Server {
+    /// Records a refused registration in the bounded list.
+    pub fn push_refusal(&mut self, refusal: Refusal) {
+        self.refusals.push_back(refusal);
+        while self.refusals.len() > REFUSALS_LEN {
+            self.refusals.pop_front();
+        }
+    }
+
     /// Appends a boot to the bounded history.
     pub fn push_boot(&mut self, record: BootRecord) {
         self.boot_history.push_back(record);

@@ -10,8 +10,8 @@
 //! | `machine.uuid`, `.mac`, `.arch`, `.address` | what the machine said, and its source address |
 //! | `server` | the inventory record (`id`, `accepted`, `cordoned`, `labels`, `hardware`, …) or empty |
 //! | `env.name`, `.kernel_url`, `.kernel_name`, `.initrds[].name`, `.initrds[].url`, `.cmdline` | the environment to boot |
-//! | `boot_token` | one-time token for this boot (for `/configdata`) |
-//! | `registration_token` | token the discovery agent registers with |
+//! | `boot_token` | this boot's `/configdata` token: only for the claimant of a provisioning window, empty otherwise |
+//! | `registration_token` | this boot's registration secret (discover and wipe boots): single-use, bound to the boot; never the shared token |
 //! | `local_disk.method` | `exit`, `sanboot` or `http-404` |
 //! | `reason` | why a boot was denied |
 //!
@@ -173,7 +173,10 @@ mod tests {
             .get(ScriptKind::Deny)
             .render(&example_context("deny"))
             .unwrap();
-        assert!(deny.contains("not%20allowed"), "{deny}");
+        assert!(
+            deny.contains(": not allowed\n"),
+            "a readable reason: {deny}"
+        );
     }
 
     #[test]

@@ -36,6 +36,19 @@ pub fn escape_ipxe(s: &str) -> String {
     utf8_percent_encode(s, IPXE_SAFE).to_string()
 }
 
+/// Text as an `echo` line may show it: see [`Filter::Text`].
+fn readable(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            c if c.is_ascii_alphanumeric() => c,
+            ' ' | '.' | ',' | ':' | ';' | '(' | ')' | '/' | '-' | '_' | '@' | '=' | '+' | '!'
+            | '?' | '%' | '[' | ']' | '<' | '>' | '*' | '~' => c,
+            c if c.is_whitespace() => ' ',
+            _ => '_',
+        })
+        .collect()
+}
+
 fn truthy(v: &Value) -> bool {
     match v {
         Value::Null => false,
@@ -130,6 +143,10 @@ impl Scope<'_> {
                     s = utf8_percent_encode(&s, URL_SAFE).to_string();
                     escaped = true;
                 }
+                Filter::Text => {
+                    s = readable(&s);
+                    escaped = true;
+                }
                 Filter::Upper => s = s.to_uppercase(),
                 Filter::Lower => s = s.to_lowercase(),
             }
@@ -216,6 +233,15 @@ mod tests {
 
     fn render(src: &str, ctx: Value) -> Result<String, TemplateError> {
         Template::parse("t", src)?.render(&ctx)
+    }
+
+    #[test]
+    fn text_is_readable_and_inert() {
+        let ctx = serde_json::json!({"r": "server X's window (a b): ${x} && y || z \"q\" #\nnext"});
+        assert_eq!(
+            render("{{ r | text }}", ctx).unwrap(),
+            "server X_s window (a b): __x_ __ y __ z _q_ _ next"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! {{ machine.uuid }}                 value, escaped for the iPXE command line
-//! {{ env.cmdline | raw }}            filters: raw, url, upper, lower
+//! {{ env.cmdline | raw }}            filters: raw, url, text, upper, lower
 //! {% if server.accepted and not server.cordoned %} … {% elif x == "y" %} … {% else %} … {% endif %}
 //! {% for initrd in env.initrds %} {{ initrd.url }} {{ loop.index }} {% endfor %}
 //! {# a comment #}
@@ -50,6 +50,10 @@ pub enum Filter {
     Raw,
     /// Percent-encode for a URL query component.
     Url,
+    /// Readable text for an `echo` line: letters, digits, spaces and plain punctuation
+    /// stay; whatever iPXE could read as syntax (`$`, `&`, `|`, quotes, `\`, `#`) or a
+    /// line break becomes `_` or a space.
+    Text,
     Upper,
     Lower,
 }
@@ -131,6 +135,7 @@ fn filter(i: &str) -> IResult<&str, Filter> {
         alt((
             map(tag("raw"), |_| Filter::Raw),
             map(tag("url"), |_| Filter::Url),
+            map(tag("text"), |_| Filter::Text),
             map(tag("upper"), |_| Filter::Upper),
             map(tag("lower"), |_| Filter::Lower),
         )),

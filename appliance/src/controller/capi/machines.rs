@@ -13,7 +13,10 @@
 //! 4. stage the bootstrap data in the local inventory (the core then serves it at
 //!    `/configdata` to that machine only, and boots it into its install environment);
 //! 5. power: the MetalMachine's `bmc` (credentials from a Secret preferred) or the
-//!    Server's; next boot PXE, then a power cycle (or on, when it is off);
+//!    Server's; next boot PXE, then a power cycle (or on, when it is off), which opens
+//!    the Server's provisioning window (its configuration goes only to the first
+//!    machine to boot in it). A Server without a BMC waits until an operator arms it
+//!    (`spec.arm`) and powers it by hand. A tripped window stops here until re-armed;
 //! 6. report: `status.addresses` from the Server's NICs, `initialization.provisioned`,
 //!    and the `Installed` condition once the install environment reports.
 //!
@@ -505,11 +508,21 @@ async fn provision(
         ctx.core.set_bmc_if_changed(&id, settings, pass).await?;
     }
     let local = ctx.core.server(&id).await?;
-    if local.bmc.is_none() {
+    // A tripped window stops the machine: its secrets went (or nearly went) to someone
+    // else, and only an operator can say which asker was real.
+    if let Some(alarm) = &local.alarm {
+        report.step(
+            "PoweredOn",
+            false,
+            "ProvisioningWindowTripped",
+            &alarm.message,
+            true,
+        );
         return Err(Blocked::failed(
-            "NoBMC",
+            "ProvisioningWindowTripped",
             format!(
-                "neither the MetalMachine nor Server {name} says how to reach a BMC (spec.bmc)"
+                "{}; nothing is handed out until Server {name} is armed again (spec.arm)",
+                alarm.message
             ),
             RETRY * 2,
         )
@@ -523,6 +536,33 @@ async fn provision(
         .as_ref()
         .is_some_and(|c| c.uid == uid && c.powered_at.is_some());
     if powered {
+        return Ok(Progress::Done(Box::new(local)));
+    }
+    if local.bmc.is_none() {
+        // Without a BMC the appliance cannot open the window itself: an operator arms
+        // the Server and powers the machine on by hand.
+        let armed = local
+            .window
+            .as_ref()
+            .is_some_and(|w| w.is_open(crate::inventory::now()) && w.claimant.is_none());
+        if !armed {
+            return Err(Blocked::failed(
+                "NoBMC",
+                format!(
+                    "neither the MetalMachine nor Server {name} says how to reach a BMC (spec.bmc); or arm the Server (spec.arm) and power the machine on by hand"
+                ),
+                RETRY * 2,
+            )
+            .into());
+        }
+        report.step(
+            "PoweredOn",
+            true,
+            "Armed",
+            &format!("Server {name} is armed: power the machine on by hand, into PXE"),
+            false,
+        );
+        let local = ctx.core.mark_powered(&id, &uid).await?;
         return Ok(Progress::Done(Box::new(local)));
     }
     power_into_install(ctx, &id, &name, &uid, report).await?;

@@ -1,8 +1,11 @@
-//! BMC passwords at rest: sealed with AES-256-GCM under a key kept in its own file in the
-//! data folder (mode 0600, created on first use), bound to the server's id as associated
-//! data so a sealed password copied to another server's row does not open. The inventory
-//! stores only the sealed bytes; a password is opened just before a login and never
-//! logged, returned by the API, or handed to a plugin.
+//! Secrets at rest: BMC passwords and machine configurations (a cluster's bootstrap data
+//! holds its CA keys), sealed with AES-256-GCM under a key kept in its own file in the
+//! data folder (mode 0600, created on first use). Each is bound to its server's id and to
+//! what it is as associated data, so sealed bytes copied to another server's row, or a
+//! sealed password put where a configuration belongs, do not open. The inventory stores
+//! only the sealed bytes; a password is opened just before a login, a configuration just
+//! before it is served to its machine, and neither is logged, returned by the admin API
+//! or handed to a plugin.
 
 use std::path::{Path, PathBuf};
 
@@ -16,19 +19,19 @@ const NONCE_LEN: usize = 12;
 /// Why sealing or opening failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
-    #[error("BMC credential key {path}: {source}")]
+    #[error("secrets key {path}: {source}")]
     Key {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("BMC credential key {0} is not 32 bytes: refusing to use or replace it")]
+    #[error("secrets key {0} is not 32 bytes: refusing to use or replace it")]
     KeyLength(PathBuf),
     #[error(
-        "the stored BMC password of {0} does not open with this appliance's key (a different key file, or a damaged record)"
+        "the stored {0} does not open with this appliance's key (a different key file, or a damaged record)"
     )]
     Open(String),
-    #[error("cannot seal the BMC password of {0}")]
+    #[error("cannot seal the {0}")]
     Seal(String),
 }
 
@@ -67,44 +70,63 @@ impl Sealer {
 
     /// Seals `password` for server `id`.
     pub fn seal(&self, id: &str, password: &str) -> Result<Vec<u8>, SealError> {
-        let mut nonce = [0u8; NONCE_LEN];
-        getrandom::fill(&mut nonce).map_err(|_| SealError::Seal(id.into()))?;
-        let sealed = self
-            .cipher
-            .encrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: password.as_bytes(),
-                    aad: id.as_bytes(),
-                },
-            )
-            .map_err(|_| SealError::Seal(id.into()))?;
-        let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
-        out.push(VERSION);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&sealed);
-        Ok(out)
+        self.seal_as(id.as_bytes(), password.as_bytes())
+            .ok_or_else(|| SealError::Seal(format!("BMC password of {id}")))
     }
 
     /// Opens what [`Sealer::seal`] sealed for `id`.
     pub fn open(&self, id: &str, sealed: &[u8]) -> Result<String, SealError> {
-        let bad = || SealError::Open(id.into());
-        if sealed.len() < 1 + NONCE_LEN + 16 || sealed[0] != VERSION {
-            return Err(bad());
-        }
-        let nonce: [u8; NONCE_LEN] = sealed[1..1 + NONCE_LEN].try_into().map_err(|_| bad())?;
-        let plain = self
+        let bad = || SealError::Open(format!("BMC password of {id}"));
+        let plain = self.open_as(id.as_bytes(), sealed).ok_or_else(bad)?;
+        String::from_utf8(plain).map_err(|_| bad())
+    }
+
+    /// Seals server `id`'s configuration blob.
+    pub fn seal_config(&self, id: &str, blob: &[u8]) -> Result<Vec<u8>, SealError> {
+        self.seal_as(&config_aad(id), blob)
+            .ok_or_else(|| SealError::Seal(format!("configuration of {id}")))
+    }
+
+    /// Opens what [`Sealer::seal_config`] sealed for `id`.
+    pub fn open_config(&self, id: &str, sealed: &[u8]) -> Result<Vec<u8>, SealError> {
+        self.open_as(&config_aad(id), sealed)
+            .ok_or_else(|| SealError::Open(format!("configuration of {id}")))
+    }
+
+    fn seal_as(&self, aad: &[u8], msg: &[u8]) -> Option<Vec<u8>> {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).ok()?;
+        let sealed = self
             .cipher
+            .encrypt(&Nonce::from(nonce), Payload { msg, aad })
+            .ok()?;
+        let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
+        out.push(VERSION);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        Some(out)
+    }
+
+    fn open_as(&self, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() < 1 + NONCE_LEN + 16 || sealed[0] != VERSION {
+            return None;
+        }
+        let nonce: [u8; NONCE_LEN] = sealed[1..1 + NONCE_LEN].try_into().ok()?;
+        self.cipher
             .decrypt(
                 &Nonce::from(nonce),
                 Payload {
                     msg: &sealed[1 + NONCE_LEN..],
-                    aad: id.as_bytes(),
+                    aad,
                 },
             )
-            .map_err(|_| bad())?;
-        String::from_utf8(plain).map_err(|_| bad())
+            .ok()
     }
+}
+
+/// What a configuration is sealed to: never the same as a password's (a bare id).
+fn config_aad(id: &str) -> Vec<u8> {
+    [b"config\0".as_slice(), id.as_bytes()].concat()
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -130,7 +152,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sealed_passwords_open_only_for_their_server_and_key() {
+    fn sealed_secrets_open_only_for_their_server_kind_and_key() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("bmc.key");
         let s = Sealer::open_or_create(&key).unwrap();
@@ -154,6 +176,16 @@ mod tests {
         let mut damaged = sealed.clone();
         *damaged.last_mut().unwrap() ^= 1;
         assert!(s.open("server-a", &damaged).is_err());
+        // A configuration is sealed apart: neither opens as the other.
+        let config = s.seal_config("server-a", b"machine: {ca: key}").unwrap();
+        assert!(!config.windows(6).any(|w| w == b"ca: ke"));
+        assert_eq!(
+            s.open_config("server-a", &config).unwrap(),
+            b"machine: {ca: key}"
+        );
+        assert!(s.open_config("server-b", &config).is_err());
+        assert!(s.open("server-a", &config).is_err());
+        assert!(s.open_config("server-a", &sealed).is_err());
         std::fs::write(&key, b"short").unwrap();
         assert!(matches!(
             Sealer::open_or_create(&key),

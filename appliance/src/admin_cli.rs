@@ -1,6 +1,6 @@
-//! `arges bmc status|power|bootdev|set SERVER`: the admin API's power endpoints from a
-//! shell. It prints one line per answer (or the JSON with `--json`) and exits non-zero
-//! when the BMC did not do what was asked.
+//! The admin API from a shell: `arges bmc status|power|bootdev|set SERVER` (power) and
+//! `arges server arm|disarm|show SERVER` (provisioning windows). Each prints one line per
+//! answer (or the JSON with `--json`) and exits non-zero when it was not done.
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -8,11 +8,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use serde_json::{Value, json};
 
-use crate::cli::{BmcArgs, BmcCommand};
+use crate::cli::{AdminArgs, BmcArgs, BmcCommand, ServerArgs, ServerCommand};
 
 /// One request to the admin API.
 async fn call(
-    args: &BmcArgs,
+    args: &AdminArgs,
     method: &str,
     path: &str,
     body: Option<Value>,
@@ -64,8 +64,8 @@ async fn call(
     Ok((status, value))
 }
 
-/// Runs an `arges bmc` subcommand.
-pub async fn run(args: BmcArgs) -> Result<()> {
+/// `/api/v1/servers/ID`, the id percent-encoded.
+fn server_path(id: &str) -> String {
     // Unreserved characters and `:` stay as they are; anything else is encoded.
     const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
         .remove(b'-')
@@ -73,16 +73,70 @@ pub async fn run(args: BmcArgs) -> Result<()> {
         .remove(b'.')
         .remove(b'~')
         .remove(b':');
-    let server_path = |s: &str| {
-        format!(
-            "/api/v1/servers/{}",
-            percent_encoding::utf8_percent_encode(s, SEGMENT)
-        )
+    format!(
+        "/api/v1/servers/{}",
+        percent_encoding::utf8_percent_encode(id, SEGMENT)
+    )
+}
+
+/// Runs an `arges server` subcommand.
+pub async fn server(args: ServerArgs) -> Result<()> {
+    let (method, path) = match &args.command {
+        ServerCommand::Arm { server } => ("POST", format!("{}/arm", server_path(server))),
+        ServerCommand::Disarm { server } => ("POST", format!("{}/disarm", server_path(server))),
+        ServerCommand::Show { server } => ("GET", server_path(server)),
     };
+    let (status, answer) = call(&args.admin, method, &path, None).await?;
+    if args.admin.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else if let Some(e) = answer["error"].as_str() {
+        println!("error: {e}");
+    } else {
+        println!("{}", window_summary(&answer));
+    }
+    match status {
+        200 => Ok(()),
+        s => bail!("the appliance answered {s}"),
+    }
+}
+
+/// One line about a server's window and alarm.
+fn window_summary(s: &Value) -> String {
+    let id = s["id"].as_str().unwrap_or("?");
+    let w = &s["window"];
+    let window = if w.is_object() {
+        let state = match &w["closed"] {
+            Value::Object(c) => c.get("why").and_then(Value::as_str).unwrap_or("closed"),
+            _ if w["claimant"].is_object() => "claimed",
+            _ => "open until its deadline",
+        };
+        format!(
+            "window {} ({}, opened by {}, expires at {}){}",
+            w["id"].as_str().unwrap_or("?"),
+            state,
+            w["opened_by"].as_str().unwrap_or("?"),
+            w["expires_at"],
+            match w["claimant"]["source"].as_str() {
+                Some(src) => format!(", claimed by {src}"),
+                None => String::new(),
+            }
+        )
+    } else {
+        "no window".to_string()
+    };
+    match s["alarm"]["message"].as_str() {
+        Some(m) => format!("{id}: {window}; ALARM: {m}"),
+        None => format!("{id}: {window}"),
+    }
+}
+
+/// Runs an `arges bmc` subcommand.
+pub async fn bmc(args: BmcArgs) -> Result<()> {
+    let admin = &args.admin;
     let (status, answer) = match &args.command {
         BmcCommand::Status { server } => {
             call(
-                &args,
+                admin,
                 "GET",
                 &format!("{}/bmc/status", server_path(server)),
                 None,
@@ -91,7 +145,7 @@ pub async fn run(args: BmcArgs) -> Result<()> {
         }
         BmcCommand::Power { server, action } => {
             call(
-                &args,
+                admin,
                 "POST",
                 &format!("{}/bmc/power", server_path(server)),
                 Some(json!({"action": action})),
@@ -106,7 +160,7 @@ pub async fn run(args: BmcArgs) -> Result<()> {
         } => {
             let body = json!({"device": device, "persistent": persistent, "efi": !legacy});
             call(
-                &args,
+                admin,
                 "POST",
                 &format!("{}/bmc/bootdev", server_path(server)),
                 Some(body),
@@ -147,7 +201,7 @@ pub async fn run(args: BmcArgs) -> Result<()> {
                 "password": password, "driver": driver, "tls": tls,
             });
             call(
-                &args,
+                admin,
                 "PUT",
                 &format!("{}/bmc", server_path(server)),
                 Some(body),
@@ -155,7 +209,7 @@ pub async fn run(args: BmcArgs) -> Result<()> {
             .await?
         }
     };
-    if args.json {
+    if admin.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
     } else {
         println!("{}", summary(&answer));
