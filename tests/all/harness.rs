@@ -310,3 +310,16 @@ pub fn registration(i: u32) -> (String, Vec<u8>) {
     });
     (uuid, serde_json::to_vec(&body).unwrap())
 }
+
+/// The value of `key=` on a script's kernel command line (empty when it is empty).
+pub fn param(script: &str, key: &str) -> String {
+    let at = format!("{key}=");
+    script
+        .split_whitespace()
+        .flat_map(|w| w.split('&'))
+        .find_map(|w| w.strip_prefix(at.as_str()))
+        .unwrap_or_default()
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .collect()
+}

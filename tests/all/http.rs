@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::harness::{ADMIN_TOKEN, Appliance, REG_TOKEN, random_file, require, run};
+use crate::harness::{ADMIN_TOKEN, Appliance, REG_TOKEN, param, random_file, require, run};
 
 pub const UUID_A: &str = "4c4c4544-0042-3510-8051-b4c04f595031";
 pub const MAC_A: &str = "b8:ca:3a:00:00:0a";
@@ -37,19 +37,6 @@ pub fn boot(a: &Appliance, from: &str) -> (u16, String) {
     let url = a.url(&format!("/boot.ipxe?uuid={UUID_A}&mac={MAC_A}&arch=x86_64"));
     let (s, b, _) = curl(&["--interface", from, &url]);
     (s, String::from_utf8_lossy(&b).into_owned())
-}
-
-/// The value of `key=` on a script's kernel command line (empty when it is empty).
-pub fn param(script: &str, key: &str) -> String {
-    let at = format!("{key}=");
-    script
-        .split_whitespace()
-        .flat_map(|w| w.split('&'))
-        .find_map(|w| w.strip_prefix(at.as_str()))
-        .unwrap_or_default()
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric())
-        .collect()
 }
 
 /// The agent registers recorded machine `machine` with the shared registration token.

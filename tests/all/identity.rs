@@ -6,8 +6,8 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::{ADMIN_TOKEN, Appliance, REG_TOKEN};
-use crate::http::{MAC_A, UUID_A, curl, param, register_machine, register_with};
+use crate::harness::{ADMIN_TOKEN, Appliance, REG_TOKEN, param};
+use crate::http::{MAC_A, UUID_A, curl, register_machine, register_with};
 
 const REAL: &str = "127.0.0.1";
 const THIEF: &str = "127.0.0.9";

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::cluster_api::ClusterApi;
 use crate::control_plane::{ControlPlane, eventually, within};
-use crate::harness::{ADMIN_TOKEN, Appliance, REG_TOKEN};
+use crate::harness::{ADMIN_TOKEN, Appliance, REG_TOKEN, param};
 use crate::ipmi_sim::Bmc;
 use crate::{UUID_1, UUID_2, accept, boot_script, ensure_namespace, register, wait_for_server};
 
@@ -160,13 +160,11 @@ fn pool_state(cp: &ControlPlane, a: &Appliance, capi: &ClusterApi) -> String {
     )
 }
 
-/// The token on the kernel command line of a boot script.
+/// The `/configdata` token on the kernel command line of a boot script.
 fn token(script: &str) -> String {
-    let at = script.find("token=").expect("a token in the script") + "token=".len();
-    script[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .collect()
+    let t = param(script, "token");
+    assert!(!t.is_empty(), "a token in the script:\n{script}");
+    t
 }
 
 fn events(cp: &ControlPlane, name: &str) -> String {
@@ -309,25 +307,44 @@ fn the_guide_s_cluster_is_provisioned_by_real_cluster_api_and_cabpt() {
         );
         (s == "false/false/Wiping").then_some(())
     });
+    // The release power-cycled the machine through its BMC: that opened a window, and
+    // the wipe boot claiming it carries the wipe's own registration secret.
     let wipe = boot_script(&a, UUID_1, MAC_1);
     assert!(wipe.contains("arges.mode=wipe"), "{wipe}");
+    let secret = param(&wipe, "arges.token");
+    assert_eq!(secret.len(), 64, "{wipe}");
     // The wipe environment's agent wipes the disks (device nodes under a copy of the
-    // recorded machine), then registers in wipe mode: clean and free again.
+    // recorded machine), then registers in wipe mode: clean and free again. A forged
+    // report (the shared token, which any hand-run agent has) counts for nothing.
     let root = wipe_root("a", &["nvme0n1", "sda", "loop0"]);
-    let out = std::process::Command::new(crate::harness::bin())
-        .args(["agent", "--appliance", &a.url(""), "--token", REG_TOKEN])
-        .args([
-            "--timeout",
-            "20",
-            "--uuid",
-            UUID_1,
-            "--mode",
-            "wipe",
-            "--root",
-        ])
-        .arg(root.path())
-        .output()
-        .unwrap();
+    let wipe_agent = |token: &str| {
+        std::process::Command::new(crate::harness::bin())
+            .args(["agent", "--appliance", &a.url(""), "--token", token])
+            .args([
+                "--timeout",
+                "20",
+                "--uuid",
+                UUID_1,
+                "--mode",
+                "wipe",
+                "--root",
+            ])
+            .arg(root.path())
+            .output()
+            .unwrap()
+    };
+    let forged = wipe_agent(REG_TOKEN);
+    assert_eq!(forged.status.code(), Some(3), "{forged:?}");
+    assert!(
+        String::from_utf8_lossy(&forged.stderr).contains("wipe report counts only"),
+        "{forged:?}"
+    );
+    assert_eq!(
+        cp.field(&["server", UUID_1], "{.status.clean}/{.status.phase}"),
+        "false/Wiping",
+        "a forged wipe report leaves the server dirty"
+    );
+    let out = wipe_agent(&secret);
     assert!(
         out.status.success(),
         "{}",

@@ -259,6 +259,19 @@ spec:
         "{range .status.addresses[*]}{.type}={.address} {end}",
     );
     assert!(addresses.contains("InternalIP=10.77.0.1"), "{addresses}");
+    // The window the appliance opened by power-cycling it was claimed by the machine
+    // itself (its lease), whose fetch spent the token.
+    let server: Value =
+        serde_json::from_str(&lab.api("GET", &format!("/api/v1/servers/{}", m.uuid), None))
+            .unwrap();
+    let w = &server["window"];
+    assert!(
+        w["opened_by"] == "power on" || w["opened_by"] == "power cycle",
+        "{server}"
+    );
+    assert_eq!(w["claimant"]["source"], "10.77.0.1", "{server}");
+    assert_eq!(w["closed"]["why"], "used", "{server}");
+    assert!(server["alarm"].is_null(), "{server}");
     // What the machine fetched is the Machine's bootstrap data.
     let value = crate::cluster_api::bootstrap_data(&cp, NS, "controlplane-0");
     let serial = lab.serial(&m);
