@@ -398,3 +398,33 @@ fn configurations_are_sealed_at_rest_and_tokens_never_shown() {
         (200, CONFIG.to_string())
     );
 }
+
+#[test]
+fn the_cli_arms_shows_and_disarms_a_window() {
+    let a = provisioned_machine("");
+    let cli = |args: &[&str]| {
+        let out = crate::harness::run(
+            std::process::Command::new(crate::harness::bin())
+                .args(["server", "--url", &a.url(""), "--token", ADMIN_TOKEN])
+                .args(args),
+        );
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = cli(&["arm", UUID_A]);
+    assert!(ok && out.contains("opened by the admin API"), "{out}");
+    boot_from(&a, REAL);
+    let (ok, out) = cli(&["show", UUID_A]);
+    assert!(ok && out.contains("claimed by 127.0.0.1"), "{out}");
+    let (ok, out) = cli(&["disarm", UUID_A]);
+    assert!(ok && out.contains("(disarmed"), "{out}");
+    assert_eq!(
+        param(&boot_from(&a, REAL).1, "token"),
+        "",
+        "disarmed: no token"
+    );
+    let (ok, _) = cli(&["arm", "no-such-server"]);
+    assert!(!ok);
+}

@@ -287,6 +287,75 @@ fn registration_becomes_a_server_and_kubectl_drives_the_next_boot() {
 
 #[test]
 #[ignore = "real kube-apiserver (built from Go modules); tests/run-all.sh runs it"]
+fn malformed_and_refused_registrations_never_stall_the_sync_of_other_servers() {
+    let cp = ControlPlane::start();
+    cp.apply_crds();
+    ensure_namespace(&cp);
+    // The apiserver refuses one Server, whatever it holds (an admission policy, as a
+    // site might have): a stand-in for any object it will not take.
+    let (stuck, _) = harness::registration(1);
+    let policy = format!(
+        "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicy\nmetadata: {{name: no-stuck-server}}\nspec:\n  failurePolicy: Fail\n  matchConstraints:\n    resourceRules:\n    - {{apiGroups: [metal.arges.dev], apiVersions: ['*'], operations: [CREATE, UPDATE], resources: [servers, servers/status]}}\n  validations:\n  - expression: \"object.metadata.name != '{stuck}'\"\n    message: this Server is refused by site policy\n---\napiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicyBinding\nmetadata: {{name: no-stuck-server}}\nspec:\n  policyName: no-stuck-server\n  validationActions: [Deny]\n"
+    );
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], &policy);
+    assert!(out.status.success(), "{out:?}");
+    // The policy takes effect a moment after it is stored: wait until it refuses.
+    let probe = format!(
+        "apiVersion: metal.arges.dev/v1alpha1\nkind: Server\nmetadata: {{name: '{stuck}'}}\nspec: {{uuid: '{stuck}'}}\n"
+    );
+    eventually(30, "the admission policy refuses the Server", || {
+        let out = cp.kubectl_stdin(&["create", "--dry-run=server", "-f", "-"], &probe);
+        String::from_utf8_lossy(&out.stderr)
+            .contains("refused by site policy")
+            .then_some(())
+    });
+    let a = appliance(&cp.kubeconfig(), "rack-1");
+    // Garbage is refused at the edge, naming the field; it never reaches the inventory.
+    let garbage = br#"{"uuid":"11111111-2222-4333-8444-0000000000ff","hardware":{"nics":[{"name":"eth0","mac":"not-a-mac"}]}}"#;
+    let (code, body) = a.request("POST", "/api/v1/register", Some(REG_TOKEN), garbage);
+    assert_eq!(code, 400);
+    assert!(
+        String::from_utf8_lossy(&body).contains("hardware.nics[0].mac"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    // A machine whose Server the apiserver refuses registers first; the ones after it
+    // still become Servers.
+    let mut uuids = Vec::new();
+    for i in 1..=3 {
+        let (uuid, body) = harness::registration(i);
+        let (code, resp) = a.request("POST", "/api/v1/register", Some(REG_TOKEN), &body);
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&resp));
+        uuids.push(uuid);
+    }
+    for uuid in &uuids[1..] {
+        wait_for_server(&cp, uuid);
+    }
+    a.wait_metric("arges_controller_syncs_total{direction=\"push\",result=\"refused\"}");
+    let none = cp.kubectl_output(&["get", "server", &stuck]);
+    assert!(!none.status.success(), "the refused Server is not there");
+    assert!(
+        a.log()
+            .contains("the apiserver refuses this Server's update; the others go on"),
+        "{}",
+        a.log()
+    );
+    // Once the apiserver takes it, it arrives, on its own backoff.
+    cp.kubectl(&[
+        "delete",
+        "validatingadmissionpolicybinding",
+        "no-stuck-server",
+    ]);
+    eventually(90, "the once refused Server arrives", || {
+        cp.kubectl_output(&["get", "server", &stuck])
+            .status
+            .success()
+            .then_some(())
+    });
+}
+
+#[test]
+#[ignore = "real kube-apiserver (built from Go modules); tests/run-all.sh runs it"]
 fn an_apiserver_restart_loses_nothing_and_boots_go_on_meanwhile() {
     let mut cp = ControlPlane::start();
     cp.apply_crds();

@@ -835,3 +835,134 @@ fn two_appliances_claiming_for_one_class_bind_each_machine_once() {
         .sum();
     eprintln!("claims given back after losing a bind race: {given_back}");
 }
+
+/// `/boot.ipxe` for `uuid`/`mac` asked from loopback address `from` (curl binds it).
+fn boot_from(a: &Appliance, from: &str, uuid: &str, mac: &str) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "30", "--interface", from])
+        .arg(a.url(&format!("/boot.ipxe?uuid={uuid}&mac={mac}&arch=x86_64")))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+#[ignore = "real kube-apiserver and Cluster API (built from Go modules); tests/run-all.sh runs it"]
+fn a_tripped_window_stops_its_machine_until_armed_and_a_machine_without_bmc_goes_by_arming() {
+    let (cp, capi) = control_plane();
+    let a = provider_appliance(&cp, "");
+    register(&a, "a", UUID_1);
+    register(&a, "b", UUID_2);
+    for uuid in [UUID_1, UUID_2] {
+        wait_for_server(&cp, uuid);
+        accept(&cp, uuid);
+    }
+    let bmc = Bmc::start();
+    bmc_secret(&cp, "controlplane-0-bmc", "password");
+    apply(&cp, &guide_manifests(&cp, UUID_1, &bmc));
+    wait_ready(&cp, &a, &capi, "controlplane-0", "True/Provisioned", 120);
+    eventually(
+        30,
+        "the Server shows the window its power-on opened",
+        || {
+            let w = cp.field(&["server", UUID_1], "{.status.window.state}");
+            (w == "open").then_some(())
+        },
+    );
+
+    // The machine boots in the window its power-on opened; an impostor naming its UUID
+    // and MAC asks too. The window trips: nobody gets the configuration.
+    let t = token(&boot_script(&a, UUID_1, MAC_1));
+    let impostor = boot_from(&a, "127.0.0.9", UUID_1, MAC_1);
+    assert!(impostor.contains("stands in alarm"), "{impostor}");
+    assert_eq!(configdata(&a, false, UUID_1, &t).0, 403);
+    eventually(30, "the Server shows the alarm", || {
+        let s = cp.field(
+            &["server", UUID_1],
+            "{.status.phase}/{.status.alarm.reason}/{.status.alarm.second}/{.status.conditions[?(@.type==\"ProvisioningWindow\")].status}",
+        );
+        (s == "Alarm/SecondRequester/127.0.0.9/False").then_some(())
+    });
+    eventually(
+        30,
+        "a Warning event on the Server names both sources",
+        || {
+            let ev = cp.kubectl(&[
+                "get",
+                "events",
+                "-A",
+                "--field-selector",
+                &format!("involvedObject.name={UUID_1}"),
+                "-o",
+                "custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message",
+            ]);
+            (ev.contains("SecondRequester") && ev.contains("127.0.0.9") && ev.contains("127.0.0.1"))
+                .then_some(())
+        },
+    );
+    wait_ready(
+        &cp,
+        &a,
+        &capi,
+        "controlplane-0",
+        "False/ProvisioningWindowTripped",
+        60,
+    );
+    // Each power-on into the install sets the next boot to PXE first.
+    let cycles = |b: &Bmc| b.requests().matches("boot pxe").count();
+    let before = cycles(&bmc);
+
+    // The operator arms the Server again: the alarm clears, Arges powers the machine into
+    // its install again (a fresh window), and the real machine provisions.
+    cp.kubectl(&[
+        "patch",
+        "server",
+        UUID_1,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"arm":"after-the-impostor"}}"#,
+    ]);
+    wait_ready(&cp, &a, &capi, "controlplane-0", "True/Provisioned", 120);
+    let shown = || {
+        cp.field(
+            &["server", UUID_1],
+            "{.status.phase}/{.status.window.state}/{.status.alarm}",
+        )
+    };
+    within(
+        30,
+        "the alarm is gone and a new window is open",
+        || (shown() == "Installing/open/").then_some(()),
+        shown,
+    );
+    assert!(cycles(&bmc) > before, "powered again: {}", bmc.requests());
+    let t = token(&boot_script(&a, UUID_1, MAC_1));
+    let (code, body) = configdata(&a, false, UUID_1, &t);
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        body,
+        crate::cluster_api::bootstrap_data(&cp, NS, "controlplane-0")
+    );
+
+    // A machine without a BMC waits until an operator arms its Server and powers it by
+    // hand; then it provisions through that window.
+    apply(&cp, &machine_manifests("nobmc", UUID_2, None, None));
+    wait_ready(&cp, &a, &capi, "nobmc", "False/NoBMC", 60);
+    cp.kubectl(&[
+        "patch",
+        "server",
+        UUID_2,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"arm":"by-hand"}}"#,
+    ]);
+    wait_ready(&cp, &a, &capi, "nobmc", "True/Provisioned", 60);
+    assert_eq!(
+        condition(&cp, &["metalmachine", "nobmc"], "PoweredOn"),
+        "True/Armed"
+    );
+    let t = token(&boot_script(&a, UUID_2, "b8:ca:3a:00:00:0b"));
+    let (code, body) = configdata(&a, false, UUID_2, &t);
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("type: worker"));
+}

@@ -34,7 +34,7 @@ pub const ID_ANNOTATION: &str = "metal.arges.dev/inventory-id";
 const FLUSH_EVERY: Duration = Duration::from_secs(2);
 const RESYNC_EVERY: Duration = Duration::from_secs(300);
 /// Longest pause before a refused Server is tried again.
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// The Kubernetes name of an inventory id: duplicate-UUID ids (`<uuid>-<mac>`) lose
 /// their colons.
@@ -171,7 +171,7 @@ fn status_patch(s: &Server, identity: &str) -> serde_json::Value {
             "lastTransitionTime": rfc3339(r.at),
         }));
     }
-    json!({
+    let mut patch = json!({
         "apiVersion": "metal.arges.dev/v1alpha1",
         "kind": "Server",
         "status": {
@@ -181,11 +181,16 @@ fn status_patch(s: &Server, identity: &str) -> serde_json::Value {
             "power": state,
             "clean": !s.provisioning.dirty,
             "phase": phase(s),
-            "window": window,
-            "alarm": alarm,
             "conditions": conditions,
         },
-    })
+    });
+    // Left out when absent: server-side apply then drops what this manager set before.
+    for (key, value) in [("window", window), ("alarm", alarm)] {
+        if let Some(v) = value {
+            patch["status"][key] = v;
+        }
+    }
+    patch
 }
 
 /// A BMC operation's end as an event on the Server: Normal when it worked, Warning with
