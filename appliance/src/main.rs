@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use arges::agent::{self, AgentOptions};
 use arges::config::{Config, Overrides};
+use arges::registration::RegistrationMode;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -190,7 +191,9 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         mode: args
             .mode
             .or_else(|| param("arges.mode"))
-            .unwrap_or_else(|| "discover".into()),
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("{e}"))?,
         root: args.root,
         uuid: args.uuid,
         ipmi_device: args.ipmi_device,
@@ -206,7 +209,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
             "the appliance URL and the registration token are needed (--appliance/--token or arges.appliance=/arges.token= on the kernel command line)"
         );
     }
-    if opts.mode == "wipe" {
+    if opts.mode == RegistrationMode::Wipe {
         // The registration below reports the wipe: it must not be sent unless every
         // disk was wiped.
         let wiped = agent::wipe::wipe_disks(&opts.root, &reg.hardware.disks)

@@ -68,8 +68,8 @@ pub struct RegistrationRequest {
     /// SMBIOS system UUID.
     pub uuid: String,
     pub hardware: Hardware,
-    /// What the environment was booted for (`discover` or `wipe`), from the command line.
-    pub mode: String,
+    /// What the environment was booted for, from the command line.
+    pub mode: RegistrationMode,
 }
 
 /// What the agent should do once registered.
@@ -135,13 +135,15 @@ pub struct ValidRegistration {
     pub hardware: Hardware,
     /// The machine's MACs, each once, in the order reported.
     pub macs: Vec<String>,
-    /// `discover` or `wipe`.
     pub mode: RegistrationMode,
 }
 
-/// What the environment that registered was booted for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the environment that registered was booted for: `discover` (the default; also
+/// an empty string, as older agents sent) or `wipe`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "&'static str")]
 pub enum RegistrationMode {
+    #[default]
     Discover,
     Wipe,
 }
@@ -152,6 +154,33 @@ impl RegistrationMode {
             RegistrationMode::Discover => "discover",
             RegistrationMode::Wipe => "wipe",
         }
+    }
+}
+
+impl From<RegistrationMode> for &'static str {
+    fn from(m: RegistrationMode) -> Self {
+        m.name()
+    }
+}
+
+impl std::str::FromStr for RegistrationMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "discover" => Ok(RegistrationMode::Discover),
+            "wipe" => Ok(RegistrationMode::Wipe),
+            other => Err(format!(
+                "mode: {:?} is neither discover nor wipe",
+                truncated(other)
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for RegistrationMode {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
     }
 }
 
@@ -177,16 +206,7 @@ impl RegistrationRequest {
                 format!("{:?} is not an SMBIOS UUID", truncated(&self.uuid)),
             )
         })?;
-        let mode = match self.mode.as_str() {
-            "" | "discover" => RegistrationMode::Discover,
-            "wipe" => RegistrationMode::Wipe,
-            other => {
-                return Err(field_err(
-                    "mode",
-                    format!("{:?} is neither discover nor wipe", truncated(other)),
-                ));
-            }
-        };
+        let mode = self.mode;
         let mut h = self.hardware.clone();
         text("hardware.vendor", &h.vendor, limits::TEXT)?;
         text("hardware.product", &h.product, limits::TEXT)?;
@@ -360,7 +380,7 @@ mod tests {
                 }),
                 ..Default::default()
             },
-            mode: String::new(),
+            mode: RegistrationMode::Discover,
         }
     }
 
@@ -375,6 +395,21 @@ mod tests {
     }
 
     #[test]
+    fn modes_read_and_write_by_name() {
+        let mode = |json: &str| serde_json::from_str::<RegistrationMode>(json);
+        assert_eq!(mode("\"wipe\"").unwrap(), RegistrationMode::Wipe);
+        assert_eq!(mode("\"\"").unwrap(), RegistrationMode::Discover);
+        let err = mode("\"install\"").unwrap_err().to_string();
+        assert!(err.starts_with("mode: \"install\" is neither"), "{err}");
+        assert_eq!(
+            serde_json::to_string(&RegistrationMode::Wipe).unwrap(),
+            "\"wipe\""
+        );
+        let missing: RegistrationRequest = serde_json::from_str(r#"{"uuid":"u"}"#).unwrap();
+        assert_eq!(missing.mode, RegistrationMode::Discover);
+    }
+
+    #[test]
     fn garbage_is_refused_with_its_field() {
         let field = |f: fn(&mut RegistrationRequest)| {
             let mut r = request();
@@ -382,7 +417,6 @@ mod tests {
             r.validate().unwrap_err().field
         };
         assert_eq!(field(|r| r.uuid = "x".into()), "uuid");
-        assert_eq!(field(|r| r.mode = "install".into()), "mode");
         assert_eq!(field(|r| r.hardware.nics.clear()), "hardware.nics");
         assert_eq!(
             field(|r| r.hardware.nics[0].mac = "zz:zz".into()),

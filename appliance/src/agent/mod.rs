@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 
-use crate::registration::{RegistrationRequest, RegistrationResponse};
+use crate::registration::{RegistrationMode, RegistrationRequest, RegistrationResponse};
 
 /// The exit status of `arges agent` when the appliance refused the registration (it
 /// still prints `power-off`): the initramfs powers off rather than retrying.
@@ -46,8 +46,7 @@ pub struct AgentOptions {
     /// Base URL of the appliance (`http://host:port`).
     pub appliance: String,
     pub token: String,
-    /// `discover` or `wipe`.
-    pub mode: String,
+    pub mode: RegistrationMode,
     /// Where sysfs and procfs are found (`/`).
     pub root: PathBuf,
     /// Overrides the SMBIOS UUID (machines whose firmware reports none).
@@ -76,7 +75,7 @@ pub fn collect(opts: &AgentOptions) -> Result<RegistrationRequest, AgentError> {
     Ok(RegistrationRequest {
         uuid,
         hardware,
-        mode: opts.mode.clone(),
+        mode: opts.mode,
     })
 }
 

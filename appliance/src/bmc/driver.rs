@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use super::link::{BmcLink, TransportError};
-use super::{BootSetting, PowerAction, PowerState, Protocol};
+use super::{BootSetting, PowerAction, PowerFailure, PowerState, Protocol};
 
 /// What a driver's probe is told about the BMC.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +45,7 @@ pub enum DriverFault {
     NoneFits(String, String),
     /// The plugin trapped, timed out, ran out of memory or answered something malformed.
     #[error("{message}")]
-    Plugin { kind: &'static str, message: String },
+    Plugin { kind: PowerFailure, message: String },
     /// The driver says: not now.
     #[error("driver {driver}: the BMC is not ready: {message}")]
     RetryLater { driver: String, message: String },
@@ -71,19 +71,18 @@ pub enum DriverFault {
 }
 
 impl DriverFault {
-    /// Stable label for metrics and the Server's record.
-    pub fn kind(&self) -> &'static str {
+    /// What kind of failure this is (metrics, the Server's record, conditions).
+    pub fn kind(&self) -> PowerFailure {
         match self {
-            DriverFault::NotLoaded(_) => "no_driver",
-            DriverFault::NoneFits(..) => "no_driver",
-            DriverFault::Plugin { kind, .. } => kind,
-            DriverFault::RetryLater { .. } => "not_ready",
-            DriverFault::Unsupported { .. } => "unsupported",
-            DriverFault::Failed { .. } => "driver_failed",
+            DriverFault::NotLoaded(_) | DriverFault::NoneFits(..) => PowerFailure::NoDriver,
+            DriverFault::Plugin { kind, .. } => *kind,
+            DriverFault::RetryLater { .. } => PowerFailure::NotReady,
+            DriverFault::Unsupported { .. } => PowerFailure::Unsupported,
+            DriverFault::Failed { .. } => PowerFailure::DriverFailed,
             DriverFault::Transport(e) => e.kind(),
-            DriverFault::NotSettled { .. } => "not_settled",
-            DriverFault::BootMismatch { .. } => "boot_mismatch",
-            DriverFault::QueueFull(..) => "queue_full",
+            DriverFault::NotSettled { .. } => PowerFailure::NotSettled,
+            DriverFault::BootMismatch { .. } => PowerFailure::BootMismatch,
+            DriverFault::QueueFull(..) => PowerFailure::QueueFull,
         }
     }
 
@@ -93,7 +92,7 @@ impl DriverFault {
             DriverFault::RetryLater { .. } => true,
             DriverFault::Transport(e) => e.transient(),
             // A trap or a timeout may be a one-off (a slow BMC behind a host call).
-            DriverFault::Plugin { kind, .. } => *kind == "timeout",
+            DriverFault::Plugin { kind, .. } => *kind == PowerFailure::Timeout,
             _ => false,
         }
     }

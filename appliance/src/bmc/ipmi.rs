@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::time::{Instant, timeout};
 
+use super::PowerFailure;
 use super::rmcp::{self, Handshake, Keys, Payload, Suite, WireError};
 
 /// IPMI network functions used by the host.
@@ -96,17 +97,17 @@ pub enum IpmiError {
 }
 
 impl IpmiError {
-    /// Stable label for metrics.
-    pub fn kind(&self) -> &'static str {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> PowerFailure {
         match self {
-            IpmiError::Timeout(_) => "timeout",
-            IpmiError::Unreachable(_) => "unreachable",
-            IpmiError::Credentials { .. } => "credentials",
-            IpmiError::NoSuite { .. } => "cipher_suite",
-            IpmiError::Session { .. } => "session",
-            IpmiError::Completion { .. } => "completion_code",
-            IpmiError::Protocol { .. } => "protocol",
-            IpmiError::Io { .. } => "io",
+            IpmiError::Timeout(_) => PowerFailure::Timeout,
+            IpmiError::Unreachable(_) => PowerFailure::Unreachable,
+            IpmiError::Credentials { .. } => PowerFailure::Credentials,
+            IpmiError::NoSuite { .. } => PowerFailure::CipherSuite,
+            IpmiError::Session { .. } => PowerFailure::Session,
+            IpmiError::Completion { .. } => PowerFailure::CompletionCode,
+            IpmiError::Protocol { .. } => PowerFailure::Protocol,
+            IpmiError::Io { .. } => PowerFailure::Io,
         }
     }
 }

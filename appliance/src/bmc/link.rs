@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use super::ipmi::{IpmiClient, IpmiError, IpmiTarget, IpmiTurn, Session};
 use super::redfish::{RawAnswer, RedfishClient, RedfishError, RedfishTarget};
-use super::{BmcSettings, Protocol};
+use super::{BmcSettings, PowerFailure, Protocol};
 
 /// Why talking to a BMC failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,18 +27,18 @@ pub enum TransportError {
 }
 
 impl TransportError {
-    /// Stable label for metrics (`timeout`, `unreachable`, `credentials`, …).
-    pub fn kind(&self) -> &'static str {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> PowerFailure {
         match self {
             TransportError::Ipmi(e) => e.kind(),
             TransportError::Redfish(e) => e.kind(),
-            TransportError::Refused(_) => "refused",
+            TransportError::Refused(_) => PowerFailure::Refused,
         }
     }
 
     /// Whether trying again later may help (the BMC was silent, not wrong).
     pub fn transient(&self) -> bool {
-        matches!(self.kind(), "timeout" | "unreachable" | "io" | "session")
+        self.kind().transient()
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use super::driver::{BmcInfo, DriverAnswer, DriverFault, DriverOp, Drivers};
 use super::ipmi::IpmiClient;
 use super::link::{BmcLink, Target};
-use super::{BootSetting, PowerAction, PowerState};
+use super::{BootSetting, PowerAction, PowerFailure, PowerState};
 use crate::metrics::Metrics;
 
 /// The manager's settings (`[bmc]` in appliance.toml).
@@ -209,7 +209,7 @@ impl PowerManager {
         outcome.took = started.elapsed();
         let result = match &outcome.result {
             Ok(()) => "ok",
-            Err(e) => e.kind(),
+            Err(e) => e.kind().as_str(),
         };
         self.metrics
             .bmc_operations
@@ -223,7 +223,7 @@ impl PowerManager {
                 tracing::info!(server = %job.server, bmc = %bmc, operation = %job.operation.describe(), driver = outcome.driver.as_deref(), attempts = outcome.attempts, took = ?outcome.took, "BMC operation done")
             }
             Err(e) => {
-                tracing::warn!(server = %job.server, bmc = %bmc, operation = %job.operation.describe(), driver = outcome.driver.as_deref(), attempts = outcome.attempts, reason = e.kind(), error = %e, "BMC operation failed")
+                tracing::warn!(server = %job.server, bmc = %bmc, operation = %job.operation.describe(), driver = outcome.driver.as_deref(), attempts = outcome.attempts, reason = %e.kind(), error = %e, "BMC operation failed")
             }
         }
         outcome
@@ -283,7 +283,7 @@ macro_rules! retrying {
                     $run.manager
                         .metrics
                         .bmc_retries
-                        .get_or_create(&[("reason", e.kind())])
+                        .get_or_create(&[("reason", e.kind().as_str())])
                         .inc();
                     tracing::info!(server = %$run.job.server, driver = %$run.driver, error = %e, pause = ?pause, "BMC step failed; trying again");
                     tokio::time::sleep(pause).await;
@@ -415,7 +415,7 @@ impl Run<'_> {
 
     fn odd(&self, answer: DriverAnswer) -> DriverFault {
         DriverFault::Plugin {
-            kind: "malformed",
+            kind: PowerFailure::Malformed,
             message: format!("driver {} answered {answer:?} out of turn", self.driver),
         }
     }

@@ -8,6 +8,7 @@
 //! through a [`link::BmcLink`], never holding a password.
 
 pub mod driver;
+mod failure;
 pub mod ipmi;
 pub mod link;
 pub mod manager;
@@ -15,6 +16,8 @@ pub mod redfish;
 pub mod rmcp;
 
 use serde::{Deserialize, Serialize};
+
+pub use failure::PowerFailure;
 
 /// A power change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -25,6 +25,8 @@ use tokio_rustls::rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
 };
 
+use super::PowerFailure;
+
 /// How a BMC's certificate is checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TlsPolicy {
@@ -76,15 +78,15 @@ pub enum RedfishError {
 }
 
 impl RedfishError {
-    /// Stable label for metrics.
-    pub fn kind(&self) -> &'static str {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> PowerFailure {
         match self {
-            RedfishError::Connect(..) => "unreachable",
-            RedfishError::Tls(..) => "tls",
-            RedfishError::Credentials(..) => "credentials",
-            RedfishError::Status(..) => "status",
-            RedfishError::Timeout(..) => "timeout",
-            RedfishError::Protocol(..) => "protocol",
+            RedfishError::Connect(..) => PowerFailure::Unreachable,
+            RedfishError::Tls(..) => PowerFailure::Tls,
+            RedfishError::Credentials(..) => PowerFailure::Credentials,
+            RedfishError::Status(..) => PowerFailure::Status,
+            RedfishError::Timeout(..) => PowerFailure::Timeout,
+            RedfishError::Protocol(..) => PowerFailure::Protocol,
         }
     }
 }

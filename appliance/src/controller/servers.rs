@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Context;
 use super::resources::{APPLIANCE_LABEL, Server as ServerResource};
+use crate::bmc::PowerFailure;
 use crate::core::{DesiredState, ServerEvent};
 use crate::inventory::Server;
 
@@ -207,7 +208,7 @@ async fn power_event(ctx: &Context, id: &str, e: &crate::inventory::PowerEvent) 
     } else {
         format!(
             "PowerOperationFailed{}",
-            camel(e.reason.as_deref().unwrap_or("unknown"))
+            camel(e.reason.map_or("unknown", PowerFailure::as_str))
         )
     };
     let note = match &e.message {
@@ -265,7 +266,7 @@ fn power_status(s: &Server) -> (Option<serde_json::Value>, Option<String>) {
         json!({
             "type": "PowerControl",
             "status": if e.ok { "True" } else { "False" },
-            "reason": if e.ok { "Succeeded".to_string() } else { camel(e.reason.as_deref().unwrap_or("unknown")) },
+            "reason": if e.ok { "Succeeded".to_string() } else { camel(e.reason.map_or("unknown", PowerFailure::as_str)) },
             "message": e.message.clone().unwrap_or_else(|| format!("{} by driver {}", e.operation, e.driver.as_deref().unwrap_or("?"))),
             "lastTransitionTime": rfc3339(e.at),
         })
@@ -423,7 +424,7 @@ async fn pull_one(ctx: &Context, s: &ServerResource) {
         }
         // A Server of ours this appliance has not registered (restored from a backup,
         // say): nothing to apply until the machine registers here.
-        Err(crate::core::CoreError::Inventory(crate::inventory::InventoryError::NotFound(_))) => {
+        Err(crate::core::CoreError::NotFound(_)) => {
             tracing::debug!(server = %id, "Server not in the local inventory");
         }
         Err(e) => {

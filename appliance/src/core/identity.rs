@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use super::{Core, CoreError, Result, ServerEvent, blocking, secret_eq};
 use crate::config::WindowsConfig;
 use crate::inventory::{
-    Alarm, AlarmKind, CloseReason, Grant, InventoryError, Requester, SecretKind, SecretUse, Server,
+    Alarm, AlarmKind, CloseReason, Grant, InstalledBy, Requester, SecretKind, SecretUse, Server,
     Tx, Window, WindowClose, now,
 };
 use crate::metrics::Metrics;
@@ -742,7 +742,7 @@ impl Core {
                 server.id
             )));
         }
-        self.mark_installed(&server.id, "reported").await
+        self.mark_installed(&server.id, InstalledBy::Reported).await
     }
 
     /// Checks (and spends) the token for `what` (`configdata` or `done`): the server,
@@ -879,7 +879,7 @@ impl Core {
                     self.changed(&s.id);
                 }
                 return Err(if label == "conflict" {
-                    CoreError::Inventory(InventoryError::Conflict(why))
+                    CoreError::Conflict(why)
                 } else {
                     CoreError::Forbidden(why)
                 });

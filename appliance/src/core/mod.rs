@@ -34,11 +34,13 @@ pub use policy::{
 pub use power::PowerReport;
 pub use provision::ClaimRequest;
 
-/// Failures of core operations; the HTTP edge maps each to a status.
+/// Failures of core operations; the edges map each to a status or a condition, and
+/// never look behind the core at the service that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
+    /// The inventory store failed (I/O, an unreadable record).
     #[error(transparent)]
-    Inventory(#[from] InventoryError),
+    Store(InventoryError),
     #[error(transparent)]
     Template(#[from] TemplateError),
     #[error("{0}")]
@@ -48,8 +50,12 @@ pub enum CoreError {
     /// No credential the appliance knows.
     #[error("{0}")]
     Unauthorized(String),
+    /// No such server (or other object the operation names).
     #[error("{0}")]
     NotFound(String),
+    /// The server's state forbids this now (held by another machine, not wiped yet).
+    #[error("{0}")]
+    Conflict(String),
     /// Kubernetes mode: the cluster owns this; change it there.
     #[error("{0}")]
     Managed(String),
@@ -57,16 +63,28 @@ pub enum CoreError {
     Internal(String),
 }
 
+impl From<InventoryError> for CoreError {
+    fn from(e: InventoryError) -> Self {
+        match e {
+            InventoryError::NotFound(_) => CoreError::NotFound(e.to_string()),
+            InventoryError::Conflict(why) => CoreError::Conflict(why),
+            InventoryError::Invalid(_) => CoreError::Invalid(e.to_string()),
+            InventoryError::Store(_) | InventoryError::Corrupt { .. } => CoreError::Store(e),
+        }
+    }
+}
+
 impl CoreError {
     /// Stable label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            CoreError::Inventory(e) => e.kind(),
+            CoreError::Store(e) => e.kind(),
             CoreError::Template(_) => "template",
             CoreError::Invalid(_) => "invalid",
             CoreError::Forbidden(_) => "forbidden",
             CoreError::Unauthorized(_) => "unauthorized",
             CoreError::NotFound(_) => "not_found",
+            CoreError::Conflict(_) => "conflict",
             CoreError::Managed(_) => "managed",
             CoreError::Internal(_) => "internal",
         }

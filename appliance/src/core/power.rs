@@ -186,7 +186,7 @@ async fn record_power(
         at: now(),
         operation: operation.describe(),
         ok: outcome.result.is_ok(),
-        reason: outcome.result.as_ref().err().map(|e| e.kind().to_string()),
+        reason: outcome.result.as_ref().err().map(|e| e.kind()),
         message: outcome.result.as_ref().err().map(|e| e.to_string()),
         attempts: outcome.attempts,
         took_ms: outcome.took.as_millis() as u64,

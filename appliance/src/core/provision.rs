@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::policy::BootAction;
 use super::{Core, CoreError, Result, blocking};
-use crate::inventory::{Claim, Server, now};
+use crate::inventory::{Claim, InstalledBy, Server, now};
 
 /// Who claims a server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +104,7 @@ impl Core {
     }
 
     /// Records the installation as done (once; a repeat keeps the first time).
-    pub(super) async fn mark_installed(&self, id: &str, how: &'static str) -> Result<Server> {
+    pub(super) async fn mark_installed(&self, id: &str, how: InstalledBy) -> Result<Server> {
         let inv = Arc::clone(&self.inventory);
         let key = id.to_string();
         let (s, first) = blocking(move || {
@@ -114,7 +114,7 @@ impl Core {
                     && c.installed_at.is_none()
                 {
                     c.installed_at = Some(now());
-                    c.installed_by = Some(how.to_string());
+                    c.installed_by = Some(how);
                     first = true;
                 }
             })?;
@@ -122,8 +122,8 @@ impl Core {
         })
         .await?;
         if first {
-            self.step("installed", how);
-            tracing::info!(id = %s.id, how, "installation done");
+            self.step("installed", how.as_str());
+            tracing::info!(id = %s.id, how = how.as_str(), "installation done");
             self.changed(&s.id);
         }
         Ok(s)
@@ -168,7 +168,7 @@ impl Core {
     /// After a boot the lifecycle decided: a boot after the configuration was fetched
     /// marks the installation done.
     pub(super) async fn after_lifecycle_boot(&self, id: &str, installed: bool) {
-        if installed && let Err(e) = self.mark_installed(id, "rebooted").await {
+        if installed && let Err(e) = self.mark_installed(id, InstalledBy::Rebooted).await {
             self.step("installed", e.kind());
             tracing::warn!(id, error = %e, "cannot record the installation as done");
         }

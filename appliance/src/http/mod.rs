@@ -71,20 +71,15 @@ fn json_error(status: StatusCode, message: impl std::fmt::Display) -> Response<B
 }
 
 fn status_of(e: &CoreError) -> StatusCode {
-    use crate::inventory::InventoryError;
     match e {
-        CoreError::Inventory(InventoryError::NotFound(_)) | CoreError::NotFound(_) => {
-            StatusCode::NOT_FOUND
-        }
-        CoreError::Inventory(InventoryError::Invalid(_)) | CoreError::Invalid(_) => {
-            StatusCode::BAD_REQUEST
-        }
+        CoreError::NotFound(_) => StatusCode::NOT_FOUND,
+        CoreError::Invalid(_) => StatusCode::BAD_REQUEST,
         CoreError::Forbidden(_) => StatusCode::FORBIDDEN,
         CoreError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-        CoreError::Managed(_) | CoreError::Inventory(InventoryError::Conflict(_)) => {
-            StatusCode::CONFLICT
+        CoreError::Managed(_) | CoreError::Conflict(_) => StatusCode::CONFLICT,
+        CoreError::Store(_) | CoreError::Template(_) | CoreError::Internal(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR
         }
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

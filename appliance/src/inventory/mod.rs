@@ -22,8 +22,8 @@ use redb::{
 use crate::bmc::BmcSettings;
 use crate::registration::ValidRegistration;
 pub use model::{
-    Alarm, AlarmKind, BootRecord, Claim, CloseReason, Grant, PowerEvent, PowerRecord, Provisioning,
-    Refusal, Requester, SecretKind, SecretUse, Server, Window, WindowClose, now,
+    Alarm, AlarmKind, BootRecord, Claim, CloseReason, Grant, InstalledBy, PowerEvent, PowerRecord,
+    Provisioning, Refusal, Requester, SecretKind, SecretUse, Server, Window, WindowClose, now,
 };
 
 const SERVERS: TableDefinition<&str, &[u8]> = TableDefinition::new("servers");
@@ -634,7 +634,7 @@ impl Tx<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registration::{Hardware, Nic, RegistrationRequest};
+    use crate::registration::{Hardware, Nic, RegistrationMode, RegistrationRequest};
 
     const U: &str = "03000200-0400-0500-0006-000700080009";
 
@@ -653,7 +653,7 @@ mod tests {
                     .collect(),
                 ..Default::default()
             },
-            mode: "discover".into(),
+            mode: RegistrationMode::Discover,
         }
         .validate()
         .unwrap()

@@ -114,10 +114,29 @@ pub struct Claim {
     /// When the installation was known to be done…
     #[serde(default)]
     pub installed_at: Option<u64>,
-    /// …and how: `reported` (the install environment said so) or `rebooted` (it booted
-    /// again after fetching its configuration, as Talos does once installed).
+    /// …and how.
     #[serde(default)]
-    pub installed_by: Option<String>,
+    pub installed_by: Option<InstalledBy>,
+}
+
+/// How the appliance learnt that a claimed machine's installation is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstalledBy {
+    /// The install environment said so (`POST /configdata/done` with its token).
+    Reported,
+    /// It booted again after fetching its configuration, as Talos does once installed.
+    Rebooted,
+}
+
+impl InstalledBy {
+    /// The serde name, for metric labels and log lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstalledBy::Reported => "reported",
+            InstalledBy::Rebooted => "rebooted",
+        }
+    }
 }
 
 /// One boot decision as served.
@@ -157,9 +176,9 @@ pub struct PowerEvent {
     /// `power on`, `bootdev pxe`, `status`, …
     pub operation: String,
     pub ok: bool,
-    /// Why it failed: a stable kind (`credentials`, `timeout`, `not_settled`, …)…
+    /// Why it failed…
     #[serde(default)]
-    pub reason: Option<String>,
+    pub reason: Option<crate::bmc::PowerFailure>,
     /// …and the words.
     #[serde(default)]
     pub message: Option<String>,

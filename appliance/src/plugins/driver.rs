@@ -10,10 +10,10 @@ use wasmtime::{Store, UpdateDeadline};
 
 use super::bindings::driver::arges::plugin::bmc as wit;
 use super::loader::Entry;
-use super::{PluginHost, PluginState, ticks, truncate};
+use super::{PluginError, PluginHost, PluginState, ticks, truncate};
 use crate::bmc::driver::{DriverAnswer, DriverFault, DriverFuture, DriverOp, Drivers};
 use crate::bmc::link::BmcLink;
-use crate::bmc::{BootDevice, BootSetting, PowerAction, PowerState, Protocol};
+use crate::bmc::{BootDevice, BootSetting, PowerAction, PowerFailure, PowerState, Protocol};
 
 /// Beyond the deadline, how long one driver step may spend waiting on its BMC in all.
 const HOST_WAIT_CAP: Duration = Duration::from_secs(300);
@@ -35,7 +35,7 @@ impl Drivers for PluginHost {
             let (link, result) = self.call_driver(driver, link, op).await;
             let label = match &result {
                 Ok(_) => "ok",
-                Err(e) => e.kind(),
+                Err(e) => e.kind().as_str(),
             };
             self.metrics.plugin_call(driver, label);
             self.metrics
@@ -63,7 +63,7 @@ impl PluginHost {
         let deadline = self.settings.driver_timeout;
         let Some(_permit) = plugin.permit(deadline).await else {
             let e = DriverFault::Plugin {
-                kind: "busy",
+                kind: PowerFailure::Busy,
                 message: format!("driver {driver}: all instances busy"),
             };
             return (Some(link), Err(e));
@@ -119,13 +119,13 @@ impl PluginHost {
         let failure = link.as_mut().and_then(|l| l.take_failure());
         let result = match (outcome, failure) {
             (Err(_), _) => Err(DriverFault::Plugin {
-                kind: "timeout",
+                kind: PowerFailure::Timeout,
                 message: format!("driver {driver}: ran past its deadline of {deadline:?}"),
             }),
             (Ok(Err(e)), _) => {
                 let e = self.classify(plugin, &store, e, deadline);
                 Err(DriverFault::Plugin {
-                    kind: e.kind(),
+                    kind: failure_of(&e),
                     message: e.to_string(),
                 })
             }
@@ -137,6 +137,24 @@ impl PluginHost {
             (Ok(Ok(Ok(answer))), _) => Ok(answer),
         };
         (link, result)
+    }
+}
+
+/// The power failure a plugin's own failure is.
+fn failure_of(e: &PluginError) -> PowerFailure {
+    match e {
+        PluginError::Timeout { .. } => PowerFailure::Timeout,
+        PluginError::Memory { .. } => PowerFailure::Memory,
+        PluginError::Trap { .. } => PowerFailure::Trap,
+        PluginError::Refused { .. } => PowerFailure::Refused,
+        PluginError::Malformed { .. } => PowerFailure::Malformed,
+        PluginError::Busy { .. } => PowerFailure::Busy,
+        PluginError::Io { .. }
+        | PluginError::Name(_)
+        | PluginError::PinMismatch { .. }
+        | PluginError::Invalid { .. }
+        | PluginError::WrongWorld { .. }
+        | PluginError::Engine(_) => PowerFailure::Plugin,
     }
 }
 

@@ -1,0 +1,173 @@
+//! A Server's cluster-wide claim: its `status.claim`, taken and cleared with a
+//! resourceVersion precondition, so of two machines (or two appliances) racing for one
+//! server exactly one wins and the other hears 409 and tries the next.
+
+use kube::api::{ListParams, Patch};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use super::super::{RETRY, patch_params};
+use super::report::{Blocked, Step};
+use crate::controller::resources::{
+    APPLIANCE_LABEL, Server as ServerResource, ServerClaim, ServerClass,
+};
+use crate::controller::{Context, server_classes};
+
+/// The label selector of the Servers this appliance discovered.
+pub(super) fn own_servers_selector(ctx: &Context) -> String {
+    format!("{APPLIANCE_LABEL}={}", ctx.identity)
+}
+
+/// Whether this appliance discovered `s` (and so reconciles what holds it).
+pub(super) fn ours(ctx: &Context, s: &ServerResource) -> bool {
+    s.labels().get(APPLIANCE_LABEL) == Some(&ctx.identity)
+}
+
+pub(super) fn claim_of(s: &ServerResource) -> Option<&ServerClaim> {
+    s.status.as_ref().and_then(|st| st.claim.as_ref())
+}
+
+/// Why `s` cannot be given to a new machine, if it cannot.
+pub(super) fn unavailable(s: &ServerResource) -> Option<(&'static str, String)> {
+    let name = s.name_any();
+    let status = s.status.clone().unwrap_or_default();
+    if let Some(c) = &status.claim {
+        return Some((
+            "ServerInUse",
+            format!("Server {name} is in use by {}", c.machine),
+        ));
+    }
+    if !s.spec.accepted {
+        return Some((
+            "ServerNotAccepted",
+            format!("Server {name} is not accepted (spec.accepted)"),
+        ));
+    }
+    if s.spec.cordoned {
+        return Some(("ServerCordoned", format!("Server {name} is cordoned")));
+    }
+    if !status.clean.unwrap_or(true) {
+        return Some((
+            "ServerNotClean",
+            format!("Server {name} waits for its wipe"),
+        ));
+    }
+    None
+}
+
+/// Takes the claim on `s` for `claim`, atomically: a merge patch carrying the
+/// resourceVersion read, so a concurrent claim makes this one fail with a conflict.
+async fn take_claim(
+    ctx: &Context,
+    s: &ServerResource,
+    claim: &ServerClaim,
+) -> Result<ServerResource, kube::Error> {
+    let servers: Api<ServerResource> = Api::all(ctx.client.clone());
+    let patch = json!({
+        "metadata": {"resourceVersion": s.resource_version()},
+        "status": {"inUse": true, "claim": claim},
+    });
+    servers
+        .patch_status(&s.name_any(), &patch_params(), &Patch::Merge(&patch))
+        .await
+}
+
+/// The named Server, claimed (or already ours).
+pub(super) async fn claim_named(
+    ctx: &Context,
+    s: &ServerResource,
+    claim: &ServerClaim,
+) -> Result<ServerResource, Step> {
+    if claim_of(s).is_some_and(|c| c.uid == claim.uid) {
+        return Ok(s.clone());
+    }
+    if let Some((reason, message)) = unavailable(s) {
+        return Err(Blocked::failed(reason, message, RETRY * 2).into());
+    }
+    Ok(take_claim(ctx, s, claim).await?)
+}
+
+/// A free Server of `class` (this appliance's own), claimed; the first that can be.
+pub(super) async fn claim_from_class(
+    ctx: &Context,
+    class: &str,
+    claim: &ServerClaim,
+) -> Result<ServerResource, Step> {
+    let classes: Api<ServerClass> = Api::all(ctx.client.clone());
+    let Some(class_obj) = classes.get_opt(class).await? else {
+        return Err(Blocked::failed(
+            "ServerClassNotFound",
+            format!("ServerClass {class} does not exist"),
+            RETRY * 2,
+        )
+        .into());
+    };
+    let servers: Api<ServerResource> = Api::all(ctx.client.clone());
+    let mut all = servers
+        .list(&ListParams::default().labels(&own_servers_selector(ctx)))
+        .await?
+        .items;
+    // A restart after claiming but before binding finds its own claim first.
+    if let Some(mine) = all
+        .iter()
+        .find(|s| claim_of(s).is_some_and(|c| c.uid == claim.uid))
+    {
+        return Ok(mine.clone());
+    }
+    all.sort_by_key(|s| s.name_any());
+    let mut raced = false;
+    for s in all
+        .iter()
+        .filter(|s| server_classes::matches(&class_obj.spec, s) && unavailable(s).is_none())
+    {
+        match take_claim(ctx, s, claim).await {
+            Ok(s) => return Ok(s),
+            Err(kube::Error::Api(e)) if e.code == 409 => raced = true,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let why = if raced {
+        "every free server was claimed by another machine first"
+    } else {
+        "no server of the class is accepted, clean, uncordoned and free"
+    };
+    Err(Blocked::failed(
+        "NoFreeServer",
+        format!("ServerClass {class}: {why}"),
+        RETRY * 3,
+    )
+    .into())
+}
+
+/// Clears the claim on `s` if `uid` holds it; `dirty`: the server waits for its wipe.
+pub(super) async fn release_claim(
+    ctx: &Context,
+    s: &ServerResource,
+    uid: &str,
+    dirty: bool,
+) -> Result<(), kube::Error> {
+    if claim_of(s).is_none_or(|c| c.uid != uid) {
+        // Read again: the object in hand may predate our own claim.
+        let servers: Api<ServerResource> = Api::all(ctx.client.clone());
+        let Some(fresh) = servers.get_opt(&s.name_any()).await? else {
+            return Ok(());
+        };
+        if claim_of(&fresh).is_none_or(|c| c.uid != uid) {
+            return Ok(());
+        }
+        return clear_claim(ctx, &fresh, dirty).await;
+    }
+    clear_claim(ctx, s, dirty).await
+}
+
+async fn clear_claim(ctx: &Context, s: &ServerResource, dirty: bool) -> Result<(), kube::Error> {
+    let servers: Api<ServerResource> = Api::all(ctx.client.clone());
+    let patch = json!({
+        "metadata": {"resourceVersion": s.resource_version()},
+        "status": {"inUse": false, "claim": null, "clean": !dirty},
+    });
+    servers
+        .patch_status(&s.name_any(), &patch_params(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,411 @@
+//! Provisioning one MetalMachine, one function per step (the numbers of the module doc
+//! of [`super`]). Each step is idempotent: a reconcile walks them all from the start,
+//! and a step already done costs a read at most.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DynamicObject, Patch};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use super::super::{
+    FINALIZER, RETRY, capi_owner, capi_resource, get_cluster, patch_params, paused,
+};
+use super::claims::{claim_from_class, claim_named, ours, release_claim};
+use super::power::network_boot;
+use super::report::{Blocked, Report, Step};
+use crate::bmc::PowerFailure;
+use crate::controller::Context;
+use crate::controller::resources::{
+    MetalMachine, ObjectRef as SpecRef, Server as ServerResource, ServerClaim,
+};
+use crate::controller::servers::{BmcProblem, bmc_with_credentials, inventory_id};
+use crate::core::{ClaimRequest, CoreError};
+use crate::inventory::Server;
+
+/// Where provisioning got to.
+pub(super) enum Progress {
+    /// Claimed, staged, powered: the Server's inventory record as it now is.
+    Done(Box<Server>),
+    /// The machine's Server belongs to another appliance: its leader reconciles it.
+    NotOurs,
+}
+
+/// The Server `spec.serverRef` names, if any.
+enum Named {
+    Unnamed,
+    Ours(Box<ServerResource>),
+    /// Another appliance discovered it: that one reconciles this machine.
+    Theirs,
+}
+
+/// What the owner Machine gives: its Cluster and the bootstrap data.
+struct Bootstrap {
+    cluster: Option<String>,
+    data: Vec<u8>,
+}
+
+/// Walks every step; `Ok(Done)` once the machine is claimed, staged and powered.
+pub(super) async fn provision(
+    mm: &MetalMachine,
+    api: &Api<MetalMachine>,
+    ctx: &Context,
+    report: &mut Report,
+) -> Result<Progress, Step> {
+    // The Server named already (by the operator, or by an earlier claim) decides who
+    // reconciles: the appliance that discovered it.
+    let named = match named_server(mm, ctx).await? {
+        Named::Theirs => return Ok(Progress::NotOurs),
+        Named::Ours(s) => Some(*s),
+        Named::Unnamed => None,
+    };
+    ensure_finalizer(mm, api).await?;
+    let bootstrap = bootstrap(mm, ctx, report).await?;
+    let claim = ServerClaim {
+        machine: format!("{}/{}", mm.namespace().unwrap_or_default(), mm.name_any()),
+        uid: mm.uid().unwrap_or_default(),
+        cluster: bootstrap.cluster.clone(),
+    };
+    let server = claim_server(mm, ctx, named, &claim, report).await?;
+    bind(mm, api, ctx, &server).await?;
+    stage(ctx, &server, &claim, bootstrap.data).await?;
+    apply_machine_bmc(mm, ctx, &server).await?;
+    power(ctx, &server, &claim.uid, report).await
+}
+
+async fn named_server(mm: &MetalMachine, ctx: &Context) -> Result<Named, Step> {
+    let Some(r) = &mm.spec.server_ref else {
+        return Ok(Named::Unnamed);
+    };
+    let servers: Api<ServerResource> = Api::all(ctx.client.clone());
+    match servers.get_opt(&r.name).await? {
+        Some(s) if !ours(ctx, &s) => Ok(Named::Theirs),
+        Some(s) => Ok(Named::Ours(Box::new(s))),
+        None => Err(Blocked::waiting(
+            "ServerNotFound",
+            format!("Server {} does not exist (yet)", r.name),
+        )
+        .retry(RETRY * 2)
+        .into()),
+    }
+}
+
+async fn ensure_finalizer(mm: &MetalMachine, api: &Api<MetalMachine>) -> Result<(), kube::Error> {
+    if mm.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(());
+    }
+    let mut finalizers = mm.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_string());
+    let patch =
+        json!({"metadata": {"resourceVersion": mm.resource_version(), "finalizers": finalizers}});
+    api.patch(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+/// Step 1: the owner Machine, its Cluster (provisioned, not paused), the bootstrap data.
+async fn bootstrap(
+    mm: &MetalMachine,
+    ctx: &Context,
+    report: &mut Report,
+) -> Result<Bootstrap, Step> {
+    let ns = mm.namespace().unwrap_or_default();
+    let Some(owner) = capi_owner(mm, "Machine").map(|o| o.name.clone()) else {
+        return Err(
+            Blocked::waiting("WaitingForMachine", "no Machine owns this MetalMachine yet").into(),
+        );
+    };
+    let machines: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        &ns,
+        &capi_resource("Machine", "machines"),
+    );
+    let Some(machine) = machines.get_opt(&owner).await? else {
+        return Err(
+            Blocked::waiting("WaitingForMachine", format!("Machine {owner} is not there")).into(),
+        );
+    };
+    let cluster_name = machine.data["spec"]["clusterName"]
+        .as_str()
+        .map(String::from);
+    let cluster = match &cluster_name {
+        Some(c) => get_cluster(ctx, &ns, c).await?,
+        None => None,
+    };
+    if paused(mm, cluster.as_ref()) {
+        return Err(Blocked::waiting("Paused", "the cluster is paused").into());
+    }
+    let infrastructure = cluster.as_ref().is_some_and(|c| {
+        c.data["status"]["initialization"]["infrastructureProvisioned"].as_bool() == Some(true)
+    });
+    if !infrastructure {
+        return Err(Blocked::waiting(
+            "WaitingForClusterInfrastructure",
+            format!(
+                "Cluster {} is not provisioned yet",
+                cluster_name.as_deref().unwrap_or("?")
+            ),
+        )
+        .retry(RETRY)
+        .into());
+    }
+    let Some(secret_name) = machine.data["spec"]["bootstrap"]["dataSecretName"].as_str() else {
+        return Err(Blocked::waiting(
+            "WaitingForBootstrapData",
+            format!("Machine {owner} has no bootstrap data yet (spec.bootstrap.dataSecretName)"),
+        )
+        .into());
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let data = secrets
+        .get_opt(secret_name)
+        .await?
+        .and_then(|s| s.data)
+        .and_then(|mut d| d.remove("value"))
+        .map(|v| v.0)
+        .filter(|v| !v.is_empty());
+    let Some(data) = data else {
+        return Err(Blocked::failed(
+            "BootstrapDataMissing",
+            format!("Secret {ns}/{secret_name} is missing or has no key \"value\""),
+            RETRY * 2,
+        )
+        .into());
+    };
+    report.done(
+        "BootstrapDataReady",
+        "SecretFound",
+        &format!("bootstrap data from Secret {secret_name}"),
+    );
+    Ok(Bootstrap {
+        cluster: cluster_name,
+        data,
+    })
+}
+
+/// Step 2, claim: the named Server, or a free one of `spec.serverClassRef`'s class.
+async fn claim_server(
+    mm: &MetalMachine,
+    ctx: &Context,
+    named: Option<ServerResource>,
+    claim: &ServerClaim,
+    report: &mut Report,
+) -> Result<ServerResource, Step> {
+    let server = match (named, &mm.spec.server_class_ref) {
+        (Some(s), _) => claim_named(ctx, &s, claim).await?,
+        (None, Some(class)) => claim_from_class(ctx, &class.name, claim).await?,
+        (None, None) => {
+            return Err(Blocked::failed(
+                "NoServerSelector",
+                "set spec.serverRef or spec.serverClassRef",
+                RETRY * 6,
+            )
+            .into());
+        }
+    };
+    report.done(
+        "ServerClaimed",
+        "Claimed",
+        &format!("claimed Server {}", server.name_any()),
+    );
+    Ok(server)
+}
+
+/// Step 3, bind: `spec.serverRef` and `spec.providerID`, with the machine's
+/// resourceVersion: if another appliance bound it to another server meanwhile, this
+/// claim is given back.
+async fn bind(
+    mm: &MetalMachine,
+    api: &Api<MetalMachine>,
+    ctx: &Context,
+    server: &ServerResource,
+) -> Result<(), Step> {
+    let name = server.name_any();
+    let provider_id = format!("arges://{}", server.spec.uuid);
+    if mm.spec.server_ref.as_ref().map(|r| &r.name) == Some(&name)
+        && mm.spec.provider_id.as_deref() == Some(&provider_id)
+    {
+        return Ok(());
+    }
+    let patch = json!({
+        "metadata": {"resourceVersion": mm.resource_version()},
+        "spec": {
+            "serverRef": SpecRef {
+                api_version: Some("metal.arges.dev/v1alpha1".into()),
+                kind: Some("Server".into()),
+                name: name.clone(),
+                namespace: None,
+            },
+            "providerID": provider_id,
+        },
+    });
+    if let Err(e) = api
+        .patch(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
+        .await
+    {
+        // Bound to another server meanwhile (another appliance was first): give this
+        // one back. Else the object in hand was stale: try again.
+        let fresh = api.get_opt(&mm.name_any()).await?;
+        if let Some(other) = fresh
+            .as_ref()
+            .and_then(|f| f.spec.server_ref.as_ref())
+            .filter(|r| r.name != name)
+        {
+            tracing::info!(server = %name, bound = %other.name, "machine bound elsewhere; releasing");
+            release_claim(ctx, server, &mm.uid().unwrap_or_default(), false).await?;
+        }
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// Step 4, stage: the bootstrap data in the local inventory. The core serves it at
+/// `/configdata` to that machine only, and boots the machine into its install.
+async fn stage(
+    ctx: &Context,
+    server: &ServerResource,
+    claim: &ServerClaim,
+    data: Vec<u8>,
+) -> Result<(), Step> {
+    let request = ClaimRequest {
+        machine: claim.machine.clone(),
+        uid: claim.uid.clone(),
+        cluster: claim.cluster.clone(),
+    };
+    match ctx
+        .core
+        .claim_server(&inventory_id(server), request, data)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(CoreError::Conflict(why)) => {
+            // The cluster said free, the local record says not (a wipe still running):
+            // the local record decides.
+            release_claim(ctx, server, &claim.uid, false).await?;
+            Err(Blocked::failed("ServerNotClean", why, RETRY * 2).into())
+        }
+        Err(CoreError::NotFound(_)) => Err(Blocked::failed(
+            "ServerNotRegistered",
+            format!(
+                "Server {} has not registered with this appliance",
+                server.name_any()
+            ),
+            RETRY * 2,
+        )
+        .into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The MetalMachine's `bmc` (credentials from its Secret preferred) onto the server's
+/// local record, when it has one.
+async fn apply_machine_bmc(
+    mm: &MetalMachine,
+    ctx: &Context,
+    server: &ServerResource,
+) -> Result<(), Step> {
+    let Some(b) = &mm.spec.bmc else {
+        return Ok(());
+    };
+    if b.pass.is_some() {
+        ctx.warn_once(
+            mm,
+            "InlineCredentials",
+            "spec.bmc.pass holds a password in the MetalMachine itself; put it in a Secret (spec.bmc.credentialsSecretRef)",
+        )
+        .await;
+    }
+    let ns = mm.namespace().unwrap_or_default();
+    let (settings, pass) = bmc_with_credentials(ctx, b, &ns)
+        .await
+        .map_err(|p: BmcProblem| Blocked::failed(p.reason(), p.note(), RETRY * 2))?;
+    ctx.core
+        .set_bmc_if_changed(&inventory_id(server), settings, pass)
+        .await?;
+    Ok(())
+}
+
+/// Step 5, power: into the install, next boot PXE, then a power cycle (or on), once per
+/// claim, which opens the Server's provisioning window. Without a BMC, an operator's
+/// arming opens it (and they power the machine by hand). A tripped window stops here
+/// until re-armed.
+async fn power(
+    ctx: &Context,
+    server: &ServerResource,
+    uid: &str,
+    report: &mut Report,
+) -> Result<Progress, Step> {
+    let id = inventory_id(server);
+    let name = server.name_any();
+    let local = ctx.core.server(&id).await?;
+    // A tripped window stops the machine: its secrets went (or nearly went) to someone
+    // else, and only an operator can say which asker was real.
+    if let Some(alarm) = &local.alarm {
+        report.failed("PoweredOn", "ProvisioningWindowTripped", &alarm.message);
+        return Err(Blocked::failed(
+            "ProvisioningWindowTripped",
+            format!(
+                "{}; nothing is handed out until Server {name} is armed again (spec.arm)",
+                alarm.message
+            ),
+            RETRY * 2,
+        )
+        .into());
+    }
+    // The local record, not the (possibly stale) status, says whether this claim's
+    // power cycle happened: a machine is never cycled twice for one claim.
+    let powered = local
+        .provisioning
+        .claim
+        .as_ref()
+        .is_some_and(|c| c.uid == uid && c.powered_at.is_some());
+    if powered {
+        return Ok(Progress::Done(Box::new(local)));
+    }
+    if local.bmc.is_none() {
+        // Without a BMC the appliance cannot open the window itself: an operator arms
+        // the Server and powers the machine on by hand.
+        let armed = local
+            .window
+            .as_ref()
+            .is_some_and(|w| w.is_open(crate::inventory::now()) && w.claimant.is_none());
+        if !armed {
+            return Err(Blocked::failed(
+                "NoBMC",
+                format!(
+                    "neither the MetalMachine nor Server {name} says how to reach a BMC (spec.bmc); or arm the Server (spec.arm) and power the machine on by hand"
+                ),
+                RETRY * 2,
+            )
+            .into());
+        }
+        report.done(
+            "PoweredOn",
+            "Armed",
+            &format!("Server {name} is armed: power the machine on by hand, into PXE"),
+        );
+    } else {
+        match network_boot(ctx, &id).await? {
+            Ok(action) => report.done(
+                "PoweredOn",
+                "NetworkBooting",
+                &format!("next boot PXE, power {} for claim {uid}", action.as_str()),
+            ),
+            Err(event) => {
+                let kind = event.reason.unwrap_or(PowerFailure::Unknown);
+                let b = Blocked::failed(
+                    kind.condition_reason(),
+                    format!(
+                        "{} on Server {name}: {}",
+                        event.operation,
+                        event.message.as_deref().unwrap_or(kind.as_str())
+                    ),
+                    RETRY * 2,
+                );
+                report.failed("PoweredOn", b.reason, &b.message);
+                return Err(b.into());
+            }
+        }
+    }
+    let local = ctx.core.mark_powered(&id, uid).await?;
+    Ok(Progress::Done(Box::new(local)))
+}

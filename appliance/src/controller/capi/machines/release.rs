@@ -1,0 +1,171 @@
+//! Giving a Server back: when its MetalMachine is deleted (the finalizer), and by the
+//! sweep, for servers whose machine went without a word or was bound elsewhere.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{ListParams, Patch};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::super::{FINALIZER, ReconcileError, count, patch_params};
+use super::claims::{claim_of, ours, own_servers_selector, release_claim};
+use super::{KIND, power::network_boot};
+use crate::bmc::PowerAction;
+use crate::controller::Context;
+use crate::controller::resources::{MetalMachine, ReleasePolicy, Server as ServerResource};
+use crate::controller::servers::inventory_id;
+use crate::core::CoreError;
+
+/// How often servers held by machines that are gone are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// Releases the machine's Server, then lets the MetalMachine go.
+pub(super) async fn delete(
+    mm: &MetalMachine,
+    api: &Api<MetalMachine>,
+    ctx: &Context,
+) -> Result<Action, ReconcileError> {
+    if !mm.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let uid = mm.uid().unwrap_or_default();
+    let servers: Api<ServerResource> = Api::all(ctx.client.clone());
+    if let Some(r) = &mm.spec.server_ref {
+        if let Some(s) = servers.get_opt(&r.name).await? {
+            if !ours(ctx, &s) {
+                return Ok(Action::await_change());
+            }
+            if claim_of(&s).is_some_and(|c| c.uid == uid) {
+                release_server(ctx, &s, &uid, Some(mm)).await?;
+            }
+        }
+    } else {
+        // Unbound: a claim taken just before a restart may still name this machine.
+        let mine = servers
+            .list(&ListParams::default().labels(&own_servers_selector(ctx)))
+            .await?;
+        for s in mine
+            .items
+            .iter()
+            .filter(|s| claim_of(s).is_some_and(|c| c.uid == uid))
+        {
+            release_server(ctx, s, &uid, Some(mm)).await?;
+        }
+    }
+    let finalizers: Vec<&String> = mm.finalizers().iter().filter(|f| *f != FINALIZER).collect();
+    let patch =
+        json!({"metadata": {"resourceVersion": mm.resource_version(), "finalizers": finalizers}});
+    api.patch(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
+        .await?;
+    count(ctx, KIND, "released");
+    Ok(Action::await_change())
+}
+
+/// Gives a Server back: locally first (configuration dropped, wipe asked for), then the
+/// power action, then the cluster-wide claim. A restart anywhere in between repeats the
+/// steps; each is idempotent, and the claim goes last so nothing is released twice.
+pub(super) async fn release_server(
+    ctx: &Context,
+    s: &ServerResource,
+    uid: &str,
+    machine: Option<&MetalMachine>,
+) -> Result<(), ReconcileError> {
+    let id = inventory_id(s);
+    let name = s.name_any();
+    let wipe = s
+        .spec
+        .release
+        .map_or(ctx.wipe_on_release, |r| r == ReleasePolicy::Wipe);
+    match ctx.core.release_server(&id, Some(uid), wipe).await {
+        Ok(_) | Err(CoreError::NotFound(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let local = ctx.core.server(&id).await.ok();
+    if local.as_ref().is_some_and(|l| l.bmc.is_some()) {
+        let failure = if wipe {
+            match network_boot(ctx, &id).await {
+                Ok(Ok(_)) => None,
+                Ok(Err(event)) => Some(event.message.unwrap_or_default()),
+                Err(e) => Some(e.to_string()),
+            }
+        } else {
+            match ctx.core.bmc_power(&id, PowerAction::Off).await {
+                Ok(r) if r.event.ok => None,
+                Ok(r) => Some(r.event.message.unwrap_or_default()),
+                Err(e) => Some(e.to_string()),
+            }
+        };
+        if let Some(why) = failure {
+            // The release goes on: the server stays dirty (never reused before its wipe
+            // reports), and the operator is told.
+            let note = format!("releasing Server {name}: the power action failed: {why}");
+            tracing::warn!(server = %name, %why, "release power action failed");
+            if let Some(mm) = machine {
+                ctx.publish(
+                    &mm.object_ref(&()),
+                    true,
+                    "ReleasePowerFailed",
+                    "Release",
+                    &note,
+                )
+                .await;
+            }
+        }
+    }
+    release_claim(ctx, s, uid, wipe).await?;
+    tracing::info!(server = %name, wipe, "server released by its machine");
+    Ok(())
+}
+
+/// Releases servers whose claim names a MetalMachine that is gone (deleted with its
+/// finalizer removed by hand, or recreated under the same name) or that was bound to
+/// another server (another appliance bound it first, and giving this one back failed).
+pub(super) async fn sweep(ctx: Arc<Context>, cancel: CancellationToken) {
+    let servers: Api<ServerResource> = Api::all(ctx.client.clone());
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(list) = servers
+            .list(&ListParams::default().labels(&own_servers_selector(&ctx)))
+            .await
+        else {
+            continue;
+        };
+        for s in &list.items {
+            sweep_one(&ctx, s).await;
+        }
+    }
+}
+
+/// Releases `s` if the machine its claim names is gone or bound to another server.
+async fn sweep_one(ctx: &Context, s: &ServerResource) {
+    let Some(c) = claim_of(s) else { return };
+    let Some((ns, name)) = c.machine.split_once('/') else {
+        return;
+    };
+    let api: Api<MetalMachine> = Api::namespaced(ctx.client.clone(), ns);
+    match api.get_opt(name).await {
+        // Still its machine: unbound yet (between claim and bind), or bound to it.
+        Ok(Some(mm))
+            if mm.uid().as_deref() == Some(c.uid.as_str())
+                && mm
+                    .spec
+                    .server_ref
+                    .as_ref()
+                    .is_none_or(|r| r.name == s.name_any()) => {}
+        Ok(_) => {
+            tracing::warn!(server = %s.name_any(), machine = %c.machine, "the machine holding this server is gone or bound to another; releasing it");
+            let uid = c.uid.clone();
+            if let Err(e) = release_server(ctx, s, &uid, None).await {
+                tracing::warn!(server = %s.name_any(), error = %e, "cannot release an orphaned server");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot look up a claiming machine"),
+    }
+}
