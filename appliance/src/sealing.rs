@@ -68,6 +68,15 @@ impl Sealer {
         Ok(Sealer { cipher })
     }
 
+    /// A sealer with a fresh random key that lives only in memory (tests of the layers
+    /// above, which need sealing but no key file).
+    pub fn ephemeral() -> Result<Sealer, SealError> {
+        let mut k = [0u8; 32];
+        getrandom::fill(&mut k).map_err(|e| SealError::Seal(format!("a fresh key: {e}")))?;
+        let cipher = Aes256Gcm::new_from_slice(&k).map_err(|_| SealError::Seal("a key".into()))?;
+        Ok(Sealer { cipher })
+    }
+
     /// Seals `password` for server `id`.
     pub fn seal(&self, id: &str, password: &str) -> Result<Vec<u8>, SealError> {
         self.seal_as(id.as_bytes(), password.as_bytes())

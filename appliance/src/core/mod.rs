@@ -11,6 +11,10 @@ pub mod identity;
 pub mod policy;
 mod power;
 mod provision;
+#[cfg(test)]
+pub mod testing;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;

@@ -117,7 +117,16 @@ fn encode(s: &Server) -> Vec<u8> {
 impl Inventory {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let db = Database::create(path)?;
+        Self::with_tables(Database::create(path)?)
+    }
+
+    /// A store in memory only, gone when dropped (tests of the layers above).
+    pub fn in_memory() -> Result<Self> {
+        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        Self::with_tables(db)
+    }
+
+    fn with_tables(db: Database) -> Result<Self> {
         let txn = db.begin_write()?;
         txn.open_table(SERVERS)?;
         txn.open_table(CONFIGS)?;
