@@ -6,18 +6,24 @@
 #   - a registered, unaccepted server booting its disk (a boot record written each time),
 #   - an accepted server booting its environment (before: a token every boot; now: the
 #     claimant of an armed window asking again, so a secret minted and its hash written).
-# Usage: benches/compare/boot-ipxe-windows.sh [RUNS] [SECONDS]   (BEFORE=rev to compare)
+# Usage: benches/compare/boot-ipxe-windows.sh [RUNS] [SECONDS]   (BEFORE=rev to compare,
+# or ARGES_BEFORE_BIN and ARGES_BIN: binaries built already)
 source "$(dirname "$0")/lib.sh"
 runs="${1:-3}"; secs="${2:-5}"
 before_rev="${BEFORE:-ff85a5b}"
 need wrk; need python3; need curl; need git
 
 # The binary before: built from its revision in a worktree (sharing the cargo target, so
-# only the arges crate itself is rebuilt), copied aside before the current one is built.
-git -C "$repo" worktree add --detach "$work/before-src" "$before_rev" >/dev/null 2>&1
-(cd "$work/before-src" && cargo build --release --locked --bin arges >&2)
-cp "$target_dir/release/arges" "$work/arges-before"
-git -C "$repo" worktree remove --force "$work/before-src"
+# only the arges crate itself is rebuilt), copied aside before the current one is built;
+# or ARGES_BEFORE_BIN=path, one built already.
+if [ -n "${ARGES_BEFORE_BIN:-}" ]; then
+  cp "$ARGES_BEFORE_BIN" "$work/arges-before"
+else
+  git -C "$repo" worktree add --detach "$work/before-src" "$before_rev" >/dev/null 2>&1
+  (cd "$work/before-src" && cargo build --release --locked --bin arges >&2)
+  cp "$target_dir/release/arges" "$work/arges-before"
+  git -C "$repo" worktree remove --force "$work/before-src"
+fi
 build_arges
 arges_now="$arges"
 

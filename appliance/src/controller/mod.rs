@@ -19,6 +19,8 @@ pub mod lease;
 pub mod resources;
 pub mod server_classes;
 pub mod servers;
+#[cfg(test)]
+pub mod testing;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -53,6 +53,8 @@ mod power;
 mod provision;
 mod release;
 mod report;
+#[cfg(test)]
+mod tests;
 
 use provision::{Progress, provision};
 use report::{Report, Step};

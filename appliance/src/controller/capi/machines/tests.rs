@@ -1,0 +1,433 @@
+//! MetalMachine reconciles on the seam ([`crate::controller::testing`]): a scripted
+//! apiserver answers each request, a [`Core::test`] core holds the local truth. The
+//! claim race, the bind race, every wait's reason and a release, in milliseconds.
+
+use std::sync::Arc;
+
+use kube::runtime::controller::Action;
+use serde_json::{Value, json};
+
+use super::reconcile;
+use crate::controller::Context;
+use crate::controller::resources::MetalMachine;
+use crate::controller::testing::{ApiServer, Call};
+use crate::core::testing::Machine;
+use crate::core::{ClaimRequest, Core, ServerEdit};
+
+const NS: &str = "ns1";
+const MM_PATH: &str =
+    "/apis/infrastructure.cluster.x-k8s.io/v1alpha2/namespaces/ns1/metalmachines/cp-0";
+const SERVERS: &str = "/apis/metal.arges.dev/v1alpha1/servers";
+const CAPI: &str = "/apis/cluster.x-k8s.io/v1beta2/namespaces/ns1";
+const BOOTSTRAP: &str = "machine: {type: controlplane}\n";
+
+/// A MetalMachine fixture, built up by its methods.
+#[derive(Clone)]
+struct Mm(Value);
+
+impl Mm {
+    /// `ns1/cp-0`, owned by Machine `m-0`, with its finalizer, asking for class `small`.
+    fn test() -> Mm {
+        Mm(json!({
+            "apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha2",
+            "kind": "MetalMachine",
+            "metadata": {
+                "name": "cp-0", "namespace": NS, "uid": "uid-cp-0", "resourceVersion": "7",
+                "generation": 1,
+                "finalizers": [crate::controller::capi::FINALIZER],
+                "ownerReferences": [{"apiVersion": "cluster.x-k8s.io/v1beta2", "kind": "Machine", "name": "m-0", "uid": "uid-m-0"}],
+            },
+            "spec": {"serverClassRef": {"name": "small"}},
+        }))
+    }
+
+    fn without_owner(mut self) -> Mm {
+        self.0["metadata"]["ownerReferences"] = json!([]);
+        self
+    }
+
+    fn bound_to(mut self, server: &str) -> Mm {
+        self.0["spec"]["serverRef"] = json!({"name": server});
+        self
+    }
+
+    fn deleted(mut self) -> Mm {
+        self.0["metadata"]["deletionTimestamp"] = json!("2026-12-04T00:00:00Z");
+        self
+    }
+
+    fn object(&self) -> MetalMachine {
+        serde_json::from_value(self.0.clone()).expect("a MetalMachine")
+    }
+}
+
+/// A Server of this appliance (`rack-1`), accepted, free.
+fn server(m: &Machine) -> Value {
+    json!({
+        "apiVersion": "metal.arges.dev/v1alpha1", "kind": "Server",
+        "metadata": {"name": m.uuid, "resourceVersion": "3", "labels": {"metal.arges.dev/appliance": "rack-1"}},
+        "spec": {"uuid": m.uuid, "accepted": true, "hardware": {"vendor": "QEMU"}},
+    })
+}
+
+fn with_claim(mut s: Value, uid: &str) -> Value {
+    s["status"] = json!({"inUse": true, "claim": {"machine": "ns1/cp-0", "uid": uid}});
+    s
+}
+
+fn capi_machine() -> Value {
+    json!({
+        "apiVersion": "cluster.x-k8s.io/v1beta2", "kind": "Machine",
+        "metadata": {"name": "m-0", "namespace": NS},
+        "spec": {"clusterName": "c1", "bootstrap": {"dataSecretName": "m-0-bootstrap"}},
+    })
+}
+
+fn cluster(provisioned: bool, paused: bool) -> Value {
+    json!({
+        "apiVersion": "cluster.x-k8s.io/v1beta2", "kind": "Cluster",
+        "metadata": {"name": "c1", "namespace": NS},
+        "spec": {"paused": paused},
+        "status": {"initialization": {"infrastructureProvisioned": provisioned}},
+    })
+}
+
+fn bootstrap_secret() -> Value {
+    use base64::Engine;
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "m-0-bootstrap", "namespace": NS},
+        "data": {"value": base64::engine::general_purpose::STANDARD.encode(BOOTSTRAP)},
+    })
+}
+
+/// A core holding machines 1 and 2, registered and accepted.
+async fn core_with_two() -> (Core, Machine, Machine) {
+    let core = Core::test();
+    let (a, b) = (Machine::test(1), Machine::test(2));
+    for m in [&a, &b] {
+        let id = core.register_shared(m).await.server_id;
+        core.edit_server(&id, ServerEdit::Accepted(true))
+            .await
+            .unwrap();
+    }
+    (core, a, b)
+}
+
+/// Runs one reconcile of `mm` in a task; the test answers its requests on `api`.
+fn start(
+    ctx: &Arc<Context>,
+    mm: &Mm,
+) -> tokio::task::JoinHandle<Result<Action, crate::controller::capi::ReconcileError>> {
+    tokio::spawn(reconcile(Arc::new(mm.object()), Arc::clone(ctx)))
+}
+
+/// Answers step 1 (Machine, Cluster, bootstrap Secret) as a ready cluster would.
+async fn answer_bootstrap(api: &mut ApiServer) {
+    api.expect("GET", &format!("{CAPI}/machines/m-0"))
+        .await
+        .reply(&capi_machine());
+    api.expect("GET", &format!("{CAPI}/clusters/c1"))
+        .await
+        .reply(&cluster(true, false));
+    api.expect("GET", "/api/v1/namespaces/ns1/secrets/m-0-bootstrap")
+        .await
+        .reply(&bootstrap_secret());
+}
+
+/// The status patch that ends a reconcile: answered, and its conditions as
+/// `type=status/reason` words.
+async fn status_patch(api: &mut ApiServer, mm: &Mm) -> String {
+    let call: Call = api.expect("PATCH", &format!("{MM_PATH}/status")).await;
+    let conditions = call.body["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    call.reply(&mm.0);
+    conditions
+        .iter()
+        .map(|c| {
+            format!(
+                "{}={}/{}",
+                c["type"].as_str().unwrap_or_default(),
+                c["status"].as_str().unwrap_or_default(),
+                c["reason"].as_str().unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[tokio::test]
+async fn a_class_claim_that_loses_a_race_takes_the_next_server() {
+    let (core, a, b) = core_with_two().await;
+    let (ctx, mut api) = Context::test(core);
+    let mm = Mm::test();
+    let task = start(&ctx, &mm);
+    answer_bootstrap(&mut api).await;
+    api.expect("GET", "/apis/metal.arges.dev/v1alpha1/serverclasses/small")
+        .await
+        .reply(&json!({
+            "apiVersion": "metal.arges.dev/v1alpha1", "kind": "ServerClass",
+            "metadata": {"name": "small"}, "spec": {},
+        }));
+    let list = api.expect("GET", SERVERS).await;
+    assert!(
+        list.query
+            .contains("labelSelector=metal.arges.dev%2Fappliance%3Drack-1"),
+        "only this appliance's servers: {}",
+        list.query
+    );
+    list.reply(&json!({
+        "apiVersion": "metal.arges.dev/v1alpha1", "kind": "ServerList",
+        "metadata": {"resourceVersion": "9"},
+        "items": [server(&a), server(&b)],
+    }));
+    // Another machine claimed the first server a moment ago: 409.
+    let first = api
+        .expect("PATCH", &format!("{SERVERS}/{}/status", a.uuid))
+        .await;
+    assert_eq!(
+        first.body["metadata"]["resourceVersion"], "3",
+        "a precondition"
+    );
+    assert_eq!(first.body["status"]["claim"]["uid"], "uid-cp-0");
+    first.conflict();
+    let second = api
+        .expect("PATCH", &format!("{SERVERS}/{}/status", b.uuid))
+        .await;
+    second.reply(&with_claim(server(&b), "uid-cp-0"));
+    // Bound to the one it won.
+    let bind = api.expect("PATCH", MM_PATH).await;
+    assert_eq!(bind.body["spec"]["serverRef"]["name"], b.uuid.as_str());
+    assert_eq!(
+        bind.body["spec"]["providerID"],
+        format!("arges://{}", b.uuid)
+    );
+    assert_eq!(bind.body["metadata"]["resourceVersion"], "7");
+    bind.reply(&mm.clone().bound_to(&b.uuid).0);
+    // Staged locally; no BMC and not armed: it says so and waits.
+    let conditions = status_patch(&mut api, &mm).await;
+    assert!(
+        conditions.contains("ServerClaimed=True/Claimed")
+            && conditions.contains("BootstrapDataReady=True/SecretFound")
+            && conditions.contains("Ready=False/NoBMC"),
+        "{conditions}"
+    );
+    let action = api.until_done(task).await.expect("reconciled");
+    assert_ne!(action, Action::await_change(), "looked at again");
+    let local = ctx.core.server(&b.uuid).await.unwrap();
+    assert_eq!(
+        local.provisioning.claim.map(|c| c.machine),
+        Some("ns1/cp-0".into())
+    );
+    assert!(
+        ctx.core
+            .server(&a.uuid)
+            .await
+            .unwrap()
+            .provisioning
+            .claim
+            .is_none(),
+        "the lost server is untouched locally"
+    );
+    for reason in ["SecretFound", "Claimed", "NoBMC"] {
+        assert!(api.published(reason), "{reason}: {:?}", api.events);
+    }
+}
+
+#[tokio::test]
+async fn each_wait_says_why_on_ready() {
+    // No owner yet.
+    let (ctx, mut api) = Context::test(Core::test());
+    let mm = Mm::test().without_owner();
+    let task = start(&ctx, &mm);
+    assert_eq!(
+        status_patch(&mut api, &mm).await,
+        "Ready=False/WaitingForMachine"
+    );
+    api.until_done(task).await.unwrap();
+    assert!(
+        api.events.is_empty(),
+        "a wait is no event: {:?}",
+        api.events
+    );
+
+    // The owner's cluster: paused, then not provisioned; the bootstrap data missing.
+    for (cluster_obj, secret, want) in [
+        (cluster(true, true), None, "Ready=False/Paused"),
+        (
+            cluster(false, false),
+            None,
+            "Ready=False/WaitingForClusterInfrastructure",
+        ),
+        (cluster(true, false), Some(()), "BootstrapDataMissing"),
+    ] {
+        let (ctx, mut api) = Context::test(Core::test());
+        let mm = Mm::test();
+        let task = start(&ctx, &mm);
+        api.expect("GET", &format!("{CAPI}/machines/m-0"))
+            .await
+            .reply(&capi_machine());
+        api.expect("GET", &format!("{CAPI}/clusters/c1"))
+            .await
+            .reply(&cluster_obj);
+        if secret.is_some() {
+            api.expect("GET", "/api/v1/namespaces/ns1/secrets/m-0-bootstrap")
+                .await
+                .not_found();
+        }
+        let conditions = status_patch(&mut api, &mm).await;
+        assert!(conditions.contains(want), "{want}: {conditions}");
+        api.until_done(task).await.unwrap();
+        if secret.is_some() {
+            assert!(
+                api.published("BootstrapDataMissing"),
+                "a failure is an event"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_server_the_local_record_says_is_dirty_is_given_back() {
+    let (core, a, _) = core_with_two().await;
+    // An earlier claim released with a wipe that has not reported yet.
+    let earlier = ClaimRequest {
+        machine: "ns1/old".into(),
+        uid: "uid-old".into(),
+        cluster: None,
+    };
+    core.claim_server(&a.uuid, earlier, b"x".to_vec())
+        .await
+        .unwrap();
+    core.release_server(&a.uuid, Some("uid-old"), true)
+        .await
+        .unwrap();
+    let (ctx, mut api) = Context::test(core);
+    let mm = Mm::test().bound_to(&a.uuid);
+    let task = start(&ctx, &mm);
+    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
+        .await
+        .reply(&with_claim(server(&a), "uid-cp-0"));
+    answer_bootstrap(&mut api).await;
+    // The claim is ours already; it binds (the providerID), then staging refuses: the
+    // local record decides, and the claim goes back.
+    api.expect("PATCH", MM_PATH).await.reply(&mm.0);
+    let give_back = api
+        .expect("PATCH", &format!("{SERVERS}/{}/status", a.uuid))
+        .await;
+    assert_eq!(give_back.body["status"]["claim"], Value::Null);
+    give_back.reply(&server(&a));
+    let conditions = status_patch(&mut api, &mm).await;
+    assert!(
+        conditions.contains("Ready=False/ServerNotClean"),
+        "{conditions}"
+    );
+    api.until_done(task).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_tripped_window_stops_the_machine_until_armed() {
+    let (core, a, _) = core_with_two().await;
+    core.edit_server(&a.uuid, ServerEdit::Environment(Some("talos".into())))
+        .await
+        .unwrap();
+    core.arm(&a.uuid, "test").await.unwrap();
+    core.boot(&a.from([10, 0, 0, 66])).await;
+    core.boot(&a).await;
+    assert!(core.server(&a.uuid).await.unwrap().alarm.is_some());
+    let (ctx, mut api) = Context::test(core);
+    let mm = Mm::test().bound_to(&a.uuid);
+    let task = start(&ctx, &mm);
+    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
+        .await
+        .reply(&with_claim(server(&a), "uid-cp-0"));
+    answer_bootstrap(&mut api).await;
+    api.expect("PATCH", MM_PATH).await.reply(&mm.0);
+    let conditions = status_patch(&mut api, &mm).await;
+    assert!(
+        conditions.contains("PoweredOn=False/ProvisioningWindowTripped")
+            && conditions.contains("Ready=False/ProvisioningWindowTripped"),
+        "{conditions}"
+    );
+    api.until_done(task).await.unwrap();
+    assert!(api.published("ProvisioningWindowTripped"));
+}
+
+#[tokio::test]
+async fn a_bind_lost_to_another_appliance_gives_the_claim_back() {
+    let (core, a, b) = core_with_two().await;
+    let (ctx, mut api) = Context::test(core);
+    let mm = Mm::test();
+    let task = start(&ctx, &mm);
+    answer_bootstrap(&mut api).await;
+    api.expect("GET", "/apis/metal.arges.dev/v1alpha1/serverclasses/small")
+        .await
+        .reply(&json!({"apiVersion": "metal.arges.dev/v1alpha1", "kind": "ServerClass", "metadata": {"name": "small"}, "spec": {}}));
+    api.expect("GET", SERVERS).await.reply(&json!({
+        "apiVersion": "metal.arges.dev/v1alpha1", "kind": "ServerList",
+        "metadata": {}, "items": [server(&a)],
+    }));
+    api.expect("PATCH", &format!("{SERVERS}/{}/status", a.uuid))
+        .await
+        .reply(&with_claim(server(&a), "uid-cp-0"));
+    // Another appliance bound the machine to its own server first.
+    api.expect("PATCH", MM_PATH).await.conflict();
+    api.expect("GET", MM_PATH)
+        .await
+        .reply(&mm.clone().bound_to(&b.uuid).0);
+    let give_back = api
+        .expect("PATCH", &format!("{SERVERS}/{}/status", a.uuid))
+        .await;
+    assert_eq!(give_back.body["status"]["inUse"], false);
+    give_back.reply(&server(&a));
+    let conditions = api.expect("PATCH", &format!("{MM_PATH}/status")).await;
+    conditions.reply(&mm.0);
+    let e = api.until_done(task).await.unwrap_err();
+    assert_eq!(e.kind(), "conflict", "{e}");
+    assert!(
+        ctx.core
+            .server(&a.uuid)
+            .await
+            .unwrap()
+            .provisioning
+            .claim
+            .is_none(),
+        "nothing staged for a server given back"
+    );
+}
+
+#[tokio::test]
+async fn deleting_releases_the_server_then_lets_the_machine_go() {
+    let (core, a, _) = core_with_two().await;
+    let claim = ClaimRequest {
+        machine: "ns1/cp-0".into(),
+        uid: "uid-cp-0".into(),
+        cluster: Some("c1".into()),
+    };
+    core.claim_server(&a.uuid, claim, BOOTSTRAP.as_bytes().to_vec())
+        .await
+        .unwrap();
+    let (ctx, mut api) = Context::test(core);
+    let mm = Mm::test().bound_to(&a.uuid).deleted();
+    let task = start(&ctx, &mm);
+    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
+        .await
+        .reply(&with_claim(server(&a), "uid-cp-0"));
+    let cleared = api
+        .expect("PATCH", &format!("{SERVERS}/{}/status", a.uuid))
+        .await;
+    assert_eq!(
+        cleared.body["status"],
+        json!({"inUse": false, "claim": null, "clean": false}),
+        "released with a wipe: dirty until it reports"
+    );
+    cleared.reply(&server(&a));
+    let fin = api.expect("PATCH", MM_PATH).await;
+    assert_eq!(fin.body["metadata"]["finalizers"], json!([]));
+    fin.reply(&mm.0);
+    api.until_done(task).await.unwrap();
+    let local = ctx.core.server(&a.uuid).await.unwrap();
+    assert!(local.provisioning.claim.is_none() && local.provisioning.dirty);
+}
