@@ -27,7 +27,7 @@
 //! The rules are pure functions over a [`Server`]; the core runs them inside one
 //! inventory write transaction, so a check and the write it allows are never split.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -322,7 +322,16 @@ struct BootBound {
 /// appliance restart only makes a booting unknown machine boot again.
 #[derive(Debug, Default)]
 pub(super) struct BootSecrets {
-    by_hash: Mutex<HashMap<String, BootBound>>,
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    by_hash: HashMap<String, BootBound>,
+    /// The hashes in the order they were minted. Every secret lives one window length,
+    /// so the front is always the first to expire, and the first to give way when the
+    /// bound is reached: minting stays O(1) however many are held.
+    order: VecDeque<(Instant, String)>,
 }
 
 impl BootSecrets {
@@ -333,25 +342,24 @@ impl BootSecrets {
     fn mint(&self, uuid: Option<&str>, mac: Option<&str>, source: IpAddr, ttl: Duration) -> String {
         let secret = crate::random_token();
         let now = Instant::now();
-        let mut m = self.by_hash.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() >= Self::MAX {
-            m.retain(|_, b| b.expires > now);
-        }
-        if m.len() >= Self::MAX
-            && let Some(oldest) = m
-                .iter()
-                .min_by_key(|(_, b)| b.expires)
-                .map(|(k, _)| k.clone())
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let Held { by_hash, order } = &mut *held;
+        while let Some((expires, hash)) = order.front()
+            && (*expires <= now || by_hash.len() >= Self::MAX)
         {
-            m.remove(&oldest);
+            by_hash.remove(hash);
+            order.pop_front();
         }
-        m.insert(
-            crate::secret_hash(&secret),
+        let hash = crate::secret_hash(&secret);
+        let expires = now + ttl;
+        order.push_back((expires, hash.clone()));
+        by_hash.insert(
+            hash,
             BootBound {
                 uuid: uuid.map(String::from),
                 mac: mac.map(String::from),
                 source,
-                expires: now + ttl,
+                expires,
                 used: None,
             },
         );
@@ -360,9 +368,10 @@ impl BootSecrets {
 
     /// Whether `hash` is one of these secrets.
     fn knows(&self, hash: &str) -> bool {
-        self.by_hash
+        self.held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .by_hash
             .contains_key(hash)
     }
 
@@ -376,8 +385,8 @@ impl BootSecrets {
         rules: &WindowsConfig,
     ) -> Option<std::result::Result<(), (&'static str, String)>> {
         let now = Instant::now();
-        let mut m = self.by_hash.lock().unwrap_or_else(|p| p.into_inner());
-        let b = m.get_mut(hash)?;
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let b = held.by_hash.get_mut(hash)?;
         let refuse = |label, why: String| Some(Err((label, why)));
         if b.source != source {
             return refuse(
@@ -1359,6 +1368,27 @@ mod tests {
             use_secret(&mut s, &g, "configdata", here, false, 17, &r),
             Verdict::Refused("alarm", _)
         ));
+    }
+
+    #[test]
+    fn boot_bound_secrets_are_bounded_and_the_oldest_give_way() {
+        let held = BootSecrets::default();
+        let source: IpAddr = "10.0.0.7".parse().unwrap();
+        let ttl = Duration::from_secs(900);
+        let first = crate::secret_hash(&held.mint(None, None, source, ttl));
+        for _ in 0..BootSecrets::MAX {
+            held.mint(None, None, source, ttl);
+        }
+        let h = held.held.lock().unwrap();
+        assert_eq!(h.by_hash.len(), BootSecrets::MAX);
+        assert_eq!(h.order.len(), BootSecrets::MAX);
+        drop(h);
+        assert!(!held.knows(&first), "the oldest gave way");
+        // Expired ones go at the next mint, whatever the count.
+        let short = BootSecrets::default();
+        let gone = crate::secret_hash(&short.mint(None, None, source, Duration::ZERO));
+        short.mint(None, None, source, ttl);
+        assert!(!short.knows(&gone));
     }
 
     #[test]
