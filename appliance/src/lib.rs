@@ -10,7 +10,6 @@ pub mod agent;
 pub mod app;
 pub mod bmc;
 pub mod config;
-#[cfg(feature = "kubernetes")]
 pub mod controller;
 pub mod core;
 pub mod dhcp;
@@ -21,7 +20,6 @@ pub mod inventory;
 pub mod ipxe;
 pub mod loadtest;
 pub mod metrics;
-#[cfg(feature = "plugins")]
 pub mod plugins;
 pub mod registration;
 pub mod sealing;

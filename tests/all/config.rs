@@ -43,60 +43,24 @@ fn checked_in_crds_match_the_rust_types() {
     );
 }
 
+/// Every rule's error is tested where the rule lives (the config module's unit tests);
+/// here, that `check-config` says one and fails, and says when the file is missing.
 #[test]
-fn broken_configs_name_the_key_and_line() {
+fn check_config_names_the_key_and_line_and_fails() {
     let dir = tempfile::tempdir().unwrap();
-    for (src, wants) in [
-        (
-            "[http]\nlisten = [\"127.0.0.1:8080\"]\n\n[tftp]\nwindowsize = 4\n",
-            &["line 5", "windowsize", "max_windowsize"][..],
-        ),
-        (
-            "[tftp]\nmax_blksize = 4\n",
-            &["tftp.max_blksize (line 2)", "expected 8 to 65464"][..],
-        ),
-        (
-            "[http]\nlisten = [\"not an address\"]\n",
-            &["line 2", "listen"][..],
-        ),
-        (
-            "[policy]\nunaccepted = \"reboot\"\n",
-            &["line 2", "local-disk", "discover"][..],
-        ),
-        ("[environments.x]\ncmdline = \"a\"\n", &["kernel"][..]),
-        (
-            "[dhcp]\nmode = \"relay\"\n",
-            &["line 2", "mode", "off", "proxy"][..],
-        ),
-        (
-            "[dhcp.boot_files]\nbios = \"../undionly.kpxe\"\n",
-            &["dhcp.boot_files.bios (line 2)", "not a file name"][..],
-        ),
-        (
-            "[dhcp]\nboot_script = \"boot.ipxe\"\n",
-            &["dhcp.boot_script (line 2)", "starting with /"][..],
-        ),
-        (
-            "[environments.x]\nkernel = { path = \"k\", sha256 = \"abc\" }\n",
-            &["environments.x.kernel (line 2)", "64 hex digits"][..],
-        ),
-        (
-            "[discovery]\nenvironment = \"disco\"\n",
-            &["discovery.environment (line 2)", "not defined"][..],
-        ),
-    ] {
-        let path = dir.path().join("appliance.toml");
-        std::fs::write(&path, src).unwrap();
-        let out = run(Command::new(bin()).arg("check-config").arg(&path));
-        assert!(!out.status.success(), "{src:?} was accepted");
-        let err = String::from_utf8_lossy(&out.stderr);
-        for want in wants {
-            assert!(
-                err.contains(want),
-                "error for {src:?} lacks {want:?}:\n{err}"
-            );
-        }
-    }
+    let path = dir.path().join("appliance.toml");
+    std::fs::write(
+        &path,
+        "[http]\nlisten = [\"127.0.0.1:8080\"]\n\n[tftp]\nmax_blksize = 4\n",
+    )
+    .unwrap();
+    let out = run(Command::new(bin()).arg("check-config").arg(&path));
+    assert!(!out.status.success(), "a broken config was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tftp.max_blksize (line 5)") && err.contains("expected 8 to 65464"),
+        "{err}"
+    );
     let out = run(Command::new(bin())
         .arg("check-config")
         .arg(dir.path().join("missing.toml")));

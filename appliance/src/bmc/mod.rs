@@ -7,6 +7,7 @@
 //! Credentials stay in this module: bmc-driver plugins speak raw IPMI commands or HTTP
 //! through a [`link::BmcLink`], never holding a password.
 
+pub mod config;
 pub mod driver;
 mod failure;
 pub mod ipmi;

@@ -1,25 +1,43 @@
-//! Appliance configuration: `appliance.toml`, validated into [`Config`].
+//! Appliance configuration: `appliance.toml`, assembled from its sections into
+//! [`Config`].
 //!
-//! [`file`] holds the serde types that mirror the file. [`Config::from_file`] turns them
-//! into the validated form the appliance runs on: relative paths resolved against the
-//! config file's folder, ranges checked, environment assets checked against their pinned
-//! sha256, templates compiled. Every error names the key, the line when it has one, and
-//! what was expected.
+//! Each subsystem owns its section beside its code (`tftp::config`, `http::config`,
+//! `dhcp::config`, `bmc::config`, `plugins::config`, `controller::config`,
+//! `core::config`, `ipxe::config`), a serde type that mirrors the file and a check
+//! (`TryFrom`, or `from_section` where the assembly must hand it a folder) that says
+//! what is wrong as an [`Invalid`] key and message. This module reads the file
+//! ([`file`]), settles what depends on the command line and the data folder (listen
+//! addresses, folders, tokens: [`tokens`]), checks what spans sections
+//! ([`environments`]), and adds the file's name and the line to every error.
+//!
+//! [`Config::from_source`] does no I/O beyond reading template files: tests and
+//! `arges check-config` get the same answers on any host. What the host decides
+//! ([`Config::load`] and [`Config::defaults`]: the pinned assets' hashes, Debian's iPXE
+//! folder when none is named, the host name as the default Kubernetes identity) is read
+//! after, by [`Config::settle`].
 
+pub mod environments;
 pub mod file;
+pub mod tokens;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use sha2::{Digest, Sha256};
-
+pub use crate::bmc::config::BmcConfig;
+pub use crate::controller::config::{KubernetesConfig, is_label_value};
+pub use crate::core::config::{LocalDiskMethod, PolicyConfig, Unaccepted, WindowsConfig};
+pub use crate::dhcp::config::{BootFiles, DhcpConfig, DhcpMode};
 use crate::files::CacheLimits;
-use crate::ipxe::{ScriptKind, Template, TemplateError, Templates};
+use crate::http::config::HttpConfig;
+use crate::ipxe::{TemplateError, Templates};
+pub use crate::plugins::config::{PluginsConfig, plugin_table};
 use crate::tftp::TftpSettings;
-pub use file::{BootFilesSection as BootFiles, ConfigFile, DhcpMode, LocalDiskMethod, Unaccepted};
+use crate::tftp::config::TftpConfig;
+pub use environments::{AssetPin, Environment, check_sha256};
+pub use file::ConfigFile;
+pub use tokens::TokenSource;
 
 /// A configuration problem.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +57,44 @@ pub enum ConfigError {
         line: LineHint,
         message: String,
     },
+    /// A section's check, not yet placed in its file (see [`ConfigError::placed`]).
+    #[error(transparent)]
+    Section(#[from] Invalid),
     #[error(transparent)]
     Template(#[from] TemplateError),
+}
+
+impl ConfigError {
+    /// A section's error with the file's name and the key's line.
+    fn placed(self, origin: &str, src: &str) -> ConfigError {
+        match self {
+            ConfigError::Section(Invalid { key, message }) => ConfigError::Invalid {
+                origin: origin.to_string(),
+                line: LineHint(locate(src, &key)),
+                key,
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
+/// A value of a section that does not hold: its dotted key and what is wrong. Sections
+/// say this; the assembly adds the file and the line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct Invalid {
+    pub key: String,
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
 }
 
 /// " (line N)" when the key was found in the source.
@@ -88,206 +142,6 @@ fn locate(src: &str, key: &str) -> Option<usize> {
     None
 }
 
-/// A validated boot environment.
-#[derive(Debug, Clone)]
-pub struct Environment {
-    pub name: String,
-    pub kernel: PathBuf,
-    pub initrds: Vec<PathBuf>,
-    pub cmdline: Template,
-}
-
-impl Environment {
-    /// Every file of the environment, kernel first.
-    pub fn files(&self) -> impl Iterator<Item = &PathBuf> {
-        std::iter::once(&self.kernel).chain(self.initrds.iter())
-    }
-
-    /// The file served as `/env/<name>/<file_name>`.
-    pub fn file_named(&self, file_name: &str) -> Option<&PathBuf> {
-        self.files()
-            .find(|p| p.file_name().is_some_and(|n| n == file_name))
-    }
-}
-
-/// Where a token comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenSource {
-    Inline(String),
-    File(PathBuf),
-    /// Generated on first start into this file in the data folder.
-    Generated(PathBuf),
-}
-
-impl TokenSource {
-    /// Reads (or for `Generated`, creates on first use) the token.
-    pub fn resolve(&self) -> std::io::Result<String> {
-        match self {
-            TokenSource::Inline(t) => Ok(t.clone()),
-            TokenSource::File(p) => Ok(std::fs::read_to_string(p)?.trim().to_string()),
-            TokenSource::Generated(p) => match std::fs::read_to_string(p) {
-                Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
-                _ => {
-                    if let Some(dir) = p.parent() {
-                        std::fs::create_dir_all(dir)?;
-                    }
-                    let token = crate::random_token();
-                    use std::io::Write;
-                    use std::os::unix::fs::OpenOptionsExt;
-                    let mut f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .mode(0o600)
-                        .open(p)?;
-                    f.write_all(token.as_bytes())?;
-                    f.sync_all()?;
-                    tracing::info!(path = %p.display(), "generated a new token");
-                    Ok(token)
-                }
-            },
-        }
-    }
-}
-
-/// Built-in boot policy settings.
-#[derive(Debug, Clone)]
-pub struct PolicyConfig {
-    pub unaccepted: Unaccepted,
-    pub default_environment: Option<String>,
-    pub local_disk_method: LocalDiskMethod,
-    pub local_disk_method_by_arch: BTreeMap<String, LocalDiskMethod>,
-}
-
-/// `[windows]`, checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WindowsConfig {
-    /// How long a provisioning window stays open.
-    pub length: Duration,
-    /// Honest retries of a used secret, from the address that used it.
-    pub retries: u32,
-    /// How long after its first use a secret may be retried.
-    pub retry_for: Duration,
-}
-
-impl Default for WindowsConfig {
-    fn default() -> Self {
-        WindowsConfig {
-            length: Duration::from_secs(900),
-            retries: 2,
-            retry_for: Duration::from_secs(120),
-        }
-    }
-}
-
-impl PolicyConfig {
-    /// The local-disk method for a machine architecture.
-    pub fn local_disk_method(&self, arch: &str) -> LocalDiskMethod {
-        self.local_disk_method_by_arch
-            .get(arch)
-            .copied()
-            .unwrap_or(self.local_disk_method)
-    }
-}
-
-/// Validated plugin settings.
-#[derive(Debug, Clone)]
-pub struct PluginsConfig {
-    pub dir: PathBuf,
-    pub order: Vec<String>,
-    pub timeout: Duration,
-    /// Deadline of one BMC driver step.
-    pub driver_timeout: Duration,
-    pub memory_bytes: u64,
-    pub max_instances: u32,
-    pub pooling: bool,
-    pub reuse_instances: bool,
-    /// Plugin name to lower-case hex sha256.
-    pub pins: BTreeMap<String, String>,
-    /// Plugin name to its table as sorted key/value strings (strings as they are, other
-    /// scalars as TOML text, arrays and tables as JSON).
-    pub config: BTreeMap<String, Vec<(String, String)>>,
-    /// Where compiled plugins are cached.
-    pub cache_dir: PathBuf,
-}
-
-impl PluginsConfig {
-    /// Settings for `dir` with every default (used by `arges plugin` commands).
-    pub fn with_defaults(dir: PathBuf, cache_dir: PathBuf) -> Self {
-        let d = file::PluginsSection::default();
-        PluginsConfig {
-            dir,
-            order: d.order,
-            timeout: Duration::from_millis(d.timeout_ms),
-            driver_timeout: Duration::from_millis(d.driver_timeout_ms),
-            memory_bytes: d.memory_bytes,
-            max_instances: d.max_instances,
-            pooling: d.pooling,
-            reuse_instances: d.reuse_instances,
-            pins: BTreeMap::new(),
-            config: BTreeMap::new(),
-            cache_dir,
-        }
-    }
-}
-
-/// Flattens a plugin's TOML table into the strings the `config` import hands out.
-pub fn plugin_table(table: &toml::Table) -> Vec<(String, String)> {
-    table
-        .iter()
-        .map(|(k, v)| {
-            let text = match v {
-                toml::Value::String(s) => s.clone(),
-                toml::Value::Array(_) | toml::Value::Table(_) => {
-                    serde_json::to_string(v).unwrap_or_default()
-                }
-                other => other.to_string(),
-            };
-            (k.clone(), text)
-        })
-        .collect()
-}
-
-/// Validated proxyDHCP settings.
-#[derive(Debug, Clone)]
-pub struct DhcpConfig {
-    pub mode: DhcpMode,
-    pub listen: Vec<SocketAddr>,
-    pub pxe_listen: Vec<SocketAddr>,
-    pub interfaces: Vec<String>,
-    pub server_address: Option<std::net::Ipv4Addr>,
-    pub ipxe_user_classes: Vec<String>,
-    pub boot_script: String,
-    pub boot_files: BootFiles,
-}
-
-/// Validated Kubernetes-mode settings; `None` in [`Config`] when the mode is off.
-#[derive(Debug, Clone)]
-pub struct KubernetesConfig {
-    /// `None`: in-cluster (service account).
-    pub kubeconfig: Option<PathBuf>,
-    pub identity: String,
-    pub namespace: String,
-    /// Released servers are wiped (else powered off and free at once).
-    pub wipe_on_release: bool,
-}
-
-/// Whether `s` is a valid Kubernetes label value (and DNS-label-like: no dots).
-pub fn is_label_value(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_ascii_lowercase())
-        .unwrap_or_default()
-}
-
 /// Debian's `ipxe` package puts its binaries here.
 pub const DEBIAN_IPXE_DIR: &str = "/usr/lib/ipxe";
 
@@ -312,18 +166,12 @@ pub struct Config {
     pub discovery_environment: String,
     pub wipe_environment: String,
     pub environments: BTreeMap<String, Environment>,
+    /// Files whose sha256 the config pins ([`Config::settle`] checks them).
+    pub asset_pins: Vec<AssetPin>,
     pub templates: Templates,
     pub dhcp: DhcpConfig,
     pub kubernetes: Option<KubernetesConfig>,
     pub bmc: BmcConfig,
-}
-
-/// `[bmc]`, checked.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BmcConfig {
-    pub manager: crate::bmc::manager::ManagerSettings,
-    /// The key sealing stored BMC passwords.
-    pub key_file: PathBuf,
 }
 
 /// Command-line overrides of the common settings.
@@ -342,22 +190,25 @@ pub struct Overrides {
 }
 
 impl Config {
-    /// Reads and validates `path`.
+    /// Reads `path`, validates it and settles it on this host.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
         let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Self::from_source(&path.display().to_string(), &src, &base, overrides)
+        let origin = path.display().to_string();
+        Self::from_source(&origin, &src, &base, overrides)?.settle(&origin, &src)
     }
 
-    /// The embedded defaults (paths under the current folder), with `overrides` applied.
+    /// The embedded defaults (paths under the current folder), with `overrides` applied,
+    /// settled on this host.
     pub fn defaults(overrides: &Overrides) -> Result<Config, ConfigError> {
-        Self::from_source("<defaults>", "", Path::new(""), overrides)
+        Self::from_source("<defaults>", "", Path::new(""), overrides)?.settle("<defaults>", "")
     }
 
-    /// Parses and validates a config text; relative paths resolve against `base`.
+    /// Parses and validates a config text; relative paths resolve against `base`. No
+    /// host I/O: see [`Config::settle`].
     pub fn from_source(
         origin: &str,
         src: &str,
@@ -368,22 +219,34 @@ impl Config {
             path: origin.to_string(),
             message: e.to_string(),
         })?;
-        Self::validate(origin, src, base, file, overrides)
+        Self::assemble(base, file, overrides).map_err(|e| e.placed(origin, src))
     }
 
-    fn validate(
-        origin: &str,
-        src: &str,
-        base: &Path,
-        mut f: ConfigFile,
-        o: &Overrides,
-    ) -> Result<Config, ConfigError> {
-        let invalid = |key: &str, message: String| ConfigError::Invalid {
-            origin: origin.to_string(),
-            key: key.to_string(),
-            line: LineHint(locate(src, key)),
-            message,
-        };
+    /// What validation leaves to the host, read now: every pinned asset's sha256,
+    /// Debian's iPXE folder when the file names none and it exists, and the host name
+    /// as the Kubernetes identity when the file gives none.
+    pub fn settle(mut self, origin: &str, src: &str) -> Result<Config, ConfigError> {
+        let place = |e: Invalid| ConfigError::from(e).placed(origin, src);
+        for pin in &self.asset_pins {
+            check_sha256(&pin.path, &pin.sha256).map_err(|m| place(Invalid::new(&pin.key, m)))?;
+        }
+        if self.ipxe_dir.is_none() {
+            let debian = Path::new(DEBIAN_IPXE_DIR);
+            self.ipxe_dir = debian.is_dir().then(|| debian.to_path_buf());
+        }
+        if let Some(k) = &mut self.kubernetes
+            && k.identity.is_empty()
+        {
+            k.identity = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_ascii_lowercase())
+                .unwrap_or_default();
+            crate::controller::config::check_identity(&k.identity).map_err(place)?;
+        }
+        Ok(self)
+    }
+
+    /// Each section's check, and what the command line and the data folder settle.
+    fn assemble(base: &Path, mut f: ConfigFile, o: &Overrides) -> Result<Config, ConfigError> {
         let resolve = |p: &Path| {
             if p.is_absolute() || base.as_os_str().is_empty() {
                 p.to_path_buf()
@@ -391,510 +254,106 @@ impl Config {
                 base.join(p)
             }
         };
-        let data_dir = o.data_dir.clone().unwrap_or_else(|| {
-            f.data_dir
-                .as_deref()
-                .map(resolve)
-                .unwrap_or_else(|| "arges-data".into())
-        });
+        let folder = |flag: &Option<PathBuf>, file: &Option<PathBuf>, default: PathBuf| {
+            flag.clone()
+                .unwrap_or_else(|| file.as_deref().map(resolve).unwrap_or(default))
+        };
+        let data_dir = folder(&o.data_dir, &f.data_dir, "arges-data".into());
         let under_data = |name: &str| data_dir.join(name);
-        let tftp_root = o.tftp_root.clone().unwrap_or_else(|| {
-            f.tftp
-                .root
-                .as_deref()
-                .map(resolve)
-                .unwrap_or_else(|| under_data("tftp"))
-        });
-        let assets_dir = o.assets_dir.clone().unwrap_or_else(|| {
-            f.assets_dir
-                .as_deref()
-                .map(resolve)
-                .unwrap_or_else(|| under_data("assets"))
-        });
-        let plugins_dir = o.plugins_dir.clone().unwrap_or_else(|| {
-            f.plugins
-                .dir
-                .as_deref()
-                .map(resolve)
-                .unwrap_or_else(|| under_data("plugins"))
-        });
+        let tftp_root = folder(&o.tftp_root, &f.tftp.root, under_data("tftp"));
+        let assets_dir = folder(&o.assets_dir, &f.assets_dir, under_data("assets"));
+        let plugins_dir = folder(&o.plugins_dir, &f.plugins.dir, under_data("plugins"));
 
-        let t = &f.tftp;
-        if !(8..=65464).contains(&t.max_blksize) {
-            return Err(invalid(
-                "tftp.max_blksize",
-                format!("{} is out of range: expected 8 to 65464", t.max_blksize),
-            ));
-        }
-        if !(1..=1024).contains(&t.max_windowsize) {
-            return Err(invalid(
-                "tftp.max_windowsize",
-                format!("{} is out of range: expected 1 to 1024", t.max_windowsize),
-            ));
-        }
-        for (key, v) in [
-            ("tftp.max_transfers", t.max_transfers),
-            ("tftp.max_transfers_per_client", t.max_transfers_per_client),
-        ] {
-            if v == 0 {
-                return Err(invalid(key, "must be at least 1".into()));
-            }
-        }
-        if t.timeout_ms == 0 || t.max_timeout_ms < t.timeout_ms {
-            return Err(invalid(
-                "tftp.timeout_ms",
-                "must be at least 1 and not above tftp.max_timeout_ms".into(),
-            ));
-        }
-        let http_listen = if o.http.is_empty() {
-            f.http.listen.clone()
-        } else {
-            o.http.clone()
-        };
-        let tftp_listen = if o.tftp.is_empty() {
-            t.listen.clone()
-        } else {
-            o.tftp.clone()
-        };
-        if http_listen.is_empty() {
-            return Err(invalid("http.listen", "needs at least one address".into()));
+        // The command line's word beats the file's.
+        if !o.http.is_empty() {
+            f.http.listen = o.http.clone();
         }
         if let Some(url) = &o.public_url {
             f.http.public_url = Some(url.clone());
         }
-        if let Some(url) = &f.http.public_url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            return Err(invalid(
-                "http.public_url",
-                format!("{url:?} is not an http:// or https:// URL"),
-            ));
+        if !o.tftp.is_empty() {
+            f.tftp.listen = o.tftp.clone();
+        }
+        if let Some(mode) = o.dhcp {
+            f.dhcp.mode = mode;
+        }
+        if !o.dhcp_interfaces.is_empty() {
+            f.dhcp.interfaces = o.dhcp_interfaces.clone();
         }
 
-        if f.policy.boot_token_ttl_secs.is_some() {
-            return Err(invalid(
-                "policy.boot_token_ttl_secs",
-                "was replaced by [windows] secs: a machine's secrets now go out only in a provisioning window the appliance opens (default 900 seconds; see SECURITY.md)".into(),
-            ));
-        }
-        let w = &f.windows;
-        if !(30..=3600).contains(&w.secs) {
-            return Err(invalid(
-                "windows.secs",
-                format!("{} is outside 30 to 3600 seconds", w.secs),
-            ));
-        }
-        if w.retries > 10 {
-            return Err(invalid("windows.retries", "must be 0 to 10".into()));
-        }
-        if w.retry_secs > w.secs {
-            return Err(invalid(
-                "windows.retry_secs",
-                format!("must not exceed windows.secs ({})", w.secs),
-            ));
-        }
-        let windows = WindowsConfig {
-            length: Duration::from_secs(w.secs),
-            retries: w.retries,
-            retry_for: Duration::from_secs(w.retry_secs),
-        };
-
-        let token = |inline: &Option<String>,
-                     path: &Option<PathBuf>,
-                     key: &str,
-                     generated: &str| match (inline, path) {
-            (Some(_), Some(_)) => Err(invalid(
-                key,
-                format!("set either {key} or {key}_file, not both"),
-            )),
-            (Some(t), None) if t.len() < 16 => {
-                Err(invalid(key, "must be at least 16 characters".into()))
-            }
-            (Some(t), None) => Ok(TokenSource::Inline(t.clone())),
-            (None, Some(p)) => Ok(TokenSource::File(resolve(p))),
-            (None, None) => Ok(TokenSource::Generated(under_data(generated))),
-        };
-        let registration_token = token(
+        let tftp = TftpConfig::try_from(&f.tftp)?;
+        let http = HttpConfig::try_from(&f.http)?;
+        let policy = PolicyConfig::try_from(&f.policy)?;
+        let windows = WindowsConfig::try_from(&f.windows)?;
+        let registration_token = TokenSource::from_keys(
             &f.tokens.registration,
             &f.tokens.registration_file,
             "tokens.registration",
-            "registration.token",
+            under_data("registration.token"),
+            resolve,
         )?;
-        let admin_token = token(
+        let admin_token = TokenSource::from_keys(
             &f.tokens.admin,
             &f.tokens.admin_file,
             "tokens.admin",
-            "admin.token",
+            under_data("admin.token"),
+            resolve,
         )?;
-
-        let discovery = f.discovery.environment.clone();
-        if f.environments.is_empty()
-            || (discovery == "discovery" && !f.environments.contains_key("discovery"))
-        {
-            f.environments
-                .entry("discovery".into())
-                .or_insert_with(file::default_discovery_environment);
-        }
-        let mut environments = BTreeMap::new();
-        for (name, e) in &f.environments {
-            let key = format!("environments.{name}");
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(invalid(
-                    &key,
-                    format!("environment name {name:?} may only hold letters, digits, - and _"),
-                ));
-            }
-            let cmdline = Template::parse(&format!("{key}.cmdline"), &e.cmdline)?;
-            let mut paths = Vec::new();
-            let mut seen = std::collections::HashSet::new();
-            for (i, asset) in std::iter::once(&e.kernel)
-                .chain(e.initrds.iter())
-                .enumerate()
-            {
-                let akey = if i == 0 {
-                    format!("{key}.kernel")
-                } else {
-                    format!("{key}.initrds")
-                };
-                let path = if asset.path().is_absolute() {
-                    asset.path().clone()
-                } else {
-                    assets_dir.join(asset.path())
-                };
-                let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
-                    return Err(invalid(
-                        &akey,
-                        format!("{} has no file name", path.display()),
-                    ));
-                };
-                if !seen.insert(file_name.to_string()) {
-                    return Err(invalid(
-                        &akey,
-                        format!("two files of the environment are named {file_name:?}"),
-                    ));
-                }
-                if let Some(want) = asset.sha256() {
-                    check_sha256(&path, want).map_err(|m| invalid(&akey, m))?;
-                }
-                paths.push(path);
-            }
-            let kernel = paths.remove(0);
-            environments.insert(
-                name.clone(),
-                Environment {
-                    name: name.clone(),
-                    kernel,
-                    initrds: paths,
-                    cmdline,
-                },
-            );
-        }
-        let wipe_environment = f
-            .discovery
-            .wipe_environment
-            .clone()
-            .unwrap_or_else(|| discovery.clone());
-        for (key, env) in [
-            ("discovery.environment", Some(&discovery)),
-            ("discovery.wipe_environment", Some(&wipe_environment)),
-            (
-                "policy.default_environment",
-                f.policy.default_environment.as_ref(),
-            ),
-        ] {
-            if let Some(env) = env
-                && !environments.contains_key(env)
-            {
-                return Err(invalid(
-                    key,
-                    format!("names environment {env:?}, which is not defined under [environments]"),
-                ));
-            }
-        }
-
-        let mut templates = Templates::builtin();
-        let tf = &f.templates;
-        for (kind, path) in [
-            (ScriptKind::Discover, &tf.discover),
-            (ScriptKind::Environment, &tf.environment),
-            (ScriptKind::LocalDisk, &tf.local_disk),
-            (ScriptKind::Wipe, &tf.wipe),
-            (ScriptKind::Deny, &tf.deny),
-        ] {
-            if let Some(p) = path {
-                templates.load(kind, &resolve(p))?;
-            }
-        }
-
-        let p = &f.plugins;
-        if p.timeout_ms == 0 || p.timeout_ms > 10_000 {
-            return Err(invalid(
-                "plugins.timeout_ms",
-                format!("{} is out of range: expected 1 to 10000", p.timeout_ms),
-            ));
-        }
-        if p.memory_bytes < 1 << 20 {
-            return Err(invalid(
-                "plugins.memory_bytes",
-                "must be at least 1048576 (1 MiB)".into(),
-            ));
-        }
-        if p.max_instances == 0 {
-            return Err(invalid(
-                "plugins.max_instances",
-                "must be at least 1".into(),
-            ));
-        }
-        let mut pins = BTreeMap::new();
-        for (name, sha) in &p.pins {
-            let sha = sha.trim().to_ascii_lowercase();
-            if sha.len() != 64 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(invalid(
-                    &format!("plugins.pins.{name}"),
-                    format!("{sha:?} is not 64 hex digits"),
-                ));
-            }
-            pins.insert(name.clone(), sha);
-        }
-        let plugins = PluginsConfig {
-            dir: plugins_dir,
-            order: p.order.clone(),
-            timeout: Duration::from_millis(p.timeout_ms),
-            driver_timeout: Duration::from_millis(p.driver_timeout_ms),
-            memory_bytes: p.memory_bytes,
-            max_instances: p.max_instances,
-            pooling: p.pooling,
-            reuse_instances: p.reuse_instances,
-            pins,
-            config: p
-                .config
-                .iter()
-                .map(|(k, t)| (k.clone(), plugin_table(t)))
-                .collect(),
-            cache_dir: p
-                .cache_dir
-                .as_deref()
-                .map(resolve)
-                .unwrap_or_else(|| under_data("plugin-cache")),
-        };
-
-        let dhcp = Self::validate_dhcp(&f.dhcp, o, &invalid)?;
-        let b = &f.bmc;
-        if b.attempts == 0 || b.attempts > 20 {
-            return Err(invalid("bmc.attempts", "must be 1 to 20".into()));
-        }
-        if b.exchange_timeout_ms < 10 || b.poll_ms < 10 || b.queue_limit == 0 {
-            return Err(invalid(
-                "bmc",
-                "exchange_timeout_ms and poll_ms are at least 10, queue_limit at least 1".into(),
-            ));
-        }
+        let envs = environments::environments(
+            &f.environments,
+            &f.discovery,
+            policy.default_environment.as_ref(),
+            &assets_dir,
+        )?;
+        let templates = Templates::from_section(&f.templates, resolve)?;
+        let plugins = PluginsConfig::from_section(
+            &f.plugins,
+            plugins_dir,
+            folder(&None, &f.plugins.cache_dir, under_data("plugin-cache")),
+        )?;
+        let dhcp = DhcpConfig::try_from(&f.dhcp)?;
         let bmc = BmcConfig {
-            manager: crate::bmc::manager::ManagerSettings {
-                exchange_timeout: Duration::from_millis(b.exchange_timeout_ms),
-                attempts: b.attempts,
-                backoff: Duration::from_millis(b.backoff_ms),
-                settle: Duration::from_secs(b.settle_s),
-                poll: Duration::from_millis(b.poll_ms),
-                queue_limit: b.queue_limit,
-                ..Default::default()
-            },
-            key_file: b
-                .key_file
-                .as_deref()
-                .map(resolve)
-                .unwrap_or_else(|| under_data("bmc-credentials.key")),
+            manager: crate::bmc::manager::ManagerSettings::try_from(&f.bmc)?,
+            key_file: folder(&None, &f.bmc.key_file, under_data("bmc-credentials.key")),
         };
-        let k = &f.kubernetes;
         let kubeconfig = o
             .kubeconfig
             .clone()
-            .or_else(|| k.kubeconfig.as_deref().map(resolve));
-        let kubernetes = if kubeconfig.is_some() || k.in_cluster {
-            if kubeconfig.is_some() && k.in_cluster {
-                return Err(invalid(
-                    "kubernetes.in_cluster",
-                    "set either kubernetes.kubeconfig or kubernetes.in_cluster, not both".into(),
-                ));
-            }
-            let identity = k.identity.clone().unwrap_or_else(hostname);
-            if !is_label_value(&identity) {
-                return Err(invalid(
-                    "kubernetes.identity",
-                    format!(
-                        "{identity:?} is not a label value (letters, digits, - and _, at most 63, alphanumeric at both ends)"
-                    ),
-                ));
-            }
-            if !is_label_value(&k.namespace) {
-                return Err(invalid(
-                    "kubernetes.namespace",
-                    format!("{:?} is not a namespace name", k.namespace),
-                ));
-            }
-            Some(KubernetesConfig {
-                kubeconfig,
-                identity,
-                namespace: k.namespace.clone(),
-                wipe_on_release: k.release == file::Release::Wipe,
-            })
-        } else {
-            None
-        };
-        let ipxe_dir = f.tftp.ipxe_dir.as_deref().map(resolve).or_else(|| {
-            let debian = Path::new(DEBIAN_IPXE_DIR);
-            debian.is_dir().then(|| debian.to_path_buf())
-        });
+            .or_else(|| f.kubernetes.kubeconfig.as_deref().map(resolve));
+        let kubernetes = KubernetesConfig::from_section(&f.kubernetes, kubeconfig)?;
 
         Ok(Config {
-            http_listen,
-            public_url: f
-                .http
-                .public_url
-                .clone()
-                .map(|u| u.trim_end_matches('/').to_string()),
-            tftp_listen,
+            http_listen: http.listen,
+            public_url: http.public_url,
+            tftp_listen: f.tftp.listen.clone(),
             tftp_root,
-            ipxe_dir,
-            tftp: TftpSettings {
-                max_transfers: t.max_transfers,
-                max_transfers_per_client: t.max_transfers_per_client,
-                timeout: Duration::from_millis(t.timeout_ms),
-                max_timeout: Duration::from_millis(t.max_timeout_ms),
-                retries: t.retries,
-                max_blksize: t.max_blksize as u16,
-                max_windowsize: t.max_windowsize as u16,
-            },
-            cache: CacheLimits {
-                file_bytes: t.cache_file_bytes,
-                total_bytes: t.cache_total_bytes,
-            },
+            ipxe_dir: f.tftp.ipxe_dir.as_deref().map(resolve),
+            tftp: tftp.settings,
+            cache: tftp.cache,
             assets_dir,
             data_dir,
             plugins,
             registration_token,
             admin_token,
-            policy: PolicyConfig {
-                unaccepted: f.policy.unaccepted,
-                default_environment: f.policy.default_environment.clone(),
-                local_disk_method: f.policy.local_disk_method,
-                local_disk_method_by_arch: f.policy.local_disk_method_by_arch.clone(),
-            },
+            policy,
             windows,
-            discovery_environment: discovery,
-            wipe_environment,
-            environments,
+            discovery_environment: envs.discovery,
+            wipe_environment: envs.wipe,
+            environments: envs.by_name,
+            asset_pins: envs.pins,
             templates,
             dhcp,
             kubernetes,
             bmc,
         })
     }
-
-    fn validate_dhcp(
-        d: &file::DhcpSection,
-        o: &Overrides,
-        invalid: &dyn Fn(&str, String) -> ConfigError,
-    ) -> Result<DhcpConfig, ConfigError> {
-        let mode = o.dhcp.unwrap_or(d.mode);
-        let interfaces = if o.dhcp_interfaces.is_empty() {
-            d.interfaces.clone()
-        } else {
-            o.dhcp_interfaces.clone()
-        };
-        for name in &interfaces {
-            // IFNAMSIZ is 16 with the NUL.
-            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
-                return Err(invalid(
-                    "dhcp.interfaces",
-                    format!("{name:?} is not an interface name"),
-                ));
-            }
-        }
-        if mode == DhcpMode::Proxy && d.listen.is_empty() && d.pxe_listen.is_empty() {
-            return Err(invalid(
-                "dhcp.listen",
-                "proxy mode needs at least one address in dhcp.listen or dhcp.pxe_listen".into(),
-            ));
-        }
-        if !d.boot_script.starts_with('/') || d.boot_script.chars().any(|c| c.is_whitespace()) {
-            return Err(invalid(
-                "dhcp.boot_script",
-                format!(
-                    "{:?} must be a path starting with / and hold no spaces",
-                    d.boot_script
-                ),
-            ));
-        }
-        if d.ipxe_user_classes.iter().any(String::is_empty) {
-            return Err(invalid(
-                "dhcp.ipxe_user_classes",
-                "an empty user class would match every client".into(),
-            ));
-        }
-        let b = &d.boot_files;
-        for (key, name) in [
-            ("dhcp.boot_files.bios", &b.bios),
-            ("dhcp.boot_files.uefi_i386", &b.uefi_i386),
-            ("dhcp.boot_files.uefi_x86_64", &b.uefi_x86_64),
-            ("dhcp.boot_files.uefi_arm64", &b.uefi_arm64),
-        ] {
-            if crate::files::sanitize(name).is_err() || name.len() > 120 {
-                return Err(invalid(
-                    key,
-                    format!("{name:?} is not a file name inside the TFTP root"),
-                ));
-            }
-        }
-        Ok(DhcpConfig {
-            mode,
-            listen: d.listen.clone(),
-            pxe_listen: d.pxe_listen.clone(),
-            interfaces,
-            server_address: d.server_address,
-            ipxe_user_classes: d.ipxe_user_classes.clone(),
-            boot_script: d.boot_script.clone(),
-            boot_files: d.boot_files.clone(),
-        })
-    }
-}
-
-/// Checks a file against a pinned hex sha256, streaming it (assets can be hundreds of MB).
-pub fn check_sha256(path: &Path, want: &str) -> Result<(), String> {
-    let want = want.trim().to_ascii_lowercase();
-    if want.len() != 64 || !want.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(format!("sha256 {want:?} is not 64 hex digits"));
-    }
-    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        use std::io::Read;
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    let got = hex::encode(h.finalize());
-    if got != want {
-        return Err(format!(
-            "{} has sha256 {got}, expected {want}",
-            path.display()
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
+    use std::time::Duration;
 
     fn parse(src: &str) -> Result<Config, ConfigError> {
         Config::from_source(
@@ -979,7 +438,11 @@ mod tests {
             "discovery stays available"
         );
         let bad = src.replace(&good, &"0".repeat(64));
-        let e = parse(&bad).unwrap_err().to_string();
+        let unsettled = parse(&bad).expect("validation reads no asset");
+        let e = unsettled
+            .settle("appliance.toml", &bad)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("environments.talos.kernel (line 5)") && e.contains("expected 0000"),
             "{e}"
@@ -992,6 +455,73 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("environments.x.cmdline"), "{e}");
+    }
+
+    #[test]
+    fn broken_configs_name_the_key_and_line() {
+        for (src, wants) in [
+            (
+                "[http]\nlisten = [\"127.0.0.1:8080\"]\n\n[tftp]\nwindowsize = 4\n",
+                &["line 5", "windowsize", "max_windowsize"][..],
+            ),
+            (
+                "[tftp]\nmax_blksize = 4\n",
+                &["tftp.max_blksize (line 2)", "expected 8 to 65464"][..],
+            ),
+            (
+                "[http]\nlisten = [\"not an address\"]\n",
+                &["line 2", "listen"][..],
+            ),
+            (
+                "[policy]\nunaccepted = \"reboot\"\n",
+                &["line 2", "local-disk", "discover"][..],
+            ),
+            ("[environments.x]\ncmdline = \"a\"\n", &["kernel"][..]),
+            (
+                "[dhcp]\nmode = \"relay\"\n",
+                &["line 2", "mode", "off", "proxy"][..],
+            ),
+            (
+                "[dhcp.boot_files]\nbios = \"../undionly.kpxe\"\n",
+                &["dhcp.boot_files.bios (line 2)", "not a file name"][..],
+            ),
+            (
+                "[dhcp]\nboot_script = \"boot.ipxe\"\n",
+                &["dhcp.boot_script (line 2)", "starting with /"][..],
+            ),
+            (
+                "[environments.x]\nkernel = { path = \"k\", sha256 = \"abc\" }\n",
+                &["environments.x.kernel (line 2)", "64 hex digits"][..],
+            ),
+            (
+                "[discovery]\nenvironment = \"disco\"\n",
+                &["discovery.environment (line 2)", "not defined"][..],
+            ),
+            (
+                "[windows]\nsecs = 7200\n",
+                &["windows.secs (line 2)", "3600"][..],
+            ),
+            (
+                "[plugins.pins]\ndeny = \"abc\"\n",
+                &["plugins.pins.deny (line 2)", "64 hex digits"][..],
+            ),
+            (
+                "[kubernetes]\nkubeconfig = \"kc\"\nidentity = \"Rack 1\"\n",
+                &["kubernetes.identity (line 3)", "label value"][..],
+            ),
+            (
+                "[bmc]\nattempts = 0\n",
+                &["bmc.attempts (line 2)", "1 to 20"][..],
+            ),
+        ] {
+            let err = parse(src).expect_err(src).to_string();
+            for want in wants {
+                assert!(
+                    err.contains(want),
+                    "error for {src:?} lacks {want:?}:\n{err}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -13,200 +13,24 @@
 //! control plane without fighting. While the control plane is unreachable the boot path
 //! goes on deciding from the local inventory; queued changes are pushed once it is back.
 
+pub mod config;
+
+#[cfg(feature = "kubernetes")]
 pub mod capi;
+#[cfg(feature = "kubernetes")]
+mod context;
+#[cfg(feature = "kubernetes")]
 pub mod environments;
+#[cfg(feature = "kubernetes")]
 pub mod lease;
+#[cfg(feature = "kubernetes")]
 pub mod resources;
+#[cfg(feature = "kubernetes")]
 pub mod server_classes;
+#[cfg(feature = "kubernetes")]
 pub mod servers;
-#[cfg(test)]
+#[cfg(all(test, feature = "kubernetes"))]
 pub mod testing;
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-
-use k8s_openapi::api::coordination::v1::Lease;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::{Api, Client, Resource, ResourceExt};
-use tokio_util::sync::CancellationToken;
-
-use crate::config::KubernetesConfig;
-use crate::core::Core;
-use crate::metrics::Metrics;
-
-/// Why the controller could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ControllerError {
-    #[error("cannot read the kubeconfig {path}: {source}")]
-    Kubeconfig {
-        path: String,
-        #[source]
-        source: kube::config::KubeconfigError,
-    },
-    #[error("cannot configure the in-cluster client: {0}")]
-    InCluster(#[source] kube::config::InClusterError),
-    #[error("cannot build the Kubernetes client: {0}")]
-    Client(#[source] kube::Error),
-}
-
-/// What the controller's tasks share.
-pub struct Context {
-    pub client: Client,
-    pub core: Arc<Core>,
-    pub identity: String,
-    pub namespace: String,
-    /// Server-side apply field manager: one per appliance identity.
-    pub field_manager: String,
-    /// Servers released by their MetalMachine are wiped (else powered off).
-    pub wipe_on_release: bool,
-    recorder: Recorder,
-    /// (object uid, reason) pairs already warned about, so a resync does not repeat them.
-    warned: Mutex<HashSet<(String, &'static str)>>,
-}
-
-impl Context {
-    /// The appliance's metrics.
-    pub fn metrics(&self) -> &Metrics {
-        self.core.metrics()
-    }
-
-    /// A Warning event on `obj`, once per object and reason in this process.
-    pub async fn warn_once<K>(&self, obj: &K, reason: &'static str, note: &str)
-    where
-        K: Resource<DynamicType = ()>,
-    {
-        let key = (obj.uid().unwrap_or_default(), reason);
-        if !self
-            .warned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key)
-        {
-            return;
-        }
-        tracing::warn!(object = %obj.name_any(), reason, note, "warning event");
-        self.publish(&obj.object_ref(&()), false, reason, "Reconcile", note)
-            .await;
-    }
-
-    /// An event on the object `to`: Normal, or Warning when `warning`.
-    pub async fn publish(
-        &self,
-        to: &k8s_openapi::api::core::v1::ObjectReference,
-        warning: bool,
-        reason: &str,
-        action: &str,
-        note: &str,
-    ) {
-        let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(note.chars().take(1024).collect()),
-            action: action.into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, to).await {
-            tracing::warn!(error = %e, "cannot publish an event");
-        }
-    }
-}
-
-/// A watch of `api` that backs off while the apiserver is away, re-lists after expiry,
-/// and ends when `cancel` fires.
-pub fn watch_until<K>(
-    api: Api<K>,
-    config: kube::runtime::watcher::Config,
-    cancel: CancellationToken,
-) -> futures_util::stream::BoxStream<
-    'static,
-    kube::runtime::watcher::Result<kube::runtime::watcher::Event<K>>,
->
-where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
-{
-    use futures_util::StreamExt;
-    use kube::runtime::WatchStreamExt;
-    kube::runtime::watcher(api, config)
-        .default_backoff()
-        .take_until(cancel.cancelled_owned())
-        .boxed()
-}
-
-/// The client for `config`: its kubeconfig, or the pod's service account.
-pub async fn client(config: &KubernetesConfig) -> Result<Client, ControllerError> {
-    let kube_config = match &config.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path).map_err(|source| {
-                ControllerError::Kubeconfig {
-                    path: path.display().to_string(),
-                    source,
-                }
-            })?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|source| ControllerError::Kubeconfig {
-                    path: path.display().to_string(),
-                    source,
-                })?
-        }
-        None => kube::Config::incluster().map_err(ControllerError::InCluster)?,
-    };
-    Client::try_from(kube_config).map_err(ControllerError::Client)
-}
-
-/// Runs the controller until `cancel` fires. Never returns an error once started:
-/// every failure past this point is logged, counted and retried.
-pub async fn run(
-    core: Arc<Core>,
-    config: KubernetesConfig,
-    cancel: CancellationToken,
-) -> Result<(), ControllerError> {
-    let client = client(&config).await?;
-    let holder = format!("{}-{}", config.identity, &crate::random_token()[..8]);
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "arges-appliance".into(),
-            instance: Some(holder.clone()),
-        },
-    );
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        core,
-        identity: config.identity.clone(),
-        namespace: config.namespace.clone(),
-        field_manager: format!("arges-{}", config.identity),
-        wipe_on_release: config.wipe_on_release,
-        recorder,
-        warned: Mutex::new(HashSet::new()),
-    });
-    tracing::info!(identity = %ctx.identity, namespace = %ctx.namespace, "Kubernetes controller starting");
-    // Every replica keeps its local copy current; only the leader writes to the cluster.
-    let pull = tokio::spawn(servers::pull(Arc::clone(&ctx), cancel.clone()));
-    let envs = tokio::spawn(environments::watch(Arc::clone(&ctx), cancel.clone()));
-    let elector = lease::Elector::new(
-        Api::<Lease>::namespaced(client, &ctx.namespace),
-        format!("arges-{}", ctx.identity),
-        holder,
-    );
-    while elector.acquire(&cancel).await {
-        ctx.metrics().controller_leader.set(1);
-        let leading = cancel.child_token();
-        let push = tokio::spawn(servers::push(Arc::clone(&ctx), leading.clone()));
-        let classes = tokio::spawn(server_classes::refresh(Arc::clone(&ctx), leading.clone()));
-        let capi = tokio::spawn(capi::run(Arc::clone(&ctx), leading.clone()));
-        elector.hold(&leading).await;
-        leading.cancel();
-        let _ = push.await;
-        let _ = classes.await;
-        let _ = capi.await;
-        ctx.metrics().controller_leader.set(0);
-    }
-    let _ = pull.await;
-    let _ = envs.await;
-    Ok(())
-}
+#[cfg(feature = "kubernetes")]
+pub use context::{Context, ControllerError, client, run, watch_until};

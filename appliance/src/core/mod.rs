@@ -7,6 +7,7 @@
 //! [`identity`]'s to say. Inventory writes are blocking (fsync on commit), so they run on
 //! the blocking pool.
 
+pub mod config;
 pub mod identity;
 pub mod policy;
 mod power;

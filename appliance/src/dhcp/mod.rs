@@ -13,6 +13,7 @@
 //! address the client does not have yet.
 
 pub mod answer;
+pub mod config;
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};

@@ -10,6 +10,7 @@
 mod api;
 mod assets;
 mod boot;
+pub mod config;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

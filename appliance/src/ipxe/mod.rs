@@ -18,6 +18,7 @@
 //! An environment's kernel command line is itself a template rendered with this context
 //! (without `env.cmdline`), then placed into the script as `env.cmdline`.
 
+pub mod config;
 pub mod render;
 pub mod template;
 

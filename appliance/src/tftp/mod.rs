@@ -13,6 +13,7 @@
 //! bound the work a flood of abandoned requests can cause; a retransmitted RRQ from a client
 //! whose transfer is already running is dropped rather than starting a second one.
 
+pub mod config;
 pub mod packet;
 pub mod transfer;
 

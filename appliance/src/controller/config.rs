@@ -1,0 +1,152 @@
+//! `[kubernetes]`: Kubernetes mode's section of `appliance.toml`, and its check. Built
+//! with or without the controller itself (a build without it still reads the section).
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::config::Invalid;
+
+/// `[kubernetes]` as written: Kubernetes mode, with the appliance's controller.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesSection {
+    /// Run the controller against the cluster of this kubeconfig.
+    pub kubeconfig: Option<PathBuf>,
+    /// Run the controller with the pod's service account (the in-cluster Deployment).
+    pub in_cluster: bool,
+    /// This appliance's name among those sharing the cluster (a label value): it marks
+    /// the Servers it discovered and names its Lease. Default: the host name.
+    pub identity: Option<String>,
+    /// Namespace of the appliance's Lease, Events and default Secrets.
+    pub namespace: String,
+    /// What a Server released by its MetalMachine does: `wipe` (boot the wipe
+    /// environment; free once it reports) or `power-off` (free at once).
+    pub release: Release,
+}
+
+/// `[kubernetes] release`.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Release {
+    #[default]
+    Wipe,
+    PowerOff,
+}
+
+impl Default for KubernetesSection {
+    fn default() -> Self {
+        KubernetesSection {
+            kubeconfig: None,
+            in_cluster: false,
+            identity: None,
+            namespace: "arges-system".into(),
+            release: Release::Wipe,
+        }
+    }
+}
+
+/// Kubernetes mode's settings, checked; `None` in [`crate::config::Config`] when the
+/// mode is off.
+#[derive(Debug, Clone)]
+pub struct KubernetesConfig {
+    /// `None`: in-cluster (service account).
+    pub kubeconfig: Option<PathBuf>,
+    /// The appliance's identity. Without `identity` in the file it is the host name,
+    /// which [`crate::config::Config::load`] reads (and checks) after validation.
+    pub identity: String,
+    pub namespace: String,
+    /// Released servers are wiped (else powered off and free at once).
+    pub wipe_on_release: bool,
+}
+
+impl KubernetesConfig {
+    /// `k`, checked, with the kubeconfig the assembly resolved (the flag's or the
+    /// file's); `None` when the mode is off.
+    pub fn from_section(
+        k: &KubernetesSection,
+        kubeconfig: Option<PathBuf>,
+    ) -> Result<Option<Self>, Invalid> {
+        if kubeconfig.is_none() && !k.in_cluster {
+            return Ok(None);
+        }
+        if kubeconfig.is_some() && k.in_cluster {
+            return Err(Invalid::new(
+                "kubernetes.in_cluster",
+                "set either kubernetes.kubeconfig or kubernetes.in_cluster, not both",
+            ));
+        }
+        let identity = k.identity.clone().unwrap_or_default();
+        if k.identity.is_some() {
+            check_identity(&identity)?;
+        }
+        if !is_label_value(&k.namespace) {
+            return Err(Invalid::new(
+                "kubernetes.namespace",
+                format!("{:?} is not a namespace name", k.namespace),
+            ));
+        }
+        Ok(Some(KubernetesConfig {
+            kubeconfig,
+            identity,
+            namespace: k.namespace.clone(),
+            wipe_on_release: k.release == Release::Wipe,
+        }))
+    }
+}
+
+/// Whether `identity` may name an appliance (a label value).
+pub fn check_identity(identity: &str) -> Result<(), Invalid> {
+    if is_label_value(identity) {
+        return Ok(());
+    }
+    Err(Invalid::new(
+        "kubernetes.identity",
+        format!(
+            "{identity:?} is not a label value (letters, digits, - and _, at most 63, alphanumeric at both ends)"
+        ),
+    ))
+}
+
+/// Whether `s` is a valid Kubernetes label value (and DNS-label-like: no dots).
+pub fn is_label_value(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mode_identity_and_namespace() {
+        let off = KubernetesConfig::from_section(&KubernetesSection::default(), None).unwrap();
+        assert!(off.is_none());
+        let k = KubernetesSection {
+            identity: Some("rack-1".into()),
+            ..Default::default()
+        };
+        let on = KubernetesConfig::from_section(&k, Some("kc".into()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(on.identity, "rack-1");
+        assert!(on.wipe_on_release);
+        let both = KubernetesSection {
+            in_cluster: true,
+            ..Default::default()
+        };
+        let e = KubernetesConfig::from_section(&both, Some("kc".into())).unwrap_err();
+        assert_eq!(e.key, "kubernetes.in_cluster");
+        let bad = KubernetesSection {
+            identity: Some("Rack 1!".into()),
+            ..Default::default()
+        };
+        let e = KubernetesConfig::from_section(&bad, Some("kc".into())).unwrap_err();
+        assert_eq!(e.key, "kubernetes.identity");
+        assert!(!is_label_value("-a") && !is_label_value("") && is_label_value("a_b-1"));
+    }
+}
