@@ -1,8 +1,10 @@
 //! Wires the appliance together: folders, tokens, inventory, core, sockets, servers.
 //!
 //! Sockets are bound here (so errors name the address) and handed to the servers already
-//! bound; one cancellation token stops everything. With `ready_file`, the bound addresses
-//! are written as JSON once serving, which is how tests using port 0 find them.
+//! bound. One stop token stops everything from taking new work; HTTP connections and
+//! TFTP transfers in flight then drain within `drain_secs` ([`crate::shutdown`]). With
+//! `ready_file`, the bound addresses are written as JSON once serving, which is how
+//! tests using port 0 find them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,6 +24,7 @@ use crate::http::{self, HttpContext};
 use crate::inventory::Inventory;
 use crate::metrics::Metrics;
 use crate::sealing::Sealer;
+use crate::shutdown::Shutdown;
 use crate::tftp::TftpServer;
 
 /// Addresses actually bound, as written to the ready file.
@@ -130,12 +133,14 @@ fn start_controller(
     }
 }
 
-/// Runs the appliance until `cancel` fires or a server fails.
+/// Runs the appliance until `cancel` fires (then drains what is in flight) or a server
+/// fails.
 pub async fn run(
     config: Config,
     ready_file: Option<PathBuf>,
     cancel: CancellationToken,
 ) -> Result<()> {
+    let shutdown = Shutdown::with_stop(cancel.clone());
     for (what, dir) in [
         ("data", &config.data_dir),
         ("TFTP root", &config.tftp_root),
@@ -220,7 +225,7 @@ pub async fn run(
             anyhow::anyhow!("cannot bind HTTP to {addr}: {e}{}", bind_hint(&e, addr))
         })?;
         bound.http.push(l.local_addr()?);
-        tasks.spawn(http::serve(l, Arc::clone(&http_ctx), cancel.clone()));
+        tasks.spawn(http::serve(l, Arc::clone(&http_ctx), shutdown.clone()));
     }
     let tftp = TftpServer::new(config.tftp.clone(), boot_files, Arc::clone(&metrics));
     for addr in &config.tftp_listen {
@@ -228,7 +233,7 @@ pub async fn run(
             anyhow::anyhow!("cannot bind TFTP to {addr}: {e}{}", bind_hint(&e, addr))
         })?;
         bound.tftp.push(s.local_addr()?);
-        tasks.spawn(Arc::clone(&tftp).serve(s, cancel.clone()));
+        tasks.spawn(Arc::clone(&tftp).serve(s, shutdown.clone()));
     }
     if config.dhcp.mode == DhcpMode::Proxy {
         let server = DhcpServer::new(
@@ -276,7 +281,20 @@ pub async fn run(
             Err(e) => Err(anyhow::Error::new(e).context("a server task panicked")),
         },
     };
-    cancel.cancel();
+    tracing::info!(drain = ?config.drain, "stopping: no new work; draining what is in flight");
+    let drained = shutdown.drain(config.drain).await;
+    if drained.cut > 0 {
+        tracing::warn!(
+            in_flight = drained.in_flight,
+            cut = drained.cut,
+            "drain deadline reached: cut what was still running"
+        );
+    } else {
+        tracing::info!(
+            in_flight = drained.in_flight,
+            "drained: all work in flight finished"
+        );
+    }
     while tasks.join_next().await.is_some() {}
     tracing::info!("Arges appliance stopped");
     result

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod plugins;
 pub mod registration;
 pub mod sealing;
+pub mod shutdown;
 pub mod tftp;
 
 /// The hex sha256 of a secret: how the inventory keeps the secrets it hands out.

@@ -181,6 +181,26 @@ impl Appliance {
         }
     }
 
+    /// SIGTERM, as systemd and the kubelet stop a service; the exit status, once it
+    /// exits (waited for at most 60 s).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own child's pid; no memory is touched.
+        let rc = unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill -TERM");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("arges did not exit after SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills and starts again on the same folder and ports.
     pub fn restart_after_kill9(&mut self) {
         self.kill9();

@@ -14,4 +14,5 @@ mod loadtest;
 mod plugins;
 mod power;
 mod redfish;
+mod shutdown;
 mod tftp;

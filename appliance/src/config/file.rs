@@ -41,6 +41,9 @@ pub struct ConfigFile {
     pub assets_dir: Option<PathBuf>,
     /// Folder of the inventory and generated secrets.
     pub data_dir: Option<PathBuf>,
+    /// On SIGTERM, how long HTTP connections and TFTP transfers in flight may take to
+    /// finish before they are cut, seconds (default 20; at most 600).
+    pub drain_secs: Option<u64>,
     pub tokens: TokensSection,
     pub policy: PolicySection,
     pub windows: WindowsSection,

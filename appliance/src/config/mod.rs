@@ -158,6 +158,8 @@ pub struct Config {
     pub cache: CacheLimits,
     pub assets_dir: PathBuf,
     pub data_dir: PathBuf,
+    /// On a stop, how long work in flight may take to finish.
+    pub drain: std::time::Duration,
     pub plugins: PluginsConfig,
     pub registration_token: TokenSource,
     pub admin_token: TokenSource,
@@ -281,6 +283,10 @@ impl Config {
             f.dhcp.interfaces = o.dhcp_interfaces.clone();
         }
 
+        let drain = f.drain_secs.unwrap_or(20);
+        if drain > 600 {
+            return Err(Invalid::new("drain_secs", format!("{drain} is above 600")).into());
+        }
         let tftp = TftpConfig::try_from(&f.tftp)?;
         let http = HttpConfig::try_from(&f.http)?;
         let policy = PolicyConfig::try_from(&f.policy)?;
@@ -332,6 +338,7 @@ impl Config {
             cache: tftp.cache,
             assets_dir,
             data_dir,
+            drain: std::time::Duration::from_secs(drain),
             plugins,
             registration_token,
             admin_token,

@@ -16,6 +16,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::shutdown::Shutdown;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
@@ -23,7 +24,6 @@ use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::core::{Core, CoreError};
 use crate::files::FileRoot;
@@ -184,12 +184,12 @@ async fn handle(
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<HttpContext>,
-    cancel: CancellationToken,
+    shutdown: Shutdown,
 ) -> std::io::Result<()> {
     tracing::info!(local = %listener.local_addr()?, "HTTP listening");
     loop {
         let (stream, peer) = tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
+            _ = shutdown.stop().cancelled() => return Ok(()),
             r = listener.accept() => match r {
                 Ok(r) => r,
                 Err(e) => {
@@ -202,8 +202,10 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let ctx = Arc::clone(&ctx);
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
+        let signals = shutdown.clone();
+        // Work in flight: a stop lets the request being answered finish (keep-alive
+        // ends after it); the drain deadline cuts it.
+        shutdown.spawn(async move {
             let svc = hyper::service::service_fn(move |req| handle(Arc::clone(&ctx), peer, req));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -214,9 +216,14 @@ pub async fn serve(
                 r = conn.as_mut() => if let Err(e) = r {
                     tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
                 },
-                _ = cancel.cancelled() => {
+                _ = signals.stop().cancelled() => {
                     conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = signals.abort().cancelled() => {
+                            tracing::warn!(%peer, "HTTP connection cut at the drain deadline");
+                        }
+                    }
                 }
             }
         });

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::files::{FileError, FileRoot};
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 use packet::ErrorCode;
 
 /// How long a transfer may spin for an ACK before blocking (see `TransferSocket::open`).
@@ -156,12 +157,12 @@ impl TftpServer {
         })
     }
 
-    /// Serves requests arriving on `socket` until `cancel` fires; running transfers are
-    /// cancelled with it.
+    /// Serves requests arriving on `socket` until the shutdown's stop; transfers running
+    /// then go on until they end or the drain deadline cuts them.
     pub async fn serve(
         self: Arc<Self>,
         socket: UdpSocket,
-        cancel: CancellationToken,
+        shutdown: Shutdown,
     ) -> std::io::Result<()> {
         let local = socket.local_addr()?;
         if let Err(e) = socket2::SockRef::from(&socket).set_recv_buffer_size(LISTEN_RCVBUF) {
@@ -171,7 +172,7 @@ impl TftpServer {
         let mut buf = vec![0u8; packet::MAX_REQUEST_LEN + 1];
         loop {
             let (n, peer) = tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
+                _ = shutdown.stop().cancelled() => return Ok(()),
                 r = socket.recv_from(&mut buf) => match r {
                     Ok(r) => r,
                     Err(e) => {
@@ -181,7 +182,7 @@ impl TftpServer {
                     }
                 },
             };
-            self.handle_request(&socket, local, &buf[..n], peer, &cancel)
+            self.handle_request(&socket, local, &buf[..n], peer, &shutdown)
                 .await;
         }
     }
@@ -192,7 +193,7 @@ impl TftpServer {
         local: SocketAddr,
         raw: &[u8],
         peer: SocketAddr,
-        cancel: &CancellationToken,
+        shutdown: &Shutdown,
     ) {
         let req = match packet::decode_request(raw) {
             Ok(r) => r,
@@ -216,17 +217,20 @@ impl TftpServer {
             return;
         }
         match self.claim(peer) {
-            Claim::Granted(slot) => self.start(slot, local, req, cancel.child_token()),
+            Claim::Granted(slot) => self.start(slot, local, req, shutdown),
             Claim::Duplicate => {
                 // Either a retransmitted RRQ (the running transfer answers it by its own
                 // retransmission) or a new request racing the end of the previous one, as
                 // after an EDK2 tsize probe. Give the old one a moment to finish.
                 let server = Arc::clone(self);
-                let cancel = cancel.child_token();
+                let shutdown = shutdown.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(DUPLICATE_GRACE).await;
+                    if shutdown.stopping() {
+                        return;
+                    }
                     match server.claim(peer) {
-                        Claim::Granted(slot) => server.start(slot, local, req, cancel),
+                        Claim::Granted(slot) => server.start(slot, local, req, &shutdown),
                         _ => Metrics::inc(&server.metrics.tftp_requests, "result", "duplicate"),
                     }
                 });
@@ -239,22 +243,26 @@ impl TftpServer {
         }
     }
 
-    /// Runs a granted transfer on its own thread (see [`transfer`] for why).
+    /// Runs a granted transfer on its own thread (see [`transfer`] for why), as work in
+    /// flight: a stop lets it finish, the drain deadline cuts it.
     fn start(
         self: &Arc<Self>,
         slot: Slot,
         local: SocketAddr,
         req: packet::Request,
-        cancel: CancellationToken,
+        shutdown: &Shutdown,
     ) {
         Metrics::inc(&self.metrics.tftp_requests, "result", "accepted");
         let server = Arc::clone(self);
+        let cancel = shutdown.abort().child_token();
+        let in_flight = shutdown.token();
         let spawned = std::thread::Builder::new()
             .name("tftp-transfer".into())
             .stack_size(TRANSFER_STACK)
             .spawn(move || {
                 let peer = slot.client;
                 let _slot = slot;
+                let _in_flight = in_flight;
                 server.run_transfer(local, peer, req, cancel);
             });
         if let Err(e) = spawned {
