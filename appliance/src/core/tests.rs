@@ -17,6 +17,15 @@ fn claim(machine: &str) -> ClaimRequest {
     }
 }
 
+/// `m` provisioned with [`CONFIG`], armed, and booted once: its server and the token
+/// its script carried.
+async fn armed_and_booted(core: &Core, m: &Machine) -> (crate::inventory::Server, String) {
+    let s = core.provisioned(m, CONFIG).await;
+    core.arm(&s.id, "test").await.unwrap();
+    let token = core.boot(m).await.token();
+    (s, token)
+}
+
 // ---- windows and the configuration's token ----
 
 #[tokio::test]
@@ -40,9 +49,7 @@ async fn outside_a_window_a_machine_boots_its_environment_without_a_token() {
 async fn an_armed_window_gives_its_first_claimant_the_token_which_one_fetch_spends() {
     let core = Core::test();
     let m = Machine::test(1);
-    let s = core.provisioned(&m, CONFIG).await;
-    core.arm(&s.id, "test").await.unwrap();
-    let token = core.boot(&m).await.token();
+    let (s, token) = armed_and_booted(&core, &m).await;
     assert_eq!(token.len(), 64);
     let got = core.config_for(&m.uuid, Some(&token), m.source).await;
     assert_eq!(got.unwrap(), CONFIG.as_bytes());
@@ -90,9 +97,7 @@ async fn an_impostor_before_the_real_machine_trips_the_window_and_nobody_gets_th
 async fn an_impostor_after_the_real_machine_trips_the_window_too() {
     let core = Core::test();
     let real = Machine::test(1);
-    let s = core.provisioned(&real, CONFIG).await;
-    core.arm(&s.id, "test").await.unwrap();
-    let token = core.boot(&real).await.token();
+    let (_, token) = armed_and_booted(&core, &real).await;
     assert_eq!(core.boot(&real.from([10, 0, 0, 66])).await.action, "deny");
     assert!(
         core.config_for(&real.uuid, Some(&token), real.source)
@@ -106,9 +111,7 @@ async fn an_impostor_after_the_real_machine_trips_the_window_too() {
 async fn a_spent_token_is_retried_honestly_from_its_address_and_a_replay_raises_the_alarm() {
     let core = Core::test_with("[windows]\nretries = 1\n");
     let m = Machine::test(1);
-    let s = core.provisioned(&m, CONFIG).await;
-    core.arm(&s.id, "test").await.unwrap();
-    let token = core.boot(&m).await.token();
+    let (s, token) = armed_and_booted(&core, &m).await;
     assert!(
         core.config_for(&m.uuid, Some(&token), m.source)
             .await
@@ -138,9 +141,7 @@ async fn a_spent_token_is_retried_honestly_from_its_address_and_a_replay_raises_
 async fn a_fetch_needs_the_token_even_from_the_boot_address() {
     let core = Core::test();
     let m = Machine::test(1);
-    let s = core.provisioned(&m, CONFIG).await;
-    core.arm(&s.id, "test").await.unwrap();
-    let token = core.boot(&m).await.token();
+    let (_, token) = armed_and_booted(&core, &m).await;
     assert!(core.config_for(&m.uuid, None, m.source).await.is_err());
     assert!(
         core.config_for(&m.uuid, Some("0".repeat(64).as_str()), m.source)

@@ -101,6 +101,26 @@ fn bootstrap_secret() -> Value {
     })
 }
 
+/// A claim of `ns1/<machine>` with uid `uid-<machine>`.
+fn claim_of(machine: &str) -> ClaimRequest {
+    ClaimRequest {
+        machine: format!("ns1/{machine}"),
+        uid: format!("uid-{machine}"),
+        cluster: Some("c1".into()),
+    }
+}
+
+/// Whether server `id` holds a claim in the local inventory.
+async fn claimed_locally(ctx: &Context, id: &str) -> bool {
+    ctx.core
+        .server(id)
+        .await
+        .unwrap()
+        .provisioning
+        .claim
+        .is_some()
+}
+
 /// A core holding machines 1 and 2, registered and accepted.
 async fn core_with_two() -> (Core, Machine, Machine) {
     let core = Core::test();
@@ -133,6 +153,26 @@ async fn answer_bootstrap(api: &mut ApiServer) {
     api.expect("GET", "/api/v1/namespaces/ns1/secrets/m-0-bootstrap")
         .await
         .reply(&bootstrap_secret());
+}
+
+/// A reconcile of `cp-0` named to `a`'s Server, whose cluster claim is its own
+/// already, answered up to its bind (the providerID); the local steps come next.
+async fn reconcile_claimed(
+    ctx: &Arc<Context>,
+    api: &mut ApiServer,
+    a: &Machine,
+) -> (
+    Mm,
+    tokio::task::JoinHandle<Result<Action, crate::controller::capi::ReconcileError>>,
+) {
+    let mm = Mm::test().bound_to(&a.uuid);
+    let task = start(ctx, &mm);
+    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
+        .await
+        .reply(&with_claim(server(a), "uid-cp-0"));
+    answer_bootstrap(api).await;
+    api.expect("PATCH", MM_PATH).await.reply(&mm.0);
+    (mm, task)
 }
 
 /// The status patch that ends a reconcile: answered, and its conditions as
@@ -222,13 +262,7 @@ async fn a_class_claim_that_loses_a_race_takes_the_next_server() {
         Some("ns1/cp-0".into())
     );
     assert!(
-        ctx.core
-            .server(&a.uuid)
-            .await
-            .unwrap()
-            .provisioning
-            .claim
-            .is_none(),
+        !claimed_locally(&ctx, &a.uuid).await,
         "the lost server is untouched locally"
     );
     for reason in ["SecretFound", "Claimed", "NoBMC"] {
@@ -293,27 +327,15 @@ async fn each_wait_says_why_on_ready() {
 async fn a_server_the_local_record_says_is_dirty_is_given_back() {
     let (core, a, _) = core_with_two().await;
     // An earlier claim released with a wipe that has not reported yet.
-    let earlier = ClaimRequest {
-        machine: "ns1/old".into(),
-        uid: "uid-old".into(),
-        cluster: None,
-    };
-    core.claim_server(&a.uuid, earlier, b"x".to_vec())
+    core.claim_server(&a.uuid, claim_of("old"), b"x".to_vec())
         .await
         .unwrap();
     core.release_server(&a.uuid, Some("uid-old"), true)
         .await
         .unwrap();
     let (ctx, mut api) = Context::test(core);
-    let mm = Mm::test().bound_to(&a.uuid);
-    let task = start(&ctx, &mm);
-    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
-        .await
-        .reply(&with_claim(server(&a), "uid-cp-0"));
-    answer_bootstrap(&mut api).await;
-    // The claim is ours already; it binds (the providerID), then staging refuses: the
-    // local record decides, and the claim goes back.
-    api.expect("PATCH", MM_PATH).await.reply(&mm.0);
+    let (mm, task) = reconcile_claimed(&ctx, &mut api, &a).await;
+    // Staging refuses: the local record decides, and the claim goes back.
     let give_back = api
         .expect("PATCH", &format!("{SERVERS}/{}/status", a.uuid))
         .await;
@@ -338,13 +360,7 @@ async fn a_tripped_window_stops_the_machine_until_armed() {
     core.boot(&a).await;
     assert!(core.server(&a.uuid).await.unwrap().alarm.is_some());
     let (ctx, mut api) = Context::test(core);
-    let mm = Mm::test().bound_to(&a.uuid);
-    let task = start(&ctx, &mm);
-    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
-        .await
-        .reply(&with_claim(server(&a), "uid-cp-0"));
-    answer_bootstrap(&mut api).await;
-    api.expect("PATCH", MM_PATH).await.reply(&mm.0);
+    let (mm, task) = reconcile_claimed(&ctx, &mut api, &a).await;
     let conditions = status_patch(&mut api, &mm).await;
     assert!(
         conditions.contains("PoweredOn=False/ProvisioningWindowTripped")
@@ -387,13 +403,7 @@ async fn a_bind_lost_to_another_appliance_gives_the_claim_back() {
     let e = api.until_done(task).await.unwrap_err();
     assert_eq!(e.kind(), "conflict", "{e}");
     assert!(
-        ctx.core
-            .server(&a.uuid)
-            .await
-            .unwrap()
-            .provisioning
-            .claim
-            .is_none(),
+        !claimed_locally(&ctx, &a.uuid).await,
         "nothing staged for a server given back"
     );
 }
@@ -401,12 +411,7 @@ async fn a_bind_lost_to_another_appliance_gives_the_claim_back() {
 #[tokio::test]
 async fn deleting_releases_the_server_then_lets_the_machine_go() {
     let (core, a, _) = core_with_two().await;
-    let claim = ClaimRequest {
-        machine: "ns1/cp-0".into(),
-        uid: "uid-cp-0".into(),
-        cluster: Some("c1".into()),
-    };
-    core.claim_server(&a.uuid, claim, BOOTSTRAP.as_bytes().to_vec())
+    core.claim_server(&a.uuid, claim_of("cp-0"), BOOTSTRAP.as_bytes().to_vec())
         .await
         .unwrap();
     let (ctx, mut api) = Context::test(core);
