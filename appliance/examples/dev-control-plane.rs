@@ -6,12 +6,7 @@
 //! `cargo run --release --example dev-control-plane` prints the kubeconfig and kubectl
 //! to use, then runs until Ctrl-C, which stops everything and removes its folder.
 
-#[allow(dead_code)]
-#[path = "../../tests/kube/cluster_api.rs"]
-mod cluster_api;
-#[allow(dead_code)]
-#[path = "../../tests/kube/control_plane.rs"]
-mod control_plane;
+use test_support::{cluster_api, control_plane};
 
 fn main() {
     let cp = control_plane::ControlPlane::start();

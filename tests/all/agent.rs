@@ -2,8 +2,8 @@
 
 use std::process::Command;
 
-use crate::harness::{ADMIN_TOKEN, Appliance, REG_TOKEN, bin, run};
-use crate::http::{UUID_A, curl, register_machine};
+use crate::http::{UUID_A, register_machine};
+use test_support::{ADMIN_TOKEN, Appliance, REG_TOKEN, bin, curl, run};
 
 fn servers(a: &Appliance) -> Vec<serde_json::Value> {
     let (_, body, _) = curl(&[

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::harness::{bin, run};
+use test_support::{bin, run};
 
 #[test]
 fn every_sample_config_is_valid() {
@@ -80,10 +80,10 @@ fn template_overrides_are_used_and_checked() {
     .unwrap();
     std::fs::write(
         dir.path().join("appliance.toml"),
-        crate::harness::config("[templates]\nlocal-disk = \"local-disk.ipxe\"\n"),
+        test_support::appliance::config("[templates]\nlocal-disk = \"local-disk.ipxe\"\n"),
     )
     .unwrap();
-    let a = crate::harness::Appliance::start_in(dir, &[]);
+    let a = test_support::Appliance::start_in(dir, &[]);
     assert!(crate::http::register_machine(&a, "a").status.success());
     let (_, script) = crate::http::boot(&a, "127.0.0.1");
     assert_eq!(

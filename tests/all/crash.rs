@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::harness::{ADMIN_TOKEN, Appliance, REG_TOKEN, raw_http, registration};
+use test_support::{ADMIN_TOKEN, Appliance, REG_TOKEN, Registration, raw_http};
 
 #[test]
 fn kill_9_loses_no_acknowledged_write() {
@@ -23,8 +23,15 @@ fn kill_9_loses_no_acknowledged_write() {
                     let mut i = base;
                     // Bounded: at most 2000 writes per worker per round.
                     while !stop.load(Ordering::Relaxed) && i < base + 2000 {
-                        let (uuid, body) = registration(i);
-                        match raw_http(addr, "POST", "/api/v1/register", Some(REG_TOKEN), &body) {
+                        let machine = Registration::numbered(i);
+                        let uuid = machine.uuid().to_string();
+                        match raw_http(
+                            addr,
+                            "POST",
+                            "/api/v1/register",
+                            Some(REG_TOKEN),
+                            &machine.body(),
+                        ) {
                             Ok((200, _)) => {}
                             _ => break, // the appliance is gone
                         }

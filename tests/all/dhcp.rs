@@ -8,7 +8,7 @@ use std::time::Duration;
 use dhcproto::v4::{Architecture, DhcpOption, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Encodable};
 
-use crate::harness::Appliance;
+use test_support::Appliance;
 
 fn pxe_request(xid: u32, arch: u16, user_class: Option<&[u8]>) -> Vec<u8> {
     let mut m = Message::new_with_id(

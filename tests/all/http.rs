@@ -1,63 +1,19 @@
 //! HTTP edge with curl: boot scripts through a machine's life, assets with ranges and
 //! validators, the admin API and its refusals, `/configdata` only for its machine.
 
-use std::process::Command;
-
-use crate::harness::{ADMIN_TOKEN, Appliance, REG_TOKEN, param, random_file, require, run};
+use test_support::{ADMIN_TOKEN, Appliance, REG_TOKEN, curl, param, random_file};
 
 pub const UUID_A: &str = "4c4c4544-0042-3510-8051-b4c04f595031";
 pub const MAC_A: &str = "b8:ca:3a:00:00:0a";
 
-/// curl with `args`; returns (HTTP status, body, headers).
-pub fn curl(args: &[&str]) -> (u16, Vec<u8>, String) {
-    require("curl");
-    let dir = tempfile::tempdir().unwrap();
-    let (body, head) = (dir.path().join("body"), dir.path().join("head"));
-    let o = run(Command::new("curl")
-        .args(["-sS", "--max-time", "120", "-o"])
-        .arg(&body)
-        .arg("-D")
-        .arg(&head)
-        .args(["-w", "%{http_code}"])
-        .args(args));
-    let status = String::from_utf8_lossy(&o.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    (
-        status,
-        std::fs::read(&body).unwrap_or_default(),
-        std::fs::read_to_string(&head)
-            .unwrap_or_default()
-            .to_ascii_lowercase(),
-    )
-}
-
+/// `/boot.ipxe` of machine A from loopback address `from`.
 pub fn boot(a: &Appliance, from: &str) -> (u16, String) {
-    let url = a.url(&format!("/boot.ipxe?uuid={UUID_A}&mac={MAC_A}&arch=x86_64"));
-    let (s, b, _) = curl(&["--interface", from, &url]);
-    (s, String::from_utf8_lossy(&b).into_owned())
+    a.boot_script(UUID_A, MAC_A, from)
 }
 
 /// The agent registers recorded machine `machine` with the shared registration token.
 pub fn register_machine(a: &Appliance, machine: &str) -> std::process::Output {
-    register_with(a, machine, REG_TOKEN)
-}
-
-/// The agent registers recorded machine `machine` with `token` (from 127.0.0.1).
-pub fn register_with(a: &Appliance, machine: &str, token: &str) -> std::process::Output {
-    run(Command::new(crate::harness::bin())
-        .args([
-            "agent",
-            "--appliance",
-            &a.url(""),
-            "--token",
-            token,
-            "--timeout",
-            "10",
-            "--root",
-        ])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/machines/").to_string() + machine))
+    a.agent(machine, REG_TOKEN, None)
 }
 
 fn admin(a: &Appliance, method: &str, path: &str, body: &str) -> u16 {
@@ -104,7 +60,7 @@ fn a_machine_through_its_life() {
     assert_eq!((s, body.as_slice()), (200, b"discovery initrd".as_slice()));
 
     // The agent registers with that secret, from the address that booted.
-    let reg = register_with(&a, "a", &secret);
+    let reg = a.agent("a", &secret, None);
     assert!(reg.status.success(), "{reg:?}\n{}", a.log());
     assert_eq!(String::from_utf8_lossy(&reg.stdout).trim(), "power-off");
 

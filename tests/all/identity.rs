@@ -6,8 +6,8 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::{ADMIN_TOKEN, Appliance, REG_TOKEN, param};
-use crate::http::{MAC_A, UUID_A, curl, register_machine, register_with};
+use crate::http::{MAC_A, UUID_A, register_machine};
+use test_support::{ADMIN_TOKEN, Appliance, REG_TOKEN, curl, param};
 
 const REAL: &str = "127.0.0.1";
 const THIEF: &str = "127.0.0.9";
@@ -15,9 +15,7 @@ const CONFIG: &str = "machine:\n  type: controlplane\n  ca: {key: SECRET-CA-KEY}
 
 /// `/boot.ipxe` for machine A from `from`: (status, script).
 fn boot_from(a: &Appliance, from: &str) -> (u16, String) {
-    let url = a.url(&format!("/boot.ipxe?uuid={UUID_A}&mac={MAC_A}&arch=x86_64"));
-    let (s, b, _) = curl(&["--interface", from, &url]);
-    (s, String::from_utf8_lossy(&b).into_owned())
+    crate::http::boot(a, from)
 }
 
 /// `/configdata` (or with `done`, the report) for machine A from `from` with `token`.
@@ -332,11 +330,7 @@ fn a_discover_boot_in_a_window_may_change_its_server_and_only_once() {
     // Unknown: the script's secret registers the machine, from the address that booted.
     let (_, script) = boot_from(&a, REAL);
     let bound = param(&script, "arges.token");
-    assert!(
-        register_with(&a, "a", &bound).status.success(),
-        "{}",
-        a.log()
-    );
+    assert!(a.agent("a", &bound, None).status.success(), "{}", a.log());
     // Its boot-bound secret is spent, and never worked from elsewhere.
     let (s, _) = register(&a, THIEF, &bound, &registration_a());
     assert_eq!(s, 403);
@@ -403,8 +397,8 @@ fn configurations_are_sealed_at_rest_and_tokens_never_shown() {
 fn the_cli_arms_shows_and_disarms_a_window() {
     let a = provisioned_machine("");
     let cli = |args: &[&str]| {
-        let out = crate::harness::run(
-            std::process::Command::new(crate::harness::bin())
+        let out = test_support::run(
+            std::process::Command::new(test_support::bin())
                 .args(["server", "--url", &a.url(""), "--token", ADMIN_TOKEN])
                 .args(args),
         );

@@ -11,8 +11,8 @@ use arges::bmc::rmcp::Suite;
 use arges::bmc::{BootDevice, PowerAction};
 
 use crate::chassis;
-use crate::harness::runtime;
-use crate::ipmi_sim::Bmc;
+use test_support::ipmi_sim::Bmc;
+use test_support::runtime;
 
 #[test]
 fn power_and_next_boot_through_ipmi_sim() {

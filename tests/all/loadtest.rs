@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::harness::{ADMIN_TOKEN, Appliance, REG_TOKEN, bin, random_file, run};
+use test_support::{ADMIN_TOKEN, Appliance, REG_TOKEN, bin, random_file, run};
 
 #[test]
 fn a_small_boot_storm_registers_every_machine() {

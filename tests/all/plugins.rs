@@ -6,8 +6,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use crate::harness::{Appliance, bin, run};
 use crate::http::{MAC_A, UUID_A, register_machine};
+use test_support::{Appliance, bin, run};
 
 /// The shipped plugins, built once per test run (`plugins/build.sh`).
 pub fn built() -> &'static Path {
@@ -160,7 +160,7 @@ fn faults_are_contained_while_other_machines_keep_booting() {
         extra.push_str(&format!("[plugins.config.{m}]\nmode = \"{m}\"\n"));
     }
     let a = Arc::new(Appliance::start(&extra));
-    crate::harness::random_file(&a.tftp_root().join("ipxe.efi"), 300_000, 40);
+    test_support::random_file(&a.tftp_root().join("ipxe.efi"), 300_000, 40);
     // Another machine boots over and over the whole time, over HTTP and TFTP.
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -324,7 +324,7 @@ fn hot_reload_replace_keep_last_good_remove() {
         a.request(
             "POST",
             &format!("/api/v1/servers/{UUID_A}/accept"),
-            Some(crate::harness::ADMIN_TOKEN),
+            Some(test_support::ADMIN_TOKEN),
             b""
         )
         .0,

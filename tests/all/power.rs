@@ -11,11 +11,11 @@ use arges::bmc::ipmi::IpmiClient;
 use serde_json::{Value, json};
 
 use crate::chassis;
-use crate::harness::{ADMIN_TOKEN, Appliance, REG_TOKEN, raw_http, registration, runtime};
 use crate::ipmi::lossy_relay;
-use crate::ipmi_sim::{Bmc, SUPERMICRO};
 use crate::plugins::built;
 use crate::redfish::Sushy;
+use test_support::ipmi_sim::{Bmc, SUPERMICRO};
+use test_support::{ADMIN_TOKEN, Appliance, Registration, raw_http, runtime};
 
 /// An appliance with every shipped driver (and the faulty one) in its plugins folder.
 fn appliance(extra: &str) -> Appliance {
@@ -33,10 +33,7 @@ fn appliance(extra: &str) -> Appliance {
 
 /// Registers machine `i` and returns its id.
 fn server(a: &Appliance, i: u32) -> String {
-    let (uuid, body) = registration(i);
-    let (status, _) = a.request("POST", "/api/v1/register", Some(REG_TOKEN), &body);
-    assert_eq!(status, 200);
-    uuid
+    a.register(&Registration::numbered(i))
 }
 
 fn api(a: &Appliance, method: &str, path: &str, body: Value) -> (u16, Value) {
@@ -157,7 +154,7 @@ fn ipmi_power_and_one_time_pxe_through_the_appliance() {
             "power off"
         ]
     );
-    let out = Command::new(crate::harness::bin())
+    let out = Command::new(test_support::bin())
         .args([
             "bmc",
             "--url",
@@ -434,7 +431,7 @@ fn doctor_says_which_bmc_drivers_load() {
     let config = dir.path().join("appliance.toml");
     std::fs::write(&config, "[plugins]\ndir = \"plugins\"\n").unwrap();
     let doctor = || {
-        let out = Command::new(crate::harness::bin())
+        let out = Command::new(test_support::bin())
             .args(["doctor", "--config"])
             .arg(&config)
             .output()

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use arges::bmc::redfish::{RedfishClient, RedfishError, RedfishTarget, TlsPolicy};
 
-use crate::harness::runtime;
+use test_support::runtime;
 
 /// sushy-emulator and the Python that has bcrypt: `ARGES_SUSHY_VENV`, which
 /// `tests/run-all.sh` prepares, or a `sushy-emulator` on PATH.

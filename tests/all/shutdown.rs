@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Appliance, random_file};
+use test_support::{Appliance, random_file};
 
 /// A curl started in the background, writing to `out`.
 fn slow_curl(args: &[&str], out: &std::path::Path) -> Child {

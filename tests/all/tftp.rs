@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use arges::tftp::packet::{self, encode_ack, encode_rrq};
 
-use crate::harness::{Appliance, random_file, require, run};
+use test_support::{Appliance, random_file, require, run};
 
 fn curl_get(
     a: &Appliance,
@@ -144,7 +144,7 @@ fn ipv6_loopback() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(
         tmp.path().join("appliance.toml"),
-        crate::harness::config(""),
+        test_support::appliance::config(""),
     )
     .unwrap();
     let a = Appliance::start_in(tmp, &["--tftp", "[::1]:0"]);

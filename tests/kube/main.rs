@@ -6,20 +6,14 @@
 //! The first run builds the control plane (minutes), so `cargo test` leaves these out
 //! (ignored); `tests/run-all.sh` builds it and runs them.
 
-mod cluster_api;
-mod control_plane;
-#[allow(dead_code)]
-#[path = "../all/harness.rs"]
-mod harness;
-#[allow(dead_code)]
-#[path = "../all/ipmi_sim.rs"]
-mod ipmi_sim;
 mod provider;
 
 use std::process::Command;
 
-use control_plane::{ControlPlane, eventually};
-use harness::{ADMIN_TOKEN, Appliance, REG_TOKEN, bin};
+use arges::controller::resources::{APPLIANCE_LABEL, Server};
+use kube::ResourceExt;
+use test_support::control_plane::ControlPlane;
+use test_support::{ADMIN_TOKEN, Appliance, REG_TOKEN, Registration, eventually};
 
 const UUID_1: &str = "11111111-2222-4333-8444-000000000001";
 const UUID_2: &str = "11111111-2222-4333-8444-000000000002";
@@ -43,12 +37,7 @@ fn with_ipmi_driver(dir: &std::path::Path) {
 
 /// The real agent registers the recorded machine `root` under `uuid`.
 fn register(a: &Appliance, root: &str, uuid: &str) {
-    let out = Command::new(bin())
-        .args(["agent", "--appliance", &a.url(""), "--token", REG_TOKEN])
-        .args(["--timeout", "20", "--uuid", uuid, "--root"])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/machines/").to_string() + root)
-        .output()
-        .expect("run the agent");
+    let out = a.agent(root, REG_TOKEN, Some(uuid));
     assert!(
         out.status.success(),
         "agent: {}\n{}",
@@ -57,15 +46,11 @@ fn register(a: &Appliance, root: &str, uuid: &str) {
     );
 }
 
+/// `/boot.ipxe` of `uuid`/`mac` from 127.0.0.1, which must answer 200.
 fn boot_script(a: &Appliance, uuid: &str, mac: &str) -> String {
-    let (status, body) = a.request(
-        "GET",
-        &format!("/boot.ipxe?uuid={uuid}&mac={mac}"),
-        None,
-        b"",
-    );
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    String::from_utf8_lossy(&body).into_owned()
+    let (status, body) = a.boot_script(uuid, mac, "127.0.0.1");
+    assert_eq!(status, 200, "{body}");
+    body
 }
 
 fn ensure_namespace(cp: &ControlPlane) {
@@ -168,16 +153,16 @@ fn registration_becomes_a_server_and_kubectl_drives_the_next_boot() {
     register(&a, "a", UUID_1);
     let table = wait_for_server(&cp, UUID_1);
     assert!(table.contains("Dell Inc."), "printer columns: {table}");
-    let labels = cp.field(&["server", UUID_1], "{.metadata.labels}");
-    assert!(
-        labels.contains("\"metal.arges.dev/appliance\":\"rack-1\""),
-        "{labels}"
+    let server: Server = cp.get(&["server", UUID_1]);
+    assert_eq!(
+        server.labels().get(APPLIANCE_LABEL).map(String::as_str),
+        Some("rack-1")
     );
-    let status = eventually(30, "the Server's status", || {
-        let s = cp.field(&["server", UUID_1], "{.status.appliance}");
-        (s == "rack-1").then_some(s)
+    assert_eq!(server.spec.hardware.vendor, "Dell Inc.");
+    eventually(30, "the Server's status", || {
+        let s: Server = cp.get(&["server", UUID_1]);
+        (s.status?.appliance? == "rack-1").then_some(())
     });
-    assert_eq!(status, "rack-1");
 
     // Registered, not accepted: local disk.
     let mac = "b8:ca:3a:00:00:0a";
@@ -220,8 +205,8 @@ fn registration_becomes_a_server_and_kubectl_drives_the_next_boot() {
     assert_eq!((code, body.as_slice()), (200, b"kernel".as_slice()));
     // The boot is reported back.
     eventually(30, "status.lastBoot", || {
-        let s = cp.field(&["server", UUID_1], "{.status.lastBoot.environment}");
-        (s == "from-cluster").then_some(())
+        let s: Server = cp.get(&["server", UUID_1]);
+        (s.status?.last_boot?.environment? == "from-cluster").then_some(())
     });
 
     // A class by vendor AND label: the server joins once it carries the label.
@@ -293,7 +278,7 @@ fn malformed_and_refused_registrations_never_stall_the_sync_of_other_servers() {
     ensure_namespace(&cp);
     // The apiserver refuses one Server, whatever it holds (an admission policy, as a
     // site might have): a stand-in for any object it will not take.
-    let (stuck, _) = harness::registration(1);
+    let stuck = Registration::numbered(1).uuid().to_string();
     let policy = format!(
         "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicy\nmetadata: {{name: no-stuck-server}}\nspec:\n  failurePolicy: Fail\n  matchConstraints:\n    resourceRules:\n    - {{apiGroups: [metal.arges.dev], apiVersions: ['*'], operations: [CREATE, UPDATE], resources: [servers, servers/status]}}\n  validations:\n  - expression: \"object.metadata.name != '{stuck}'\"\n    message: this Server is refused by site policy\n---\napiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicyBinding\nmetadata: {{name: no-stuck-server}}\nspec:\n  policyName: no-stuck-server\n  validationActions: [Deny]\n"
     );
@@ -323,10 +308,7 @@ fn malformed_and_refused_registrations_never_stall_the_sync_of_other_servers() {
     // still become Servers.
     let mut uuids = Vec::new();
     for i in 1..=3 {
-        let (uuid, body) = harness::registration(i);
-        let (code, resp) = a.request("POST", "/api/v1/register", Some(REG_TOKEN), &body);
-        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&resp));
-        uuids.push(uuid);
+        uuids.push(a.register(&Registration::numbered(i)));
     }
     for uuid in &uuids[1..] {
         wait_for_server(&cp, uuid);
@@ -427,7 +409,7 @@ fn the_shipped_rbac_is_enough_and_no_more() {
         h.starts_with("rack-sa-").then_some(())
     });
     // The BMC from the Server, its credentials from a Secret the account may read.
-    let bmc = ipmi_sim::Bmc::start();
+    let bmc = test_support::ipmi_sim::Bmc::start();
     cp.kubectl(&[
         "create",
         "secret",
@@ -474,12 +456,12 @@ fn the_shipped_rbac_is_enough_and_no_more() {
     );
     assert!(bmc.ipmitool_says_on());
     eventually(30, "the Server shows the power and its condition", || {
-        let power = cp.field(&["server", UUID_1], "{.status.power}");
-        let cond = cp.field(
-            &["server", UUID_1],
-            "{.status.conditions[?(@.type==\"PowerControl\")].status}",
-        );
-        (power == "on" && cond == "True").then_some(())
+        let status = cp.get::<Server>(&["server", UUID_1]).status?;
+        let control = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "PowerControl")?;
+        (status.power.as_deref() == Some("on") && control.status == "True").then_some(())
     });
     eventually(30, "an event says the power-on worked", || {
         let events = cp.kubectl(&[

@@ -6,11 +6,12 @@
 
 use std::time::Duration;
 
-use crate::cluster_api::ClusterApi;
-use crate::control_plane::{ControlPlane, eventually, within};
-use crate::harness::{ADMIN_TOKEN, Appliance, REG_TOKEN, param};
-use crate::ipmi_sim::Bmc;
 use crate::{UUID_1, UUID_2, accept, boot_script, ensure_namespace, register, wait_for_server};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use test_support::cluster_api::ClusterApi;
+use test_support::control_plane::ControlPlane;
+use test_support::ipmi_sim::Bmc;
+use test_support::{ADMIN_TOKEN, Appliance, REG_TOKEN, Registration, eventually, param, within};
 
 const NS: &str = "arges-examples";
 const MAC_1: &str = "b8:ca:3a:00:00:0a";
@@ -90,14 +91,27 @@ fn bmc_secret(cp: &ControlPlane, name: &str, pass: &str) {
     ]);
 }
 
-/// `status/reason` of condition `type_` of a namespaced object.
+/// `status/reason` of condition `type_` of a namespaced object (a MetalMachine or a
+/// MetalCluster: their statuses share the conditions' shape), read typed.
 fn condition(cp: &ControlPlane, object: &[&str], type_: &str) -> String {
+    /// The part of a status this reads.
+    #[derive(serde::Deserialize)]
+    struct Conditioned {
+        #[serde(default)]
+        status: Option<Status>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Status {
+        #[serde(default)]
+        conditions: Vec<Condition>,
+    }
     let mut args = object.to_vec();
     args.extend(["-n", NS]);
-    cp.field(
-        &args,
-        &format!("{{.status.conditions[?(@.type==\"{type_}\")].status}}/{{.status.conditions[?(@.type==\"{type_}\")].reason}}"),
-    )
+    let obj: Conditioned = cp.get(&args);
+    obj.status
+        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == type_))
+        .map(|c| format!("{}/{}", c.status, c.reason))
+        .unwrap_or_else(|| "/".into())
 }
 
 /// Waits until the MetalMachine's `Ready` condition is `want` (`True/Provisioned`, …).
@@ -265,7 +279,7 @@ fn the_guide_s_cluster_is_provisioned_by_real_cluster_api_and_cabpt() {
     let (code, body) = configdata(&a, false, UUID_1, &t);
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
     // What CABPT made of the TalosConfig (it normalises the YAML) is what is served.
-    let value = crate::cluster_api::bootstrap_data(&cp, NS, "controlplane-0");
+    let value = test_support::cluster_api::bootstrap_data(&cp, NS, "controlplane-0");
     assert_eq!(body, value, "the bootstrap data Secret's value");
     assert!(String::from_utf8_lossy(&body).contains("endpoint: https://10.0.0.10:6443"));
     let (code, _) = configdata(&a, false, UUID_2, &t);
@@ -318,7 +332,7 @@ fn the_guide_s_cluster_is_provisioned_by_real_cluster_api_and_cabpt() {
     // report (the shared token, which any hand-run agent has) counts for nothing.
     let root = wipe_root("a", &["nvme0n1", "sda", "loop0"]);
     let wipe_agent = |token: &str| {
-        std::process::Command::new(crate::harness::bin())
+        std::process::Command::new(test_support::bin())
             .args(["agent", "--appliance", &a.url(""), "--token", token])
             .args([
                 "--timeout",
@@ -386,10 +400,7 @@ fn server_bmc_secret(cp: &ControlPlane) {
 
 /// Registers machine `i` (a QEMU machine with one disk) over the API; its UUID.
 fn register_machine(a: &Appliance, i: u32) -> String {
-    let (uuid, body) = crate::harness::registration(i);
-    let (code, resp) = a.request("POST", "/api/v1/register", Some(REG_TOKEN), &body);
-    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&resp));
-    uuid
+    a.register(&Registration::numbered(i))
 }
 
 /// Accepts Server `uuid` into `talos`, with its BMC at `bmc` (credentials from the
@@ -838,12 +849,7 @@ fn two_appliances_claiming_for_one_class_bind_each_machine_once() {
 
 /// `/boot.ipxe` for `uuid`/`mac` asked from loopback address `from` (curl binds it).
 fn boot_from(a: &Appliance, from: &str, uuid: &str, mac: &str) -> String {
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--max-time", "30", "--interface", from])
-        .arg(a.url(&format!("/boot.ipxe?uuid={uuid}&mac={mac}&arch=x86_64")))
-        .output()
-        .expect("curl");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    a.boot_script(uuid, mac, from).1
 }
 
 #[test]
@@ -941,7 +947,7 @@ fn a_tripped_window_stops_its_machine_until_armed_and_a_machine_without_bmc_goes
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(
         body,
-        crate::cluster_api::bootstrap_data(&cp, NS, "controlplane-0")
+        test_support::cluster_api::bootstrap_data(&cp, NS, "controlplane-0")
     );
 
     // A machine without a BMC waits until an operator arms its Server and powers it by

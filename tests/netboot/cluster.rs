@@ -12,10 +12,11 @@
 use serde_json::Value;
 use sha2::Digest;
 
-use crate::cluster_api::ClusterApi;
-use crate::control_plane::{ControlPlane, within as wait};
-use crate::ipmi_sim::{Bmc, GENERIC};
 use crate::lab::{self, APPLIANCE_IP, Firmware, Lab, Machine, discovery_dir};
+use test_support::cluster_api::ClusterApi;
+use test_support::control_plane::ControlPlane;
+use test_support::ipmi_sim::{Bmc, GENERIC};
+use test_support::within as wait;
 
 const NS: &str = "arges-examples";
 
@@ -285,7 +286,7 @@ spec:
     assert_eq!(w["closed"]["why"], "used", "{server}");
     assert!(server["alarm"].is_null(), "{server}");
     // What the machine fetched is the Machine's bootstrap data.
-    let value = crate::cluster_api::bootstrap_data(&cp, NS, "controlplane-0");
+    let value = test_support::cluster_api::bootstrap_data(&cp, NS, "controlplane-0");
     let serial = lab.serial(&m);
     assert!(
         serial.contains(&format!(

@@ -15,6 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use test_support::{bin, command_in, log_tail, repo, require};
+
 pub const REG_TOKEN: &str = "registration-token-netboot-0001";
 pub const ADMIN_TOKEN: &str = "admin-token-netboot-000000000001";
 pub const APPLIANCE_IP: &str = "10.77.0.2";
@@ -51,22 +53,14 @@ fn ip(args: &[&str]) {
     run(Command::new("ip").args(args));
 }
 
-fn in_ns(ns: &str, program: &str) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns, program]);
-    c
+fn in_ns(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    command_in(Some(ns), program)
 }
 
 /// Checks everything the lab needs, failing with the reason (never skipping).
 pub fn require_peers() {
     for program in ["ip", "qemu-system-x86_64", "dnsmasq", "curl"] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-            .unwrap_or(false);
-        assert!(
-            found,
-            "the netboot tests need `{program}` (tests/run-all.sh installs qemu-system-x86, ipxe-qemu, ipxe, ovmf, dnsmasq-base, busybox-static, curl)"
-        );
+        require(program);
     }
     for file in [
         "/usr/share/OVMF/OVMF_CODE_4M.fd",
@@ -96,11 +90,10 @@ pub fn discovery_dir() -> &'static Path {
         if let Some(d) = std::env::var_os("ARGES_DISCOVERY_DIR") {
             return PathBuf::from(d);
         }
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let out =
             std::env::temp_dir().join(format!("arges-netboot-discovery-{}", std::process::id()));
         run(Command::new("bash")
-            .arg(repo.join("deploy/build-initramfs.sh"))
+            .arg(repo().join("deploy/build-initramfs.sh"))
             .arg("--out")
             .arg(&out)
             .stderr(Stdio::inherit()));
@@ -264,7 +257,7 @@ cmdline = "console=ttyS0,115200 arges.mode=install arges.marker=install-{{{{ ser
         );
         std::fs::write(d.join("appliance.toml"), config).expect("config");
         let ready = d.join("ready.json");
-        let child = in_ns(&self.lan(), env!("CARGO_BIN_EXE_arges"))
+        let mut child = in_ns(&self.lan(), bin())
             .args(["run", "--config"])
             .arg(d.join("appliance.toml"))
             .arg("--ready-file")
@@ -274,32 +267,19 @@ cmdline = "console=ttyS0,115200 arges.mode=install arges.marker=install-{{{{ ser
             .stderr(std::fs::File::create(d.join("appliance.log")).expect("log file"))
             .spawn()
             .expect("start the appliance");
+        test_support::process::wait_started(
+            &mut child,
+            "the appliance",
+            30,
+            || ready.exists(),
+            || self.log("appliance.log"),
+        );
         self.appliance = Some(child);
-        let start = Instant::now();
-        while !ready.exists() {
-            if let Some(Ok(Some(status))) = self.appliance.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "the appliance exited with {status}:\n{}",
-                    self.log("appliance.log")
-                );
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the appliance did not start:\n{}",
-                self.log("appliance.log")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     /// A log file of the lab, for failure messages (the last 6000 characters).
     pub fn log(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-        let cut = text.len().saturating_sub(6000);
-        let cut = (cut..text.len())
-            .find(|i| text.is_char_boundary(*i))
-            .unwrap_or(0);
-        format!("--- {name} ---\n{}", &text[cut..])
+        log_tail(&self.dir.path().join(name), 6000)
     }
 
     /// Everything a failure message needs.

@@ -8,18 +8,6 @@
 //! a peer is missing they fail with the reason.
 
 mod cluster;
-#[allow(dead_code)]
-#[path = "../kube/cluster_api.rs"]
-mod cluster_api;
-#[allow(dead_code)]
-#[path = "../kube/control_plane.rs"]
-mod control_plane;
-#[allow(dead_code)]
-#[path = "../all/harness.rs"]
-mod harness;
-#[allow(dead_code)]
-#[path = "../all/ipmi_sim.rs"]
-mod ipmi_sim;
 mod lab;
 
 use lab::{Firmware, Lab, Machine};

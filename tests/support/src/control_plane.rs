@@ -8,31 +8,17 @@
 //! `ControlPlane::start_in(netns)` runs it all inside a network namespace instead (the
 //! netboot lab's), where the appliance under test lives.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub const ADMIN_TOKEN: &str = "arges-test-admin-token-0001";
+use serde::de::DeserializeOwned;
 
-pub fn free_port() -> u16 {
-    // Below the kernel's ephemeral range (32768 and up), which outgoing connections draw
-    // their source ports from: a port handed out here cannot be taken by a client
-    // connection between now and the moment its server binds it (a kernel-chosen
-    // `:0` port could be, and was). Each port is handed out once per process.
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let base = 20_000 + (std::process::id() % 500) * 20;
-    for _ in 0..12_000 {
-        let port = 20_000 + (base - 20_000 + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
-        let port = port as u16;
-        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port between 20000 and 32000")
-}
+use crate::process::{command_in, free_port, log_tail, repo};
+
+/// The control plane's admin (a static token; not the appliance's admin token).
+pub const KUBE_ADMIN_TOKEN: &str = "arges-test-admin-token-0001";
 
 /// The folder holding kube-apiserver, kubectl and etcd: `ARGES_K8S_BIN`, or built here.
 pub fn bin_dir() -> &'static Path {
@@ -41,7 +27,7 @@ pub fn bin_dir() -> &'static Path {
         if let Some(d) = std::env::var_os("ARGES_K8S_BIN") {
             return PathBuf::from(d);
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/k8s/build-binaries.sh");
+        let script = repo().join("tests/k8s/build-binaries.sh");
         let out = Command::new("bash")
             .arg(&script)
             .stderr(Stdio::inherit())
@@ -53,18 +39,6 @@ pub fn bin_dir() -> &'static Path {
         );
         PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
     })
-}
-
-/// `program`, run inside network namespace `netns` when there is one.
-pub fn command_in(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
-    match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(program);
-            c
-        }
-        None => Command::new(program),
-    }
 }
 
 pub struct ControlPlane {
@@ -115,7 +89,7 @@ impl ControlPlane {
         }
         std::fs::write(
             d.join("tokens.csv"),
-            format!("{ADMIN_TOKEN},arges-test-admin,1,\"system:masters\"\n"),
+            format!("{KUBE_ADMIN_TOKEN},arges-test-admin,1,\"system:masters\"\n"),
         )
         .expect("token file");
         let (client, peer) = (free_port(), free_port());
@@ -141,7 +115,7 @@ impl ControlPlane {
             etcd: Some(etcd),
             apiserver: None,
         };
-        cp.write_kubeconfig("admin.kubeconfig", ADMIN_TOKEN);
+        cp.write_kubeconfig("admin.kubeconfig", KUBE_ADMIN_TOKEN);
         cp.start_apiserver();
         cp
     }
@@ -317,7 +291,7 @@ impl ControlPlane {
 
     /// Applies the checked-in CRDs and waits until they serve.
     pub fn apply_crds(&self) {
-        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds/arges.yaml");
+        let crds = repo().join("deploy/crds/arges.yaml");
         self.kubectl(&["apply", "-f", &crds.display().to_string()]);
         self.kubectl(&[
             "wait",
@@ -331,12 +305,32 @@ impl ControlPlane {
     }
 
     pub fn log(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-        let cut = text.len().saturating_sub(4000);
-        let cut = (cut..text.len())
-            .find(|i| text.is_char_boundary(*i))
-            .unwrap_or(0);
-        format!("--- {name} ---\n{}", &text[cut..])
+        log_tail(&self.dir.path().join(name), 4000)
+    }
+
+    /// An object read whole and typed: `kubectl get <object> -o json` into `K` (the
+    /// appliance's own resource types, say), instead of one field by jsonpath.
+    pub fn get<K: DeserializeOwned>(&self, object: &[&str]) -> K {
+        let mut args = vec!["get"];
+        args.extend_from_slice(object);
+        args.extend(["-o", "json"]);
+        let json = self.kubectl(&args);
+        serde_json::from_str(&json).unwrap_or_else(|e| {
+            panic!("kubectl get {object:?}: not the type asked for: {e}\n{json}")
+        })
+    }
+
+    /// Like [`ControlPlane::get`], `None` when the object does not exist.
+    pub fn get_opt<K: DeserializeOwned>(&self, object: &[&str]) -> Option<K> {
+        let mut args = vec!["get"];
+        args.extend_from_slice(object);
+        args.extend(["-o", "json", "--ignore-not-found"]);
+        let json = self.kubectl(&args);
+        (!json.trim().is_empty()).then(|| {
+            serde_json::from_str(&json).unwrap_or_else(|e| {
+                panic!("kubectl get {object:?}: not the type asked for: {e}\n{json}")
+            })
+        })
     }
 }
 
@@ -347,29 +341,5 @@ impl Drop for ControlPlane {
             let _ = c.kill();
             let _ = c.wait();
         }
-    }
-}
-
-/// Polls `f` every 200 ms until it returns `Some`, for at most `secs`.
-pub fn eventually<T>(secs: u64, what: &str, f: impl FnMut() -> Option<T>) -> T {
-    within(secs, what, f, String::new)
-}
-
-/// Like [`eventually`], and on timeout the panic shows `state()` (objects, logs).
-pub fn within<T>(
-    secs: u64,
-    what: &str,
-    mut f: impl FnMut() -> Option<T>,
-    state: impl Fn() -> String,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if start.elapsed() > Duration::from_secs(secs) {
-            panic!("{what}: not within {secs} s\n{}", state());
-        }
-        std::thread::sleep(Duration::from_millis(200));
     }
 }

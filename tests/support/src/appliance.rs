@@ -1,29 +1,17 @@
 //! A running appliance for tests: the real `arges` binary on port 0 in a temp folder, plus
-//! helpers to talk to it with real clients.
+//! helpers to talk to it with real clients (curl, or a plain socket).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const REG_TOKEN: &str = "registration-token-for-tests-0001";
 pub const ADMIN_TOKEN: &str = "admin-token-for-tests-000000000001";
 
-/// Fails the test with a clear reason when a peer program is missing.
-pub fn require(program: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "this test needs `{program}` (run the README's test command, which installs it)"
-    );
-}
-
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_arges")
-}
+use crate::fixtures::Registration;
+use crate::process::{bin, repo, require, run};
 
 /// The appliance's config for tests, with `extra` TOML appended.
 pub fn config(extra: &str) -> String {
@@ -207,6 +195,35 @@ impl Appliance {
         self.spawn();
     }
 
+    /// `/boot.ipxe` for `uuid` and `mac`, asked as iPXE asks (arch x86_64) with curl from
+    /// loopback address `from` (a second "machine" is another address): status, script.
+    pub fn boot_script(&self, uuid: &str, mac: &str, from: &str) -> (u16, String) {
+        let url = self.url(&format!("/boot.ipxe?uuid={uuid}&mac={mac}&arch=x86_64"));
+        let (status, body, _) = curl(&["--interface", from, &url]);
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// The real discovery agent registers the recorded machine `tree` (under
+    /// `tests/data/machines/`) with `token`, as `uuid` when given.
+    pub fn agent(&self, tree: &str, token: &str, uuid: Option<&str>) -> std::process::Output {
+        let mut cmd = Command::new(bin());
+        cmd.args(["agent", "--appliance", &self.url(""), "--token", token])
+            .args(["--timeout", "20", "--root"])
+            .arg(repo().join("tests/data/machines").join(tree));
+        if let Some(uuid) = uuid {
+            cmd.args(["--uuid", uuid]);
+        }
+        run(&mut cmd)
+    }
+
+    /// Registers `machine` over the API with the shared token; its UUID.
+    pub fn register(&self, machine: &Registration) -> String {
+        let (code, resp) =
+            self.request("POST", "/api/v1/register", Some(REG_TOKEN), &machine.body());
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&resp));
+        machine.uuid().to_string()
+    }
+
     /// One HTTP request over a plain socket (for hammering without a process per call).
     pub fn request(
         &self,
@@ -227,6 +244,31 @@ impl Drop for Appliance {
             let _ = c.wait();
         }
     }
+}
+
+/// curl with `args`; returns (HTTP status, body, headers in lower case).
+pub fn curl(args: &[&str]) -> (u16, Vec<u8>, String) {
+    require("curl");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (body, head) = (dir.path().join("body"), dir.path().join("head"));
+    let o = run(Command::new("curl")
+        .args(["-sS", "--max-time", "120", "-o"])
+        .arg(&body)
+        .arg("-D")
+        .arg(&head)
+        .args(["-w", "%{http_code}"])
+        .args(args));
+    let status = String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (
+        status,
+        std::fs::read(&body).unwrap_or_default(),
+        std::fs::read_to_string(&head)
+            .unwrap_or_default()
+            .to_ascii_lowercase(),
+    )
 }
 
 /// A minimal HTTP/1.1 client: one request per connection.
@@ -283,12 +325,6 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Runs a command and returns its output; panics with stderr when it cannot start.
-pub fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
 /// Writes `len` bytes of deterministic pseudo-random data.
 pub fn random_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed
@@ -317,18 +353,6 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("a tokio runtime")
-}
-
-/// A registration body for machine number `i`: its UUID and the JSON.
-pub fn registration(i: u32) -> (String, Vec<u8>) {
-    let uuid = format!("00000000-0000-4000-8000-{i:012x}");
-    let body = serde_json::json!({
-        "uuid": uuid,
-        "mode": "discover",
-        "hardware": {"vendor": "QEMU", "nics": [{"name": "eth0", "mac": format!("52:54:00:{:02x}:{:02x}:{:02x}", i >> 16 & 0xff, i >> 8 & 0xff, i & 0xff)}],
-                     "disks": [{"name": "vda", "size_bytes": 1u64 << 34}]},
-    });
-    (uuid, serde_json::to_vec(&body).unwrap())
 }
 
 /// The value of `key=` on a script's kernel command line (empty when it is empty).

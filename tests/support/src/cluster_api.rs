@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 
-use crate::control_plane::{ControlPlane, bin_dir, free_port};
+use crate::control_plane::{ControlPlane, bin_dir};
+use crate::process::free_port;
 
 /// The running Cluster API controllers.
 pub struct ClusterApi {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use arges::bmc::ipmi::IpmiTarget;
 
-use crate::harness::require;
+use crate::process::{command_in, require};
 
 pub const CHASSIS_SCRIPT: &str = r#"#!/bin/sh
 # ipmi_sim chassis control: remembers and records what the client asked for.
@@ -37,18 +37,6 @@ pub struct Bmc {
     child: Child,
     /// The network namespace the simulator runs in (`None`: the host's loopback).
     netns: Option<String>,
-}
-
-/// `program`, inside `netns` when there is one.
-fn command_in(netns: Option<&str>, program: &str) -> Command {
-    match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, program]);
-            c
-        }
-        None => Command::new(program),
-    }
 }
 
 impl Bmc {
