@@ -1,5 +1,8 @@
-//! The `arges` binary: parses the command line, sets up logging, and hands over to the
-//! library. Nothing else lives here.
+//! The `arges` binary: parses the command line, sets up logging, and hands each
+//! subcommand to the library: `run` (the appliance, stopped by SIGTERM), `check-config`
+//! and `doctor` (what a config and a head node lack), `agent` (the discovery agent,
+//! wiping first in wipe mode), `loadtest`, `crds`, and the admin and plugin commands
+//! (`bmc`, `server`, `plugin`). Each arm only gathers its options and reports the result.
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -6,7 +6,7 @@
 //! `core::config`, `ipxe::config`), a serde type that mirrors the file and a check
 //! (`TryFrom`, or `from_section` where the assembly must hand it a folder) that says
 //! what is wrong as an [`Invalid`] key and message. This module reads the file
-//! ([`file`]), settles what depends on the command line and the data folder (listen
+//! ([`file`](mod@file)), settles what depends on the command line and the data folder (listen
 //! addresses, folders, tokens: [`tokens`]), checks what spans sections
 //! ([`environments`]), and adds the file's name and the line to every error.
 //!
@@ -57,7 +57,7 @@ pub enum ConfigError {
         line: LineHint,
         message: String,
     },
-    /// A section's check, not yet placed in its file (see [`ConfigError::placed`]).
+    /// A section's check, not yet placed in its file (the assembly places it).
     #[error(transparent)]
     Section(#[from] Invalid),
     #[error(transparent)]

@@ -1,6 +1,6 @@
 //! Kubernetes mode: the appliance's controller (kube, k8s-openapi).
 //!
-//! An edge like HTTP: it reaches the appliance only through [`Core`], and Kubernetes
+//! An edge like HTTP: it reaches the appliance only through [`Core`](crate::core::Core), and Kubernetes
 //! becomes the shared state of every appliance in the fleet. [`resources`] holds the CRD
 //! types; [`servers`] mirrors the inventory into `Server` resources and operators'
 //! changes back; [`environments`] feeds cluster-defined Environments to the core;

@@ -2,7 +2,7 @@
 //!
 //! A Server is in a class when it meets *every* hardware qualifier *and* the label
 //! selector (all of `matchLabels`, all of `matchExpressions`). Peers have OR-ed selectors
-//! here, which silently hands out the wrong machines; [`matches`] is the one definition,
+//! here, which silently hands out the wrong machines; [`matches()`] is the one definition,
 //! used for the status counts now and for claiming servers by class later.
 
 use std::collections::BTreeMap;

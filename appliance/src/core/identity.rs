@@ -688,7 +688,7 @@ impl Core {
     }
 
     /// The configuration blob of the machine `uuid`, for the holder of its window's
-    /// token only: the first fetch spends it; honest retries follow [`use_secret`].
+    /// token only: the first fetch spends it; honest retries follow `use_secret`.
     pub async fn config_for(
         &self,
         uuid: &str,

@@ -1,11 +1,15 @@
 //! The core: the one door the protocol edges use.
 //!
-//! Four operations: decide a boot (and render its script), register a machine, hand out a
-//! machine's configuration, and administer the inventory. The edges (HTTP and the
-//! Kubernetes controller) call only these; the services behind them (inventory, policy,
-//! templates, config, sealing) are never reached around. Who may have which secret is
-//! [`identity`]'s to say. Inventory writes are blocking (fsync on commit), so they run on
-//! the blocking pool.
+//! Its operations: decide a boot and render its script (here); register a machine, hand
+//! out a configuration and take its done report, open, arm and close provisioning windows
+//! ([`identity`], which says who may have which secret); claim, stage, power-mark and
+//! release a server for a cluster (`provision.rs`); BMC power and boot device
+//! (`power.rs`);
+//! and administer the inventory (here). The edges (HTTP and the Kubernetes controller)
+//! call only these; the services behind them (inventory, policy, templates, config,
+//! sealing, the power manager) are never reached around. Inventory writes are blocking
+//! (fsync on commit), so they run on the blocking pool. `testing.rs` is the seam tests
+//! drive it through, with no socket and no file (`Core::test()`).
 
 pub mod config;
 pub mod identity;

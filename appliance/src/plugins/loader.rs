@@ -1,7 +1,8 @@
 //! Turns a `.wasm` file into a plugin ready to instantiate: name check, sha256 pin, compile
 //! once (cached on disk, keyed by the file's sha256 and the engine's compatibility hash, so
-//! a restart or an upgrade of wasmtime never reuses a stale artifact), and a check that
-//! the component really is a boot policy of our contract.
+//! a restart or an upgrade of wasmtime never reuses a stale artifact), and which world of
+//! our contract the component is: a boot policy or a BMC driver (pre-instantiated for
+//! that world), or neither, which is refused with what it imports or lacks.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};

@@ -1,8 +1,13 @@
-//! The WebAssembly plugin host: boot-policy components run sandboxed through wasmtime.
+//! The WebAssembly plugin host: boot-policy and bmc-driver components run sandboxed
+//! through wasmtime. Its `[plugins]` section ([`config`]) is built with or without the
+//! host (the `plugins` feature); everything else needs it.
 //!
 //! Shaped like wasmtime's own embedder crates: bindings in [`bindings`], one host file per
-//! WIT interface under `host/`, components pre-instantiated once ([`loader`]) and a fresh
-//! `Store` per call. Every call runs under a deadline (epoch interruption, ticked by a plain
+//! WIT interface under `host/`, components pre-instantiated once ([`loader`]), the engine,
+//! call sandbox and [`PolicyChain`] in `engine`, driver calls in `driver`. A call runs in
+//! a store of its own, or in a warm instance's store reused after a clean call (below);
+//! a driver call's store also holds the BMC link the host lends it. Every call runs under
+//! a deadline (epoch interruption, ticked by a plain
 //! OS thread so a spinning guest cannot starve it, plus a tokio timeout around the whole
 //! call), a memory cap and an instance cap. Plugins get no filesystem, no sockets, no
 //! environment. Any failure is classified ([`PluginError::kind`]), logged with the plugin's

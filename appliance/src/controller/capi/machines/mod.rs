@@ -27,9 +27,10 @@
 //! machine is gone without a word, or bound to another server.
 //!
 //! Every step that waits or fails sets the `Ready` condition's reason, with an event
-//! when the reason changes ([`report`]). The steps are [`provision`]'s, one function
-//! each; the cluster-wide claim is [`claims`]'s; release and the sweep are
-//! [`release`]'s; sending a machine into PXE is [`power`]'s, shared by install and wipe.
+//! when the reason changes (`report.rs`). The steps are `provision.rs`'s, one function
+//! each; the cluster-wide claim is `claims.rs`'s; release and the sweep are
+//! `release.rs`'s; sending a machine into PXE is `power.rs`'s, shared by install and
+//! wipe. `tests.rs` runs reconciles against a scripted apiserver.
 
 use std::sync::Arc;
 
