@@ -18,6 +18,7 @@ pub mod files;
 pub mod http;
 pub mod inventory;
 pub mod ipxe;
+pub mod limits;
 pub mod loadtest;
 pub mod metrics;
 pub mod plugins;

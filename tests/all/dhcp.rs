@@ -95,3 +95,45 @@ fn pxe_port_acks_with_the_boot_file_for_the_architecture() {
         "{metrics}"
     );
 }
+
+#[test]
+fn a_request_naming_a_relay_the_config_does_not_name_gets_no_answer() {
+    let a = Appliance::start(
+        "[dhcp]\nmode = \"proxy\"\nlisten = []\npxe_listen = [\"127.0.0.1:0\"]\nrelays = [\"127.0.0.77\"]\n",
+    );
+    let to = a.dhcp.expect("a proxyDHCP socket");
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // A forged relay (on loopback, so a wrong answer could not leave this machine):
+    // no reply is sent to it, and a flood of them is one counter, not a log flood.
+    let forged = |xid| {
+        let mut m = Message::from_bytes(&pxe_request(xid, 7, None)).unwrap();
+        m.set_giaddr(Ipv4Addr::new(127, 0, 0, 66));
+        m.to_vec().unwrap()
+    };
+    for xid in 100..300 {
+        sock.send_to(&forged(xid), to).unwrap();
+    }
+    // The flood may overrun the socket's buffer (the kernel drops the rest, as it
+    // would in the field); the honest client asks until it is answered, as PXE ROMs do.
+    a.wait_metric("arges_dhcp_requests_total{result=\"relay_refused\"}");
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let answered = (0..5).find_map(|_| {
+        sock.send_to(&pxe_request(11, 7, None), to).unwrap();
+        let mut buf = [0u8; 1500];
+        let (n, _) = sock.recv_from(&mut buf).ok()?;
+        Some(Message::from_bytes(&buf[..n]).unwrap())
+    });
+    let m = answered.expect("the honest request is answered");
+    assert_eq!(m.xid(), 11, "no forged request was answered");
+    let metrics = a.metrics();
+    assert!(
+        metrics.contains("arges_dhcp_requests_total{result=\"answered\"} 1"),
+        "only the honest request was answered: {metrics}"
+    );
+    let refusals = a.log().matches("proxyDHCP reply not sent").count();
+    assert!(
+        (1..=10).contains(&refusals),
+        "refusals are logged at a bounded rate: {refusals} lines"
+    );
+}

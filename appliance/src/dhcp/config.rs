@@ -42,6 +42,10 @@ pub struct DhcpSection {
     pub pxe_listen: Vec<SocketAddr>,
     /// Answer only requests arriving on these interfaces (empty: every interface).
     pub interfaces: Vec<String>,
+    /// DHCP relays (their `giaddr`) whose relayed requests are answered. Empty: none. A
+    /// reply to a relayed request goes to the relay the request names, so answering any
+    /// relay would let a forged request aim our replies at any host.
+    pub relays: Vec<Ipv4Addr>,
     /// The address handed out as boot server; by default our address on the interface
     /// the request came in on.
     pub server_address: Option<Ipv4Addr>,
@@ -60,6 +64,7 @@ impl Default for DhcpSection {
             listen: vec![SocketAddr::from(([0, 0, 0, 0], 67))],
             pxe_listen: vec![SocketAddr::from(([0, 0, 0, 0], 4011))],
             interfaces: Vec::new(),
+            relays: Vec::new(),
             server_address: None,
             ipxe_user_classes: vec!["iPXE".into()],
             boot_script: "/boot.ipxe?uuid=${uuid}&mac=${netX/mac}&arch=${buildarch}".into(),
@@ -101,6 +106,7 @@ pub struct DhcpConfig {
     pub listen: Vec<SocketAddr>,
     pub pxe_listen: Vec<SocketAddr>,
     pub interfaces: Vec<String>,
+    pub relays: Vec<Ipv4Addr>,
     pub server_address: Option<Ipv4Addr>,
     pub ipxe_user_classes: Vec<String>,
     pub boot_script: String,
@@ -160,6 +166,7 @@ impl TryFrom<&DhcpSection> for DhcpConfig {
             listen: d.listen.clone(),
             pxe_listen: d.pxe_listen.clone(),
             interfaces: d.interfaces.clone(),
+            relays: d.relays.clone(),
             server_address: d.server_address,
             ipxe_user_classes: d.ipxe_user_classes.clone(),
             boot_script: d.boot_script.clone(),

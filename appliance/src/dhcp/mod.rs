@@ -11,6 +11,12 @@
 //! index). Broadcast replies leave through the interface the request came from, which
 //! works without any route in the network. No raw sockets: a proxy never unicasts to an
 //! address the client does not have yet.
+//!
+//! Nothing here can be aimed at a third party: a relayed request is answered only when
+//! its relay is one the config names, and a unicast reply (to a client that has an
+//! address, or to a request on the PXE port) only to an address on the subnet of the
+//! interface the request came in on. Refusals are counted; their log lines are rate
+//! limited.
 
 pub mod answer;
 pub mod config;
@@ -19,6 +25,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nix::sys::socket::{
     ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, sendmsg, setsockopt,
@@ -30,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DhcpConfig;
 use crate::core::Core;
+use crate::limits::LogGate;
 use crate::metrics::Metrics;
 pub use answer::{Arrival, ClientKind, Firmware, Ignored, Reply};
 
@@ -118,6 +126,30 @@ fn receive(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Received> {
         ifindex,
         local,
     })
+}
+
+/// Whether `ip` is on a subnet of interface `ifindex` (one of its IPv4 addresses with
+/// its netmask). Read per call: interfaces and their addresses change.
+fn on_interface_subnet(ip: Ipv4Addr, ifindex: u32) -> bool {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return false;
+    };
+    addrs
+        .filter(|a| {
+            nix::net::if_::if_nametoindex(a.interface_name.as_str()).is_ok_and(|i| i == ifindex)
+        })
+        .any(|a| {
+            let v4 = |s: Option<nix::sys::socket::SockaddrStorage>| {
+                s.and_then(|s| s.as_sockaddr_in().map(|a| a.ip()))
+            };
+            match (v4(a.address), v4(a.netmask)) {
+                (Some(addr), Some(mask)) => {
+                    let m = u32::from(mask);
+                    u32::from(addr) & m == u32::from(ip) & m
+                }
+                _ => false,
+            }
+        })
 }
 
 fn send(
@@ -218,6 +250,24 @@ impl DhcpServer {
         }
     }
 
+    /// Why a reply may not go to `to`, if it may not: a relay the config does not name,
+    /// or a unicast address off the arrival interface's subnets.
+    fn refuse_destination(
+        &self,
+        reply: &Reply,
+        to: Ipv4Addr,
+        ifindex: u32,
+    ) -> Option<&'static str> {
+        if let Some(relay) = reply.relay {
+            return (!self.config.relays.contains(&relay)).then_some("relay_refused");
+        }
+        if to == Ipv4Addr::BROADCAST || on_interface_subnet(to, ifindex) {
+            None
+        } else {
+            Some("off_subnet")
+        }
+    }
+
     fn handle(&self, sock: &UdpSocket, role: Role, packet: &[u8], r: &Received) {
         let m = self.metrics();
         if !self.interface_allowed(r.ifindex) {
@@ -240,7 +290,10 @@ impl DhcpServer {
                 Metrics::inc(&m.dhcp_requests, "result", why.kind());
                 match why {
                     Ignored::Malformed(_) | Ignored::Architecture(_) => {
-                        tracing::warn!(from = %r.from, reason = %why, "DHCP request not answered")
+                        static GATE: LogGate = LogGate::new(10, Duration::from_secs(60));
+                        if let Some(held_back) = GATE.check() {
+                            tracing::warn!(from = %r.from, reason = %why, held_back, "DHCP request not answered");
+                        }
                     }
                     _ => tracing::trace!(from = %r.from, reason = %why, "DHCP request not ours"),
                 }
@@ -259,6 +312,14 @@ impl DhcpServer {
                 r.ifindex,
             )
         };
+        if let Some(why) = self.refuse_destination(&reply, *to.ip(), r.ifindex) {
+            Metrics::inc(&m.dhcp_requests, "result", why);
+            static GATE: LogGate = LogGate::new(10, Duration::from_secs(60));
+            if let Some(held_back) = GATE.check() {
+                tracing::warn!(from = %r.from, %to, reason = why, held_back, "proxyDHCP reply not sent: it would go to a relay the config does not name (dhcp.relays) or off the interface's subnets");
+            }
+            return;
+        }
         if let Err(e) = send(sock, &reply.bytes, to, ifindex, server) {
             Metrics::inc(&m.dhcp_requests, "result", "send_error");
             tracing::warn!(%to, error = %e, "cannot send the proxyDHCP reply");
@@ -281,5 +342,19 @@ impl DhcpServer {
             %to,
             "proxyDHCP answered"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unicast_replies_stay_on_the_arrival_interfaces_subnets() {
+        let lo = nix::net::if_::if_nametoindex("lo").expect("a loopback interface");
+        assert!(on_interface_subnet(Ipv4Addr::new(127, 0, 0, 9), lo));
+        // TEST-NET-1: checked, never sent to.
+        assert!(!on_interface_subnet(Ipv4Addr::new(192, 0, 2, 1), lo));
+        assert!(!on_interface_subnet(Ipv4Addr::new(127, 0, 0, 9), 0));
     }
 }
