@@ -158,6 +158,10 @@ pub async fn run(
         .admin_token
         .resolve()
         .context("cannot read the admin token")?;
+    anyhow::ensure!(
+        !crate::core::secret_eq(&admin_token, &registration_token),
+        "the admin token and the registration token are the same: every machine's agent would hold the admin API's key; give them different values"
+    );
     let db_path = config.data_dir.join("inventory.redb");
     let inventory = {
         let p = db_path.clone();
@@ -220,7 +224,7 @@ pub async fn run(
         assets: Arc::new(FileRoot::new(&config.assets_dir, config.cache)),
         boot_files: Arc::clone(&boot_files),
     });
-    for addr in &config.http_listen {
+    for addr in &config.http.listen {
         let l = TcpListener::bind(addr).await.map_err(|e| {
             anyhow::anyhow!("cannot bind HTTP to {addr}: {e}{}", bind_hint(&e, addr))
         })?;
@@ -240,7 +244,7 @@ pub async fn run(
             config.dhcp.clone(),
             Arc::clone(&core),
             bound.http.clone(),
-            config.public_url.clone(),
+            config.http.public_url.clone(),
         );
         for (role, addrs) in [
             (dhcp::Role::Dhcp, &config.dhcp.listen),
@@ -257,7 +261,7 @@ pub async fn run(
                 tasks.spawn(Arc::clone(&server).serve(s, role, cancel.clone()));
             }
         }
-        if bound.http.iter().all(|a| a.ip().is_loopback()) && config.public_url.is_none() {
+        if bound.http.iter().all(|a| a.ip().is_loopback()) && config.http.public_url.is_none() {
             tracing::warn!(http = ?bound.http, "proxyDHCP is on but HTTP listens on loopback only: machines cannot fetch their boot scripts; set http.listen");
         }
     }

@@ -131,12 +131,12 @@ pub fn check(config: &Config, may_bind_low_ports: bool) -> Vec<Finding> {
                     }
                 ),
             ));
-            if config.public_url.is_none() && loopback_only(&config.http_listen) {
+            if config.http.public_url.is_none() && loopback_only(&config.http.listen) {
                 out.push(finding(
                     Severity::Missing,
                     format!(
                         "HTTP listens on {:?} only: machines cannot fetch boot scripts (set http.listen to 0.0.0.0:8080)",
-                        config.http_listen
+                        config.http.listen
                     ),
                 ));
             }
@@ -157,7 +157,8 @@ pub fn check(config: &Config, may_bind_low_ports: bool) -> Vec<Finding> {
         }
     }
     let mut low: Vec<SocketAddr> = config
-        .http_listen
+        .http
+        .listen
         .iter()
         .chain(&config.tftp_listen)
         .copied()

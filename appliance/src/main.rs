@@ -109,7 +109,7 @@ async fn run(args: RunArgs) -> Result<()> {
 fn check_config(file: &std::path::Path) -> Result<()> {
     let c = Config::load(file, &Overrides::default())?;
     println!("{}: ok", file.display());
-    println!("  http:         {:?}", c.http_listen);
+    println!("  http:         {:?}", c.http.listen);
     println!(
         "  tftp:         {:?} serving {}",
         c.tftp_listen,

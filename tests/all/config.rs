@@ -106,3 +106,37 @@ fn template_overrides_are_used_and_checked() {
         "{err}"
     );
 }
+
+#[test]
+fn the_appliance_refuses_to_start_with_one_token_for_both_roles() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("both.token");
+    std::fs::write(&token, "the-same-token-for-both-0001\n").unwrap();
+    let config = dir.path().join("appliance.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tokens]\nregistration_file = \"{0}\"\nadmin_file = \"{0}\"\n",
+            token.display()
+        ),
+    )
+    .unwrap();
+    let out = run(Command::new(bin())
+        .args([
+            "run",
+            "--http",
+            "127.0.0.1:0",
+            "--tftp",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&config));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("admin token and the registration token are the same"),
+        "{err}"
+    );
+}

@@ -331,6 +331,16 @@ fn admin_api_refusals() {
         401,
         "the registration token is not an admin token"
     );
+    // DNS rebinding: a page whose name now points at us sends its own name as Host.
+    let auth = format!("Authorization: Bearer {ADMIN_TOKEN}");
+    let (status, body, _) = curl(&["-H", &auth, "-H", "Host: evil.example.com", &url]);
+    assert_eq!(status, 421, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("http.names"));
+    assert_eq!(
+        curl(&["-H", &auth, "-H", "Host: localhost:8080", &url]).0,
+        200
+    );
+    assert_eq!(curl(&["-H", &auth, &url]).0, 200, "an address as Host");
     let reg = a.url("/api/v1/register");
     assert_eq!(
         curl(&[

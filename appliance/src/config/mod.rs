@@ -30,7 +30,7 @@ pub use crate::controller::config::{KubernetesConfig, is_label_value};
 pub use crate::core::config::{LocalDiskMethod, PolicyConfig, Unaccepted, WindowsConfig};
 pub use crate::dhcp::config::{BootFiles, DhcpConfig, DhcpMode};
 use crate::files::CacheLimits;
-use crate::http::config::HttpConfig;
+pub use crate::http::config::HttpConfig;
 use crate::ipxe::{TemplateError, Templates};
 pub use crate::plugins::config::{PluginsConfig, plugin_table};
 use crate::tftp::TftpSettings;
@@ -148,8 +148,7 @@ pub const DEBIAN_IPXE_DIR: &str = "/usr/lib/ipxe";
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub http_listen: Vec<SocketAddr>,
-    pub public_url: Option<String>,
+    pub http: HttpConfig,
     pub tftp_listen: Vec<SocketAddr>,
     pub tftp_root: PathBuf,
     /// Where iPXE binaries missing from the TFTP root are found.
@@ -305,6 +304,16 @@ impl Config {
             under_data("admin.token"),
             resolve,
         )?;
+        if let (TokenSource::Inline(a), TokenSource::Inline(r)) =
+            (&admin_token, &registration_token)
+            && a == r
+        {
+            return Err(Invalid::new(
+                "tokens.admin",
+                "is the registration token too: every machine's agent would hold the admin API's key",
+            )
+            .into());
+        }
         let envs = environments::environments(
             &f.environments,
             &f.discovery,
@@ -329,8 +338,7 @@ impl Config {
         let kubernetes = KubernetesConfig::from_section(&f.kubernetes, kubeconfig)?;
 
         Ok(Config {
-            http_listen: http.listen,
-            public_url: http.public_url,
+            http,
             tftp_listen: f.tftp.listen.clone(),
             tftp_root,
             ipxe_dir: f.tftp.ipxe_dir.as_deref().map(resolve),
@@ -374,7 +382,7 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let c = Config::defaults(&Overrides::default()).unwrap();
-        assert_eq!(c.http_listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(c.http.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
         assert!(c.environments.contains_key("discovery"));
         assert_eq!(c.tftp_root, PathBuf::from("arges-data/tftp"));
         assert!(matches!(c.admin_token, TokenSource::Generated(_)));
@@ -537,6 +545,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("tokens.admin (line 2)"), "{e}");
+        let same =
+            "[tokens]\nregistration = \"0123456789abcdef0\"\nadmin = \"0123456789abcdef0\"\n";
+        let e = parse(same).unwrap_err().to_string();
+        assert!(
+            e.contains("tokens.admin (line 3)") && e.contains("registration token too"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short.tok");
+        std::fs::write(&short, "abc\n").unwrap();
+        let e = TokenSource::File(short).resolve().unwrap_err().to_string();
+        assert!(e.contains("3 characters; at least 16"), "{e}");
         let c = parse("[tokens]\nadmin_file = \"admin.tok\"\n").unwrap();
         assert_eq!(
             c.admin_token,

@@ -7,6 +7,9 @@ use serde::Deserialize;
 
 use super::Invalid;
 
+/// The shortest token accepted, from any source (a generated one is 64).
+pub const MIN_TOKEN: usize = 16;
+
 /// `[tokens]` as written.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -41,20 +44,35 @@ impl TokenSource {
                 key,
                 format!("set either {key} or {key}_file, not both"),
             )),
-            (Some(t), None) if t.len() < 16 => {
-                Err(Invalid::new(key, "must be at least 16 characters"))
-            }
+            (Some(t), None) if t.len() < MIN_TOKEN => Err(Invalid::new(
+                key,
+                format!("must be at least {MIN_TOKEN} characters"),
+            )),
             (Some(t), None) => Ok(TokenSource::Inline(t.clone())),
             (None, Some(p)) => Ok(TokenSource::File(resolve(p))),
             (None, None) => Ok(TokenSource::Generated(generated)),
         }
     }
 
-    /// Reads (or for `Generated`, creates on first use) the token.
+    /// Reads (or for `Generated`, creates on first use) the token. A file's token is held
+    /// to the same minimum as an inline one.
     pub fn resolve(&self) -> std::io::Result<String> {
         match self {
             TokenSource::Inline(t) => Ok(t.clone()),
-            TokenSource::File(p) => Ok(std::fs::read_to_string(p)?.trim().to_string()),
+            TokenSource::File(p) => {
+                let t = std::fs::read_to_string(p)?.trim().to_string();
+                if t.len() < MIN_TOKEN {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "the token in {} is {} characters; at least {MIN_TOKEN} are needed",
+                            p.display(),
+                            t.len()
+                        ),
+                    ));
+                }
+                Ok(t)
+            }
             TokenSource::Generated(p) => match std::fs::read_to_string(p) {
                 Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
                 _ => {

@@ -516,7 +516,7 @@ impl Core {
         arch: &str,
         secrets: &BootSecretsFor,
     ) -> Result<(BootScript, Option<String>)> {
-        let base_url = self.config.public_url.as_deref().unwrap_or(base_url);
+        let base_url = self.config.http.public_url.as_deref().unwrap_or(base_url);
         let method = self.config.policy.local_disk_method(arch);
         let (kind, env, reason) = match action {
             BootAction::Discover => (

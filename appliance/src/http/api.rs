@@ -32,6 +32,7 @@ use super::{Body, HttpContext, bearer, json, json_error, read_body, status_of};
 use crate::bmc::{BmcSettings, BootSetting, Protocol, TlsSettings};
 use crate::core::{Core, CoreError, PowerReport, RegistrationProof, ServerEdit};
 use crate::inventory::CloseReason;
+use crate::limits::LogGate;
 use crate::metrics::Metrics;
 use crate::registration::RegistrationRequest;
 
@@ -169,6 +170,29 @@ async fn json_body<T: for<'de> Deserialize<'de>>(
 
 /// Everything else under `/api/v1/`.
 pub async fn admin(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> {
+    // A browser sends the token only to the name it was given; a page rebinding its own
+    // name to our address would get here with its name in Host.
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    if !ctx.core.config().http.admin_host_allowed(host) {
+        static GATE: LogGate = LogGate::new(10, std::time::Duration::from_secs(60));
+        if let Some(held_back) = GATE.check() {
+            tracing::warn!(
+                host,
+                held_back,
+                "admin request for a host name that is not ours refused (http.names)"
+            );
+        }
+        return json_error(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "{host:?} is not a name of this appliance: use its address, localhost, or a name in http.names"
+            ),
+        );
+    }
     if !bearer(&req).is_some_and(|t| ctx.core.is_admin(t)) {
         tracing::warn!(
             path = req.uri().path(),
