@@ -99,7 +99,7 @@ impl HttpConfig {
         let h = host_of(host).to_ascii_lowercase();
         h.parse::<std::net::IpAddr>().is_ok()
             || h == "localhost"
-            || self.names.iter().any(|n| *n == h)
+            || self.names.contains(&h)
     }
 }
 
