@@ -466,7 +466,8 @@ fn an_operation_whose_caller_hangs_up_still_ends_and_is_recorded() {
     let mut c = std::net::TcpStream::connect(a.http).unwrap();
     write!(
         c,
-        "POST /api/v1/servers/{id}/bmc/power HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /api/v1/servers/{id}/bmc/power HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        a.http,
         body.len()
     )
     .unwrap();

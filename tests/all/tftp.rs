@@ -361,25 +361,32 @@ fn duplicate_acks_cause_no_storm_and_gaps_are_resent() {
 }
 
 #[test]
-fn abandoned_transfer_flood_does_not_starve_others() {
+fn forged_requests_take_no_slot_and_stream_nothing_while_a_real_client_gets_its_file() {
     let a = Appliance::start(
-        "[tftp]\nmax_transfers_per_client = 16\ntimeout_ms = 200\nmax_timeout_ms = 400\nretries = 2\n",
+        "[tftp]\nmax_transfers = 8\nmax_handshakes = 32\ntimeout_ms = 200\nmax_timeout_ms = 400\nretries = 2\n",
     );
     let data = random_file(&a.tftp_root().join("ipxe.efi"), 200_000, 11);
-    // 300 requests from 127.0.0.1 that never acknowledge anything.
-    let flood: Vec<UdpSocket> = (0..300)
-        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+    // 300 requests from 300 loopback addresses (a forged source looks like this: it never
+    // acknowledges), half asking for the largest blocks, half for plain DATA.
+    let flood: Vec<UdpSocket> = (0..300u32)
+        .map(|i| {
+            let s = UdpSocket::bind((
+                std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8),
+                0,
+            ))
+            .unwrap();
+            let options: &[(&str, &str)] = if i % 2 == 0 {
+                &[("blksize", "65464"), ("windowsize", "64")]
+            } else {
+                &[]
+            };
+            s.send_to(&encode_rrq("ipxe.efi", "octet", options), a.tftp)
+                .unwrap();
+            s
+        })
         .collect();
-    for s in &flood {
-        s.send_to(
-            &encode_rrq("ipxe.efi", "octet", &[("blksize", "1468")]),
-            a.tftp,
-        )
-        .unwrap();
-    }
     // Another machine (another loopback address) still gets its file at once.
     let s = UdpSocket::bind("127.0.0.2:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     // Like real firmware, retransmit the request until something answers.
     s.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
@@ -414,24 +421,43 @@ fn abandoned_transfer_flood_does_not_starve_others() {
         }
     }
     assert_eq!(file, data);
-    // The flood was capped and is cleaned up by the retry limit.
+    // What a forged source's victim received: the first packet, resent once at most,
+    // never a stream of DATA (and never a large block: those wait for an ACK).
+    for (i, f) in flood.iter().enumerate() {
+        f.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 70_000];
+        while let Ok((n, _)) = f.recv_from(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        assert!(got.len() <= 2, "source {i} got {} packets", got.len());
+        for p in &got {
+            assert!(p.len() <= 516, "source {i} got a {}-byte packet", p.len());
+        }
+    }
+    // The flood took no slot: handshakes were bounded (the oldest gave way) and ended
+    // by themselves.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let m = String::from_utf8_lossy(&a.request("GET", "/metrics", None, b"").1).to_string();
-        if m.contains("arges_tftp_active_transfers 0") {
+        let m = a.metrics();
+        if m.contains("arges_tftp_active_transfers 0") && m.contains("outcome=\"timeout\"") {
             assert!(
-                m.contains("arges_tftp_requests_total{result=\"busy\"}"),
+                m.contains("arges_tftp_requests_total{result=\"handshake_evicted\"}"),
                 "{m}"
             );
             assert!(
-                m.contains("arges_tftp_transfers_total{outcome=\"timeout\"} 16"),
+                !m.contains("result=\"busy\""),
+                "the flood filled no slot: {m}"
+            );
+            assert!(
+                m.contains("arges_tftp_transfers_total{outcome=\"complete\"} 1"),
                 "{m}"
             );
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "abandoned transfers were not reaped:\n{m}"
+            "forged handshakes were not reaped:\n{m}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }

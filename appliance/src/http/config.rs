@@ -97,9 +97,7 @@ impl HttpConfig {
     /// address, `localhost`, or a configured name. A DNS rebinding attack needs a name.
     pub fn admin_host_allowed(&self, host: &str) -> bool {
         let h = host_of(host).to_ascii_lowercase();
-        h.parse::<std::net::IpAddr>().is_ok()
-            || h == "localhost"
-            || self.names.contains(&h)
+        h.parse::<std::net::IpAddr>().is_ok() || h == "localhost" || self.names.contains(&h)
     }
 }
 

@@ -24,6 +24,9 @@ pub struct TftpSection {
     pub root: Option<PathBuf>,
     pub max_transfers: usize,
     pub max_transfers_per_client: usize,
+    /// Requests whose client has not acknowledged yet, at once (a forged source never
+    /// does); past it the oldest gives way.
+    pub max_handshakes: usize,
     /// First retransmission timeout, milliseconds.
     pub timeout_ms: u64,
     /// Backoff ceiling, milliseconds.
@@ -57,6 +60,7 @@ impl Default for TftpSection {
             root: None,
             max_transfers: s.max_transfers,
             max_transfers_per_client: s.max_transfers_per_client,
+            max_handshakes: s.max_handshakes,
             timeout_ms: s.timeout.as_millis() as u64,
             max_timeout_ms: s.max_timeout.as_millis() as u64,
             retries: s.retries,
@@ -95,6 +99,7 @@ impl TryFrom<&TftpSection> for TftpConfig {
         for (key, v) in [
             ("tftp.max_transfers", t.max_transfers),
             ("tftp.max_transfers_per_client", t.max_transfers_per_client),
+            ("tftp.max_handshakes", t.max_handshakes),
         ] {
             if v == 0 {
                 return Err(Invalid::new(key, "must be at least 1"));
@@ -110,6 +115,7 @@ impl TryFrom<&TftpSection> for TftpConfig {
             settings: TftpSettings {
                 max_transfers: t.max_transfers,
                 max_transfers_per_client: t.max_transfers_per_client,
+                max_handshakes: t.max_handshakes,
                 timeout: Duration::from_millis(t.timeout_ms),
                 max_timeout: Duration::from_millis(t.max_timeout_ms),
                 retries: t.retries,

@@ -9,15 +9,22 @@
 //! Requests arrive on the well-known port in a tokio task; each granted transfer then runs
 //! on its own OS thread with a blocking socket bound to a fresh port (its TID), connected
 //! to the client so stray datagrams from other hosts never reach it (see [`transfer`] for
-//! why a thread: lockstep TFTP is round-trip bound). A global and a per-client cap
-//! bound the work a flood of abandoned requests can cause; a retransmitted RRQ from a client
+//! why a thread: lockstep TFTP is round-trip bound). A retransmitted RRQ from a client
 //! whose transfer is already running is dropped rather than starting a second one.
+//!
+//! UDP lets anyone send an RRQ from any source address, so a request alone earns only a
+//! **handshake**: the first packet (OACK, or DATA 1 of at most 512 bytes), resent once.
+//! Handshakes have their own bound (`max_handshakes`); when it is reached the oldest is
+//! dropped, so forged requests can delay nobody whose client answers within a round trip.
+//! Only once the client acknowledges does the transfer take a **slot**, counted against
+//! the global and per-address caps. A forged source therefore costs a thread for a couple
+//! of seconds and two small packets, never a slot or a stream of DATA to a victim.
 
 pub mod config;
 pub mod packet;
 pub mod transfer;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +33,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::files::{FileError, FileRoot};
+use crate::limits::LogGate;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use packet::ErrorCode;
@@ -48,6 +56,9 @@ pub struct TftpSettings {
     pub max_transfers: usize,
     /// Transfers in progress at once from one client address.
     pub max_transfers_per_client: usize,
+    /// Requests not yet acknowledged by their client, at once; past it the oldest gives
+    /// way.
+    pub max_handshakes: usize,
     /// First retransmission timeout (a client's `timeout` option overrides it).
     pub timeout: Duration,
     /// Backoff ceiling.
@@ -65,6 +76,7 @@ impl Default for TftpSettings {
         TftpSettings {
             max_transfers: 2000,
             max_transfers_per_client: 32,
+            max_handshakes: 256,
             timeout: Duration::from_secs(1),
             max_timeout: Duration::from_secs(4),
             retries: 5,
@@ -89,6 +101,12 @@ pub enum TftpError {
     Cancelled,
     #[error("netascii file of {0} bytes is too large to convert")]
     NetasciiTooLarge(u64),
+    /// The client acknowledged, but no slot was free for its transfer.
+    #[error("{0}")]
+    Busy(&'static str),
+    /// Newer requests pushed this handshake out before the client acknowledged.
+    #[error("handshake dropped for newer requests before the client acknowledged")]
+    Evicted,
     #[error("socket error: {0}")]
     Io(#[source] std::io::Error),
 }
@@ -103,34 +121,88 @@ impl TftpError {
             TftpError::ClientGone => "client_gone",
             TftpError::Cancelled => "cancelled",
             TftpError::NetasciiTooLarge(_) => "netascii_too_large",
+            TftpError::Busy(_) => "busy",
+            TftpError::Evicted => "evicted",
             TftpError::Io(_) => "io",
         }
     }
 }
 
+/// Transfers and handshakes under way.
 #[derive(Default)]
 struct Active {
-    clients: HashSet<SocketAddr>,
+    /// Every client with a transfer or a handshake, by the id of that claim (a second RRQ
+    /// from it is a duplicate).
+    clients: HashMap<SocketAddr, u64>,
+    /// Acknowledged transfers per client address.
     per_ip: HashMap<IpAddr, usize>,
+    /// Acknowledged transfers in all.
+    transfers: usize,
+    /// Handshakes, oldest first: (client, claim id, what ends it).
+    handshakes: VecDeque<(SocketAddr, u64, CancellationToken)>,
+    next_id: u64,
 }
 
-/// Releases a transfer's slot when the transfer ends, however it ends.
+/// One client's claim, released when its thread ends, however it ends: a handshake until
+/// the client acknowledges, then a transfer slot.
 struct Slot {
     server: Arc<TftpServer>,
     client: SocketAddr,
+    id: u64,
+    acknowledged: bool,
+    /// Fired when a newer request pushes this handshake out.
+    evicted: CancellationToken,
+}
+
+impl Slot {
+    /// The client acknowledged: the handshake becomes a transfer, if a slot is free.
+    fn acknowledge(&mut self) -> Result<(), TftpError> {
+        let server = Arc::clone(&self.server);
+        let mut active = server.active.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(at) = active.handshakes.iter().position(|h| h.1 == self.id) else {
+            return Err(TftpError::Evicted);
+        };
+        active.handshakes.remove(at);
+        let settings = &server.settings;
+        let busy = if active.transfers >= settings.max_transfers {
+            Some("server busy, try again")
+        } else if active.per_ip.get(&self.client.ip()).copied().unwrap_or(0)
+            >= settings.max_transfers_per_client
+        {
+            Some("too many transfers from this client")
+        } else {
+            None
+        };
+        if let Some(why) = busy {
+            Metrics::inc(&server.metrics.tftp_requests, "result", "busy");
+            return Err(TftpError::Busy(why));
+        }
+        active.transfers += 1;
+        *active.per_ip.entry(self.client.ip()).or_default() += 1;
+        self.acknowledged = true;
+        server.metrics.tftp_active.inc();
+        Ok(())
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut active = self.server.active.lock().unwrap_or_else(|p| p.into_inner());
-        active.clients.remove(&self.client);
-        if let Some(n) = active.per_ip.get_mut(&self.client.ip()) {
-            *n -= 1;
-            if *n == 0 {
-                active.per_ip.remove(&self.client.ip());
-            }
+        if active.clients.get(&self.client) == Some(&self.id) {
+            active.clients.remove(&self.client);
         }
-        self.server.metrics.tftp_active.dec();
+        if self.acknowledged {
+            active.transfers -= 1;
+            if let Some(n) = active.per_ip.get_mut(&self.client.ip()) {
+                *n -= 1;
+                if *n == 0 {
+                    active.per_ip.remove(&self.client.ip());
+                }
+            }
+            self.server.metrics.tftp_active.dec();
+        } else if let Some(at) = active.handshakes.iter().position(|h| h.1 == self.id) {
+            active.handshakes.remove(at);
+        }
     }
 }
 
@@ -199,14 +271,20 @@ impl TftpServer {
             Ok(r) => r,
             Err(e) => {
                 Metrics::inc(&self.metrics.tftp_errors, "kind", e.kind());
-                tracing::warn!(%peer, error = %e, "malformed TFTP request");
+                static GATE: LogGate = LogGate::new(10, Duration::from_secs(60));
+                if let Some(held_back) = GATE.check() {
+                    tracing::warn!(%peer, error = %e, held_back, "malformed TFTP request");
+                }
                 send_error_to(socket, peer, ErrorCode::IllegalOperation, &e.to_string()).await;
                 return;
             }
         };
         if req.write {
             Metrics::inc(&self.metrics.tftp_requests, "result", "write_refused");
-            tracing::warn!(%peer, file = %req.filename, "TFTP write refused");
+            static GATE: LogGate = LogGate::new(10, Duration::from_secs(60));
+            if let Some(held_back) = GATE.check() {
+                tracing::warn!(%peer, file = %req.filename, held_back, "TFTP write refused");
+            }
             send_error_to(
                 socket,
                 peer,
@@ -216,7 +294,7 @@ impl TftpServer {
             .await;
             return;
         }
-        match self.claim(peer) {
+        match self.claim(peer, shutdown.abort()) {
             Claim::Granted(slot) => self.start(slot, local, req, shutdown),
             Claim::Duplicate => {
                 // Either a retransmitted RRQ (the running transfer answers it by its own
@@ -229,16 +307,11 @@ impl TftpServer {
                     if shutdown.stopping() {
                         return;
                     }
-                    match server.claim(peer) {
+                    match server.claim(peer, shutdown.abort()) {
                         Claim::Granted(slot) => server.start(slot, local, req, &shutdown),
                         _ => Metrics::inc(&server.metrics.tftp_requests, "result", "duplicate"),
                     }
                 });
-            }
-            Claim::Busy(why) => {
-                Metrics::inc(&self.metrics.tftp_requests, "result", "busy");
-                tracing::warn!(%peer, why, "TFTP request refused");
-                send_error_to(socket, peer, ErrorCode::NotDefined, why).await;
             }
         }
     }
@@ -254,16 +327,17 @@ impl TftpServer {
     ) {
         Metrics::inc(&self.metrics.tftp_requests, "result", "accepted");
         let server = Arc::clone(self);
-        let cancel = shutdown.abort().child_token();
+        // Ends the transfer at the drain deadline, or the handshake when it is evicted (a
+        // child of the abort token: see `claim`).
+        let cancel = slot.evicted.clone();
         let in_flight = shutdown.token();
         let spawned = std::thread::Builder::new()
             .name("tftp-transfer".into())
             .stack_size(TRANSFER_STACK)
             .spawn(move || {
-                let peer = slot.client;
-                let _slot = slot;
+                let mut slot = slot;
                 let _in_flight = in_flight;
-                server.run_transfer(local, peer, req, cancel);
+                server.run_transfer(local, req, &mut slot, cancel);
             });
         if let Err(e) = spawned {
             // The closure (and with it the slot) is dropped: the client may retry.
@@ -272,24 +346,32 @@ impl TftpServer {
         }
     }
 
-    fn claim(self: &Arc<Self>, peer: SocketAddr) -> Claim {
+    /// A handshake for `peer`'s request; the oldest gives way when they are at their bound.
+    fn claim(self: &Arc<Self>, peer: SocketAddr, abort: &CancellationToken) -> Claim {
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        if active.clients.contains(&peer) {
+        if active.clients.contains_key(&peer) {
             return Claim::Duplicate;
         }
-        if active.clients.len() >= self.settings.max_transfers {
-            return Claim::Busy("server busy, try again");
+        if active.handshakes.len() >= self.settings.max_handshakes.max(1)
+            && let Some((old, id, evicted)) = active.handshakes.pop_front()
+        {
+            evicted.cancel();
+            if active.clients.get(&old) == Some(&id) {
+                active.clients.remove(&old);
+            }
+            Metrics::inc(&self.metrics.tftp_requests, "result", "handshake_evicted");
         }
-        let n = active.per_ip.entry(peer.ip()).or_default();
-        if *n >= self.settings.max_transfers_per_client {
-            return Claim::Busy("too many transfers from this client");
-        }
-        *n += 1;
-        active.clients.insert(peer);
-        self.metrics.tftp_active.inc();
+        active.next_id += 1;
+        let id = active.next_id;
+        let evicted = abort.child_token();
+        active.clients.insert(peer, id);
+        active.handshakes.push_back((peer, id, evicted.clone()));
         Claim::Granted(Slot {
             server: Arc::clone(self),
             client: peer,
+            id,
+            acknowledged: false,
+            evicted,
         })
     }
 
@@ -297,17 +379,18 @@ impl TftpServer {
     fn run_transfer(
         &self,
         local: SocketAddr,
-        peer: SocketAddr,
         req: packet::Request,
+        slot: &mut Slot,
         cancel: CancellationToken,
     ) {
+        let peer = slot.client;
         // Spin for ACKs only while transfers are few: one per core at most.
         let few = self
             .active
             .lock()
-            .map(|a| a.clients.len())
+            .map(|a| a.transfers)
             .unwrap_or(usize::MAX)
-            <= self.spin_below;
+            < self.spin_below;
         let spin = if few { SPIN } else { Duration::ZERO };
         let sock = match transfer::TransferSocket::open(local, peer, cancel, spin) {
             Ok(s) => s,
@@ -325,13 +408,19 @@ impl TftpServer {
                     FileError::Io { .. } => ErrorCode::NotDefined,
                 };
                 Metrics::inc(&self.metrics.tftp_transfers, "outcome", e.kind());
-                tracing::warn!(%peer, file = %req.filename, error = %e, "TFTP request refused");
+                static GATE: LogGate = LogGate::new(20, Duration::from_secs(60));
+                if let Some(held_back) = GATE.check() {
+                    tracing::warn!(%peer, file = %req.filename, error = %e, held_back, "TFTP request refused");
+                }
                 sock.send_error(code, &e.to_string());
                 return;
             }
         };
         let mut stats = transfer::TransferStats::default();
-        let result = transfer::send_file(&sock, &req, file, &self.settings, &mut stats);
+        let result =
+            transfer::send_file(&sock, &req, file, &self.settings, &mut stats, &mut || {
+                slot.acknowledge()
+            });
         self.metrics.tftp_bytes_sent.inc_by(stats.bytes);
         self.metrics.tftp_retransmits.inc_by(stats.retransmits);
         match result {
@@ -339,13 +428,18 @@ impl TftpServer {
                 Metrics::inc(&self.metrics.tftp_transfers, "outcome", "complete");
                 tracing::debug!(%peer, file = %req.filename, bytes = stats.bytes, retransmits = stats.retransmits, "TFTP transfer complete");
             }
-            Err(e @ (TftpError::ClientAborted { .. } | TftpError::Cancelled)) => {
+            Err(
+                e @ (TftpError::ClientAborted { .. } | TftpError::Cancelled | TftpError::Evicted),
+            ) => {
                 Metrics::inc(&self.metrics.tftp_transfers, "outcome", e.kind());
                 tracing::debug!(%peer, file = %req.filename, error = %e, "TFTP transfer ended early");
             }
             Err(e) => {
                 Metrics::inc(&self.metrics.tftp_transfers, "outcome", e.kind());
-                tracing::warn!(%peer, file = %req.filename, error = %e, "TFTP transfer failed");
+                static GATE: LogGate = LogGate::new(20, Duration::from_secs(60));
+                if let Some(held_back) = GATE.check() {
+                    tracing::warn!(%peer, file = %req.filename, error = %e, held_back, "TFTP transfer failed");
+                }
                 if !matches!(e, TftpError::Timeout | TftpError::ClientGone) {
                     sock.send_error(ErrorCode::NotDefined, &e.to_string());
                 }
@@ -364,5 +458,4 @@ async fn send_error_to(socket: &UdpSocket, peer: SocketAddr, code: ErrorCode, ms
 enum Claim {
     Granted(Slot),
     Duplicate,
-    Busy(&'static str),
 }

@@ -23,8 +23,36 @@ use super::packet::{self, ClientPacket, ErrorCode, Mode, Request};
 use super::{TftpError, TftpSettings};
 use crate::files::{Contents, OpenFile};
 
-/// Netascii files are converted in memory; bigger ones are refused.
-const NETASCII_MAX: u64 = 16 << 20;
+/// Netascii files are converted in memory; bigger ones are refused (boot loaders ask
+/// for octet; netascii is for small text files).
+const NETASCII_MAX: u64 = 1 << 20;
+/// Memory all netascii conversions may hold at once (a conversion holds up to twice its
+/// file); past it a netascii request is refused as busy, so many of them at once cannot
+/// exhaust memory.
+const NETASCII_BUDGET: u64 = 32 << 20;
+/// Bytes held by netascii conversions now.
+static NETASCII_HELD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A share of [`NETASCII_BUDGET`], given back when the transfer ends.
+pub struct NetasciiLease(u64);
+
+impl NetasciiLease {
+    fn take(bytes: u64) -> Option<NetasciiLease> {
+        use std::sync::atomic::Ordering;
+        NETASCII_HELD
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held + bytes <= NETASCII_BUDGET).then_some(held + bytes)
+            })
+            .ok()
+            .map(|_| NetasciiLease(bytes))
+    }
+}
+
+impl Drop for NetasciiLease {
+    fn drop(&mut self) {
+        NETASCII_HELD.fetch_sub(self.0, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 /// Bytes read from disk at a time for files that are not held in memory.
 const CHUNK_BYTES: u64 = 1 << 20;
 
@@ -96,21 +124,28 @@ pub fn to_netascii(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The bytes a transfer sends: the file itself, or its netascii conversion (in memory).
-fn prepare(file: OpenFile, mode: Mode) -> Result<OpenFile, TftpError> {
+/// The bytes a transfer sends: the file itself, or its netascii conversion (in memory,
+/// under a lease of the conversions' budget held for the transfer).
+fn prepare(file: OpenFile, mode: Mode) -> Result<(OpenFile, Option<NetasciiLease>), TftpError> {
     match mode {
-        Mode::Octet => Ok(file),
+        Mode::Octet => Ok((file, None)),
         Mode::Netascii => {
             if file.len > NETASCII_MAX {
                 return Err(TftpError::NetasciiTooLarge(file.len));
             }
+            let lease = NetasciiLease::take(file.len * 2).ok_or(TftpError::Busy(
+                "too many netascii transfers at once, try again",
+            ))?;
             let raw = file.read_at(0, file.len as usize).map_err(TftpError::Io)?;
             let converted = Bytes::from(to_netascii(&raw));
-            Ok(OpenFile {
-                len: converted.len() as u64,
-                contents: Contents::Memory(converted),
-                ..file
-            })
+            Ok((
+                OpenFile {
+                    len: converted.len() as u64,
+                    contents: Contents::Memory(converted),
+                    ..file
+                },
+                Some(lease),
+            ))
         }
     }
 }
@@ -299,14 +334,25 @@ impl TransferSocket {
 
 /// Runs a read transfer (blocking). Returns when the last block is acknowledged, the
 /// client aborts, or retries run out.
+/// Resends of the first packet before the client has acknowledged anything: a forged
+/// request earns two small packets toward its victim, no more.
+pub const HANDSHAKE_RETRIES: u32 = 1;
+
+/// Sends `file` to the client. `acknowledged` is called once, when the client first
+/// acknowledges (ACK 0 of the OACK, or of DATA 1): until then the client may be a forged
+/// address, so the first packet is resent at most [`HANDSHAKE_RETRIES`] times; its error
+/// ends the transfer.
 pub fn send_file(
     sock: &TransferSocket,
     req: &Request,
     file: OpenFile,
     settings: &TftpSettings,
     stats: &mut TransferStats,
+    acknowledged: &mut dyn FnMut() -> Result<(), TftpError>,
 ) -> Result<(), TftpError> {
-    let file = prepare(file, req.mode)?;
+    let handshake_retries = settings.retries.min(HANDSHAKE_RETRIES);
+    let mut acked = false;
+    let (file, _netascii) = prepare(file, req.mode)?;
     // tsize announces what will be sent, which netascii conversion may have lengthened.
     let neg = negotiate(req, file.len, settings);
     let mut blocks = Blocks::new(file, neg.blksize);
@@ -321,7 +367,11 @@ pub fn send_file(
         loop {
             match sock.recv_until(&mut buf, deadline)? {
                 Received::Packet(n) => match packet::decode_client(&buf[..n]) {
-                    Ok(ClientPacket::Ack(0)) => break,
+                    Ok(ClientPacket::Ack(0)) => {
+                        acknowledged()?;
+                        acked = true;
+                        break;
+                    }
                     Ok(ClientPacket::Error { code, message }) => {
                         // EDK2 and others probe tsize and abort: a normal end, not a failure.
                         return Err(TftpError::ClientAborted { code, message });
@@ -330,7 +380,7 @@ pub fn send_file(
                 },
                 Received::Timeout => {
                     tries += 1;
-                    if tries > settings.retries {
+                    if tries > handshake_retries {
                         return Err(TftpError::Timeout);
                     }
                     stats.retransmits += 1;
@@ -367,6 +417,10 @@ pub fn send_file(
             Received::Packet(n) => match packet::decode_client(&buf[..n]) {
                 Ok(ClientPacket::Ack(ack)) => match resolve_ack(ack, base - 1, next - 1) {
                     Some(a) if a >= base => {
+                        if !acked {
+                            acknowledged()?;
+                            acked = true;
+                        }
                         base = a + 1;
                         if base > last {
                             return Ok(());
@@ -392,7 +446,13 @@ pub fn send_file(
             },
             Received::Timeout => {
                 tries += 1;
-                if tries > settings.retries {
+                if tries
+                    > if acked {
+                        settings.retries
+                    } else {
+                        handshake_retries
+                    }
+                {
                     return Err(TftpError::Timeout);
                 }
                 wait = (wait * 2).min(settings.max_timeout);
@@ -417,6 +477,23 @@ mod tests {
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .collect(),
         }
+    }
+
+    #[test]
+    fn netascii_conversions_share_a_bounded_budget() {
+        let leases: Vec<_> = std::iter::from_fn(|| NetasciiLease::take(NETASCII_MAX * 2))
+            .take(100)
+            .collect();
+        assert_eq!(leases.len() as u64, NETASCII_BUDGET / (NETASCII_MAX * 2));
+        assert!(
+            NetasciiLease::take(NETASCII_MAX * 2).is_none(),
+            "the budget is spent"
+        );
+        drop(leases);
+        assert!(
+            NetasciiLease::take(NETASCII_MAX * 2).is_some(),
+            "given back"
+        );
     }
 
     #[test]
