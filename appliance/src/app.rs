@@ -223,6 +223,7 @@ pub async fn run(
         core: Arc::clone(&core),
         assets: Arc::new(FileRoot::new(&config.assets_dir, config.cache)),
         boot_files: Arc::clone(&boot_files),
+        guard: http::guard::Guard::new(config.http.limits.clone()),
     });
     for addr in &config.http.listen {
         let l = TcpListener::bind(addr).await.map_err(|e| {

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub bmc_retries: Family<Labels, Counter>,
     pub provisioning_steps: Family<Labels2, Counter>,
     pub capi_reconciles: Family<Labels2, Counter>,
+    /// Requests or connections refused by an abuse limit, by edge and limit.
+    pub limited: Family<Labels2, Counter>,
 }
 
 /// Labels naming a plugin (names are operator-chosen file names, so bounded by the folder).
@@ -102,6 +104,7 @@ impl Metrics {
             bmc_retries: Family::default(),
             provisioning_steps: Family::default(),
             capi_reconciles: Family::default(),
+            limited: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -255,6 +258,11 @@ impl Metrics {
             "Cluster API reconciles (MetalCluster, MetalMachine) by kind and result (ok, waiting, or the failure reason)",
             m.capi_reconciles.clone(),
         );
+        registry.register(
+            "limited",
+            "Requests and connections refused by an abuse limit, by edge and limit (connections, per_source_connections, idle, body_time, boot_rate, registration_rate, unaccepted)",
+            m.limited.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -273,6 +281,13 @@ impl Metrics {
         };
         self.http_requests
             .get_or_create(&[("route", route), ("status", class)])
+            .inc();
+    }
+
+    /// Counts a refusal by an abuse limit.
+    pub fn limit(&self, edge: &'static str, limit: &'static str) {
+        self.limited
+            .get_or_create(&[("edge", edge), ("limit", limit)])
             .inc();
     }
 

@@ -8,8 +8,8 @@ need wrk; need python3
 build_arges
 plugins_out="$(bash "$repo/plugins/build.sh")"
 
-start_arges builtin ""
-start_arges plugin $'[plugins]\nreuse_instances = true'
+start_arges builtin "$no_limits"
+start_arges plugin "$no_limits"$'[plugins]\nreuse_instances = true'
 cp "$plugins_out/default-policy.wasm" "$work/plugin/data/plugins/"
 for _ in $(seq 1 100); do curl -s "http://$http_plugin/metrics" | grep -q '^arges_plugins_active 1' && break; sleep 0.1; done
 

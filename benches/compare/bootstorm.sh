@@ -10,7 +10,7 @@ head -c $((1 << 20)) /dev/urandom > "$work/tftp/ipxe.efi"
 head -c $((10 << 20)) /dev/urandom > "$assets/discovery/vmlinuz"
 head -c $((60 << 20)) /dev/urandom > "$assets/discovery/initramfs.img"
 token="bootstorm-registration-token-000001"
-start_arges storm "$(printf 'assets_dir = "%s"\n[tftp]\nroot = "%s"\n[tokens]\nregistration = "%s"\n' "$assets" "$work/tftp" "$token")"
+start_arges storm "$no_limits$(printf 'assets_dir = "%s"\n[tftp]\nroot = "%s"\n[tokens]\nregistration = "%s"\n' "$assets" "$work/tftp" "$token")"
 echo "Boot storm on loopback ($(nproc) cores, $(date -u +%F)): 1 MiB TFTP + 10 MiB kernel + 60 MiB initrd + registration per machine"
 for n in "${sizes[@]}"; do
   ARGES_LOG=warn "$arges" loadtest --http "$http_storm" --tftp "$tftp_storm" --token "$token" \

@@ -13,7 +13,7 @@ head -c $((256 << 20)) /dev/urandom > "$assets/rootfs.img"
 head -c 512 /dev/urandom > "$assets/small.bin"
 chmod -R a+rX "$assets"
 
-start_arges arges "$(printf 'assets_dir = "%s"\n' "$assets")"
+start_arges arges "$no_limits$(printf 'assets_dir = "%s"\n' "$assets")"
 nport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 mkdir -p "$work/nginx/logs" "$work/nginx/tmp"
 cat > "$work/nginx/nginx.conf" <<CONF

@@ -19,7 +19,7 @@ head -c $((16 << 20)) /dev/urandom > "$root/mid.bin"
 
 free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-start_arges arges "$(printf '[tftp]\nroot = "%s"\nmax_transfers_per_client = 1000\nmax_windowsize = 64\n' "$root")"
+start_arges arges "$no_limits$(printf '[tftp]\nroot = "%s"\nmax_transfers_per_client = 1000\nmax_windowsize = 64\n' "$root")"
 servers=(arges); declare -A port pid
 port[arges]="${tftp_arges##*:}"; pid[arges]="${pids[-1]}"
 

@@ -8,6 +8,7 @@ mod dhcp;
 mod http;
 mod identity;
 mod ipmi;
+mod limits;
 mod loadtest;
 mod plugins;
 mod power;

@@ -109,6 +109,7 @@ async fn default_policy_plugin_decides_like_the_builtin() {
                 default_environment: default_env.map(String::from),
                 local_disk_method: LocalDiskMethod::Exit,
                 local_disk_method_by_arch: Default::default(),
+                max_unaccepted: 0,
             },
         };
         let mut cases = 0;

@@ -78,12 +78,11 @@ fn sigterm_lets_transfers_in_flight_finish_and_takes_no_new_work() {
 
 #[test]
 fn the_drain_deadline_cuts_what_would_not_finish() {
-    // A top-level key: before the tables of the test config.
-    let dir = Appliance::prepare("");
-    let path = dir.path().join("appliance.toml");
-    let config = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, format!("drain_secs = 1\n{config}")).unwrap();
-    let mut a = Appliance::start_in(dir, &[]);
+    let top = format!(
+        "drain_secs = 1\n{}",
+        test_support::appliance::NO_RATE_LIMITS
+    );
+    let mut a = Appliance::start_in(Appliance::prepare_with(&top, ""), &[]);
     let len = 64 << 20;
     random_file(&a.data().join("assets/talos/vmlinuz"), len, 9);
     // A client that asks for a kernel, reads a little, then stalls: it would never

@@ -55,6 +55,11 @@ pub struct PolicySection {
     pub local_disk_method: LocalDiskMethod,
     /// Per-architecture override of `local_disk_method` (keys: `x86_64`, `i386`, `arm64`, …).
     pub local_disk_method_by_arch: BTreeMap<String, LocalDiskMethod>,
+    /// Servers registered but not accepted yet, at most; past it a new machine's
+    /// registration is refused (503) until an operator accepts or deletes some. 0: no
+    /// cap. (A flood of registrations must not fill the inventory, nor, in Kubernetes
+    /// mode, etcd.)
+    pub max_unaccepted: Option<usize>,
     /// Replaced by `[windows] secs`; kept only to say so clearly.
     #[serde(default, skip_serializing)]
     pub boot_token_ttl_secs: Option<u64>,
@@ -67,6 +72,8 @@ pub struct PolicyConfig {
     pub default_environment: Option<String>,
     pub local_disk_method: LocalDiskMethod,
     pub local_disk_method_by_arch: BTreeMap<String, LocalDiskMethod>,
+    /// 0: no cap.
+    pub max_unaccepted: usize,
 }
 
 impl PolicyConfig {
@@ -94,6 +101,7 @@ impl TryFrom<&PolicySection> for PolicyConfig {
             default_environment: p.default_environment.clone(),
             local_disk_method: p.local_disk_method,
             local_disk_method_by_arch: p.local_disk_method_by_arch.clone(),
+            max_unaccepted: p.max_unaccepted.unwrap_or(1000),
         })
     }
 }

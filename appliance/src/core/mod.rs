@@ -68,6 +68,9 @@ pub enum CoreError {
     /// Kubernetes mode: the cluster owns this; change it there.
     #[error("{0}")]
     Managed(String),
+    /// A limit holds this back for now (try again later).
+    #[error("{0}")]
+    Busy(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -95,6 +98,7 @@ impl CoreError {
             CoreError::NotFound(_) => "not_found",
             CoreError::Conflict(_) => "conflict",
             CoreError::Managed(_) => "managed",
+            CoreError::Busy(_) => "busy",
             CoreError::Internal(_) => "internal",
         }
     }

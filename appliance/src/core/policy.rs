@@ -170,6 +170,7 @@ pub(crate) mod tests {
                 default_environment: default_env.map(String::from),
                 local_disk_method: LocalDiskMethod::Exit,
                 local_disk_method_by_arch: Default::default(),
+                max_unaccepted: 0,
             },
         }
     }

@@ -36,9 +36,6 @@ use crate::limits::LogGate;
 use crate::metrics::Metrics;
 use crate::registration::RegistrationRequest;
 
-const REGISTRATION_LIMIT: usize = 1 << 20;
-const CONFIG_LIMIT: usize = 8 << 20;
-
 fn unauthorized() -> Response<Body> {
     let mut r = json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     r.headers_mut().insert(
@@ -71,7 +68,8 @@ pub async fn register(
             return unauthorized();
         }
     };
-    let body = match read_body(req, REGISTRATION_LIMIT).await {
+    let limits = ctx.guard.limits();
+    let body = match read_body(req, limits.max_registration_bytes, limits.body).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -161,9 +159,11 @@ async fn put_bmc(core: &Core, id: &str, b: BmcBody) -> Result<Response<Body>, Co
 }
 
 async fn json_body<T: for<'de> Deserialize<'de>>(
+    ctx: &HttpContext,
     req: Request<Incoming>,
 ) -> Result<T, Response<Body>> {
-    let body = read_body(req, REGISTRATION_LIMIT).await?;
+    let limits = ctx.guard.limits();
+    let body = read_body(req, limits.max_registration_bytes, limits.body).await?;
     serde_json::from_slice(&body)
         .map_err(|e| json_error(StatusCode::BAD_REQUEST, format!("malformed body: {e}")))
 }
@@ -249,21 +249,25 @@ pub async fn admin(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> 
         ) => {
             let (id, what) = (id.to_string(), what.to_string());
             let edit = match what.as_str() {
-                "environment" => json_body::<EnvironmentBody>(req)
+                "environment" => json_body::<EnvironmentBody>(ctx, req)
                     .await
                     .map(|b| ServerEdit::Environment(b.environment)),
-                "labels" => json_body::<BTreeMap<String, String>>(req)
+                "labels" => json_body::<BTreeMap<String, String>>(ctx, req)
                     .await
                     .map(ServerEdit::Labels),
                 "bmc" => {
-                    return match json_body::<BmcBody>(req).await {
+                    return match json_body::<BmcBody>(ctx, req).await {
                         Ok(b) => put_bmc(core, &id, b).await.unwrap_or_else(core_error),
                         Err(r) => r,
                     };
                 }
-                _ => read_body(req, CONFIG_LIMIT)
-                    .await
-                    .map(|b| ServerEdit::Config(Some(b.to_vec()))),
+                _ => read_body(
+                    req,
+                    ctx.guard.limits().max_admin_body_bytes,
+                    ctx.guard.limits().body,
+                )
+                .await
+                .map(|b| ServerEdit::Config(Some(b.to_vec()))),
             };
             match edit {
                 Ok(edit) => core
@@ -294,7 +298,7 @@ pub async fn admin(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> 
         }
         (Method::POST, ["servers", id, "bmc", "power"]) => {
             let id = id.to_string();
-            match json_body::<PowerBody>(req).await {
+            match json_body::<PowerBody>(ctx, req).await {
                 Ok(b) => match b.action.parse() {
                     Ok(action) => core.bmc_power(&id, action).await.map(power_report),
                     Err(e) => Err(CoreError::Invalid(e)),
@@ -304,7 +308,7 @@ pub async fn admin(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> 
         }
         (Method::POST, ["servers", id, "bmc", "bootdev"]) => {
             let id = id.to_string();
-            match json_body::<BootSetting>(req).await {
+            match json_body::<BootSetting>(ctx, req).await {
                 Ok(b) => core.bmc_boot_device(&id, b).await.map(power_report),
                 Err(r) => return r,
             }

@@ -1,6 +1,7 @@
 //! `[http]`: the HTTP server's section of `appliance.toml`, and its check.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -19,6 +20,28 @@ pub struct HttpSection {
     /// `public_url`'s host: a request naming any other is refused, so a web page an
     /// operator visits cannot reach the admin API by rebinding its own name to ours.
     pub names: Vec<String>,
+    /// Connections open at once; past it new ones are closed at once.
+    pub max_connections: usize,
+    /// Connections open at once from one address.
+    pub max_connections_per_source: usize,
+    /// A connection that moves no byte either way for this long is closed, seconds.
+    pub idle_secs: u64,
+    /// A request's headers must arrive within this, seconds.
+    pub header_secs: u64,
+    /// A request's body must arrive whole within this, seconds.
+    pub body_secs: u64,
+    /// Largest registration body, bytes.
+    pub max_registration_bytes: usize,
+    /// Largest admin API body (a machine's configuration), bytes.
+    pub max_admin_body_bytes: usize,
+    /// `/boot.ipxe` requests one address may make: a burst, then this many a second
+    /// (0: no limit).
+    pub boot_per_source_per_sec: f64,
+    pub boot_per_source_burst: u32,
+    /// Registrations one address may make: a burst, then this many a second (0: no
+    /// limit).
+    pub registrations_per_source_per_sec: f64,
+    pub registrations_per_source_burst: u32,
 }
 
 impl Default for HttpSection {
@@ -27,18 +50,46 @@ impl Default for HttpSection {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
             public_url: None,
             names: Vec::new(),
+            max_connections: 1024,
+            max_connections_per_source: 64,
+            idle_secs: 60,
+            header_secs: 30,
+            body_secs: 30,
+            max_registration_bytes: 256 << 10,
+            max_admin_body_bytes: 8 << 20,
+            boot_per_source_per_sec: 2.0,
+            boot_per_source_burst: 20,
+            registrations_per_source_per_sec: 0.5,
+            registrations_per_source_burst: 10,
         }
     }
 }
 
+/// The HTTP edge's limits, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpLimits {
+    pub max_connections: usize,
+    pub max_connections_per_source: usize,
+    pub idle: Duration,
+    pub header: Duration,
+    pub body: Duration,
+    pub max_registration_bytes: usize,
+    pub max_admin_body_bytes: usize,
+    pub boot_per_sec: f64,
+    pub boot_burst: u32,
+    pub registrations_per_sec: f64,
+    pub registrations_burst: u32,
+}
+
 /// `[http]`, checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpConfig {
     pub listen: Vec<SocketAddr>,
     /// Without a trailing `/`.
     pub public_url: Option<String>,
     /// Names the admin API answers to (lower case), `public_url`'s host among them.
     pub names: Vec<String>,
+    pub limits: HttpLimits,
 }
 
 impl TryFrom<&HttpSection> for HttpConfig {
@@ -70,7 +121,53 @@ impl TryFrom<&HttpSection> for HttpConfig {
                 ));
             }
         }
+        for (key, zero) in [
+            ("http.max_connections", h.max_connections == 0),
+            (
+                "http.max_connections_per_source",
+                h.max_connections_per_source == 0,
+            ),
+            ("http.idle_secs", h.idle_secs == 0),
+            ("http.header_secs", h.header_secs == 0),
+            ("http.body_secs", h.body_secs == 0),
+            (
+                "http.max_registration_bytes",
+                h.max_registration_bytes < 1024,
+            ),
+            ("http.max_admin_body_bytes", h.max_admin_body_bytes < 1024),
+        ] {
+            if zero {
+                return Err(Invalid::new(
+                    key,
+                    "is too small (at least 1; bodies 1024 bytes)",
+                ));
+            }
+        }
+        for (key, rate) in [
+            ("http.boot_per_source_per_sec", h.boot_per_source_per_sec),
+            (
+                "http.registrations_per_source_per_sec",
+                h.registrations_per_source_per_sec,
+            ),
+        ] {
+            if !(rate.is_finite() && rate >= 0.0) {
+                return Err(Invalid::new(key, "must be 0 (no limit) or more"));
+            }
+        }
         Ok(HttpConfig {
+            limits: HttpLimits {
+                max_connections: h.max_connections,
+                max_connections_per_source: h.max_connections_per_source,
+                idle: Duration::from_secs(h.idle_secs),
+                header: Duration::from_secs(h.header_secs),
+                body: Duration::from_secs(h.body_secs),
+                max_registration_bytes: h.max_registration_bytes,
+                max_admin_body_bytes: h.max_admin_body_bytes,
+                boot_per_sec: h.boot_per_source_per_sec,
+                boot_burst: h.boot_per_source_burst,
+                registrations_per_sec: h.registrations_per_source_per_sec,
+                registrations_burst: h.registrations_per_source_burst,
+            },
             listen: h.listen.clone(),
             public_url: h
                 .public_url

@@ -11,6 +11,7 @@ mod api;
 mod assets;
 mod boot;
 pub mod config;
+pub mod guard;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -38,6 +39,8 @@ pub struct HttpContext {
     pub assets: Arc<FileRoot>,
     /// The TFTP root with its iPXE fallback (`/boot/...`, for UEFI HTTP boot).
     pub boot_files: Arc<FileRoot>,
+    /// The abuse limits.
+    pub guard: Arc<guard::Guard>,
 }
 
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
@@ -67,6 +70,17 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     }
 }
 
+/// 429, to come back in a second.
+fn too_many() -> Response<Body> {
+    let mut r = json_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many requests from this address; try again shortly",
+    );
+    r.headers_mut()
+        .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
 fn json_error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
     json(status, &serde_json::json!({ "error": message.to_string() }))
 }
@@ -78,6 +92,7 @@ fn status_of(e: &CoreError) -> StatusCode {
         CoreError::Forbidden(_) => StatusCode::FORBIDDEN,
         CoreError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         CoreError::Managed(_) | CoreError::Conflict(_) => StatusCode::CONFLICT,
+        CoreError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
         CoreError::Store(_) | CoreError::Template(_) | CoreError::Internal(_) => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
@@ -102,12 +117,24 @@ fn bearer(req: &Request<Incoming>) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Reads a body of at most `limit` bytes.
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Body>> {
-    match http_body_util::Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-    {
+/// Reads a body of at most `limit` bytes, which must arrive within `within`.
+async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    within: std::time::Duration,
+) -> Result<Bytes, Response<Body>> {
+    let collected = tokio::time::timeout(
+        within,
+        http_body_util::Limited::new(req.into_body(), limit).collect(),
+    )
+    .await;
+    let Ok(collected) = collected else {
+        return Err(json_error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the body did not arrive within {within:?}"),
+        ));
+    };
+    match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -142,6 +169,10 @@ async fn route(
                 ctx.core.metrics().render(),
             ),
         ),
+        (Method::GET, "/boot.ipxe") if !ctx.guard.boot_allowed(peer.ip()) => {
+            guard::refused(ctx.core.metrics(), "boot_rate", peer.ip());
+            ("boot", too_many())
+        }
         (Method::GET, "/boot.ipxe") => ("boot", boot::boot_script(&ctx, peer, &req).await),
         (Method::GET, "/configdata") => ("configdata", boot::configdata(&ctx, peer, &req).await),
         (Method::POST, "/configdata/done") => (
@@ -159,6 +190,10 @@ async fn route(
             "boot_file",
             assets::asset(&ctx, &ctx.boot_files, "/boot/", &req).await,
         ),
+        (_, "/api/v1/register") if !ctx.guard.registration_allowed(peer.ip()) => {
+            guard::refused(ctx.core.metrics(), "registration_rate", peer.ip());
+            ("register", too_many())
+        }
         (_, "/api/v1/register") => ("register", api::register(&ctx, peer, req).await),
         (_, p) if p.starts_with("/api/v1/") => ("admin", api::admin(&ctx, req).await),
         _ => (
@@ -201,21 +236,36 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        let permit = match ctx.guard.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(limit) => {
+                guard::refused(ctx.core.metrics(), limit, peer.ip());
+                continue;
+            }
+        };
         let ctx = Arc::clone(&ctx);
         let signals = shutdown.clone();
         // Work in flight: a stop lets the request being answered finish (keep-alive
         // ends after it); the drain deadline cuts it.
         shutdown.spawn(async move {
+            let _permit = permit;
+            let limits = ctx.guard.limits().clone();
+            let (stream, last) = guard::Watched::new(stream);
+            let metrics = Arc::clone(ctx.core.metrics());
             let svc = hyper::service::service_fn(move |req| handle(Arc::clone(&ctx), peer, req));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(30))
+                .header_read_timeout(limits.header)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => if let Err(e) = r {
                     tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
                 },
+                _ = guard::idle_for(last, limits.idle) => {
+                    // No byte either way for that long: a stalled reader or writer.
+                    guard::refused(&metrics, "idle", peer.ip());
+                }
                 _ = signals.stop().cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     tokio::select! {

@@ -554,6 +554,19 @@ impl Tx<'_> {
     /// Creates the server a registration describes. With `others` (servers already
     /// registered under the same UUID) it is `<uuid>-<mac>`, and all are flagged
     /// `uuid_conflict`.
+    /// Servers registered and not accepted.
+    pub fn unaccepted(&self) -> Result<usize> {
+        let t = self.txn.open_table(SERVERS)?;
+        let mut n = 0;
+        for row in t.iter()? {
+            let (k, v) = row?;
+            if !decode(k.value(), v.value())?.accepted {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     pub fn create(&self, reg: &ValidRegistration, others: &[Server]) -> Result<Server> {
         let conflict = !others.is_empty();
         let id = match reg.macs.first() {

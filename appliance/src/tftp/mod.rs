@@ -76,7 +76,7 @@ impl Default for TftpSettings {
         TftpSettings {
             max_transfers: 2000,
             max_transfers_per_client: 32,
-            max_handshakes: 256,
+            max_handshakes: 1024,
             timeout: Duration::from_secs(1),
             max_timeout: Duration::from_secs(4),
             retries: 5,

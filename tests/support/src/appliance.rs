@@ -15,8 +15,19 @@ use crate::process::{bin, repo, require, run};
 
 /// The appliance's config for tests, with `extra` TOML appended.
 pub fn config(extra: &str) -> String {
+    config_with(NO_RATE_LIMITS, extra)
+}
+
+/// Top-level keys of the test config: tests that are not about the per-source limits
+/// hammer the appliance from one address, so those limits are off (rates) or wide
+/// (connections).
+pub const NO_RATE_LIMITS: &str = "http.boot_per_source_per_sec = 0\nhttp.registrations_per_source_per_sec = 0\nhttp.max_connections_per_source = 1024\n";
+
+/// The test config with `top` (top-level keys, which TOML wants before any table) in
+/// place of [`NO_RATE_LIMITS`], and `extra` tables appended.
+pub fn config_with(top: &str, extra: &str) -> String {
     format!(
-        "[tokens]\nregistration = \"{REG_TOKEN}\"\nadmin = \"{ADMIN_TOKEN}\"\n\n\
+        "{top}\n[tokens]\nregistration = \"{REG_TOKEN}\"\nadmin = \"{ADMIN_TOKEN}\"\n\n\
          [environments.discovery]\nkernel = \"discovery/vmlinuz\"\ninitrds = [\"discovery/initramfs.img\"]\n\
          cmdline = \"console=ttyS0 arges.appliance={{{{ appliance.url }}}} arges.token={{{{ registration_token }}}} arges.mode={{{{ action }}}}\"\n\n\
          [environments.talos]\nkernel = \"talos/vmlinuz\"\ninitrds = [\"talos/initramfs.xz\"]\n\
@@ -42,8 +53,15 @@ impl Appliance {
 
     /// A folder with the test config plus `extra` and the environments' assets, not started.
     pub fn prepare(extra: &str) -> tempfile::TempDir {
+        Self::prepare_with(NO_RATE_LIMITS, extra)
+    }
+
+    /// Like [`Appliance::prepare`], with `top` as the config's top-level keys (see
+    /// [`config_with`]).
+    pub fn prepare_with(top: &str, extra: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("appliance.toml"), config(extra)).expect("write config");
+        std::fs::write(dir.path().join("appliance.toml"), config_with(top, extra))
+            .expect("write config");
         for (p, body) in [
             ("assets/discovery/vmlinuz", "discovery kernel"),
             ("assets/discovery/initramfs.img", "discovery initrd"),

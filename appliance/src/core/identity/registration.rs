@@ -88,9 +88,10 @@ impl Core {
         };
         let inv = Arc::clone(&self.inventory);
         let rules = self.config.windows;
+        let cap = self.config.policy.max_unaccepted;
         let reg2 = reg.clone();
         let outcome = blocking(move || {
-            Ok(inv.write(|t| register_in(t, &reg2, window_hash.as_deref(), source, &rules))?)
+            Ok(inv.write(|t| register_in(t, &reg2, window_hash.as_deref(), source, &rules, cap))?)
         })
         .await
         .inspect_err(|e| count(e.kind()))?;
@@ -111,10 +112,13 @@ impl Core {
                 if let Some(s) = &server {
                     self.changed(&s.id);
                 }
-                return Err(if label == "conflict" {
-                    CoreError::Conflict(why)
-                } else {
-                    CoreError::Forbidden(why)
+                return Err(match label {
+                    "conflict" => CoreError::Conflict(why),
+                    "unaccepted_cap" => {
+                        self.metrics.limit("core", "unaccepted");
+                        CoreError::Busy(why)
+                    }
+                    _ => CoreError::Forbidden(why),
                 });
             }
             Registered::Tripped(s, alarm) => {
@@ -152,10 +156,11 @@ fn register_in(
     window_hash: Option<&str>,
     source: IpAddr,
     rules: &WindowsConfig,
+    max_unaccepted: usize,
 ) -> crate::inventory::Result<Registered> {
     let now = now();
     let Some(hash) = window_hash else {
-        return register_unproven(t, reg, source, now);
+        return register_unproven(t, reg, source, now, max_unaccepted);
     };
     let mut found = None;
     for s in t.with_uuid(&reg.uuid)? {
@@ -247,6 +252,7 @@ fn register_unproven(
     reg: &ValidRegistration,
     source: IpAddr,
     now: u64,
+    max_unaccepted: usize,
 ) -> crate::inventory::Result<Registered> {
     let found = t.resolve(reg)?;
     if let Some((mac, owner)) = found.foreign_macs.first() {
@@ -261,6 +267,15 @@ fn register_unproven(
         return refuse_on(t, on, source, now, "conflict", why);
     }
     let Some(s) = found.existing else {
+        if max_unaccepted > 0 && t.unaccepted()? >= max_unaccepted {
+            return Ok(Registered::Refused(
+                "unaccepted_cap",
+                format!(
+                    "{max_unaccepted} servers already wait to be accepted (policy.max_unaccepted): accept or delete some first"
+                ),
+                None,
+            ));
+        }
         return Ok(Registered::Created(t.create(reg, &found.others)?));
     };
     let id = s.id.clone();
