@@ -138,7 +138,8 @@ fn config_aad(id: &str) -> Vec<u8> {
     [b"config\0".as_slice(), id.as_bytes()].concat()
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to `path` readable by its owner only (0600), atomically.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {

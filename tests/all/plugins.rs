@@ -24,10 +24,11 @@ pub fn built() -> &'static Path {
     })
 }
 
-/// One compile cache for every test, so big plugins are compiled once per run.
+/// One compile cache for every test, signed with one key, so big plugins are compiled
+/// once per run.
 fn cache_toml() -> String {
     format!(
-        "cache_dir = \"{}/plugin-cache\"\n",
+        "cache_dir = \"{0}/plugin-cache\"\ncache_key_file = \"{0}/plugin-cache.key\"\n",
         env!("CARGO_TARGET_TMPDIR")
     )
 }
@@ -490,5 +491,88 @@ fn plugin_check_and_decide_commands() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("ran past its deadline of 30ms"),
         "{out:?}"
+    );
+}
+
+#[test]
+fn a_fail_closed_policy_that_fails_denies_every_boot_under_a_flood() {
+    // A deny list that never answers in time (the loop fault), declared fail-closed: a
+    // flood of boots for a machine it would deny gets only denials, never a boot.
+    let a = Arc::new(Appliance::start(&format!(
+        "[plugins]\n{}timeout_ms = 20\nfail_closed = [\"guard\"]\n[plugins.config.guard]\nmode = \"loop\"\n",
+        cache_toml()
+    )));
+    install(&plugins_dir(&a), "guard.wasm", &shipped("faults.wasm"));
+    a.wait_metric("arges_plugins_active 1");
+    let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..25)
+                        .map(|_| boot_script(&a, UUID_A, MAC_A))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    assert_eq!(answers.len(), 200);
+    for (status, script) in &answers {
+        assert_eq!(*status, 200, "{script}");
+        assert!(
+            script.contains("boot denied") && !script.contains("/env/"),
+            "a fail-closed failure let the machine boot: {script}"
+        );
+    }
+    assert!(
+        a.log()
+            .contains("fail-closed boot policy failed; the boot is denied")
+    );
+    assert!(
+        !a.metrics().contains("arges_policy_fallbacks_total 1"),
+        "no failure fell back to the built-in decision"
+    );
+}
+
+#[test]
+fn a_tampered_compile_in_the_cache_is_never_run() {
+    // Its own cache and key: this test tampers with them.
+    let mut a = Appliance::start("[plugins]\ntimeout_ms = 200\n");
+    install(
+        &plugins_dir(&a),
+        "default-policy.wasm",
+        &shipped("default-policy.wasm"),
+    );
+    a.wait_metric("arges_plugins_active 1");
+    let cache = a.data().join("plugin-cache");
+    let cached = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .expect("a cached compile");
+    // Unchanged, a restart loads the cached compile.
+    a.restart_after_kill9();
+    a.wait_metric("arges_plugins_active 1");
+    assert!(a.log().contains("from_cache=true"), "{}", a.log());
+    // One byte changed in the compiled code: not run, compiled again from the source.
+    let mut bytes = std::fs::read(&cached).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&cached, &bytes).unwrap();
+    a.restart_after_kill9();
+    a.wait_metric("arges_plugins_active 1");
+    let log = a.log();
+    assert!(
+        log.contains("cached compile does not carry this appliance's signature"),
+        "{log}"
+    );
+    assert_eq!(boot_script(&a, UUID_A, MAC_A).0, 200);
+    assert_ne!(
+        std::fs::read(&cached).unwrap(),
+        bytes,
+        "replaced by a fresh compile"
     );
 }

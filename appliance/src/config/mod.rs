@@ -325,6 +325,11 @@ impl Config {
             &f.plugins,
             plugins_dir,
             folder(&None, &f.plugins.cache_dir, under_data("plugin-cache")),
+            folder(
+                &None,
+                &f.plugins.cache_key_file,
+                under_data("plugin-cache.key"),
+            ),
         )?;
         let dhcp = DhcpConfig::try_from(&f.dhcp)?;
         let bmc = BmcConfig {

@@ -241,11 +241,12 @@ impl std::fmt::Debug for Tokens {
 
 /// Compares secrets in time independent of where they differ.
 pub fn secret_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    secret_eq_bytes(a.as_bytes(), b.as_bytes())
+}
+
+/// [`secret_eq`] for bytes (keyed hashes).
+pub fn secret_eq_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {

@@ -17,6 +17,13 @@ pub struct PluginsSection {
     pub dir: Option<PathBuf>,
     /// Where compiled plugins are cached (default: `plugin-cache` in the data folder).
     pub cache_dir: Option<PathBuf>,
+    /// The key that signs the cache's compiled plugins, so a tampered one is never run
+    /// (default: `plugin-cache.key` in the data folder, made on first use).
+    pub cache_key_file: Option<PathBuf>,
+    /// Boot-policy plugins whose failure (trap, timeout, memory, a malformed answer)
+    /// denies the boot instead of falling back to the built-in decision: a deny list
+    /// that fails must not let a quarantined machine boot. Default: the shipped deny list.
+    pub fail_closed: Vec<String>,
     /// Plugins asked first, in this order; the others follow by name.
     pub order: Vec<String>,
     /// Deadline of one decision, milliseconds.
@@ -42,6 +49,8 @@ impl Default for PluginsSection {
         PluginsSection {
             dir: None,
             cache_dir: None,
+            cache_key_file: None,
+            fail_closed: vec!["deny-list-py".into()],
             order: Vec::new(),
             timeout_ms: 50,
             driver_timeout_ms: 30_000,
@@ -74,15 +83,19 @@ pub struct PluginsConfig {
     pub config: BTreeMap<String, Vec<(String, String)>>,
     /// Where compiled plugins are cached.
     pub cache_dir: PathBuf,
+    /// The key that signs the cache's compiled plugins.
+    pub cache_key_file: PathBuf,
+    pub fail_closed: Vec<String>,
 }
 
 impl PluginsConfig {
-    /// `p`, checked, with its folders where the assembly put them (the section's own,
-    /// resolved, or the data folder's defaults).
+    /// `p`, checked, with its folders and key file where the assembly put them (the
+    /// section's own, resolved, or the data folder's defaults).
     pub fn from_section(
         p: &PluginsSection,
         dir: PathBuf,
         cache_dir: PathBuf,
+        cache_key_file: PathBuf,
     ) -> Result<Self, Invalid> {
         if p.timeout_ms == 0 || p.timeout_ms > 10_000 {
             return Err(Invalid::new(
@@ -126,12 +139,16 @@ impl PluginsConfig {
                 .map(|(k, t)| (k.clone(), plugin_table(t)))
                 .collect(),
             cache_dir,
+            cache_key_file,
+            fail_closed: p.fail_closed.clone(),
         })
     }
 
-    /// Settings for `dir` with every default (used by `arges plugin` commands).
+    /// Settings for `dir` with every default (used by `arges plugin` commands); the
+    /// cache's key beside the cache.
     pub fn with_defaults(dir: PathBuf, cache_dir: PathBuf) -> Self {
-        Self::from_section(&PluginsSection::default(), dir, cache_dir)
+        let key = cache_dir.with_file_name("plugin-cache.key");
+        Self::from_section(&PluginsSection::default(), dir, cache_dir, key)
             .expect("the default plugin settings are valid")
     }
 }
@@ -162,7 +179,7 @@ mod tests {
         let check = |edit: fn(&mut PluginsSection)| {
             let mut p = PluginsSection::default();
             edit(&mut p);
-            PluginsConfig::from_section(&p, "p".into(), "c".into()).map_err(|e| e.key)
+            PluginsConfig::from_section(&p, "p".into(), "c".into(), "k".into()).map_err(|e| e.key)
         };
         assert!(check(|_| {}).is_ok());
         assert_eq!(

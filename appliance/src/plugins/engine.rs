@@ -514,7 +514,9 @@ impl WarmInstance {
 
 /// Asks each plugin in turn; the first that decides wins. All passing, the built-in policy
 /// decides. A failing plugin ends the chain with an error, on which the core uses the
-/// built-in decision: a broken security plugin must not let later ones allow a boot.
+/// built-in decision: a broken security plugin must not let later ones allow a boot. A
+/// plugin the config names fail-closed (`[plugins] fail_closed`) denies the boot instead:
+/// a deny list pushed past its deadline by a flood must not let a quarantined machine in.
 pub struct PolicyChain {
     host: Arc<PluginHost>,
     builtin: DefaultPolicy,
@@ -531,6 +533,25 @@ impl BootPolicy for PolicyChain {
                 match self.host.decide(plugin, facts).await {
                     Ok(Some(action)) => return Ok(action),
                     Ok(None) => continue,
+                    Err(e)
+                        if self
+                            .host
+                            .settings()
+                            .fail_closed
+                            .iter()
+                            .any(|n| **n == *plugin.name) =>
+                    {
+                        static GATE: crate::limits::LogGate =
+                            crate::limits::LogGate::new(20, Duration::from_secs(60));
+                        if let Some(held_back) = GATE.check() {
+                            tracing::warn!(plugin = %plugin.name, kind = e.kind(), error = %e, held_back, "fail-closed boot policy failed; the boot is denied");
+                        }
+                        return Ok(BootAction::Deny(format!(
+                            "boot policy {} failed ({}); it is fail-closed, so this boot is denied",
+                            plugin.name,
+                            e.kind()
+                        )));
+                    }
                     Err(e) => {
                         return Err(PolicyError {
                             policy: plugin.name.to_string(),

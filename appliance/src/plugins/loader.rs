@@ -130,24 +130,96 @@ fn engine_key(engine: &Engine) -> String {
     format!("{:016x}", h.finish())
 }
 
-/// Compiles `bytes`, or loads the artifact a previous compile left in `cache_dir`.
+/// What starts a signed cached compile.
+const CACHE_MAGIC: &[u8; 8] = b"ARGESC01";
+
+/// The key that signs cached compiles: 32 random bytes (0600), made on first use. Two
+/// processes making it at once agree: the first link wins and the other reads it.
+fn cache_key(path: &Path) -> std::io::Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(k) if k.len() == 32 => Ok(k),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is not a 32-byte key", path.display()),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut k = vec![0u8; 32];
+            getrandom::fill(&mut k).map_err(|e| std::io::Error::other(e.to_string()))?;
+            let tmp =
+                path.with_extension(format!("{}.{}", std::process::id(), hex::encode(&k[..4])));
+            crate::sealing::write_private(&tmp, &k)?;
+            let linked = std::fs::hard_link(&tmp, path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => Ok(k),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => cache_key(path),
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The keyed hash of a compiled artefact, bound to the source's sha256 and the engine, so
+/// neither another plugin's artefact nor one built elsewhere passes for this one.
+fn cache_mac(key: &[u8], sha: &str, engine: &str, artefact: &[u8]) -> [u8; 32] {
+    use hmac::{Hmac, KeyInit, Mac};
+    let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    for part in [sha.as_bytes(), b"\0", engine.as_bytes(), b"\0", artefact] {
+        m.update(part);
+    }
+    m.finalize().into_bytes().into()
+}
+
+/// The artefact inside a signed cache file, if its keyed hash holds.
+fn verified<'a>(key: &[u8], sha: &str, engine: &str, file: &'a [u8]) -> Option<&'a [u8]> {
+    let rest = file.strip_prefix(CACHE_MAGIC.as_slice())?;
+    if rest.len() < 32 {
+        return None;
+    }
+    let (mac, artefact) = rest.split_at(32);
+    crate::core::secret_eq_bytes(mac, &cache_mac(key, sha, engine, artefact)).then_some(artefact)
+}
+
+/// Compiles `bytes`, or loads the artefact a previous compile left in the cache, once
+/// its keyed hash shows this appliance wrote it for exactly these bytes.
 fn compile_cached(
     engine: &Engine,
-    cache_dir: &Path,
+    settings: &PluginsConfig,
     sha: &str,
     bytes: &[u8],
     name: &str,
 ) -> Result<(Component, bool), PluginError> {
-    let cached = cache_dir.join(format!("{sha}-{}.cwasm", engine_key(engine)));
-    if cached.exists() {
-        // SAFETY: the artifact was written by this appliance into its own data folder from
-        // a compile of exactly these bytes by a compatible engine (both are in the name);
-        // wasmtime additionally checks the header. A corrupt file fails and is recompiled.
-        match unsafe { Component::deserialize_file(engine, &cached) } {
-            Ok(c) => return Ok((c, true)),
-            Err(e) => {
-                tracing::warn!(plugin = name, error = %e, "cached compile unusable; compiling again")
-            }
+    let ekey = engine_key(engine);
+    let cached = settings.cache_dir.join(format!("{sha}-{ekey}.cwasm"));
+    let key = match cache_key(&settings.cache_key_file) {
+        Ok(k) => k,
+        Err(e) => {
+            // No key, no cache: compile every time rather than trust an unsigned file.
+            tracing::warn!(plugin = name, key = %settings.cache_key_file.display(), error = %e, "no key for the compile cache; compiling without it");
+            let component = Component::new(engine, bytes).map_err(|e| PluginError::Invalid {
+                plugin: name.into(),
+                message: format!("{e:#}"),
+            })?;
+            return Ok((component, false));
+        }
+    };
+    if let Ok(file) = std::fs::read(&cached) {
+        match verified(&key, sha, &ekey, &file) {
+            // SAFETY: the artefact was written by this appliance (its keyed hash, under a
+            // key in the data folder, holds) from a compile of exactly these bytes by a
+            // compatible engine; wasmtime additionally checks the header.
+            Some(art) => match unsafe { Component::deserialize(engine, art) } {
+                Ok(c) => return Ok((c, true)),
+                Err(e) => {
+                    tracing::warn!(plugin = name, error = %e, "cached compile unusable; compiling again")
+                }
+            },
+            None => tracing::warn!(
+                plugin = name,
+                file = %cached.display(),
+                "cached compile does not carry this appliance's signature (tampered, or written elsewhere); not running it, compiling again"
+            ),
         }
     }
     let component = Component::new(engine, bytes).map_err(|e| PluginError::Invalid {
@@ -157,9 +229,11 @@ fn compile_cached(
     match component.serialize() {
         Ok(art) => {
             let write = || -> std::io::Result<()> {
-                std::fs::create_dir_all(cache_dir)?;
-                let tmp = cached.with_extension("tmp");
-                std::fs::write(&tmp, &art)?;
+                std::fs::create_dir_all(&settings.cache_dir)?;
+                // A name of its own: appliances sharing a cache may compile at once.
+                let tmp = cached.with_extension(format!("tmp.{}", std::process::id()));
+                let mac = cache_mac(&key, sha, &ekey, &art);
+                std::fs::write(&tmp, [CACHE_MAGIC.as_slice(), &mac, &art].concat())?;
                 std::fs::rename(&tmp, &cached)
             };
             if let Err(e) = write() {
@@ -208,7 +282,7 @@ pub fn load(
             actual: sha,
         });
     }
-    let (component, from_cache) = compile_cached(engine, &settings.cache_dir, &sha, &bytes, &name)?;
+    let (component, from_cache) = compile_cached(engine, settings, &sha, &bytes, &name)?;
     let wrong = |e: wasmtime::Error| PluginError::WrongWorld {
         plugin: name.clone(),
         message: format!("{e:#}; {}", describe(engine, &component)),
