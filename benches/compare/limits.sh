@@ -2,8 +2,9 @@
 # What the abuse limits cost on the boot path: the appliance before them (git revision
 # BEFORE, default the last commit without them) and now with every limit on but set so
 # wide nothing is refused (each check still runs), side by side in one run, alternating:
-#   - /boot.ipxe of a registered server (the per-source token bucket, the connection
-#     admission, the idle watch on every byte),
+#   - /boot.ipxe of unknown machines, a new one each request (the per-source token
+#     bucket, the connection admission, the idle watch on every byte; no fsync),
+#   - /boot.ipxe of a registered server (the same, behind a boot record's fsync),
 #   - a 512-byte asset (connection admission and idle watch alone),
 #   - TFTP: 300 fetches of a 4 KiB file one after another (the handshake, then the slot).
 # Usage: benches/compare/limits.sh [RUNS] [SECONDS]   (BEFORE=rev, or ARGES_BEFORE_BIN and
@@ -47,10 +48,21 @@ tftp_rate() { # fetches per second of 300 sequential small TFTP transfers
   awk -v s="$start" -v e="$end" 'BEGIN {printf "%.1f", 300 / (e - s)}'
 }
 
+cat > "$work/unknown.lua" <<'LUA'
+counter = 0
+request = function()
+  counter = counter + 1
+  local uuid = string.format("00000000-0000-4000-8000-%012d", counter)
+  local mac = string.format("52:54:00:%02x:%02x:%02x", math.floor(counter / 65536) % 256, math.floor(counter / 256) % 256, counter % 256)
+  return wrk.format("GET", "/boot.ipxe?uuid=" .. uuid .. "&mac=" .. mac .. "&arch=x86_64")
+end
+LUA
+
 declare -A r
 for run in $(seq 1 "$runs"); do
   for name in before now; do
     var="http_$name"; tvar="tftp_$name"
+    r[unknown$name]+="$(wrk -t1 -c32 -d"${secs}s" -s "$work/unknown.lua" "http://${!var}" | awk '/Requests\/sec/ {print $2}') "
     r[boot$name]+="$(wrk -t1 -c32 -d"${secs}s" "http://${!var}/boot.ipxe?uuid=$uuid&mac=$mac&arch=x86_64" | awk '/Requests\/sec/ {print $2}') "
     r[small$name]+="$(wrk -t1 -c32 -d"${secs}s" "http://${!var}/assets/small.bin" | awk '/Requests\/sec/ {print $2}') "
     r[tftp$name]+="$(tftp_rate "${!tvar}") "
@@ -59,8 +71,8 @@ done
 curl -s "http://$http_now/metrics" | grep -q 'arges_limited_total' \
   && { echo "error: a limit refused the bench's own requests" >&2; exit 1; }
 echo "Before the abuse limits ($before_rev) and with them (on, nothing refused), $runs alternating runs, medians ($(nproc) cores):"
-for k in boot small tftp; do
-  case $k in boot) label="/boot.ipxe, wrk -c32, req/s";; small) label="512 B asset, wrk -c32, req/s";; tftp) label="TFTP 4 KiB fetches/s, sequential";; esac
+for k in unknown boot small tftp; do
+  case $k in unknown) label="/boot.ipxe unknown, wrk -c32, req/s";; boot) label="/boot.ipxe known, wrk -c32, req/s";; small) label="512 B asset, wrk -c32, req/s";; tftp) label="TFTP 4 KiB fetches/s, sequential";; esac
   b=$(median ${r[${k}before]}); n=$(median ${r[${k}now]})
   printf '  %-34s before %10s   now %10s   now/before %s\n' "$label" "$b" "$n" "$(ratio "$n" "$b")"
 done

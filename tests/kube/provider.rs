@@ -972,3 +972,97 @@ fn a_tripped_window_stops_its_machine_until_armed_and_a_machine_without_bmc_goes
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("type: worker"));
 }
+
+#[test]
+#[ignore = "real kube-apiserver and Cluster API (built from Go modules); tests/run-all.sh runs it"]
+fn a_tenant_machine_reads_no_secret_outside_its_namespace_and_redirects_no_servers_bmc() {
+    let (cp, capi) = control_plane();
+    let a = provider_appliance(&cp, "");
+    register(&a, "a", UUID_1);
+    register(&a, "b", UUID_2);
+    let third = a.register(&Registration::numbered(3));
+    for uuid in [UUID_1, UUID_2, third.as_str()] {
+        wait_for_server(&cp, uuid);
+        accept(&cp, uuid);
+    }
+    // The guide's cluster, on the first server: the tenant's machines join it.
+    let bmc = Bmc::start();
+    bmc_secret(&cp, "controlplane-0-bmc", "password");
+    apply(&cp, &guide_manifests(&cp, UUID_1, &bmc));
+    wait_ready(&cp, &a, &capi, "controlplane-0", "True/Provisioned", 120);
+    let with_bmc = |name: &str, server: &str, bmc_yaml: &str| {
+        machine_manifests(name, server, None, None).replacen(
+            "\n---\n",
+            &format!("\n  bmc:\n{bmc_yaml}\n---\n"),
+            1,
+        )
+    };
+    let tenant_host = Bmc::start();
+
+    // A Secret in the appliance's namespace, named by a tenant: refused, unread.
+    cp.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "bmc-admin",
+        "-n",
+        "arges-system",
+        "--from-literal=user=admin",
+        "--from-literal=pass=password",
+    ]);
+    apply(
+        &cp,
+        &with_bmc(
+            "reach",
+            UUID_2,
+            &format!(
+                "    endpoint: ipmi://{}\n    credentialsSecretRef: {{name: bmc-admin, namespace: arges-system}}",
+                tenant_host.addr
+            ),
+        ),
+    );
+    wait_ready(&cp, &a, &capi, "reach", "False/SecretOutsideNamespace", 60);
+    wait_event(&cp, "reach", "SecretOutsideNamespace");
+
+    // The Server has a BMC of its own: a tenant's endpoint may not replace it.
+    let own = Bmc::start();
+    cp.kubectl(&[
+        "patch",
+        "server",
+        &third,
+        "--type=merge",
+        "-p",
+        &format!(
+            r#"{{"spec":{{"bmc":{{"endpoint":"ipmi://{}","credentialsSecretRef":{{"name":"bmc-admin"}}}}}}}}"#,
+            own.addr
+        ),
+    ]);
+    eventually(30, "the Server's own BMC reaches the appliance", || {
+        let (_, body) = a.request(
+            "GET",
+            &format!("/api/v1/servers/{third}"),
+            Some(ADMIN_TOKEN),
+            b"",
+        );
+        let s: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        (s["bmc"]["address"] == own.addr.to_string()).then_some(())
+    });
+    bmc_secret(&cp, "tenant-bmc", "password");
+    apply(
+        &cp,
+        &with_bmc(
+            "redirect",
+            &third,
+            &format!(
+                "    endpoint: ipmi://{}\n    credentialsSecretRef: {{name: tenant-bmc}}",
+                tenant_host.addr
+            ),
+        ),
+    );
+    wait_ready(&cp, &a, &capi, "redirect", "False/BMCConflict", 60);
+    assert!(
+        tenant_host.requests().is_empty(),
+        "the tenant's host was never contacted: {}",
+        tenant_host.requests()
+    );
+}

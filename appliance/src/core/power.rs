@@ -86,6 +86,54 @@ impl Core {
         Ok(true)
     }
 
+    /// Lends server `id` the BMC a MetalMachine claim (`uid`) names, for that claim only
+    /// (forgotten on release). Refused (conflict) when the server has its own BMC at
+    /// another address: a tenant may not point the appliance at a host of its choosing
+    /// for someone else's server. Unchanged settings are left alone.
+    pub async fn lend_bmc(
+        &self,
+        id: &str,
+        uid: &str,
+        settings: BmcSettings,
+        password: String,
+    ) -> Result<Server> {
+        self.power_control()?;
+        settings.validate().map_err(CoreError::Invalid)?;
+        if password.is_empty() || password.len() > 256 {
+            return Err(CoreError::Invalid(
+                "bmc.password must be 1 to 256 bytes".into(),
+            ));
+        }
+        let (current, sealed) = self.server_with_secret(id).await?;
+        let same_password =
+            |s: Vec<u8>| self.sealer.open(id, &s).ok().as_deref() == Some(password.as_str());
+        if current.bmc_lent_to.as_deref() == Some(uid)
+            && current.bmc.as_ref() == Some(&settings)
+            && sealed.is_some_and(same_password)
+        {
+            return Ok(current);
+        }
+        let sealed = self
+            .sealer
+            .seal(id, &password)
+            .map_err(|e| CoreError::Internal(e.to_string()))?;
+        let inv = Arc::clone(&self.inventory);
+        let (key, uid) = (id.to_string(), uid.to_string());
+        let s = blocking(move || Ok(inv.lend_bmc(&key, &uid, (settings, sealed))?)).await?;
+        tracing::info!(id = %s.id, bmc = s.bmc.as_ref().map(|b| b.authority()), lent_to = s.bmc_lent_to.as_deref(), "server BMC lent to a claim");
+        self.changed(&s.id);
+        Ok(s)
+    }
+
+    /// Forgets the BMC lent to claim `uid` (its release is done).
+    pub async fn forget_lent_bmc(&self, id: &str, uid: &str) -> Result<Server> {
+        let inv = Arc::clone(&self.inventory);
+        let (key, uid) = (id.to_string(), uid.to_string());
+        let s = blocking(move || Ok(inv.forget_lent_bmc(&key, &uid)?)).await?;
+        self.changed(&s.id);
+        Ok(s)
+    }
+
     /// Reads the power state (and next boot) from the server's BMC.
     pub async fn bmc_status(&self, id: &str) -> Result<PowerReport> {
         self.bmc_operation(id, Operation::Status).await

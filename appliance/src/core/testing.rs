@@ -1,6 +1,7 @@
 //! The seam under the core: a [`Core`] over an in-memory inventory with the built-in
-//! policy, no sockets and no BMCs, and fixture builders for the machines tests put in
-//! it. Rules that need no process (windows, secrets, lifecycle boots, claims) are
+//! policy, no sockets, and a power manager with no drivers (BMC settings are kept and
+//! sealed; every power operation fails `no_driver`), and fixture builders for the
+//! machines tests put in it. Rules that need no process (windows, secrets, lifecycle boots, claims) are
 //! tested here in milliseconds; the spawned binary and the real peers test the edges.
 
 use std::net::IpAddr;
@@ -8,6 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::{BootRequest, BootScript, Core, RegistrationProof, ServerEdit, Tokens};
+use crate::bmc::driver::NoDrivers;
+use crate::bmc::manager::PowerManager;
 use crate::config::{Config, Overrides};
 use crate::inventory::{Inventory, Server};
 use crate::metrics::Metrics;
@@ -43,17 +46,24 @@ impl Core {
         let src = format!("{BASE}\n{extra}");
         let config = Config::from_source("<test>", &src, Path::new(""), &Overrides::default())
             .unwrap_or_else(|e| panic!("test config: {e}"));
+        let metrics = Arc::new(Metrics::new());
+        let power = PowerManager::new(
+            Arc::new(NoDrivers),
+            config.bmc.manager.clone(),
+            Arc::clone(&metrics),
+        );
         Core::new(
             Arc::new(config),
             Arc::new(Inventory::in_memory().expect("in-memory inventory")),
             None,
-            Arc::new(Metrics::new()),
+            metrics,
             Tokens {
                 registration: REGISTRATION_TOKEN.into(),
                 admin: ADMIN_TOKEN.into(),
             },
             Arc::new(Sealer::ephemeral().expect("sealer")),
         )
+        .with_power(Arc::new(power))
     }
 
     /// The metrics as `/metrics` shows them (for counting outcomes).

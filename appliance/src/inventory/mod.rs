@@ -371,21 +371,38 @@ impl Inventory {
         Ok(c.get(id)?.map(|v| v.value().to_vec()))
     }
 
-    /// Sets (or with `None`, removes) a server's BMC and its sealed password, together.
+    /// Sets (or with `None`, removes) a server's own BMC and its sealed password,
+    /// together.
     pub fn set_bmc(&self, id: &str, bmc: Option<(BmcSettings, Vec<u8>)>) -> Result<Server> {
+        self.edit(id, |txn, s| put_bmc(txn, s, bmc, None))
+    }
+
+    /// Lends a server the BMC a MetalMachine claim (`uid`) names, for that claim only.
+    /// Refused (conflict) when the server has a BMC of its own at another address; the
+    /// same address keeps the server's own settings.
+    pub fn lend_bmc(&self, id: &str, uid: &str, bmc: (BmcSettings, Vec<u8>)) -> Result<Server> {
         self.edit(id, |txn, s| {
-            let mut t = txn.open_table(BMC_SECRETS)?;
-            match bmc {
-                Some((settings, sealed)) => {
-                    t.insert(id, sealed.as_slice())?;
-                    s.bmc = Some(settings);
+            if let Some(own) = s.bmc.as_ref().filter(|_| s.bmc_lent_to.is_none()) {
+                if own.authority() == bmc.0.authority() {
+                    return Ok(());
                 }
-                None => {
-                    t.remove(id)?;
-                    s.bmc = None;
-                }
+                return Err(InventoryError::Conflict(format!(
+                    "server {id} has its own BMC at {}; a MetalMachine may not redirect it to {}",
+                    own.authority(),
+                    bmc.0.authority()
+                )));
             }
-            Ok(())
+            put_bmc(txn, s, Some(bmc), Some(uid.to_string()))
+        })
+    }
+
+    /// Forgets the BMC lent to claim `uid`, if it still is.
+    pub fn forget_lent_bmc(&self, id: &str, uid: &str) -> Result<Server> {
+        self.edit(id, |txn, s| {
+            if s.bmc_lent_to.as_deref() != Some(uid) {
+                return Ok(());
+            }
+            put_bmc(txn, s, None, None)
         })
     }
 
@@ -443,6 +460,29 @@ impl Inventory {
 /// One write transaction, as [`Inventory::write`] lends it.
 pub struct Tx<'a> {
     txn: &'a WriteTransaction,
+}
+
+/// A server's BMC settings and sealed password, written together (or removed), lent to
+/// a claim or the server's own.
+fn put_bmc(
+    txn: &WriteTransaction,
+    s: &mut Server,
+    bmc: Option<(BmcSettings, Vec<u8>)>,
+    lent_to: Option<String>,
+) -> Result<()> {
+    let mut t = txn.open_table(BMC_SECRETS)?;
+    match bmc {
+        Some((settings, sealed)) => {
+            t.insert(s.id.as_str(), sealed.as_slice())?;
+            s.bmc = Some(settings);
+        }
+        None => {
+            t.remove(s.id.as_str())?;
+            s.bmc = None;
+        }
+    }
+    s.bmc_lent_to = lent_to;
+    Ok(())
 }
 
 /// Where a registration lands among the servers its UUID and MACs name.
@@ -604,6 +644,7 @@ impl Tx<'_> {
             environment: None,
             bmc_address: None,
             bmc: None,
+            bmc_lent_to: None,
             power: Default::default(),
             uuid_conflict: conflict,
             has_config: false,

@@ -38,6 +38,11 @@ pub struct Server {
     /// is sealed in a table of its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bmc: Option<BmcSettings>,
+    /// The MetalMachine claim (its uid) whose `spec.bmc` this is: lent for that claim
+    /// only, and forgotten when it is released. `None`: the server's own (the Server's
+    /// `spec.bmc` or the admin API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bmc_lent_to: Option<String>,
     /// What the appliance knows and did about the machine's power.
     #[serde(default)]
     pub power: PowerRecord,

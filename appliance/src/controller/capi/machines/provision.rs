@@ -296,8 +296,9 @@ async fn stage(
     }
 }
 
-/// The MetalMachine's `bmc` (credentials from its Secret preferred) onto the server's
-/// local record, when it has one.
+/// The MetalMachine's `bmc` (credentials from its Secret preferred), lent to the server
+/// for this claim only. A tenant's references stay in its namespace (Cluster API's rule):
+/// a Secret elsewhere is refused unread. A server with a BMC of its own is not redirected.
 async fn apply_machine_bmc(
     mm: &MetalMachine,
     ctx: &Context,
@@ -306,6 +307,22 @@ async fn apply_machine_bmc(
     let Some(b) = &mm.spec.bmc else {
         return Ok(());
     };
+    let ns = mm.namespace().unwrap_or_default();
+    if let Some(other) = b
+        .credentials_secret_ref
+        .as_ref()
+        .and_then(|r| r.namespace.as_deref())
+        .filter(|other| **other != ns)
+    {
+        return Err(Blocked::failed(
+            "SecretOutsideNamespace",
+            format!(
+                "spec.bmc.credentialsSecretRef names namespace {other}: a MetalMachine's references stay in its own namespace ({ns})"
+            ),
+            RETRY * 6,
+        )
+        .into());
+    }
     if b.pass.is_some() {
         ctx.warn_once(
             mm,
@@ -314,14 +331,19 @@ async fn apply_machine_bmc(
         )
         .await;
     }
-    let ns = mm.namespace().unwrap_or_default();
     let (settings, pass) = bmc_with_credentials(ctx, b, &ns)
         .await
         .map_err(|p: BmcProblem| Blocked::failed(p.reason(), p.note(), RETRY * 2))?;
-    ctx.core
-        .set_bmc_if_changed(&inventory_id(server), settings, pass)
-        .await?;
-    Ok(())
+    let uid = mm.uid().unwrap_or_default();
+    match ctx
+        .core
+        .lend_bmc(&inventory_id(server), &uid, settings, pass)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(CoreError::Conflict(why)) => Err(Blocked::failed("BMCConflict", why, RETRY * 6).into()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Step 5, power: into the install, next boot PXE, then a power cycle (or on), once per

@@ -115,6 +115,11 @@ pub(super) async fn release_server(
             }
         }
     }
+    // A BMC the machine lent the server goes with it.
+    match ctx.core.forget_lent_bmc(&id, uid).await {
+        Ok(_) | Err(CoreError::NotFound(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
     release_claim(ctx, s, uid, wipe).await?;
     tracing::info!(server = %name, wipe, "server released by its machine");
     Ok(())

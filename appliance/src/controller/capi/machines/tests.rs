@@ -51,6 +51,11 @@ impl Mm {
         self
     }
 
+    fn with_bmc(mut self, bmc: Value) -> Mm {
+        self.0["spec"]["bmc"] = bmc;
+        self
+    }
+
     fn deleted(mut self) -> Mm {
         self.0["metadata"]["deletionTimestamp"] = json!("2026-12-04T00:00:00Z");
         self
@@ -435,4 +440,111 @@ async fn deleting_releases_the_server_then_lets_the_machine_go() {
     api.until_done(task).await.unwrap();
     let local = ctx.core.server(&a.uuid).await.unwrap();
     assert!(local.provisioning.claim.is_none() && local.provisioning.dirty);
+}
+
+#[tokio::test]
+async fn a_tenants_secret_in_another_namespace_is_refused_unread() {
+    let (core, a, _) = core_with_two().await;
+    let (ctx, mut api) = Context::test(core);
+    let mm = Mm::test().bound_to(&a.uuid).with_bmc(json!({
+        "endpoint": "ipmi://127.0.0.1:623",
+        "credentialsSecretRef": {"name": "bmc", "namespace": "kube-system"},
+    }));
+    let task = start(&ctx, &mm);
+    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
+        .await
+        .reply(&with_claim(server(&a), "uid-cp-0"));
+    answer_bootstrap(&mut api).await;
+    api.expect("PATCH", MM_PATH).await.reply(&mm.0);
+    // The next request is the status: no Secret of kube-system was asked for.
+    let conditions = status_patch(&mut api, &mm).await;
+    assert!(
+        conditions.contains("Ready=False/SecretOutsideNamespace"),
+        "{conditions}"
+    );
+    api.until_done(task).await.unwrap();
+    assert!(ctx.core.server(&a.uuid).await.unwrap().bmc.is_none());
+}
+
+#[tokio::test]
+async fn a_machine_may_not_redirect_a_server_that_has_its_own_bmc() {
+    let (core, a, _) = core_with_two().await;
+    let own = crate::bmc::BmcSettings {
+        address: "127.0.0.1:623".into(),
+        protocol: crate::bmc::Protocol::Ipmi,
+        driver: None,
+        tls: Default::default(),
+        username: "admin".into(),
+    };
+    core.set_bmc(&a.uuid, Some((own.clone(), "password".into())))
+        .await
+        .unwrap();
+    let (ctx, mut api) = Context::test(core);
+    let mm = Mm::test().bound_to(&a.uuid).with_bmc(json!({
+        "endpoint": "ipmi://127.0.0.9:623", "user": "admin", "pass": "tenant",
+    }));
+    let task = start(&ctx, &mm);
+    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
+        .await
+        .reply(&with_claim(server(&a), "uid-cp-0"));
+    answer_bootstrap(&mut api).await;
+    api.expect("PATCH", MM_PATH).await.reply(&mm.0);
+    let conditions = status_patch(&mut api, &mm).await;
+    assert!(
+        conditions.contains("Ready=False/BMCConflict"),
+        "{conditions}"
+    );
+    api.until_done(task).await.unwrap();
+    let local = ctx.core.server(&a.uuid).await.unwrap();
+    assert_eq!(local.bmc, Some(own), "the server's own BMC is untouched");
+    assert_eq!(local.bmc_lent_to, None);
+}
+
+#[tokio::test]
+async fn a_machines_bmc_serves_its_claim_and_is_forgotten_on_release() {
+    let (core, a, _) = core_with_two().await;
+    let (ctx, mut api) = Context::test(core);
+    let mm = Mm::test().bound_to(&a.uuid).with_bmc(json!({
+        "endpoint": "ipmi://127.0.0.1:623", "user": "admin", "pass": "password",
+    }));
+    let (mm, task) = {
+        let task = start(&ctx, &mm);
+        api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
+            .await
+            .reply(&with_claim(server(&a), "uid-cp-0"));
+        answer_bootstrap(&mut api).await;
+        api.expect("PATCH", MM_PATH).await.reply(&mm.0);
+        (mm, task)
+    };
+    // Lent for the claim; the power step runs through it (no driver here: it fails).
+    let conditions = status_patch(&mut api, &mm).await;
+    assert!(
+        conditions.contains("PoweredOn=False/PowerFailedNoDriver"),
+        "{conditions}"
+    );
+    api.until_done(task).await.unwrap();
+    let local = ctx.core.server(&a.uuid).await.unwrap();
+    assert_eq!(
+        local.bmc.as_ref().map(|b| b.address.as_str()),
+        Some("127.0.0.1:623")
+    );
+    assert_eq!(local.bmc_lent_to.as_deref(), Some("uid-cp-0"));
+    assert!(api.published("InlineCredentials"), "{:?}", api.events);
+
+    // Released: the lent BMC goes with the claim.
+    let gone = mm.clone().deleted();
+    let task = start(&ctx, &gone);
+    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
+        .await
+        .reply(&with_claim(server(&a), "uid-cp-0"));
+    api.expect("PATCH", &format!("{SERVERS}/{}/status", a.uuid))
+        .await
+        .reply(&server(&a));
+    api.expect("PATCH", MM_PATH).await.reply(&gone.0);
+    api.until_done(task).await.unwrap();
+    let local = ctx.core.server(&a.uuid).await.unwrap();
+    assert!(
+        local.bmc.is_none() && local.bmc_lent_to.is_none(),
+        "{local:?}"
+    );
 }
