@@ -33,21 +33,21 @@ async fn call(
         }
     };
     let url: hyper::Uri = args.url.parse().context("--url is not a URL")?;
-    if url.scheme_str() != Some("http") {
-        bail!("--url must be http://host:port (the admin API listens on plain HTTP)");
-    }
-    let authority = url.authority().context("--url has no host")?.to_string();
-    let addr = if authority.contains(':') {
-        authority.clone()
-    } else {
-        format!("{authority}:80")
+    let tls = match url.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => bail!("--url must be http://host:port or https://host:port"),
     };
-    let stream = tokio::net::TcpStream::connect(&addr)
+    let host = url.host().context("--url has no host")?;
+    let authority = url.authority().context("--url has no host")?.to_string();
+    let addr = format!(
+        "{host}:{}",
+        url.port_u16().unwrap_or(if tls { 443 } else { 80 })
+    );
+    let pin = if tls { Some(admin_pin(args)?) } else { None };
+    let mut sender = arges::tls::http1_connect(&addr, host, pin.as_deref())
         .await
-        .with_context(|| format!("cannot reach the appliance at {addr}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+        .map_err(|e| anyhow::anyhow!("cannot reach the appliance at {}: {e}", args.url))?;
     let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
     let req = Request::builder()
         .method(method)
@@ -62,6 +62,25 @@ async fn call(
     let value = serde_json::from_slice(&raw)
         .unwrap_or_else(|_| json!({"error": String::from_utf8_lossy(&raw)}));
     Ok((status, value))
+}
+
+/// The sha256 the admin API's certificate must have: `--pin`, or the certificate the
+/// appliance keeps in its data folder (the CLI runs on the head node beside it).
+fn admin_pin(args: &AdminArgs) -> Result<String> {
+    if let Some(pin) = &args.pin {
+        return Ok(pin.clone());
+    }
+    let cert = args.data_dir.join("tls").join("appliance.crt");
+    let pem = std::fs::read(&cert).with_context(|| {
+        format!(
+            "an https:// --url needs the certificate's sha256: give --pin (arges doctor prints it) or --data-dir holding {}",
+            cert.display()
+        )
+    })?;
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem)
+        .with_context(|| format!("{} holds no PEM certificate", cert.display()))?;
+    Ok(arges::tls::cert_sha256(der.as_ref()))
 }
 
 /// `/api/v1/servers/ID`, the id percent-encoded.

@@ -31,6 +31,12 @@ use crate::tftp::TftpServer;
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Bound {
     pub http: Vec<SocketAddr>,
+    /// HTTPS listeners for machines and agents.
+    #[serde(default)]
+    pub https: Vec<SocketAddr>,
+    /// The admin API's own HTTPS listeners.
+    #[serde(default)]
+    pub admin: Vec<SocketAddr>,
     pub tftp: Vec<SocketAddr>,
     /// proxyDHCP sockets: the DHCP port's, then the PXE port's.
     #[serde(default)]
@@ -46,6 +52,35 @@ fn bind_hint(e: &std::io::Error, addr: &SocketAddr) -> &'static str {
         std::io::ErrorKind::AddrNotAvailable => " (no interface has this address)",
         _ => "",
     }
+}
+
+/// The HTTPS certificate: the config's, or one made on first start for the appliance's
+/// addresses and names.
+fn server_tls(config: &Config) -> Result<crate::tls::ServerTls> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    let listens = config
+        .http
+        .listen
+        .iter()
+        .chain(&config.http.tls_listen)
+        .chain(&config.http.admin_listen);
+    for a in listens.filter(|a| !a.ip().is_unspecified()) {
+        names.push(a.ip().to_string());
+    }
+    names.extend(config.http.names.iter().cloned());
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        names.push(h.trim().to_ascii_lowercase());
+    }
+    names.sort();
+    names.dedup();
+    names.retain(|n| !n.is_empty());
+    crate::tls::ServerTls::load_or_generate(
+        &config.tls_cert,
+        &config.tls_key,
+        config.tls_generate,
+        &names,
+    )
+    .context("cannot set up HTTPS")
 }
 
 /// What the plugin host provides: the boot policy (its chain) and the BMC drivers.
@@ -212,6 +247,8 @@ pub async fn run(
     );
     let mut bound = Bound {
         http: Vec::new(),
+        https: Vec::new(),
+        admin: Vec::new(),
         tftp: Vec::new(),
         dhcp: Vec::new(),
     };
@@ -225,12 +262,62 @@ pub async fn run(
         boot_files: Arc::clone(&boot_files),
         guard: http::guard::Guard::new(config.http.limits.clone()),
     });
-    for addr in &config.http.listen {
-        let l = TcpListener::bind(addr).await.map_err(|e| {
-            anyhow::anyhow!("cannot bind HTTP to {addr}: {e}{}", bind_hint(&e, addr))
-        })?;
-        bound.http.push(l.local_addr()?);
-        tasks.spawn(http::serve(l, Arc::clone(&http_ctx), shutdown.clone()));
+    let admin_apart = !config.http.admin_listen.is_empty();
+    let machines = http::Role::Machines {
+        admin: !admin_apart,
+    };
+    let tls = if config.http.tls_listen.is_empty() && !admin_apart {
+        None
+    } else {
+        let tls = server_tls(&config)?;
+        tracing::info!(
+            sha256 = %tls.sha256,
+            cert = %config.tls_cert.display(),
+            "HTTPS certificate (agents pin it: arges.pin=)"
+        );
+        Some(tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config)))
+            .map(|acceptor| (acceptor, tls.sha256))
+    };
+    let listeners = [
+        (&config.http.listen, None, machines, "HTTP"),
+        (
+            &config.http.tls_listen,
+            tls.as_ref().map(|t| t.0.clone()),
+            machines,
+            "HTTPS",
+        ),
+        (
+            &config.http.admin_listen,
+            tls.as_ref().map(|t| t.0.clone()),
+            http::Role::Admin,
+            "the admin API",
+        ),
+    ];
+    for (addrs, acceptor, role, what) in listeners {
+        for addr in addrs {
+            let l = TcpListener::bind(addr).await.map_err(|e| {
+                anyhow::anyhow!("cannot bind {what} to {addr}: {e}{}", bind_hint(&e, addr))
+            })?;
+            let local = l.local_addr()?;
+            match (role, acceptor.is_some()) {
+                (http::Role::Admin, _) => bound.admin.push(local),
+                (_, true) => bound.https.push(local),
+                (_, false) => bound.http.push(local),
+            }
+            let kind = http::Listener {
+                tls: acceptor.clone(),
+                role,
+            };
+            tasks.spawn(http::serve(
+                l,
+                Arc::clone(&http_ctx),
+                shutdown.clone(),
+                kind,
+            ));
+        }
+    }
+    if let (Some((_, pin)), Some(port)) = (&tls, bound.https.first().map(|a| a.port())) {
+        core.set_agent_tls(port, pin.clone());
     }
     let tftp = TftpServer::new(config.tftp.clone(), boot_files, Arc::clone(&metrics));
     for addr in &config.tftp_listen {

@@ -124,6 +124,10 @@ pub struct AgentArgs {
     /// Registration token; default: arges.token= on the kernel command line.
     #[arg(long, env = "ARGES_REGISTRATION_TOKEN")]
     pub token: Option<String>,
+    /// The sha256 of the appliance's HTTPS certificate, for an https:// appliance URL;
+    /// default: arges.pin= on the kernel command line.
+    #[arg(long)]
+    pub pin: Option<String>,
     /// discover or wipe; default: arges.mode= on the kernel command line, else discover.
     #[arg(long)]
     pub mode: Option<String>,
@@ -185,9 +189,13 @@ pub struct AdminArgs {
     /// Admin token; default: `admin.token` in --data-dir.
     #[arg(long, env = "ARGES_ADMIN_TOKEN")]
     pub token: Option<String>,
-    /// The appliance's data folder, where it keeps its generated admin token.
+    /// The appliance's data folder, where it keeps its generated admin token (and its
+    /// certificate, trusted for an https:// URL when no --pin is given).
     #[arg(long, default_value = "arges-data")]
     pub data_dir: std::path::PathBuf,
+    /// The sha256 of the admin API's TLS certificate (an https:// URL).
+    #[arg(long, env = "ARGES_PIN")]
+    pub pin: Option<String>,
     /// Print the answer as JSON.
     #[arg(long)]
     pub json: bool,

@@ -173,7 +173,70 @@ pub fn check(config: &Config, may_bind_low_ports: bool) -> Vec<Finding> {
             format!("ports below 1024 ({low:?}) need root or CAP_NET_BIND_SERVICE"),
         ));
     }
+    out.extend(https_findings(config));
     out
+}
+
+/// Where the admin token may cross the network in clear, and the HTTPS certificate with
+/// the sha256 agents and operators pin.
+fn https_findings(config: &Config) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let exposed: Vec<_> = (config.http.listen.iter())
+        .filter(|a| !a.ip().is_loopback())
+        .collect();
+    if config.http.admin_listen.is_empty() && !exposed.is_empty() {
+        out.push(finding(
+            Severity::Warning,
+            format!(
+                "the admin API is served on plain HTTP at {exposed:?}, reachable from the network: give it its own listener (http.admin_listen, loopback)"
+            ),
+        ));
+    }
+    if config.http.tls_listen.is_empty() && config.http.admin_listen.is_empty() {
+        if !exposed.is_empty() {
+            out.push(finding(
+                Severity::Warning,
+                "no HTTPS listener (http.tls_listen): agents' registrations cross the network in clear".to_string(),
+            ));
+        }
+        return out;
+    }
+    out.push(certificate_finding(config));
+    out
+}
+
+/// The HTTPS certificate, and the sha256 agents and operators pin.
+fn certificate_finding(config: &Config) -> Finding {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    match CertificateDer::pem_file_iter(&config.tls_cert)
+        .ok()
+        .and_then(|mut certs| certs.next())
+        .and_then(Result::ok)
+    {
+        Some(cert) => finding(
+            Severity::Ok,
+            format!(
+                "HTTPS certificate {}: sha256 {} (agents pin it with arges.pin=)",
+                config.tls_cert.display(),
+                crate::tls::cert_sha256(cert.as_ref())
+            ),
+        ),
+        None if config.tls_generate => finding(
+            Severity::Ok,
+            format!(
+                "HTTPS certificate {} will be made on first start",
+                config.tls_cert.display()
+            ),
+        ),
+        None => finding(
+            Severity::Missing,
+            format!(
+                "HTTPS certificate {} cannot be read",
+                config.tls_cert.display()
+            ),
+        ),
+    }
 }
 
 /// Loads the plugins folder as the appliance would (compiling into its cache) and says
@@ -275,6 +338,48 @@ mod tests {
             check(&c, true)
                 .iter()
                 .all(|f| !f.message.contains("need root"))
+        );
+        assert!(
+            !has(Severity::Warning, "plain HTTP") && !has(Severity::Warning, "HTTPS"),
+            "loopback only: nothing crosses the network {report:?}"
+        );
+    }
+
+    #[test]
+    fn the_https_certificate_and_its_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = format!(
+            "data_dir = \"{}\"\n[http]\nadmin_listen = [\"127.0.0.1:8443\"]\n",
+            dir.path().display()
+        );
+        let c = Config::from_source("t.toml", &src, Path::new(""), &Overrides::default()).unwrap();
+        assert!(
+            certificate_finding(&c)
+                .message
+                .contains("will be made on first start")
+        );
+        let exposed = "[http]\nlisten = [\"0.0.0.0:8080\"]\n";
+        let open =
+            Config::from_source("t.toml", exposed, Path::new(""), &Overrides::default()).unwrap();
+        let warned = https_findings(&open);
+        assert!(
+            warned.iter().any(|f| f.severity == Severity::Warning
+                && f.message.contains("admin API is served on plain HTTP"))
+                && warned.iter().any(|f| f.message.contains("in clear")),
+            "{warned:?}"
+        );
+        assert_eq!(https_findings(&c).len(), 1, "the certificate only");
+        let tls = crate::tls::ServerTls::load_or_generate(
+            &c.tls_cert,
+            &c.tls_key,
+            true,
+            &["localhost".to_string()],
+        )
+        .unwrap();
+        let f = certificate_finding(&c);
+        assert!(
+            f.severity == Severity::Ok && f.message.contains(&tls.sha256),
+            "{f:?}"
         );
     }
 }

@@ -201,6 +201,10 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         uuid: args.uuid,
         ipmi_device: args.ipmi_device,
         timeout: Duration::from_secs(args.timeout),
+        pin: args
+            .pin
+            .or_else(|| param("arges.pin"))
+            .filter(|p| !p.is_empty()),
     };
     let reg = agent::collect(&opts)?;
     if args.dry_run {

@@ -20,6 +20,7 @@ pub struct Metrics {
     registry: Registry,
     pub http_requests: Family<Labels2, Counter>,
     pub http_bytes_sent: Counter,
+    pub http_tls_failures: Family<Labels, Counter>,
     pub tftp_requests: Family<Labels, Counter>,
     pub tftp_transfers: Family<Labels, Counter>,
     pub tftp_active: Gauge,
@@ -105,6 +106,7 @@ impl Metrics {
             provisioning_steps: Family::default(),
             capi_reconciles: Family::default(),
             limited: Family::default(),
+            http_tls_failures: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -257,6 +259,11 @@ impl Metrics {
             "capi_reconciles",
             "Cluster API reconciles (MetalCluster, MetalMachine) by kind and result (ok, waiting, or the failure reason)",
             m.capi_reconciles.clone(),
+        );
+        registry.register(
+            "http_tls_failures",
+            "HTTPS connections that failed their TLS handshake",
+            m.http_tls_failures.clone(),
         );
         registry.register(
             "limited",

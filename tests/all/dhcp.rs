@@ -129,7 +129,8 @@ fn a_request_naming_a_relay_the_config_does_not_name_gets_no_answer() {
     let m = answered.expect("the honest request is answered");
     assert_eq!(m.xid(), 11, "no forged request was answered");
     // Every answer went to an honest request (a late answer may have crossed a resend).
-    let metrics = a.metrics();
+    // The counter moves just after the reply is sent: wait for it.
+    let metrics = a.wait_metric("arges_dhcp_requests_total{result=\"answered\"}");
     let count = metrics
         .lines()
         .find_map(|l| l.strip_prefix("arges_dhcp_requests_total{result=\"answered\"} "))

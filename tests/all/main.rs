@@ -15,3 +15,4 @@ mod power;
 mod redfish;
 mod shutdown;
 mod tftp;
+mod tls;

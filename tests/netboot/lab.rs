@@ -231,6 +231,7 @@ impl Lab {
             r#"data_dir = "{data}"
 [http]
 listen = ["0.0.0.0:8080"]
+tls_listen = ["0.0.0.0:8443"]
 [tftp]
 listen = ["0.0.0.0:69"]
 root = "{tftp}"
@@ -243,7 +244,7 @@ interfaces = ["br0"]
 [environments.discovery]
 kernel = "{kernel}"
 initrds = ["{initrd}"]
-cmdline = "console=ttyS0,115200 arges.appliance={{{{ appliance.url }}}} arges.token={{{{ registration_token }}}} arges.mode={{{{ action }}}}"
+cmdline = "console=ttyS0,115200 arges.appliance={{{{ appliance.agent_url }}}} arges.pin={{{{ appliance.pin }}}} arges.token={{{{ registration_token }}}} arges.mode={{{{ action }}}}"
 [environments.install]
 kernel = "{kernel}"
 initrds = ["{initrd}"]

@@ -105,6 +105,22 @@ fn discovers(
     let i = lab.boot(&m);
     let wall = lab.wait_exit(i, &m);
     let s = assert_registered_as(&lab, &m);
+    // The agent registered over HTTPS, trusting the certificate its boot script pinned.
+    let serial = lab.serial(&m);
+    let pinned = serial.lines().any(|l| {
+        l.contains("arges-init: cmdline:")
+            && l.contains(":8443 arges.pin=")
+            && l.split("arges.pin=").nth(1).is_some_and(|p| {
+                p.split_whitespace()
+                    .next()
+                    .is_some_and(|p| p.len() == 64 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+            })
+    });
+    assert!(
+        pinned && serial.contains("arges.appliance=https://"),
+        "the discovery boot should send the agent to HTTPS with a pin:\n{}",
+        lab.logs(&m.serial_log)
+    );
     assert_counted(&lab, &m, counted);
     report(label, &lab, wall);
     (lab, m, s)

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use hyper_util::rt::TokioIo;
 
 use crate::registration::{RegistrationMode, RegistrationRequest, RegistrationResponse};
 
@@ -55,6 +54,8 @@ pub struct AgentOptions {
     pub ipmi_device: String,
     /// How long to keep trying.
     pub timeout: Duration,
+    /// The sha256 of the appliance's HTTPS certificate (an `https://` appliance URL).
+    pub pin: Option<String>,
 }
 
 /// Reads the facts of this machine into a registration.
@@ -83,12 +84,21 @@ struct Endpoint {
     authority: String,
     host_port: String,
     path_prefix: String,
+    /// HTTPS: the certificate must be the pinned one.
+    tls: bool,
 }
 
 fn parse_url(url: &str) -> Result<Endpoint, AgentError> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        AgentError::Usage(format!("appliance URL {url:?} must start with http://"))
-    })?;
+    let (rest, tls) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(r), _) => (r, false),
+        (_, Some(r)) => (r, true),
+        _ => {
+            return Err(AgentError::Usage(format!(
+                "appliance URL {url:?} must start with http:// or https://"
+            )));
+        }
+    };
+    let default_port = if tls { 443 } else { 80 };
     let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
     if authority.is_empty() {
         return Err(AgentError::Usage(format!(
@@ -99,12 +109,12 @@ fn parse_url(url: &str) -> Result<Endpoint, AgentError> {
         if authority.contains("]:") {
             authority.to_string()
         } else {
-            format!("{authority}:80")
+            format!("{authority}:{default_port}")
         }
     } else if authority.contains(':') {
         authority.to_string()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{default_port}")
     };
     Ok(Endpoint {
         authority: authority.to_string(),
@@ -112,17 +122,23 @@ fn parse_url(url: &str) -> Result<Endpoint, AgentError> {
         path_prefix: format!("/{}", path.trim_end_matches('/'))
             .trim_end_matches('/')
             .to_string(),
+        tls,
     })
 }
 
-async fn post_once(ep: &Endpoint, token: &str, body: Bytes) -> Result<(u16, Bytes), String> {
-    let stream = tokio::net::TcpStream::connect(&ep.host_port)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
+async fn post_once(
+    ep: &Endpoint,
+    pin: Option<&str>,
+    token: &str,
+    body: Bytes,
+) -> Result<(u16, Bytes), String> {
+    // HTTPS trusts the appliance's certificate by the pin from the kernel command line.
+    let host = ep
+        .authority
+        .rsplit_once(':')
+        .map_or(ep.authority.as_str(), |(h, _)| h);
+    let pin = if ep.tls { pin } else { None };
+    let mut sender = crate::tls::http1_connect(&ep.host_port, host, pin).await?;
     let req = Request::post(format!("{}/api/v1/register", ep.path_prefix))
         .header(hyper::header::HOST, &ep.authority)
         .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
@@ -146,11 +162,17 @@ pub async fn register(
     reg: &RegistrationRequest,
 ) -> Result<RegistrationResponse, AgentError> {
     let ep = parse_url(&opts.appliance)?;
+    if ep.tls && opts.pin.is_none() {
+        return Err(AgentError::Usage(format!(
+            "{} is HTTPS: the appliance's certificate sha256 is needed to trust it (--pin, or arges.pin= on the kernel command line)",
+            opts.appliance
+        )));
+    }
     let body = Bytes::from(serde_json::to_vec(reg).map_err(|e| AgentError::Usage(e.to_string()))?);
     let started = Instant::now();
     let mut delay = Duration::from_millis(250);
     loop {
-        let last = match post_once(&ep, &opts.token, body.clone()).await {
+        let last = match post_once(&ep, opts.pin.as_deref(), &opts.token, body.clone()).await {
             Ok((200, b)) => {
                 return serde_json::from_slice(&b).map_err(|e| AgentError::Refused {
                     status: 200,
@@ -198,7 +220,9 @@ mod tests {
         );
         let e = parse_url("http://[::1]:8080").unwrap();
         assert_eq!(e.host_port, "[::1]:8080");
-        assert!(parse_url("https://x").is_err());
+        let e = parse_url("https://10.0.0.1").unwrap();
+        assert!(e.tls && e.host_port == "10.0.0.1:443");
+        assert!(parse_url("ftp://x").is_err());
         assert!(parse_url("http://").is_err());
     }
 }

@@ -16,14 +16,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper::header::{HeaderMap, HeaderValue};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tokio_rustls::TlsConnector;
-use tokio_rustls::rustls::{
-    self, ClientConfig, DigitallySignedStruct, SignatureScheme,
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-};
+use tokio_rustls::rustls::{self, ClientConfig};
 
 use super::PowerFailure;
 
@@ -91,63 +87,6 @@ impl RedfishError {
     }
 }
 
-/// Accepts exactly one certificate, by its sha256, or (no pin: the explicit insecure
-/// setting) any; handshake signatures are verified either way.
-#[derive(Debug)]
-struct PinnedVerifier {
-    sha256: Option<Vec<u8>>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match &self.sha256 {
-            Some(pin) if Sha256::digest(end_entity.as_ref()).as_slice() != pin.as_slice() => Err(
-                rustls::Error::General("the certificate is not the pinned one".into()),
-            ),
-            _ => Ok(ServerCertVerified::assertion()),
-        }
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 fn tls_config(t: &RedfishTarget) -> Result<ClientConfig, RedfishError> {
     let tls_err = |m: String| RedfishError::Tls(t.authority.clone(), m);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -167,28 +106,10 @@ fn tls_config(t: &RedfishTarget) -> Result<ClientConfig, RedfishError> {
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
-        TlsPolicy::Pinned(hex_sha) => {
-            let sha256 = hex::decode(hex_sha.trim())
-                .ok()
-                .filter(|b| b.len() == 32)
-                .ok_or_else(|| tls_err(format!("pin {hex_sha:?} is not a hex sha256")))?;
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
-                    sha256: Some(sha256),
-                    provider,
-                }))
-                .with_no_client_auth()
-        }
+        TlsPolicy::Pinned(hex_sha) => crate::tls::pinned_client(Some(hex_sha)).map_err(tls_err)?,
         TlsPolicy::InsecureAcceptAny => {
             tracing::warn!(bmc = %t.authority, "TLS certificate NOT checked (tls = insecure-accept-any)");
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
-                    sha256: None,
-                    provider,
-                }))
-                .with_no_client_auth()
+            crate::tls::pinned_client(None).map_err(tls_err)?
         }
     })
 }

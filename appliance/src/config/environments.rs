@@ -78,8 +78,11 @@ pub fn default_discovery_environment() -> EnvironmentSection {
 }
 
 /// Kernel command line of the default discovery environment.
+/// The agent registers at `appliance.agent_url` (HTTPS, pinning `appliance.pin`, when
+/// the appliance serves HTTPS; its HTTP URL otherwise).
 pub const DEFAULT_DISCOVERY_CMDLINE: &str = "console=tty0 console=ttyS0,115200 \
-arges.appliance={{ appliance.url }} arges.token={{ registration_token }} arges.mode={{ action }}";
+arges.appliance={{ appliance.agent_url }} arges.pin={{ appliance.pin }} \
+arges.token={{ registration_token }} arges.mode={{ action }}";
 
 /// A validated boot environment.
 #[derive(Debug, Clone)]

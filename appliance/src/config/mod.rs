@@ -149,6 +149,11 @@ pub const DEBIAN_IPXE_DIR: &str = "/usr/lib/ipxe";
 #[derive(Debug, Clone)]
 pub struct Config {
     pub http: HttpConfig,
+    /// The HTTPS listeners' certificate and key; made there on first start when the
+    /// config names none (`tls_generate`).
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub tls_generate: bool,
     pub tftp_listen: Vec<SocketAddr>,
     pub tftp_root: PathBuf,
     /// Where iPXE binaries missing from the TFTP root are found.
@@ -342,8 +347,18 @@ impl Config {
             .or_else(|| f.kubernetes.kubeconfig.as_deref().map(resolve));
         let kubernetes = KubernetesConfig::from_section(&f.kubernetes, kubeconfig)?;
 
+        let tls_generate = f.http.tls_cert_file.is_none();
+        let tls_cert = folder(
+            &None,
+            &f.http.tls_cert_file,
+            under_data("tls/appliance.crt"),
+        );
+        let tls_key = folder(&None, &f.http.tls_key_file, under_data("tls/appliance.key"));
         Ok(Config {
             http,
+            tls_cert,
+            tls_key,
+            tls_generate,
             tftp_listen: f.tftp.listen.clone(),
             tftp_root,
             ipxe_dir: f.tftp.ipxe_dir.as_deref().map(resolve),

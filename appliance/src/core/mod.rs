@@ -148,6 +148,8 @@ pub struct Core {
     boot_secrets: BootSecrets,
     /// When proxyDHCP last answered each MAC (unix seconds).
     dhcp_seen: Mutex<HashMap<String, u64>>,
+    /// Where agents register over HTTPS (its port) and the certificate they pin.
+    agent_tls: std::sync::OnceLock<(u16, String)>,
 }
 
 /// A change to the inventory, for edges that mirror it (the Kubernetes controller).
@@ -287,6 +289,32 @@ impl Core {
             sealer,
             boot_secrets: BootSecrets::default(),
             dhcp_seen: Mutex::new(HashMap::new()),
+            agent_tls: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Agents register over HTTPS on `port`, pinning the certificate whose sha256 is
+    /// `pin`: boot scripts tell them so (`appliance.agent_url`, `appliance.pin`).
+    pub fn set_agent_tls(&self, port: u16, pin: String) {
+        let _ = self.agent_tls.set((port, pin));
+    }
+
+    /// Where an agent that reached us at `base_url` registers, and the pin ("" without
+    /// HTTPS).
+    fn agent_endpoint(&self, base_url: &str) -> (String, String) {
+        match self.agent_tls.get() {
+            Some((port, pin)) => {
+                let rest = base_url.split_once("://").map_or(base_url, |(_, r)| r);
+                let authority = rest.split('/').next().unwrap_or_default();
+                let host = crate::http::config::host_of(authority);
+                let host = if host.contains(':') {
+                    format!("[{host}]")
+                } else {
+                    host.to_string()
+                };
+                (format!("https://{host}:{port}"), pin.clone())
+            }
+            None => (base_url.to_string(), String::new()),
         }
     }
 
@@ -573,9 +601,10 @@ impl Core {
         let server_json = server
             .map(|s| serde_json::to_value(s).unwrap_or_default())
             .unwrap_or_else(|| json!({}));
+        let (agent_url, pin) = self.agent_endpoint(base_url);
         let mut ctx = json!({
             "action": kind.name(),
-            "appliance": {"url": base_url},
+            "appliance": {"url": base_url, "agent_url": agent_url, "pin": pin},
             "machine": {
                 "uuid": facts.uuid.clone().unwrap_or_default(),
                 "mac": facts.mac.clone().unwrap_or_default(),

@@ -412,3 +412,17 @@ async fn unknown_and_unaccepted_machines_boot_as_the_policy_says() {
     };
     assert!(core.decide_boot(odd).await.is_ok());
 }
+
+#[tokio::test]
+async fn discovery_tells_the_agent_where_to_register_and_what_to_pin() {
+    let core = Core::test();
+    let m = Machine::test(1);
+    let plain = core.boot(&m).await;
+    assert_eq!(plain.param("arges.appliance"), "http://10.0.0.254:8080");
+    assert_eq!(plain.param("arges.pin"), "");
+    let pin = "ab".repeat(32);
+    core.set_agent_tls(8443, pin.clone());
+    let tls = core.boot(&m).await;
+    assert_eq!(tls.param("arges.appliance"), "https://10.0.0.254:8443");
+    assert_eq!(tls.param("arges.pin"), pin);
+}

@@ -20,6 +20,17 @@ pub struct HttpSection {
     /// `public_url`'s host: a request naming any other is refused, so a web page an
     /// operator visits cannot reach the admin API by rebinding its own name to ours.
     pub names: Vec<String>,
+    /// HTTPS listeners: everything the plain listeners serve (agents register here,
+    /// pinning the certificate), and the admin API unless `admin_listen` takes it.
+    pub tls_listen: Vec<SocketAddr>,
+    /// The admin API's own HTTPS listeners. When set, the admin API is served here only
+    /// (the machines' listeners answer 404 for it). Loopback in the shipped configs: the
+    /// network only when asked.
+    pub admin_listen: Vec<SocketAddr>,
+    /// The certificate and key (PEM) of the HTTPS listeners; unset, a self-signed pair is
+    /// made on first start in the data folder (`tls/appliance.crt`, `tls/appliance.key`).
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    pub tls_key_file: Option<std::path::PathBuf>,
     /// Connections open at once; past it new ones are closed at once.
     pub max_connections: usize,
     /// Connections open at once from one address.
@@ -50,6 +61,10 @@ impl Default for HttpSection {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
             public_url: None,
             names: Vec::new(),
+            tls_listen: Vec::new(),
+            admin_listen: Vec::new(),
+            tls_cert_file: None,
+            tls_key_file: None,
             max_connections: 1024,
             max_connections_per_source: 64,
             idle_secs: 60,
@@ -89,6 +104,8 @@ pub struct HttpConfig {
     pub public_url: Option<String>,
     /// Names the admin API answers to (lower case), `public_url`'s host among them.
     pub names: Vec<String>,
+    pub tls_listen: Vec<SocketAddr>,
+    pub admin_listen: Vec<SocketAddr>,
     pub limits: HttpLimits,
 }
 
@@ -154,7 +171,15 @@ impl TryFrom<&HttpSection> for HttpConfig {
                 return Err(Invalid::new(key, "must be 0 (no limit) or more"));
             }
         }
+        if h.tls_cert_file.is_some() != h.tls_key_file.is_some() {
+            return Err(Invalid::new(
+                "http.tls_cert_file",
+                "set both tls_cert_file and tls_key_file, or neither (a certificate is made)",
+            ));
+        }
         Ok(HttpConfig {
+            tls_listen: h.tls_listen.clone(),
+            admin_listen: h.admin_listen.clone(),
             limits: HttpLimits {
                 max_connections: h.max_connections,
                 max_connections_per_source: h.max_connections_per_source,

@@ -17,6 +17,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -123,6 +124,20 @@ async fn read_body(
     limit: usize,
     within: std::time::Duration,
 ) -> Result<Bytes, Response<Body>> {
+    // A declared length past the cap is refused before the body is polled: hyper then
+    // sends no `100 Continue`, so a client that asked first (curl does above 1 MiB) never
+    // sends it, and no unread body makes the close a reset that loses the answer.
+    if hyper::body::Body::size_hint(req.body()).lower() > limit as u64 {
+        let mut refused = json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body larger than {limit} bytes"),
+        );
+        refused.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        return Err(refused);
+    }
     let collected = tokio::time::timeout(
         within,
         http_body_util::Limited::new(req.into_body(), limit).collect(),
@@ -155,10 +170,34 @@ async fn read_body(
 async fn route(
     ctx: Arc<HttpContext>,
     peer: SocketAddr,
+    role: Role,
     req: Request<Incoming>,
 ) -> (&'static str, Response<Body>) {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
+    let admin_path = path.starts_with("/api/v1/") && path != "/api/v1/register";
+    let common = matches!(path.as_str(), "/healthz" | "/metrics");
+    match role {
+        Role::Admin if !admin_path && !common => {
+            return (
+                "other",
+                text(
+                    StatusCode::NOT_FOUND,
+                    "this listener serves the admin API only",
+                ),
+            );
+        }
+        Role::Machines { admin: false } if admin_path => {
+            return (
+                "admin",
+                text(
+                    StatusCode::NOT_FOUND,
+                    "the admin API is served on its own listener (http.admin_listen)",
+                ),
+            );
+        }
+        _ => {}
+    }
     match (method, path.as_str()) {
         (Method::GET, "/healthz") => ("healthz", text(StatusCode::OK, "ok")),
         (Method::GET, "/metrics") => (
@@ -206,22 +245,41 @@ async fn route(
 async fn handle(
     ctx: Arc<HttpContext>,
     peer: SocketAddr,
+    role: Role,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    let (route, resp) = route(Arc::clone(&ctx), peer, req).await;
+    let (route, resp) = route(Arc::clone(&ctx), peer, role, req).await;
     ctx.core
         .metrics()
         .http_request(route, resp.status().as_u16());
     Ok(resp)
 }
 
-/// Serves HTTP on `listener` until `cancel` fires.
+/// What a listener serves, and over what.
+#[derive(Clone)]
+pub struct Listener {
+    /// HTTPS with this certificate; `None`: plain HTTP.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub role: Role,
+}
+
+/// Which routes a listener answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// What machines use; the admin API too unless it has listeners of its own.
+    Machines { admin: bool },
+    /// The admin API (and `/healthz`, `/metrics`) only.
+    Admin,
+}
+
+/// Serves `listener` until the shutdown's stop (see [`crate::shutdown`] for the drain).
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<HttpContext>,
     shutdown: Shutdown,
+    kind: Listener,
 ) -> std::io::Result<()> {
-    tracing::info!(local = %listener.local_addr()?, "HTTP listening");
+    tracing::info!(local = %listener.local_addr()?, tls = kind.tls.is_some(), role = ?kind.role, "HTTP listening");
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.stop().cancelled() => return Ok(()),
@@ -245,37 +303,69 @@ pub async fn serve(
         };
         let ctx = Arc::clone(&ctx);
         let signals = shutdown.clone();
+        let kind = kind.clone();
         // Work in flight: a stop lets the request being answered finish (keep-alive
         // ends after it); the drain deadline cuts it.
         shutdown.spawn(async move {
             let _permit = permit;
             let limits = ctx.guard.limits().clone();
-            let (stream, last) = guard::Watched::new(stream);
-            let metrics = Arc::clone(ctx.core.metrics());
-            let svc = hyper::service::service_fn(move |req| handle(Arc::clone(&ctx), peer, req));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
-                },
-                _ = guard::idle_for(last, limits.idle) => {
-                    // No byte either way for that long: a stalled reader or writer.
-                    guard::refused(&metrics, "idle", peer.ip());
-                }
-                _ = signals.stop().cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        _ = conn.as_mut() => {}
-                        _ = signals.abort().cancelled() => {
-                            tracing::warn!(%peer, "HTTP connection cut at the drain deadline");
+            match kind.tls {
+                None => connection(ctx, peer, kind.role, stream, signals, limits).await,
+                Some(acceptor) => {
+                    // The handshake is part of the request's header deadline.
+                    match tokio::time::timeout(limits.header, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => connection(ctx, peer, kind.role, tls, signals, limits).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            Metrics::inc(
+                                &ctx.core.metrics().http_tls_failures,
+                                "reason",
+                                "handshake",
+                            );
                         }
+                        Err(_) => guard::refused(ctx.core.metrics(), "header_time", peer.ip()),
                     }
                 }
             }
         });
+    }
+}
+
+/// One connection, plain or TLS, until it ends, goes idle, or the drain cuts it.
+async fn connection<S>(
+    ctx: Arc<HttpContext>,
+    peer: SocketAddr,
+    role: Role,
+    stream: S,
+    signals: Shutdown,
+    limits: config::HttpLimits,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (stream, last) = guard::Watched::new(stream);
+    let metrics = Arc::clone(ctx.core.metrics());
+    let svc = hyper::service::service_fn(move |req| handle(Arc::clone(&ctx), peer, role, req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r {
+            tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+        },
+        _ = guard::idle_for(last, limits.idle) => {
+            // No byte either way for that long: a stalled reader or writer.
+            guard::refused(&metrics, "idle", peer.ip());
+        }
+        _ = signals.stop().cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = signals.abort().cancelled() => {
+                    tracing::warn!(%peer, "HTTP connection cut at the drain deadline");
+                }
+            }
+        }
     }
 }

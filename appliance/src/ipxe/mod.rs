@@ -7,6 +7,8 @@
 //! |---|---|
 //! | `action` | `discover`, `environment`, `wipe`, `local-disk` or `deny` |
 //! | `appliance.url` | base URL of the appliance as the machine reaches it |
+//! | `appliance.agent_url` | where an agent registers: the HTTPS URL when the appliance serves HTTPS, else `appliance.url` |
+//! | `appliance.pin` | the sha256 of the HTTPS certificate, for the agent to pin ("" without HTTPS) |
 //! | `machine.uuid`, `.mac`, `.arch`, `.address` | what the machine said, and its source address |
 //! | `server` | the inventory record (`id`, `accepted`, `cordoned`, `labels`, `hardware`, …) or empty |
 //! | `env.name`, `.kernel_url`, `.kernel_name`, `.initrds[].name`, `.initrds[].url`, `.cmdline` | the environment to boot |

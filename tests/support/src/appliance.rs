@@ -41,6 +41,10 @@ pub struct Appliance {
     pub tftp: SocketAddr,
     /// The first proxyDHCP socket, when DHCP is on.
     pub dhcp: Option<SocketAddr>,
+    /// The first HTTPS listener for machines, when there is one.
+    pub https: Option<SocketAddr>,
+    /// The admin API's first own listener, when it has one.
+    pub admin: Option<SocketAddr>,
     child: Option<Child>,
     args: Vec<String>,
 }
@@ -95,6 +99,8 @@ impl Appliance {
             http: "0.0.0.0:0".parse().unwrap(),
             tftp: "0.0.0.0:0".parse().unwrap(),
             dhcp: None,
+            https: None,
+            admin: None,
             child: None,
             args,
         };
@@ -127,6 +133,8 @@ impl Appliance {
                 self.http = v["http"][0].as_str().unwrap().parse().unwrap();
                 self.tftp = v["tftp"][0].as_str().unwrap().parse().unwrap();
                 self.dhcp = v["dhcp"][0].as_str().map(|a| a.parse().unwrap());
+                self.https = v["https"][0].as_str().map(|a| a.parse().unwrap());
+                self.admin = v["admin"][0].as_str().map(|a| a.parse().unwrap());
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
