@@ -13,15 +13,7 @@ start_arges plugin "$no_limits"$'[plugins]\nreuse_instances = true'
 cp "$plugins_out/default-policy.wasm" "$work/plugin/data/plugins/"
 for _ in $(seq 1 100); do curl -s "http://$http_plugin/metrics" | grep -q '^arges_plugins_active 1' && break; sleep 0.1; done
 
-cat > "$work/machines.lua" <<'LUA'
-counter = 0
-request = function()
-  counter = counter + 1
-  local uuid = string.format("00000000-0000-4000-8000-%012d", counter)
-  local mac = string.format("52:54:00:%02x:%02x:%02x", math.floor(counter / 65536) % 256, math.floor(counter / 256) % 256, counter % 256)
-  return wrk.format("GET", "/boot.ipxe?uuid=" .. uuid .. "&mac=" .. mac .. "&arch=x86_64")
-end
-LUA
+unknown_machines_lua "$work/machines.lua"
 
 declare -A rps p99
 for run in $(seq 1 "$runs"); do

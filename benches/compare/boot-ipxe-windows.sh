@@ -13,17 +13,7 @@ runs="${1:-3}"; secs="${2:-5}"
 before_rev="${BEFORE:-ff85a5b}"
 need wrk; need python3; need curl; need git
 
-# The binary before: built from its revision in a worktree (sharing the cargo target, so
-# only the arges crate itself is rebuilt), copied aside before the current one is built;
-# or ARGES_BEFORE_BIN=path, one built already.
-if [ -n "${ARGES_BEFORE_BIN:-}" ]; then
-  cp "$ARGES_BEFORE_BIN" "$work/arges-before"
-else
-  git -C "$repo" worktree add --detach "$work/before-src" "$before_rev" >/dev/null 2>&1
-  (cd "$work/before-src" && cargo build --release --locked --bin arges >&2)
-  cp "$target_dir/release/arges" "$work/arges-before"
-  git -C "$repo" worktree remove --force "$work/before-src"
-fi
+build_before "$before_rev"
 build_arges
 arges_now="$arges"
 
@@ -53,15 +43,7 @@ done
 curl -s "http://$http_now/boot.ipxe?uuid=$uuid_e&mac=$mac_e&arch=x86_64" | grep -q 'token=[0-9a-f]\{64\}' \
   || { echo "error: the armed server got no token" >&2; exit 1; }
 
-cat > "$work/unknown.lua" <<'LUA'
-counter = 0
-request = function()
-  counter = counter + 1
-  local uuid = string.format("00000000-0000-4000-8000-%012d", counter)
-  local mac = string.format("52:54:00:%02x:%02x:%02x", math.floor(counter / 65536) % 256, math.floor(counter / 256) % 256, counter % 256)
-  return wrk.format("GET", "/boot.ipxe?uuid=" .. uuid .. "&mac=" .. mac .. "&arch=x86_64")
-end
-LUA
+unknown_machines_lua "$work/unknown.lua"
 
 declare -A rps
 paths=(unknown "/boot.ipxe?uuid=$uuid_k&mac=$mac_k&arch=x86_64" "/boot.ipxe?uuid=$uuid_e&mac=$mac_e&arch=x86_64")

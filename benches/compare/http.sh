@@ -51,14 +51,7 @@ for run in $(seq 1 "$runs"); do
   done
 done
 rm -f "$work/out"
-cat > "$work/machines.lua" <<'LUA'
-counter = 0
-request = function()
-  counter = counter + 1
-  return wrk.format("GET", string.format("/boot.ipxe?uuid=00000000-0000-4000-8000-%012d&mac=52:54:00:%02x:%02x:%02x&arch=x86_64",
-    counter, math.floor(counter / 65536) % 256, math.floor(counter / 256) % 256, counter % 256))
-end
-LUA
+unknown_machines_lua "$work/machines.lua"
 boot=""; bootp99=""
 for run in $(seq 1 "$runs"); do
   out=$(wrk -t1 -c32 -d"${secs}s" --latency -s "$work/machines.lua" "${base[arges]}")

@@ -25,6 +25,34 @@ build_arges() {
   arges="$target_dir/release/arges"
 }
 
+# build_before REV: the binary of git revision REV as $work/arges-before, built in a
+# worktree that shares the cargo target (only the arges crate is rebuilt), copied aside
+# before the current one is built; ARGES_BEFORE_BIN=path uses a binary built already.
+build_before() {
+  if [ -n "${ARGES_BEFORE_BIN:-}" ]; then
+    cp "$ARGES_BEFORE_BIN" "$work/arges-before"
+    return
+  fi
+  git -C "$repo" worktree add --detach "$work/before-src" "$1" >/dev/null 2>&1
+  (cd "$work/before-src" && cargo build --release --locked --bin arges >&2)
+  cp "$target_dir/release/arges" "$work/arges-before"
+  git -C "$repo" worktree remove --force "$work/before-src"
+}
+
+# unknown_machines_lua FILE: a wrk script asking /boot.ipxe as a new machine (UUID and
+# MAC) every request.
+unknown_machines_lua() {
+  cat > "$1" <<'LUA'
+counter = 0
+request = function()
+  counter = counter + 1
+  local uuid = string.format("00000000-0000-4000-8000-%012d", counter)
+  local mac = string.format("52:54:00:%02x:%02x:%02x", math.floor(counter / 65536) % 256, math.floor(counter / 256) % 256, counter % 256)
+  return wrk.format("GET", "/boot.ipxe?uuid=" .. uuid .. "&mac=" .. mac .. "&arch=x86_64")
+end
+LUA
+}
+
 # Top-level config keys that turn the per-source limits off (a load from one address is
 # not an abuse here); prepend to a config for an appliance that knows them.
 no_limits=$'http.boot_per_source_per_sec = 0\nhttp.registrations_per_source_per_sec = 0\nhttp.max_connections_per_source = 100000\nhttp.max_connections = 100000\n'

@@ -14,14 +14,7 @@ runs="${1:-3}"; secs="${2:-5}"
 before_rev="${BEFORE:-369b2d9}"
 need wrk; need python3; need curl; need git
 
-if [ -n "${ARGES_BEFORE_BIN:-}" ]; then
-  cp "$ARGES_BEFORE_BIN" "$work/arges-before"
-else
-  git -C "$repo" worktree add --detach "$work/before-src" "$before_rev" >/dev/null 2>&1
-  (cd "$work/before-src" && cargo build --release --locked --bin arges >&2)
-  cp "$target_dir/release/arges" "$work/arges-before"
-  git -C "$repo" worktree remove --force "$work/before-src"
-fi
+build_before "$before_rev"
 build_arges
 arges_now="$arges"
 
@@ -48,15 +41,7 @@ tftp_rate() { # fetches per second of 300 sequential small TFTP transfers
   awk -v s="$start" -v e="$end" 'BEGIN {printf "%.1f", 300 / (e - s)}'
 }
 
-cat > "$work/unknown.lua" <<'LUA'
-counter = 0
-request = function()
-  counter = counter + 1
-  local uuid = string.format("00000000-0000-4000-8000-%012d", counter)
-  local mac = string.format("52:54:00:%02x:%02x:%02x", math.floor(counter / 65536) % 256, math.floor(counter / 256) % 256, counter % 256)
-  return wrk.format("GET", "/boot.ipxe?uuid=" .. uuid .. "&mac=" .. mac .. "&arch=x86_64")
-end
-LUA
+unknown_machines_lua "$work/unknown.lua"
 
 declare -A r
 for run in $(seq 1 "$runs"); do
