@@ -53,6 +53,20 @@ fn boot_script(a: &Appliance, uuid: &str, mac: &str) -> String {
     body
 }
 
+/// LIST requests the apiserver has served for `resource`, by its own metrics.
+fn lists_of(cp: &ControlPlane, resource: &str) -> u64 {
+    let resource = format!("resource=\"{resource}\"");
+    cp.kubectl(&["get", "--raw", "/metrics"])
+        .lines()
+        .filter(|l| {
+            l.starts_with("apiserver_request_total{")
+                && l.contains(&resource)
+                && l.contains("verb=\"LIST\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 fn ensure_namespace(cp: &ControlPlane) {
     let out = cp.kubectl_output(&["create", "namespace", "arges-system"]);
     assert!(
@@ -231,6 +245,27 @@ fn registration_becomes_a_server_and_kubectl_drives_the_next_boot() {
     eventually(60, "the class counts the labelled server", || {
         (count() == format!("1/[\"{UUID_1}\"]")).then_some(())
     });
+    // Counts come from watches: at steady state nobody lists Servers or ServerClasses
+    // (the poll this replaced listed both every 5 s), and a label change still reaches
+    // the counts within a bounded wait.
+    let lists = || (lists_of(&cp, "servers"), lists_of(&cp, "serverclasses"));
+    let before = lists();
+    std::thread::sleep(std::time::Duration::from_secs(12));
+    assert_eq!(
+        lists(),
+        before,
+        "LISTs of (servers, serverclasses) at steady state"
+    );
+    cp.kubectl(&["label", "server", UUID_1, "rack=r2", "--overwrite"]);
+    eventually(15, "the class lets the relabelled server go", || {
+        let c = count();
+        (c.starts_with("0/") && !c.contains(UUID_1)).then_some(())
+    });
+    cp.kubectl(&["label", "server", UUID_1, "rack=r1", "--overwrite"]);
+    eventually(15, "the class takes it back", || {
+        (count() == format!("1/[\"{UUID_1}\"]")).then_some(())
+    });
+    assert_eq!(lists(), before, "no LIST to follow the changes either");
 
     // Inline BMC credentials work but are warned about.
     cp.kubectl(&[

@@ -9,6 +9,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
+use super::caches::Caches;
 use super::config::KubernetesConfig;
 use super::{capi, environments, lease, server_classes, servers};
 use crate::core::Core;
@@ -39,6 +40,8 @@ pub struct Context {
     pub field_manager: String,
     /// Servers released by their MetalMachine are wiped (else powered off).
     pub wipe_on_release: bool,
+    /// Watch-fed caches of this appliance's Servers and of ServerClasses.
+    pub caches: Caches,
     pub(super) recorder: Recorder,
     /// (object uid, reason) pairs already warned about, so a resync does not repeat them.
     pub(super) warned: Mutex<HashSet<(String, &'static str)>>,
@@ -154,6 +157,7 @@ pub async fn run(
             instance: Some(holder.clone()),
         },
     );
+    let (caches, writers) = Caches::new();
     let ctx = Arc::new(Context {
         client: client.clone(),
         core,
@@ -161,12 +165,23 @@ pub async fn run(
         namespace: config.namespace.clone(),
         field_manager: format!("arges-{}", config.identity),
         wipe_on_release: config.wipe_on_release,
+        caches,
         recorder,
         warned: Mutex::new(HashSet::new()),
     });
     tracing::info!(identity = %ctx.identity, namespace = %ctx.namespace, "Kubernetes controller starting");
-    // Every replica keeps its local copy current; only the leader writes to the cluster.
-    let pull = tokio::spawn(servers::pull(Arc::clone(&ctx), cancel.clone()));
+    // Every replica keeps its local copy and its caches current; only the leader writes
+    // to the cluster.
+    let pull = tokio::spawn(servers::pull(
+        Arc::clone(&ctx),
+        writers.servers,
+        cancel.clone(),
+    ));
+    let classes_watch = tokio::spawn(server_classes::watch(
+        Arc::clone(&ctx),
+        writers.classes,
+        cancel.clone(),
+    ));
     let envs = tokio::spawn(environments::watch(Arc::clone(&ctx), cancel.clone()));
     let elector = lease::Elector::new(
         Api::<Lease>::namespaced(client, &ctx.namespace),
@@ -177,7 +192,7 @@ pub async fn run(
         ctx.metrics().controller_leader.set(1);
         let leading = cancel.child_token();
         let push = tokio::spawn(servers::push(Arc::clone(&ctx), leading.clone()));
-        let classes = tokio::spawn(server_classes::refresh(Arc::clone(&ctx), leading.clone()));
+        let classes = tokio::spawn(server_classes::count(Arc::clone(&ctx), leading.clone()));
         let capi = tokio::spawn(capi::run(Arc::clone(&ctx), leading.clone()));
         elector.hold(&leading).await;
         leading.cancel();
@@ -187,6 +202,7 @@ pub async fn run(
         ctx.metrics().controller_leader.set(0);
     }
     let _ = pull.await;
+    let _ = classes_watch.await;
     let _ = envs.await;
     Ok(())
 }

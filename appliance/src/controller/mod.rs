@@ -6,7 +6,8 @@
 //! changes back; [`environments`] feeds cluster-defined Environments to the core;
 //! [`server_classes`] decides class membership and keeps class counts; [`capi`] is the
 //! Cluster API infrastructure provider (MetalCluster, MetalMachine); [`lease`] elects
-//! one active replica per appliance identity.
+//! one active replica per appliance identity; [`caches`] holds the watch-fed caches the
+//! tasks share, so a steady fleet costs the apiserver its watches and leases only.
 //!
 //! Each appliance marks the Servers it discovered with its identity
 //! (`metal.arges.dev/appliance`) and reconciles only those, so several racks share one
@@ -15,6 +16,8 @@
 
 pub mod config;
 
+#[cfg(feature = "kubernetes")]
+pub mod caches;
 #[cfg(feature = "kubernetes")]
 pub mod capi;
 #[cfg(feature = "kubernetes")]

@@ -3,23 +3,32 @@
 //! A Server is in a class when it meets *every* hardware qualifier *and* the label
 //! selector (all of `matchLabels`, all of `matchExpressions`). Peers have OR-ed selectors
 //! here, which silently hands out the wrong machines; [`matches()`] is the one definition,
-//! used for the status counts now and for claiming servers by class later.
+//! used for the status counts and for claiming servers by class. Counts come from watches
+//! (no polling): [`watch`] feeds the ServerClass cache, [`count`] recounts on change.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
-use super::resources::{Server, ServerClass, ServerClassSpec};
+use super::resources::{
+    Server, ServerClass, ServerClassSpec, ServerClassStatus, ServerCpu, ServerDisk, ServerHardware,
+    ServerSpec, ServerStatus,
+};
 
-/// Two LISTs per period, by the leader only: cheap even for thousands of servers.
-const REFRESH_EVERY: Duration = Duration::from_secs(5);
+/// A burst of changes (a rack registering) is one recount, this long after the first.
+const DEBOUNCE: Duration = Duration::from_secs(1);
+/// A recount without a change, for a status write that was lost: minutes, not seconds.
+const RECOUNT_EVERY: Duration = Duration::from_secs(300);
 
 /// Whether `labels` satisfy `selector` (every term of it). An empty selector matches all.
 pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
@@ -69,49 +78,170 @@ pub fn available(server: &Server) -> bool {
         && status.clean.unwrap_or(true)
 }
 
-/// Keeps every ServerClass's status counts current, until `cancel` fires (leader only).
-pub async fn refresh(ctx: Arc<Context>, cancel: CancellationToken) {
-    let classes: Api<ServerClass> = Api::all(ctx.client.clone());
-    let servers: Api<Server> = Api::all(ctx.client.clone());
-    let mut tick = tokio::time::interval(REFRESH_EVERY);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
+/// Feeds the ServerClass cache (every replica, until `cancel` fires) and signals each
+/// change to the class-count task.
+pub async fn watch(ctx: Arc<Context>, writer: Writer<ServerClass>, cancel: CancellationToken) {
+    let api: Api<ServerClass> = Api::all(ctx.client.clone());
+    let mut stream = kube::runtime::reflector(
+        writer,
+        super::watch_until(api, watcher::Config::default(), cancel),
+    )
+    .boxed();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+            Ok(_) => ctx.caches.classes_changed.notify_one(),
+            Err(e) => tracing::warn!(error = %e, "ServerClass watch failed; retrying"),
         }
-        let (all_classes, all_servers) = match (
-            classes.list(&ListParams::default()).await,
-            servers.list(&ListParams::default()).await,
-        ) {
-            (Ok(c), Ok(s)) => (c, s),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::debug!(error = %e, "cannot list ServerClasses or Servers; retrying");
-                continue;
+    }
+}
+
+/// What counting needs of a Server: the fields [`matches()`] and [`available()`] read,
+/// and no more, so each Server in the fleet costs the counting appliance a few hundred
+/// bytes (its labels, vendor and product strings, and one entry per disk).
+fn counted(s: &Server) -> Server {
+    let h = &s.spec.hardware;
+    let status = s.status.as_ref();
+    let mut kept = Server::new(
+        &s.name_any(),
+        ServerSpec {
+            hardware: ServerHardware {
+                vendor: h.vendor.clone(),
+                product: h.product.clone(),
+                cpu: ServerCpu {
+                    count: h.cpu.count,
+                    model: String::new(),
+                },
+                memory_bytes: h.memory_bytes,
+                disks: vec![ServerDisk::default(); h.disks.len()],
+                ..ServerHardware::default()
+            },
+            accepted: s.spec.accepted,
+            cordoned: s.spec.cordoned,
+            ..ServerSpec::default()
+        },
+    );
+    kept.metadata.labels = s.metadata.labels.clone();
+    kept.status = Some(ServerStatus {
+        in_use: status.is_some_and(|st| st.in_use),
+        clean: status.and_then(|st| st.clean),
+        ..ServerStatus::default()
+    });
+    kept
+}
+
+/// The status counts of `class` over `servers`.
+fn class_status(class: &ServerClassSpec, servers: &BTreeMap<String, Server>) -> ServerClassStatus {
+    let members: Vec<&Server> = servers.values().filter(|s| matches(class, s)).collect();
+    ServerClassStatus {
+        available: members.iter().filter(|s| available(s)).count() as u32,
+        in_use: members
+            .iter()
+            .filter(|s| s.status.as_ref().is_some_and(|st| st.in_use))
+            .count() as u32,
+        servers: members.iter().map(|s| s.name_any()).collect(),
+    }
+}
+
+/// Keeps every ServerClass's status counts current, until `cancel` fires (leader only).
+/// Every Server of the fleet is watched (kept as [`counted()`] projections); a change to
+/// a Server or a class recounts after [`DEBOUNCE`], and a class is written only when its
+/// counts differ from what the cache shows, so the appliances that share a cluster agree
+/// without writing the same counts over and over. No LIST at steady state.
+pub async fn count(ctx: Arc<Context>, cancel: CancellationToken) {
+    let api: Api<Server> = Api::all(ctx.client.clone());
+    let mut stream = super::watch_until(api, watcher::Config::default(), cancel.clone());
+    let mut servers: BTreeMap<String, Server> = BTreeMap::new();
+    let mut listing: BTreeMap<String, Server> = BTreeMap::new();
+    let mut listed = false;
+    let mut due: Option<tokio::time::Instant> = None;
+    let mut recount = tokio::time::interval(RECOUNT_EVERY);
+    loop {
+        let wait = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
             }
         };
-        for class in &all_classes {
-            let members: Vec<&Server> = all_servers
-                .iter()
-                .filter(|s| matches(&class.spec, s))
-                .collect();
-            let status = json!({"status": {
-                "available": members.iter().filter(|s| available(s)).count(),
-                "inUse": members.iter().filter(|s| s.status.as_ref().is_some_and(|st| st.in_use)).count(),
-                "servers": members.iter().map(|s| s.name_any()).collect::<Vec<_>>(),
-            }});
-            if class.status.as_ref().map(|s| json!({"status": {"available": s.available, "inUse": s.in_use, "servers": s.servers}})) == Some(status.clone()) {
-                continue;
+        let changed = tokio::select! {
+            _ = cancel.cancelled() => return,
+            event = stream.next() => match event {
+                None => return,
+                Some(Ok(watcher::Event::Apply(s))) => {
+                    servers.insert(s.name_any(), counted(&s));
+                    true
+                }
+                Some(Ok(watcher::Event::Delete(s))) => {
+                    servers.remove(&s.name_any());
+                    true
+                }
+                Some(Ok(watcher::Event::Init)) => {
+                    listing.clear();
+                    false
+                }
+                Some(Ok(watcher::Event::InitApply(s))) => {
+                    listing.insert(s.name_any(), counted(&s));
+                    false
+                }
+                Some(Ok(watcher::Event::InitDone)) => {
+                    servers = std::mem::take(&mut listing);
+                    listed = true;
+                    true
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "Server watch (class counts) failed; retrying");
+                    false
+                }
+            },
+            _ = ctx.caches.classes_changed.notified() => true,
+            _ = recount.tick() => true,
+            _ = wait => {
+                due = None;
+                if listed {
+                    write_counts(&ctx, &servers).await;
+                }
+                false
             }
-            // Every appliance computes the same counts from the same cluster: a merge
-            // patch lets them agree without fighting over field ownership.
-            if let Err(e) = classes
-                .patch_status(
-                    &class.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&status),
-                )
-                .await
-            {
+        };
+        if changed && due.is_none() {
+            due = Some(tokio::time::Instant::now() + DEBOUNCE);
+        }
+    }
+}
+
+/// Writes the counts of every class whose cached status differs.
+async fn write_counts(ctx: &Context, servers: &BTreeMap<String, Server>) {
+    if ctx.caches.classes.wait_until_ready().await.is_err() {
+        return;
+    }
+    let classes: Api<ServerClass> = Api::all(ctx.client.clone());
+    for class in ctx.caches.classes.state() {
+        let status = class_status(&class.spec, servers);
+        if class.status.as_ref() == Some(&status) {
+            continue;
+        }
+        // Every appliance computes the same counts from the same cluster: a merge
+        // patch lets them agree without fighting over field ownership.
+        let patch = json!({"status": status});
+        match classes
+            .patch_status(
+                &class.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                ctx.metrics()
+                    .controller_syncs
+                    .get_or_create(&[("direction", "class_counts"), ("result", "ok")])
+                    .inc();
+            }
+            Err(e) => {
+                ctx.metrics()
+                    .controller_syncs
+                    .get_or_create(&[("direction", "class_counts"), ("result", "error")])
+                    .inc();
                 tracing::warn!(class = %class.name_any(), error = %e, "cannot update the ServerClass status");
             }
         }
@@ -224,6 +354,53 @@ mod tests {
         assert!(
             selector_matches(&LabelSelector::default(), &labels),
             "empty matches all"
+        );
+    }
+
+    #[test]
+    fn counts_come_from_projections_that_keep_what_matching_reads() {
+        let mut big = server("Dell Inc.", 32, &[("rack", "a")]);
+        big.spec.hardware.memory_bytes = 64 << 30;
+        big.spec.hardware.disks = vec![ServerDisk::default(), ServerDisk::default()];
+        big.spec.hardware.cpu.model = "a long model name".into();
+        let mut used = server("Dell Inc.", 32, &[("rack", "a")]);
+        used.metadata.name = Some("used".into());
+        used.status = Some(ServerStatus {
+            in_use: true,
+            ..ServerStatus::default()
+        });
+        let other = server("HPE", 64, &[("rack", "a")]);
+        let class = ServerClassSpec {
+            qualifiers: Qualifiers {
+                vendors: vec!["Dell Inc.".into()],
+                min_disks: Some(2),
+                min_memory_bytes: Some(32 << 30),
+                ..Qualifiers::default()
+            },
+            selector: Some(selector(&[("rack", "a")], &[])),
+            environment_ref: None,
+        };
+        for s in [&big, &used, &other] {
+            let p = counted(s);
+            assert_eq!(matches(&class, &p), matches(&class, s));
+            assert_eq!(available(&p), available(s));
+            assert!(
+                p.spec.hardware.cpu.model.is_empty(),
+                "only what counting reads"
+            );
+        }
+        used.spec.hardware = big.spec.hardware.clone();
+        let all: BTreeMap<String, Server> = [(&big, "s"), (&used, "used"), (&other, "o")]
+            .into_iter()
+            .map(|(s, name)| (name.to_string(), counted(s)))
+            .collect();
+        assert_eq!(
+            class_status(&class, &all),
+            ServerClassStatus {
+                available: 1,
+                in_use: 1,
+                servers: vec!["s".into(), "used".into()],
+            }
         );
     }
 

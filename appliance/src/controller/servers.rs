@@ -5,13 +5,16 @@
 //! status. Changes are queued by id and flushed every couple of seconds; a failed push
 //! stays queued, so registrations made while the control plane is down reach it once it
 //! is back. A Server the apiserver refuses waits alone with its own backoff: it never
-//! holds up the others. A full resync runs at start, after a lagged event stream, and periodically.
+//! holds up the others. A full resync runs at start, after a lagged event stream, and
+//! periodically; it sends only the Servers whose patches differ from their last push that
+//! went through (or that the cache does not show), so a steady fleet costs nothing.
 //!
 //! *Pull* (every replica): a watch on the Servers labelled with this appliance's identity
 //! feeds what operators set with kubectl (`accepted`, `cordoned`, `environmentRef`,
 //! labels) into the local inventory through the core, so the boot path decides from the
 //! local copy and keeps serving while the control plane is away. The watcher re-lists
-//! after expiry and backs off while the apiserver is unreachable.
+//! after expiry and backs off while the apiserver is unreachable. The same watch feeds
+//! the cache of this appliance's Servers that claims pick from.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -274,14 +277,28 @@ fn power_status(s: &Server) -> (Option<serde_json::Value>, Option<String>) {
     (condition, state)
 }
 
+/// One server's spec and status patches, and a digest of both: a push whose digest
+/// matches the last one that went through (and whose Server the cache shows) is skipped.
+fn patches(s: &Server, identity: &str) -> (serde_json::Value, serde_json::Value, [u8; 32]) {
+    use sha2::{Digest, Sha256};
+    let (spec, status) = (spec_patch(s, identity), status_patch(s, identity));
+    let mut h = Sha256::new();
+    h.update(spec.to_string());
+    h.update(status.to_string());
+    (spec, status, h.finalize().into())
+}
+
 /// Pushes one server's spec and status.
-async fn push_one(api: &Api<ServerResource>, s: &Server, ctx: &Context) -> kube::Result<()> {
-    let name = resource_name(&s.id);
+async fn push_one(
+    api: &Api<ServerResource>,
+    name: &str,
+    spec: serde_json::Value,
+    status: serde_json::Value,
+    ctx: &Context,
+) -> kube::Result<()> {
     let pp = PatchParams::apply(&ctx.field_manager).force();
-    api.patch(&name, &pp, &Patch::Apply(spec_patch(s, &ctx.identity)))
-        .await?;
-    api.patch_status(&name, &pp, &Patch::Apply(status_patch(s, &ctx.identity)))
-        .await?;
+    api.patch(name, &pp, &Patch::Apply(spec)).await?;
+    api.patch_status(name, &pp, &Patch::Apply(status)).await?;
     Ok(())
 }
 
@@ -292,6 +309,9 @@ pub async fn push(ctx: Arc<Context>, cancel: CancellationToken) {
     let mut dirty: BTreeSet<String> = BTreeSet::new();
     // Servers the apiserver refused: attempts, and when to try again.
     let mut held: BTreeMap<String, (u32, tokio::time::Instant)> = BTreeMap::new();
+    // The digest of each Server's last push that went through: a resync sends only what
+    // changed, so at steady state it costs no request whatever the number of servers.
+    let mut pushed: BTreeMap<String, [u8; 32]> = BTreeMap::new();
     let mut resync = true;
     let mut flush = tokio::time::interval(FLUSH_EVERY);
     let mut full = tokio::time::interval(RESYNC_EVERY);
@@ -336,11 +356,19 @@ pub async fn push(ctx: Arc<Context>, cancel: CancellationToken) {
                 for id in ids {
                     let s = match ctx.core.server(&id).await {
                         Ok(s) => s,
-                        Err(_) => { dirty.remove(&id); held.remove(&id); continue; }
+                        Err(_) => { dirty.remove(&id); held.remove(&id); pushed.remove(&id); continue; }
                     };
-                    match push_one(&api, &s, &ctx).await {
+                    let name = resource_name(&s.id);
+                    let (spec, status, digest) = patches(&s, &ctx.identity);
+                    let cached = ctx.caches.servers.get(&kube::runtime::reflector::ObjectRef::new(&name)).is_some();
+                    if cached && pushed.get(&id) == Some(&digest) {
+                        dirty.remove(&id);
+                        continue;
+                    }
+                    match push_one(&api, &name, spec, status, &ctx).await {
                         Ok(()) => {
                             dirty.remove(&id);
+                            pushed.insert(id.clone(), digest);
                             if held.remove(&id).is_some() {
                                 tracing::info!(server = %id, "the Server is updated again");
                             }
@@ -582,11 +610,17 @@ fn bmc_settings(
     Ok(settings)
 }
 
-/// Cluster → inventory, until `cancel` fires.
-pub async fn pull(ctx: Arc<Context>, cancel: CancellationToken) {
+/// Cluster → inventory, until `cancel` fires; the same watch feeds the cache of this
+/// appliance's Servers (`writer`).
+pub async fn pull(
+    ctx: Arc<Context>,
+    writer: kube::runtime::reflector::store::Writer<ServerResource>,
+    cancel: CancellationToken,
+) {
     let api: Api<ServerResource> = Api::all(ctx.client.clone());
     let config = watcher::Config::default().labels(&format!("{APPLIANCE_LABEL}={}", ctx.identity));
-    let mut stream = super::watch_until(api, config, cancel);
+    let mut stream =
+        kube::runtime::reflector(writer, super::watch_until(api, config, cancel)).boxed();
     while let Some(event) = stream.next().await {
         match event {
             Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => pull_one(&ctx, &s).await,

@@ -17,7 +17,10 @@ use serde_json::{Value, json};
 use tower_test::mock::{Handle, SendResponse};
 
 use super::Context;
+use super::caches::{CacheWriters, Caches};
 use crate::core::Core;
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
 
 /// How long a test waits for the reconciler's next request before it fails.
 const PATIENCE: Duration = Duration::from_secs(5);
@@ -35,6 +38,7 @@ impl Context {
                 instance: None,
             },
         );
+        let (caches, writers) = Caches::new();
         let ctx = Context {
             client,
             core: Arc::new(core),
@@ -42,6 +46,7 @@ impl Context {
             namespace: "arges-system".into(),
             field_manager: "arges-rack-1".into(),
             wipe_on_release: true,
+            caches,
             recorder,
             warned: Mutex::new(HashSet::new()),
         };
@@ -50,6 +55,7 @@ impl Context {
             ApiServer {
                 handle,
                 events: Vec::new(),
+                caches: writers,
             },
         )
     }
@@ -60,6 +66,8 @@ pub struct ApiServer {
     handle: Handle<Request<Body>, Response<Body>>,
     /// Events published so far: (type, reason, note).
     pub events: Vec<(String, String, String)>,
+    /// What the watches would have put in the context's caches.
+    caches: CacheWriters,
 }
 
 /// One request the reconciler made, waiting for its answer.
@@ -131,6 +139,13 @@ impl ApiServer {
         }
     }
 
+    /// The caches as a first listing would fill them: these Servers of this appliance
+    /// and these ServerClasses (JSON objects).
+    pub fn cached(&mut self, servers: &[Value], classes: &[Value]) {
+        fill(&mut self.caches.servers, servers);
+        fill(&mut self.caches.classes, classes);
+    }
+
     /// Whether an event with `reason` was published.
     pub fn published(&self, reason: &str) -> bool {
         self.events.iter().any(|(_, r, _)| r == reason)
@@ -176,6 +191,19 @@ impl Call {
             .expect("a response");
         self.send.send_response(response);
     }
+}
+
+/// A first listing of `objects` into `writer`.
+fn fill<K>(writer: &mut Writer<K>, objects: &[Value])
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned,
+{
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for o in objects {
+        let object: K = serde_json::from_value(o.clone()).expect("a cached object");
+        writer.apply_watcher_event(&watcher::Event::InitApply(object));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
 }
 
 fn ok(object: &Value) -> Response<Body> {

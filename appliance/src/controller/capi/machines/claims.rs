@@ -2,15 +2,13 @@
 //! resourceVersion precondition, so of two machines (or two appliances) racing for one
 //! server exactly one wins and the other hears 409 and tries the next.
 
-use kube::api::{ListParams, Patch};
+use kube::api::Patch;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::super::{RETRY, patch_params};
 use super::report::{Blocked, Step};
-use crate::controller::resources::{
-    APPLIANCE_LABEL, Server as ServerResource, ServerClaim, ServerClass,
-};
+use crate::controller::resources::{APPLIANCE_LABEL, Server as ServerResource, ServerClaim};
 use crate::controller::{Context, server_classes};
 
 /// The label selector of the Servers this appliance discovered.
@@ -88,13 +86,32 @@ pub(super) async fn claim_named(
 }
 
 /// A free Server of `class` (this appliance's own), claimed; the first that can be.
+/// Candidates come from the watch-fed caches (no LIST); the claim itself is a write with
+/// the cached resourceVersion as its precondition, so a stale entry only costs a 409.
 pub(super) async fn claim_from_class(
     ctx: &Context,
     class: &str,
     claim: &ServerClaim,
 ) -> Result<ServerResource, Step> {
-    let classes: Api<ServerClass> = Api::all(ctx.client.clone());
-    let Some(class_obj) = classes.get_opt(class).await? else {
+    // A claim this process took that the cache does not show yet: that server, again.
+    if let Some(name) = ctx.caches.claim(&claim.uid) {
+        let servers: Api<ServerResource> = Api::all(ctx.client.clone());
+        if let Some(s) = servers.get_opt(&name).await?
+            && claim_of(&s).is_some_and(|c| c.uid == claim.uid)
+        {
+            return Ok(s);
+        }
+        ctx.caches.forget_claim(&claim.uid);
+    }
+    if !ctx.caches.ready().await {
+        return Err(Blocked::waiting(
+            "WaitingForCaches",
+            "the watches of Servers and ServerClasses have not listed yet",
+        )
+        .retry(RETRY)
+        .into());
+    }
+    let Some(class_obj) = ctx.caches.class(class) else {
         return Err(Blocked::failed(
             "ServerClassNotFound",
             format!("ServerClass {class} does not exist"),
@@ -102,17 +119,13 @@ pub(super) async fn claim_from_class(
         )
         .into());
     };
-    let servers: Api<ServerResource> = Api::all(ctx.client.clone());
-    let mut all = servers
-        .list(&ListParams::default().labels(&own_servers_selector(ctx)))
-        .await?
-        .items;
+    let mut all = ctx.caches.servers.state();
     // A restart after claiming but before binding finds its own claim first.
     if let Some(mine) = all
         .iter()
         .find(|s| claim_of(s).is_some_and(|c| c.uid == claim.uid))
     {
-        return Ok(mine.clone());
+        return Ok(ServerResource::clone(mine));
     }
     all.sort_by_key(|s| s.name_any());
     let mut raced = false;
@@ -121,7 +134,10 @@ pub(super) async fn claim_from_class(
         .filter(|s| server_classes::matches(&class_obj.spec, s) && unavailable(s).is_none())
     {
         match take_claim(ctx, s, claim).await {
-            Ok(s) => return Ok(s),
+            Ok(taken) => {
+                ctx.caches.claimed(&claim.uid, &taken.name_any());
+                return Ok(taken);
+            }
             Err(kube::Error::Api(e)) if e.code == 409 => raced = true,
             Err(e) => return Err(e.into()),
         }
@@ -146,6 +162,7 @@ pub(super) async fn release_claim(
     uid: &str,
     dirty: bool,
 ) -> Result<(), kube::Error> {
+    ctx.caches.forget_claim(uid);
     if claim_of(s).is_none_or(|c| c.uid != uid) {
         // Read again: the object in hand may predate our own claim.
         let servers: Api<ServerResource> = Api::all(ctx.client.clone());

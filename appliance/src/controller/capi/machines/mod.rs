@@ -68,8 +68,13 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
     let servers: Api<ServerResource> = Api::all(ctx.client.clone());
     let capi_machines: Api<DynamicObject> =
         Api::all_with(ctx.client.clone(), &capi_resource("Machine", "machines"));
-    let sweep = tokio::spawn(release::sweep(Arc::clone(&ctx), cancel.clone()));
-    Controller::new(machines, watcher::Config::default())
+    let controller = Controller::new(machines, watcher::Config::default());
+    let sweep = tokio::spawn(release::sweep(
+        Arc::clone(&ctx),
+        controller.store(),
+        cancel.clone(),
+    ));
+    controller
         // A Server's status shows its install progress (pushed from the inventory), so
         // the machine holding it hears of it.
         .watches(
@@ -160,10 +165,19 @@ async fn reconcile(mm: Arc<MetalMachine>, ctx: Arc<Context>) -> Result<Action, R
             b.retry.map_or(Action::requeue(RETRY * 6), Action::requeue)
         }
         Err(Step::Error(e)) => {
+            // The conditions this pass changed are written, so their events go out now:
+            // the next pass finds them set and says nothing.
             write_status_best_effort(&api, &mm, &report).await;
+            publish_events(&ctx, &mm, report).await;
             return Err(e);
         }
     };
+    publish_events(&ctx, &mm, report).await;
+    Ok(action)
+}
+
+/// The events of the condition changes a pass made.
+async fn publish_events(ctx: &Context, mm: &MetalMachine, report: Report) {
     for note in report.events {
         ctx.publish(
             &mm.object_ref(&()),
@@ -174,7 +188,6 @@ async fn reconcile(mm: Arc<MetalMachine>, ctx: Arc<Context>) -> Result<Action, R
         )
         .await;
     }
-    Ok(action)
 }
 
 /// `Ready` and `Installed` of a machine that is claimed, staged and powered.

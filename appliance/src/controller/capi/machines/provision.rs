@@ -255,6 +255,8 @@ async fn bind(
         }
         return Err(e.into());
     }
+    // Bound: from now on the machine names its server; the claim needs no remembering.
+    ctx.caches.forget_claim(&mm.uid().unwrap_or_default());
     Ok(())
 }
 

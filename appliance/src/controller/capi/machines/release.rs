@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use kube::api::{ListParams, Patch};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -128,27 +129,52 @@ pub(super) async fn release_server(
 /// Releases servers whose claim names a MetalMachine that is gone (deleted with its
 /// finalizer removed by hand, or recreated under the same name) or that was bound to
 /// another server (another appliance bound it first, and giving this one back failed).
-pub(super) async fn sweep(ctx: Arc<Context>, cancel: CancellationToken) {
-    let servers: Api<ServerResource> = Api::all(ctx.client.clone());
+/// It reads the caches (this appliance's Servers, and `machines`, the reconciler's own
+/// store): a sweep costs no request unless it finds something to release, which it then
+/// reads again from the apiserver before acting.
+pub(super) async fn sweep(
+    ctx: Arc<Context>,
+    machines: Store<MetalMachine>,
+    cancel: CancellationToken,
+) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let Ok(list) = servers
-            .list(&ListParams::default().labels(&own_servers_selector(&ctx)))
-            .await
-        else {
+        if !ctx.caches.ready().await || machines.wait_until_ready().await.is_err() {
             continue;
-        };
-        for s in &list.items {
-            sweep_one(&ctx, s).await;
+        }
+        for s in ctx.caches.servers.state() {
+            let Some(c) = claim_of(&s) else { continue };
+            let Some((ns, name)) = c.machine.split_once('/') else {
+                continue;
+            };
+            let cached = machines.get(&ObjectRef::new(name).within(ns));
+            if holds(cached.as_deref(), &c.uid, &s) {
+                continue;
+            }
+            sweep_one(&ctx, &s).await;
         }
     }
 }
 
-/// Releases `s` if the machine its claim names is gone or bound to another server.
+/// Whether `mm` is still the machine of claim `uid` on `s`: unbound yet (between claim
+/// and bind), or bound to it.
+fn holds(mm: Option<&MetalMachine>, uid: &str, s: &ServerResource) -> bool {
+    mm.is_some_and(|mm| {
+        mm.uid().as_deref() == Some(uid)
+            && mm
+                .spec
+                .server_ref
+                .as_ref()
+                .is_none_or(|r| r.name == s.name_any())
+    })
+}
+
+/// Releases `s` if the machine its claim names is gone or bound to another server, as
+/// the apiserver says now.
 async fn sweep_one(ctx: &Context, s: &ServerResource) {
     let Some(c) = claim_of(s) else { return };
     let Some((ns, name)) = c.machine.split_once('/') else {
@@ -156,14 +182,7 @@ async fn sweep_one(ctx: &Context, s: &ServerResource) {
     };
     let api: Api<MetalMachine> = Api::namespaced(ctx.client.clone(), ns);
     match api.get_opt(name).await {
-        // Still its machine: unbound yet (between claim and bind), or bound to it.
-        Ok(Some(mm))
-            if mm.uid().as_deref() == Some(c.uid.as_str())
-                && mm
-                    .spec
-                    .server_ref
-                    .as_ref()
-                    .is_none_or(|r| r.name == s.name_any()) => {}
+        Ok(mm) if holds(mm.as_ref(), &c.uid, s) => {}
         Ok(_) => {
             tracing::warn!(server = %s.name_any(), machine = %c.machine, "the machine holding this server is gone or bound to another; releasing it");
             let uid = c.uid.clone();

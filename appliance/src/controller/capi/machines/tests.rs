@@ -75,6 +75,14 @@ fn server(m: &Machine) -> Value {
     })
 }
 
+/// ServerClass `small`: any server.
+fn class_small() -> Value {
+    json!({
+        "apiVersion": "metal.arges.dev/v1alpha1", "kind": "ServerClass",
+        "metadata": {"name": "small"}, "spec": {},
+    })
+}
+
 fn with_claim(mut s: Value, uid: &str) -> Value {
     s["status"] = json!({"inUse": true, "claim": {"machine": "ns1/cp-0", "uid": uid}});
     s
@@ -207,28 +215,13 @@ async fn status_patch(api: &mut ApiServer, mm: &Mm) -> String {
 async fn a_class_claim_that_loses_a_race_takes_the_next_server() {
     let (core, a, b) = core_with_two().await;
     let (ctx, mut api) = Context::test(core);
+    // The candidates come from the caches: no LIST, no GET of the class.
+    api.cached(&[server(&a), server(&b)], &[class_small()]);
     let mm = Mm::test();
     let task = start(&ctx, &mm);
     answer_bootstrap(&mut api).await;
-    api.expect("GET", "/apis/metal.arges.dev/v1alpha1/serverclasses/small")
-        .await
-        .reply(&json!({
-            "apiVersion": "metal.arges.dev/v1alpha1", "kind": "ServerClass",
-            "metadata": {"name": "small"}, "spec": {},
-        }));
-    let list = api.expect("GET", SERVERS).await;
-    assert!(
-        list.query
-            .contains("labelSelector=metal.arges.dev%2Fappliance%3Drack-1"),
-        "only this appliance's servers: {}",
-        list.query
-    );
-    list.reply(&json!({
-        "apiVersion": "metal.arges.dev/v1alpha1", "kind": "ServerList",
-        "metadata": {"resourceVersion": "9"},
-        "items": [server(&a), server(&b)],
-    }));
-    // Another machine claimed the first server a moment ago: 409.
+    // Another machine claimed the first server a moment ago (the cache has not seen it
+    // yet): 409.
     let first = api
         .expect("PATCH", &format!("{SERVERS}/{}/status", a.uuid))
         .await;
@@ -273,6 +266,53 @@ async fn a_class_claim_that_loses_a_race_takes_the_next_server() {
     for reason in ["SecretFound", "Claimed", "NoBMC"] {
         assert!(api.published(reason), "{reason}: {:?}", api.events);
     }
+}
+
+#[tokio::test]
+async fn a_claim_the_cache_does_not_show_yet_is_found_again_not_taken_twice() {
+    let (core, a, b) = core_with_two().await;
+    let (ctx, mut api) = Context::test(core);
+    // The cache shows both servers free, and goes on showing them so (its watch lags).
+    api.cached(&[server(&a), server(&b)], &[class_small()]);
+    let mm = Mm::test();
+    let task = start(&ctx, &mm);
+    answer_bootstrap(&mut api).await;
+    api.expect("PATCH", &format!("{SERVERS}/{}/status", a.uuid))
+        .await
+        .reply(&with_claim(server(&a), "uid-cp-0"));
+    // The bind fails (the machine object in hand was stale), and nobody else bound it.
+    api.expect("PATCH", MM_PATH).await.conflict();
+    api.expect("GET", MM_PATH).await.reply(&mm.0);
+    api.expect("PATCH", &format!("{MM_PATH}/status"))
+        .await
+        .reply(&mm.0);
+    assert!(api.until_done(task).await.is_err());
+    // The conditions that pass set were written, so their events went out with them (the
+    // next pass finds them set and says nothing).
+    for reason in ["SecretFound", "Claimed"] {
+        assert!(api.published(reason), "{reason}: {:?}", api.events);
+    }
+    // Again at once: the claim this process took is read back, not a second one taken.
+    let task = start(&ctx, &mm);
+    answer_bootstrap(&mut api).await;
+    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
+        .await
+        .reply(&with_claim(server(&a), "uid-cp-0"));
+    let bind = api.expect("PATCH", MM_PATH).await;
+    assert_eq!(bind.body["spec"]["serverRef"]["name"], a.uuid.as_str());
+    bind.reply(&mm.clone().bound_to(&a.uuid).0);
+    let conditions = status_patch(&mut api, &mm).await;
+    assert!(
+        conditions.contains("ServerClaimed=True/Claimed"),
+        "{conditions}"
+    );
+    api.until_done(task).await.expect("reconciled");
+    assert!(!claimed_locally(&ctx, &b.uuid).await, "b was never taken");
+    assert_eq!(
+        ctx.caches.claim("uid-cp-0"),
+        None,
+        "bound: nothing to remember"
+    );
 }
 
 #[tokio::test]
@@ -380,16 +420,10 @@ async fn a_tripped_window_stops_the_machine_until_armed() {
 async fn a_bind_lost_to_another_appliance_gives_the_claim_back() {
     let (core, a, b) = core_with_two().await;
     let (ctx, mut api) = Context::test(core);
+    api.cached(&[server(&a)], &[class_small()]);
     let mm = Mm::test();
     let task = start(&ctx, &mm);
     answer_bootstrap(&mut api).await;
-    api.expect("GET", "/apis/metal.arges.dev/v1alpha1/serverclasses/small")
-        .await
-        .reply(&json!({"apiVersion": "metal.arges.dev/v1alpha1", "kind": "ServerClass", "metadata": {"name": "small"}, "spec": {}}));
-    api.expect("GET", SERVERS).await.reply(&json!({
-        "apiVersion": "metal.arges.dev/v1alpha1", "kind": "ServerList",
-        "metadata": {}, "items": [server(&a)],
-    }));
     api.expect("PATCH", &format!("{SERVERS}/{}/status", a.uuid))
         .await
         .reply(&with_claim(server(&a), "uid-cp-0"));

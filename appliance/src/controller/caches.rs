@@ -1,0 +1,99 @@
+//! Watch-fed caches the controller's tasks share, so that steady state costs the
+//! apiserver nothing but the watches themselves (controller-runtime's informer model, in
+//! kube-runtime's reflectors):
+//!
+//! - this appliance's own Servers (label-selected), fed by the pull watch every replica
+//!   runs anyway: claims pick free servers here instead of listing them;
+//! - every ServerClass: claims read their class here, and class counts are recomputed
+//!   when one changes ([`Caches::classes_changed`]).
+//!
+//! A cache may lag the cluster by a watch event. What must be exact stays a
+//! resourceVersion precondition on the write (a claim), and claims this process has just
+//! taken are remembered until the watch shows them ([`Caches::claimed`]), so a reconcile
+//! repeated in that gap finds its own claim instead of taking a second server.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use tokio::sync::Notify;
+
+use super::resources::{Server as ServerResource, ServerClass};
+
+/// How long a task waits for a cache's first listing before it says so and retries.
+pub const READY_WITHIN: Duration = Duration::from_secs(10);
+
+/// The controller's shared caches (readers); the watches hold the writers.
+pub struct Caches {
+    /// This appliance's Servers.
+    pub servers: Store<ServerResource>,
+    /// Every ServerClass.
+    pub classes: Store<ServerClass>,
+    /// Signalled on every ServerClass change (the class-count task waits on it).
+    pub classes_changed: Notify,
+    /// Claims taken by this process: the claim's uid to the Server's name.
+    claims: Mutex<HashMap<String, String>>,
+}
+
+/// The writers of [`Caches`], handed to the watches that feed them.
+pub struct CacheWriters {
+    pub servers: Writer<ServerResource>,
+    pub classes: Writer<ServerClass>,
+}
+
+impl Caches {
+    /// Empty caches and their writers.
+    pub fn new() -> (Caches, CacheWriters) {
+        let (servers, servers_writer) = reflector::store();
+        let (classes, classes_writer) = reflector::store();
+        (
+            Caches {
+                servers,
+                classes,
+                classes_changed: Notify::new(),
+                claims: Mutex::new(HashMap::new()),
+            },
+            CacheWriters {
+                servers: servers_writer,
+                classes: classes_writer,
+            },
+        )
+    }
+
+    /// Whether both caches have had their first listing within [`READY_WITHIN`].
+    pub async fn ready(&self) -> bool {
+        let both = async {
+            self.servers.wait_until_ready().await.is_ok()
+                && self.classes.wait_until_ready().await.is_ok()
+        };
+        tokio::time::timeout(READY_WITHIN, both)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// The ServerClass `name`, as last seen.
+    pub fn class(&self, name: &str) -> Option<std::sync::Arc<ServerClass>> {
+        self.classes.get(&ObjectRef::new(name))
+    }
+
+    /// Remembers that claim `uid` took Server `server`.
+    pub fn claimed(&self, uid: &str, server: &str) {
+        self.lock_claims()
+            .insert(uid.to_string(), server.to_string());
+    }
+
+    /// The Server claim `uid` took in this process, if it is not given back.
+    pub fn claim(&self, uid: &str) -> Option<String> {
+        self.lock_claims().get(uid).cloned()
+    }
+
+    /// Forgets claim `uid` (released, or seen by the watch).
+    pub fn forget_claim(&self, uid: &str) {
+        self.lock_claims().remove(uid);
+    }
+
+    fn lock_claims(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
