@@ -1066,3 +1066,150 @@ fn a_tenant_machine_reads_no_secret_outside_its_namespace_and_redirects_no_serve
         tenant_host.requests()
     );
 }
+
+/// Cluster `racks` on MetalCluster `racks`, bootstrap data in Secret `racks-bootstrap`,
+/// and a Machine with its MetalMachine (servers of class `qemu`) for each
+/// (name, failure domain).
+fn rack_manifests(machines: &[(&str, &str)]) -> String {
+    let mut out = format!(
+        r#"apiVersion: cluster.x-k8s.io/v1beta2
+kind: Cluster
+metadata: {{name: racks, namespace: {NS}}}
+spec:
+  infrastructureRef: {{apiGroup: infrastructure.cluster.x-k8s.io, kind: MetalCluster, name: racks}}
+---
+apiVersion: infrastructure.cluster.x-k8s.io/v1alpha2
+kind: MetalCluster
+metadata: {{name: racks, namespace: {NS}}}
+spec:
+  controlPlaneEndpoint: {{host: 10.0.0.30, port: 6443}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: racks-bootstrap, namespace: {NS}, labels: {{cluster.x-k8s.io/cluster-name: racks}}}}
+type: cluster.x-k8s.io/secret
+stringData: {{value: "machine: {{type: controlplane}}"}}
+"#
+    );
+    for (name, rack) in machines {
+        out.push_str(&format!(
+            r#"---
+apiVersion: infrastructure.cluster.x-k8s.io/v1alpha2
+kind: MetalMachine
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  serverClassRef: {{name: qemu}}
+---
+apiVersion: cluster.x-k8s.io/v1beta2
+kind: Machine
+metadata: {{name: {name}, namespace: {NS}, labels: {{cluster.x-k8s.io/cluster-name: racks}}}}
+spec:
+  clusterName: racks
+  version: v1.35.4
+  failureDomain: {rack}
+  bootstrap: {{dataSecretName: racks-bootstrap}}
+  infrastructureRef: {{apiGroup: infrastructure.cluster.x-k8s.io, kind: MetalMachine, name: {name}}}
+"#
+        ));
+    }
+    out
+}
+
+#[test]
+#[ignore = "real kube-apiserver and Cluster API (built from Go modules); tests/run-all.sh runs it"]
+fn racks_are_failure_domains_and_each_machine_lands_in_the_rack_it_asks_for() {
+    let (cp, capi) = control_plane();
+    let racks = [
+        provider_appliance_as(&cp, "rack-a", "release = \"power-off\""),
+        provider_appliance_as(&cp, "rack-b", "release = \"power-off\""),
+        provider_appliance_as(
+            &cp,
+            "rack-c",
+            "release = \"power-off\"\ncontrol_plane = false",
+        ),
+    ];
+    server_bmc_secret(&cp);
+    let bmcs: Vec<Bmc> = (0..3).map(|_| Bmc::start()).collect();
+    // One server in each rack, all of one class.
+    let uuids: Vec<String> = (1..=3)
+        .zip(&bmcs)
+        .map(|(i, bmc)| {
+            let uuid = register_machine(&racks[i as usize - 1], i);
+            wait_for_server(&cp, &uuid);
+            accept_with_bmc(&cp, &uuid, bmc);
+            uuid
+        })
+        .collect();
+    apply(
+        &cp,
+        "apiVersion: metal.arges.dev/v1alpha1\nkind: ServerClass\nmetadata:\n  name: qemu\nspec:\n  qualifiers:\n    vendors: [QEMU]\n",
+    );
+    // A control plane of three, one per rack.
+    apply(
+        &cp,
+        &rack_manifests(&[("cp-a", "rack-a"), ("cp-b", "rack-b"), ("cp-c", "rack-c")]),
+    );
+    // The MetalCluster lists the racks (rack C not for control planes), and Cluster API
+    // copies them to the Cluster: the contract field is read.
+    let domains = "{range .status.failureDomains[*]}{.name}={.controlPlane} {end}";
+    let want = "rack-a=true rack-b=true rack-c=false ";
+    eventually(
+        60,
+        "the racks as the MetalCluster's failure domains",
+        || (cp.field(&["metalcluster", "racks", "-n", NS], domains) == want).then_some(()),
+    );
+    eventually(60, "the Cluster shows the failure domains", || {
+        (cp.field(&["cluster", "racks", "-n", NS], domains) == want).then_some(())
+    });
+    let landed = || {
+        ["cp-a", "cp-b", "cp-c"]
+            .iter()
+            .zip(["rack-a", "rack-b", "rack-c"])
+            .zip(&uuids)
+            .all(|((m, rack), uuid)| {
+                cp.field(
+                    &["metalmachine", m, "-n", NS],
+                    "{.spec.providerID} {.status.failureDomain}",
+                ) == format!("arges://{uuid} {rack}")
+                    && condition(&cp, &["metalmachine", m], "Ready") == "True/Provisioned"
+            })
+    };
+    let state = || {
+        format!(
+            "{}\n--- rack-a ---\n{}",
+            pool_state(&cp, &racks[0], &capi),
+            racks[0].log()
+        )
+    };
+    within(
+        120,
+        "each machine on its own rack's server",
+        || landed().then_some(()),
+        state,
+    );
+    // A fourth Machine for rack A, which has no second server: it waits, and says why;
+    // the others stay as they are.
+    apply(&cp, &rack_manifests(&[("cp-a2", "rack-a")]));
+    within(
+        60,
+        "the fourth machine waits for a server in its rack",
+        || {
+            (condition(&cp, &["metalmachine", "cp-a2"], "Ready") == "False/NoFreeServer")
+                .then_some(())
+        },
+        state,
+    );
+    assert!(landed(), "{}", state());
+    let message = cp.field(
+        &["metalmachine", "cp-a2", "-n", NS],
+        r#"{.status.conditions[?(@.type=="Ready")].message}"#,
+    );
+    assert!(message.contains("in rack rack-a"), "{message}");
+    // Cluster API surfaces where each machine was placed.
+    eventually(30, "the Machine shows its failure domain", || {
+        (cp.field(&["machine", "cp-b", "-n", NS], "{.status.failureDomain}") == "rack-b")
+            .then_some(())
+    });
+    let on = bmcs.iter().filter(|b| b.ipmitool_says_on()).count();
+    assert_eq!(on, 3, "exactly the three placed machines were powered on");
+}

@@ -5,19 +5,21 @@
 //! - this appliance's own Servers (label-selected), fed by the pull watch every replica
 //!   runs anyway: claims pick free servers here instead of listing them;
 //! - every ServerClass: claims read their class here, and class counts are recomputed
-//!   when one changes ([`Caches::classes_changed`]).
+//!   when one changes ([`Caches::classes_changed`]);
+//! - the racks that hold usable servers ([`Caches::racks`]), from the class-count watch
+//!   of every Server: MetalClusters publish them as failure domains.
 //!
 //! A cache may lag the cluster by a watch event. What must be exact stays a
 //! resourceVersion precondition on the write (a claim), and claims this process has just
 //! taken are remembered until the watch shows them ([`Caches::claimed`]), so a reconcile
 //! repeated in that gap finds its own claim instead of taking a second server.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use super::resources::{Server as ServerResource, ServerClass};
 
@@ -32,9 +34,15 @@ pub struct Caches {
     pub classes: Store<ServerClass>,
     /// Signalled on every ServerClass change (the class-count task waits on it).
     pub classes_changed: Notify,
+    /// Racks holding accepted, uncordoned servers, and whether each may run control-plane
+    /// machines; `None` until the watch of every Server has listed (leader only).
+    pub racks: watch::Sender<Option<Racks>>,
     /// Claims taken by this process: the claim's uid to the Server's name.
     claims: Mutex<HashMap<String, String>>,
 }
+
+/// Rack (appliance identity) to control-plane eligibility.
+pub type Racks = BTreeMap<String, bool>;
 
 /// The writers of [`Caches`], handed to the watches that feed them.
 pub struct CacheWriters {
@@ -52,6 +60,7 @@ impl Caches {
                 servers,
                 classes,
                 classes_changed: Notify::new(),
+                racks: watch::Sender::new(None),
                 claims: Mutex::new(HashMap::new()),
             },
             CacheWriters {

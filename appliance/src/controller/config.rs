@@ -23,6 +23,8 @@ pub struct KubernetesSection {
     /// What a Server released by its MetalMachine does: `wipe` (boot the wipe
     /// environment; free once it reports) or `power-off` (free at once).
     pub release: Release,
+    /// Whether this rack (the appliance's failure domain) may run control-plane machines.
+    pub control_plane: bool,
 }
 
 /// `[kubernetes] release`.
@@ -42,6 +44,7 @@ impl Default for KubernetesSection {
             identity: None,
             namespace: "arges-system".into(),
             release: Release::Wipe,
+            control_plane: true,
         }
     }
 }
@@ -58,6 +61,8 @@ pub struct KubernetesConfig {
     pub namespace: String,
     /// Released servers are wiped (else powered off and free at once).
     pub wipe_on_release: bool,
+    /// This rack may run control-plane machines (its failure domain's `controlPlane`).
+    pub control_plane: bool,
 }
 
 impl KubernetesConfig {
@@ -91,6 +96,7 @@ impl KubernetesConfig {
             identity,
             namespace: k.namespace.clone(),
             wipe_on_release: k.release == Release::Wipe,
+            control_plane: k.control_plane,
         }))
     }
 }

@@ -40,6 +40,8 @@ pub struct Context {
     pub field_manager: String,
     /// Servers released by their MetalMachine are wiped (else powered off).
     pub wipe_on_release: bool,
+    /// This rack may run control-plane machines.
+    pub control_plane: bool,
     /// Watch-fed caches of this appliance's Servers and of ServerClasses.
     pub caches: Caches,
     pub(super) recorder: Recorder,
@@ -165,6 +167,7 @@ pub async fn run(
         namespace: config.namespace.clone(),
         field_manager: format!("arges-{}", config.identity),
         wipe_on_release: config.wipe_on_release,
+        control_plane: config.control_plane,
         caches,
         recorder,
         warned: Mutex::new(HashSet::new()),

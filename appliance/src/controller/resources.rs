@@ -24,6 +24,9 @@ use serde::{Deserialize, Serialize};
 pub const METAL_GROUP: &str = "metal.arges.dev";
 /// Label naming the appliance that discovered (and reconciles) a Server.
 pub const APPLIANCE_LABEL: &str = "metal.arges.dev/appliance";
+/// Label saying whether the Server's rack may run control-plane machines
+/// (`[kubernetes] control_plane` of its appliance): "true" or "false".
+pub const CONTROL_PLANE_RACK_LABEL: &str = "metal.arges.dev/control-plane-rack";
 
 // ---------------------------------------------------------------- Server
 
@@ -488,6 +491,25 @@ pub struct MetalClusterStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub initialization: Option<Initialization>,
     pub conditions: Vec<Condition>,
+    /// The racks (appliance identities) that hold accepted, uncordoned servers: the
+    /// contract's failure domains, which Cluster API copies to the Cluster and spreads
+    /// control-plane Machines over.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failure_domains: Vec<FailureDomain>,
+}
+
+/// One failure domain, as the v1beta2 contract lists them: a rack.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureDomain {
+    /// The rack's appliance identity.
+    pub name: String,
+    /// Whether control-plane Machines may go there (`[kubernetes] control_plane` of the
+    /// rack's appliance).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<bool>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// A reference to an object, as Cluster API writes them.
@@ -557,6 +579,10 @@ pub struct MetalMachineStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure_message: Option<String>,
     pub conditions: Vec<Condition>,
+    /// The rack the machine's server is in (the contract's optional field, copied to the
+    /// Machine's status).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_domain: Option<String>,
 }
 
 /// Template of MetalMachines, for MachineDeployments and control-plane providers.

@@ -20,9 +20,10 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
+use super::caches::Racks;
 use super::resources::{
-    Server, ServerClass, ServerClassSpec, ServerClassStatus, ServerCpu, ServerDisk, ServerHardware,
-    ServerSpec, ServerStatus,
+    APPLIANCE_LABEL, CONTROL_PLANE_RACK_LABEL, Server, ServerClass, ServerClassSpec,
+    ServerClassStatus, ServerCpu, ServerDisk, ServerHardware, ServerSpec, ServerStatus,
 };
 
 /// A burst of changes (a rack registering) is one recount, this long after the first.
@@ -121,6 +122,7 @@ fn counted(s: &Server) -> Server {
             ..ServerSpec::default()
         },
     );
+    // The labels serve the class selectors, and the racks (failure domains).
     kept.metadata.labels = s.metadata.labels.clone();
     kept.status = Some(ServerStatus {
         in_use: status.is_some_and(|st| st.in_use),
@@ -128,6 +130,26 @@ fn counted(s: &Server) -> Server {
         ..ServerStatus::default()
     });
     kept
+}
+
+/// The racks that hold accepted, uncordoned servers (in use or not, so a rack does not
+/// come and go as machines claim its servers), each eligible for control-plane machines
+/// unless its servers say otherwise.
+fn racks(servers: &BTreeMap<String, Server>) -> Racks {
+    let mut racks = Racks::new();
+    for s in servers
+        .values()
+        .filter(|s| s.spec.accepted && !s.spec.cordoned)
+    {
+        let Some(rack) = s.labels().get(APPLIANCE_LABEL) else {
+            continue;
+        };
+        let eligible =
+            s.labels().get(CONTROL_PLANE_RACK_LABEL).map(String::as_str) != Some("false");
+        let e = racks.entry(rack.clone()).or_insert(true);
+        *e = *e && eligible;
+    }
+    racks
 }
 
 /// The status counts of `class` over `servers`.
@@ -198,6 +220,12 @@ pub async fn count(ctx: Arc<Context>, cancel: CancellationToken) {
             _ = wait => {
                 due = None;
                 if listed {
+                    let now = Some(racks(&servers));
+                    ctx.caches.racks.send_if_modified(|r| {
+                        let changed = *r != now;
+                        *r = now;
+                        changed
+                    });
                     write_counts(&ctx, &servers).await;
                 }
                 false
@@ -401,6 +429,45 @@ mod tests {
                 in_use: 1,
                 servers: vec!["s".into(), "used".into()],
             }
+        );
+    }
+
+    #[test]
+    fn racks_are_where_accepted_uncordoned_servers_are() {
+        let in_rack = |rack: &str, cp: Option<&str>, accepted: bool, cordoned: bool| {
+            let mut s = server("x", 1, &[(APPLIANCE_LABEL, rack)]);
+            if let Some(cp) = cp {
+                s.labels_mut()
+                    .insert(CONTROL_PLANE_RACK_LABEL.into(), cp.into());
+            }
+            s.spec.accepted = accepted;
+            s.spec.cordoned = cordoned;
+            s.status = Some(ServerStatus {
+                in_use: true,
+                ..ServerStatus::default()
+            });
+            counted(&s)
+        };
+        let servers: BTreeMap<String, Server> = [
+            in_rack("rack-a", Some("true"), true, false),
+            in_rack("rack-b", Some("false"), true, false),
+            in_rack("rack-c", None, false, false),
+            in_rack("rack-d", None, true, true),
+            in_rack("rack-e", None, true, false),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| (i.to_string(), s))
+        .collect();
+        let r = racks(&servers);
+        assert_eq!(
+            r,
+            Racks::from([
+                ("rack-a".into(), true),
+                ("rack-b".into(), false),
+                ("rack-e".into(), true),
+            ]),
+            "in use counts; unaccepted and cordoned do not"
         );
     }
 

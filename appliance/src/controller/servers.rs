@@ -28,7 +28,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
-use super::resources::{APPLIANCE_LABEL, Server as ServerResource};
+use super::resources::{APPLIANCE_LABEL, CONTROL_PLANE_RACK_LABEL, Server as ServerResource};
 use crate::bmc::PowerFailure;
 use crate::core::{DesiredState, ServerEvent};
 use crate::inventory::Server;
@@ -52,15 +52,19 @@ fn rfc3339(unix: u64) -> String {
         .unwrap_or_default()
 }
 
-/// The apply patch of the spec and metadata the appliance owns.
-fn spec_patch(s: &Server, identity: &str) -> serde_json::Value {
+/// The apply patch of the spec and metadata the appliance owns: its rack (identity and
+/// control-plane eligibility) as labels, so classes and failure domains can use them.
+fn spec_patch(s: &Server, ctx: &Context) -> serde_json::Value {
     let h = &s.hardware;
     json!({
         "apiVersion": "metal.arges.dev/v1alpha1",
         "kind": "Server",
         "metadata": {
             "name": resource_name(&s.id),
-            "labels": { APPLIANCE_LABEL: identity },
+            "labels": {
+                APPLIANCE_LABEL: ctx.identity,
+                CONTROL_PLANE_RACK_LABEL: ctx.control_plane.to_string(),
+            },
             "annotations": { ID_ANNOTATION: s.id },
         },
         "spec": {
@@ -279,9 +283,9 @@ fn power_status(s: &Server) -> (Option<serde_json::Value>, Option<String>) {
 
 /// One server's spec and status patches, and a digest of both: a push whose digest
 /// matches the last one that went through (and whose Server the cache shows) is skipped.
-fn patches(s: &Server, identity: &str) -> (serde_json::Value, serde_json::Value, [u8; 32]) {
+fn patches(s: &Server, ctx: &Context) -> (serde_json::Value, serde_json::Value, [u8; 32]) {
     use sha2::{Digest, Sha256};
-    let (spec, status) = (spec_patch(s, identity), status_patch(s, identity));
+    let (spec, status) = (spec_patch(s, ctx), status_patch(s, &ctx.identity));
     let mut h = Sha256::new();
     h.update(spec.to_string());
     h.update(status.to_string());
@@ -359,7 +363,7 @@ pub async fn push(ctx: Arc<Context>, cancel: CancellationToken) {
                         Err(_) => { dirty.remove(&id); held.remove(&id); pushed.remove(&id); continue; }
                     };
                     let name = resource_name(&s.id);
-                    let (spec, status, digest) = patches(&s, &ctx.identity);
+                    let (spec, status, digest) = patches(&s, &ctx);
                     let cached = ctx.caches.servers.get(&kube::runtime::reflector::ObjectRef::new(&name)).is_some();
                     if cached && pushed.get(&id) == Some(&digest) {
                         dirty.remove(&id);
@@ -409,7 +413,7 @@ fn desired(s: &ServerResource) -> DesiredState {
     let labels: BTreeMap<String, String> = s
         .labels()
         .iter()
-        .filter(|(k, _)| k.as_str() != APPLIANCE_LABEL)
+        .filter(|(k, _)| k.as_str() != APPLIANCE_LABEL && k.as_str() != CONTROL_PLANE_RACK_LABEL)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     DesiredState {

@@ -46,6 +46,7 @@ impl Context {
             namespace: "arges-system".into(),
             field_manager: "arges-rack-1".into(),
             wipe_on_release: true,
+            control_plane: true,
             caches,
             recorder,
             warned: Mutex::new(HashSet::new()),

@@ -4,6 +4,13 @@
 //! (Cluster API copies that field into the Cluster). Then `status.initialization.
 //! provisioned` (and the v1beta1 `status.ready`) go true, once and for good as the
 //! contract asks, with the `Ready` condition saying why or why not.
+//!
+//! Its failure domains are the racks: every appliance identity that holds accepted,
+//! uncordoned servers, with `controlPlane` as that rack's `[kubernetes] control_plane`
+//! says. They come from the class-count watch of every Server ([`Caches::racks`]), and
+//! every MetalCluster is reconciled again when they change.
+//!
+//! [`Caches::racks`]: crate::controller::caches::Caches::racks
 
 use std::sync::Arc;
 
@@ -19,14 +26,19 @@ use super::{
     RETRY, ReconcileError, capi_owner, count, get_cluster, patch_params, paused, set_condition,
 };
 use crate::controller::Context;
-use crate::controller::resources::MetalCluster;
+use crate::controller::resources::{FailureDomain, MetalCluster};
 
 const KIND: &str = "MetalCluster";
 
 /// Reconciles every MetalCluster until `cancel` fires.
 pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
     let api: Api<MetalCluster> = Api::all(ctx.client.clone());
+    let racks = futures_util::stream::unfold(ctx.caches.racks.subscribe(), |mut rx| async {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    });
     Controller::new(api, watcher::Config::default())
+        .reconcile_all_on(racks)
         .graceful_shutdown_on(cancel.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
@@ -35,6 +47,21 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
             }
         })
         .await;
+}
+
+/// The racks as the contract's failure domains, once known.
+fn failure_domains(ctx: &Context) -> Option<Vec<FailureDomain>> {
+    let racks = ctx.caches.racks.borrow().clone()?;
+    Some(
+        racks
+            .into_iter()
+            .map(|(name, control_plane)| FailureDomain {
+                name,
+                control_plane: Some(control_plane),
+                attributes: Default::default(),
+            })
+            .collect(),
+    )
 }
 
 fn error_policy(mc: Arc<MetalCluster>, e: &ReconcileError, ctx: Arc<Context>) -> Action {
@@ -107,11 +134,19 @@ async fn reconcile(mc: Arc<MetalCluster>, ctx: Arc<Context>) -> Result<Action, R
             .initialization
             .as_ref()
             .is_some_and(|i| i.provisioned);
-    let patch = json!({"status": {
+    let mut patch = json!({"status": {
         "ready": provisioned,
         "initialization": {"provisioned": provisioned},
         "conditions": status.conditions,
     }});
+    // Left alone until the watch of every Server has listed: never published half-known.
+    if let Some(domains) = failure_domains(&ctx) {
+        patch["status"]["failureDomains"] = if domains.is_empty() {
+            serde_json::Value::Null
+        } else {
+            json!(domains)
+        };
+    }
     api.patch_status(&name, &pp, &Patch::Merge(&patch)).await?;
     if changed {
         ctx.publish(&mc.object_ref(&()), !ready, reason, "Provision", &message)

@@ -149,7 +149,7 @@ pub(super) async fn claim_from_class(
     };
     Err(Blocked::failed(
         "NoFreeServer",
-        format!("ServerClass {class}: {why}"),
+        format!("ServerClass {class}: {why} in rack {}", ctx.identity),
         RETRY * 3,
     )
     .into())

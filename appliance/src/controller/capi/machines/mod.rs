@@ -140,7 +140,11 @@ async fn reconcile(mm: Arc<MetalMachine>, ctx: Arc<Context>) -> Result<Action, R
     let action = match provision(&mm, &api, &ctx, &mut report).await {
         Ok(Progress::Done(s)) => {
             report_provisioned(&mut report, &s);
-            write_status(&api, &mm, &report, true, addresses(&s)).await?;
+            let placed = Placed {
+                addresses: addresses(&s),
+                rack: Some(&ctx.identity),
+            };
+            write_status(&api, &mm, &report, true, placed).await?;
             count(&ctx, KIND, "ok");
             Action::await_change()
         }
@@ -160,7 +164,11 @@ async fn reconcile(mm: Arc<MetalMachine>, ctx: Arc<Context>) -> Result<Action, R
                 .as_ref()
                 .map(|s| s.addresses.iter().map(|a| json!(a)).collect())
                 .unwrap_or_default();
-            write_status(&api, &mm, &report, was, kept).await?;
+            let placed = Placed {
+                addresses: kept,
+                rack: None,
+            };
+            write_status(&api, &mm, &report, was, placed).await?;
             count(&ctx, KIND, if b.warning { "blocked" } else { "waiting" });
             b.retry.map_or(Action::requeue(RETRY * 6), Action::requeue)
         }
@@ -224,19 +232,29 @@ fn report_provisioned(report: &mut Report, s: &crate::inventory::Server) {
     }
 }
 
+/// Where the machine is: its addresses, and its server's rack (its failure domain) once
+/// provisioned.
+struct Placed<'a> {
+    addresses: Vec<serde_json::Value>,
+    rack: Option<&'a str>,
+}
+
 async fn write_status(
     api: &Api<MetalMachine>,
     mm: &MetalMachine,
     report: &Report,
     provisioned: bool,
-    addresses: Vec<serde_json::Value>,
+    placed: Placed<'_>,
 ) -> Result<(), kube::Error> {
-    let patch = json!({"status": {
+    let mut patch = json!({"status": {
         "ready": provisioned,
         "initialization": {"provisioned": provisioned},
-        "addresses": addresses,
+        "addresses": placed.addresses,
         "conditions": report.conditions,
     }});
+    if let Some(rack) = placed.rack {
+        patch["status"]["failureDomain"] = json!(rack);
+    }
     api.patch_status(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
         .await?;
     Ok(())

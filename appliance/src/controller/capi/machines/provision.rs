@@ -58,8 +58,26 @@ pub(super) async fn provision(
         Named::Ours(s) => Some(*s),
         Named::Unnamed => None,
     };
+    let machine = owner_machine(mm, ctx).await?;
+    // A Machine placed in a failure domain (a rack: an appliance identity) is that
+    // rack's to serve; the others leave it alone, writing nothing.
+    if let Some(rack) = failure_domain(&machine).filter(|r| *r != ctx.identity) {
+        return match &named {
+            None => Ok(Progress::NotOurs),
+            Some(s) => Err(Blocked::failed(
+                "ServerOutsideFailureDomain",
+                format!(
+                    "Server {} is in rack {}, but the Machine asks for failure domain {rack}",
+                    s.name_any(),
+                    ctx.identity
+                ),
+                RETRY * 6,
+            )
+            .into()),
+        };
+    }
     ensure_finalizer(mm, api).await?;
-    let bootstrap = bootstrap(mm, ctx, report).await?;
+    let bootstrap = bootstrap(mm, ctx, &machine, report).await?;
     let claim = ServerClaim {
         machine: format!("{}/{}", mm.namespace().unwrap_or_default(), mm.name_any()),
         uid: mm.uid().unwrap_or_default(),
@@ -102,12 +120,8 @@ async fn ensure_finalizer(mm: &MetalMachine, api: &Api<MetalMachine>) -> Result<
     Ok(())
 }
 
-/// Step 1: the owner Machine, its Cluster (provisioned, not paused), the bootstrap data.
-async fn bootstrap(
-    mm: &MetalMachine,
-    ctx: &Context,
-    report: &mut Report,
-) -> Result<Bootstrap, Step> {
+/// Step 1a: the owner Machine.
+async fn owner_machine(mm: &MetalMachine, ctx: &Context) -> Result<DynamicObject, Step> {
     let ns = mm.namespace().unwrap_or_default();
     let Some(owner) = capi_owner(mm, "Machine").map(|o| o.name.clone()) else {
         return Err(
@@ -119,11 +133,30 @@ async fn bootstrap(
         &ns,
         &capi_resource("Machine", "machines"),
     );
-    let Some(machine) = machines.get_opt(&owner).await? else {
-        return Err(
+    match machines.get_opt(&owner).await? {
+        Some(machine) => Ok(machine),
+        None => Err(
             Blocked::waiting("WaitingForMachine", format!("Machine {owner} is not there")).into(),
-        );
-    };
+        ),
+    }
+}
+
+/// The failure domain the Machine asks for (`spec.failureDomain`), if any.
+fn failure_domain(machine: &DynamicObject) -> Option<&str> {
+    machine.data["spec"]["failureDomain"]
+        .as_str()
+        .filter(|r| !r.is_empty())
+}
+
+/// Step 1b: the Machine's Cluster (provisioned, not paused), the bootstrap data.
+async fn bootstrap(
+    mm: &MetalMachine,
+    ctx: &Context,
+    machine: &DynamicObject,
+    report: &mut Report,
+) -> Result<Bootstrap, Step> {
+    let ns = mm.namespace().unwrap_or_default();
+    let owner = machine.name_any();
     let cluster_name = machine.data["spec"]["clusterName"]
         .as_str()
         .map(String::from);

@@ -316,6 +316,61 @@ async fn a_claim_the_cache_does_not_show_yet_is_found_again_not_taken_twice() {
 }
 
 #[tokio::test]
+async fn a_machine_placed_in_another_rack_is_left_to_that_rack() {
+    let (core, a, _) = core_with_two().await;
+    let (ctx, mut api) = Context::test(core);
+    api.cached(&[server(&a)], &[class_small()]);
+    let in_rack = |rack: &str| {
+        let mut m = capi_machine();
+        m["spec"]["failureDomain"] = json!(rack);
+        m
+    };
+    // Another rack's: read the Machine, then nothing (no claim, no status written).
+    let mm = Mm::test();
+    let task = start(&ctx, &mm);
+    api.expect("GET", &format!("{CAPI}/machines/m-0"))
+        .await
+        .reply(&in_rack("rack-2"));
+    let action = api.until_done(task).await.expect("reconciled");
+    assert_eq!(action, Action::await_change());
+    // A server of this rack named for a Machine that asks for another rack: refused.
+    let mm = Mm::test().bound_to(&a.uuid);
+    let task = start(&ctx, &mm);
+    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
+        .await
+        .reply(&server(&a));
+    api.expect("GET", &format!("{CAPI}/machines/m-0"))
+        .await
+        .reply(&in_rack("rack-2"));
+    let conditions = status_patch(&mut api, &mm).await;
+    assert!(
+        conditions.contains("Ready=False/ServerOutsideFailureDomain"),
+        "{conditions}"
+    );
+    api.until_done(task).await.expect("reconciled");
+    // This rack's: on to its Cluster and a server of its own.
+    let mm = Mm::test();
+    let task = start(&ctx, &mm);
+    api.expect("GET", &format!("{CAPI}/machines/m-0"))
+        .await
+        .reply(&in_rack("rack-1"));
+    api.expect("GET", &format!("{CAPI}/clusters/c1"))
+        .await
+        .reply(&cluster(true, false));
+    api.expect("GET", "/api/v1/namespaces/ns1/secrets/m-0-bootstrap")
+        .await
+        .reply(&bootstrap_secret());
+    api.expect("PATCH", &format!("{SERVERS}/{}/status", a.uuid))
+        .await
+        .reply(&with_claim(server(&a), "uid-cp-0"));
+    api.expect("PATCH", MM_PATH)
+        .await
+        .reply(&mm.clone().bound_to(&a.uuid).0);
+    status_patch(&mut api, &mm).await;
+    api.until_done(task).await.expect("reconciled");
+}
+
+#[tokio::test]
 async fn each_wait_says_why_on_ready() {
     // No owner yet.
     let (ctx, mut api) = Context::test(Core::test());
