@@ -1076,13 +1076,15 @@ fn rack_manifests(machines: &[(&str, &str)]) -> String {
 kind: Cluster
 metadata: {{name: racks, namespace: {NS}}}
 spec:
+  # The endpoint on the Cluster itself, which the MetalCluster takes (the contract's
+  # "provided by other means").
+  controlPlaneEndpoint: {{host: 10.0.0.30, port: 6443}}
   infrastructureRef: {{apiGroup: infrastructure.cluster.x-k8s.io, kind: MetalCluster, name: racks}}
 ---
 apiVersion: infrastructure.cluster.x-k8s.io/v1alpha2
 kind: MetalCluster
 metadata: {{name: racks, namespace: {NS}}}
-spec:
-  controlPlaneEndpoint: {{host: 10.0.0.30, port: 6443}}
+spec: {{}}
 ---
 apiVersion: v1
 kind: Secret
@@ -1161,6 +1163,15 @@ fn racks_are_failure_domains_and_each_machine_lands_in_the_rack_it_asks_for() {
     eventually(60, "the Cluster shows the failure domains", || {
         (cp.field(&["cluster", "racks", "-n", NS], domains) == want).then_some(())
     });
+    assert_eq!(
+        condition(&cp, &["metalcluster", "racks"], "Ready"),
+        "True/Provisioned",
+        "provisioned from the Cluster's endpoint"
+    );
+    assert_eq!(
+        condition(&cp, &["metalcluster", "racks"], "Paused"),
+        "False/NotPaused"
+    );
     let landed = || {
         ["cp-a", "cp-b", "cp-c"]
             .iter()

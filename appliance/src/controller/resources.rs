@@ -490,11 +490,13 @@ pub struct MetalClusterStatus {
     pub ready: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub initialization: Option<Initialization>,
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]), length(max = 32))]
     pub conditions: Vec<Condition>,
     /// The racks (appliance identities) that hold accepted, uncordoned servers: the
     /// contract's failure domains, which Cluster API copies to the Cluster and spreads
     /// control-plane Machines over.
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]), length(min = 1, max = 100))]
     pub failure_domains: Vec<FailureDomain>,
 }
 
@@ -503,6 +505,7 @@ pub struct MetalClusterStatus {
 #[serde(rename_all = "camelCase")]
 pub struct FailureDomain {
     /// The rack's appliance identity.
+    #[schemars(length(min = 1, max = 256))]
     pub name: String,
     /// Whether control-plane Machines may go there (`[kubernetes] control_plane` of the
     /// rack's appliance).
@@ -563,6 +566,7 @@ pub struct MetalMachineSpec {
         rename = "providerID",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(length(min = 1, max = 512))]
     pub provider_id: Option<String>,
 }
 
@@ -578,10 +582,12 @@ pub struct MetalMachineStatus {
     pub failure_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure_message: Option<String>,
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]), length(max = 32))]
     pub conditions: Vec<Condition>,
     /// The rack the machine's server is in (the contract's optional field, copied to the
     /// Machine's status).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
     pub failure_domain: Option<String>,
 }
 

@@ -1,7 +1,8 @@
 //! MetalCluster: the infrastructure of one Cluster API cluster. Bare metal has nothing to
 //! build for a whole cluster, so provisioning it is naming the control plane's endpoint:
 //! `spec.controlPlaneEndpoint`, or the guide's first `apiEndpoints` entry copied into it
-//! (Cluster API copies that field into the Cluster). Then `status.initialization.
+//! (Cluster API copies that field into the Cluster), or the Cluster's own
+//! `spec.controlPlaneEndpoint` when the user set it there. Then `status.initialization.
 //! provisioned` (and the v1beta1 `status.ready`) go true, once and for good as the
 //! contract asks, with the `Ready` condition saying why or why not.
 //!
@@ -26,7 +27,7 @@ use super::{
     RETRY, ReconcileError, capi_owner, count, get_cluster, patch_params, paused, set_condition,
 };
 use crate::controller::Context;
-use crate::controller::resources::{FailureDomain, MetalCluster};
+use crate::controller::resources::{ApiEndpoint, FailureDomain, MetalCluster};
 
 const KIND: &str = "MetalCluster";
 
@@ -82,17 +83,42 @@ async fn reconcile(mc: Arc<MetalCluster>, ctx: Arc<Context>) -> Result<Action, R
         Some(o) => get_cluster(&ctx, &ns, o).await?,
         None => None,
     };
-    if paused(&*mc, cluster.as_ref()) {
-        count(&ctx, KIND, "paused");
-        return Ok(Action::await_change());
-    }
     let api: Api<MetalCluster> = Api::namespaced(ctx.client.clone(), &ns);
-    let endpoint = mc
-        .spec
-        .control_plane_endpoint
-        .clone()
-        .filter(|e| !e.host.is_empty())
-        .or_else(|| mc.spec.api_endpoints.first().cloned());
+    let mut status = mc.status.clone().unwrap_or_default();
+    if paused(&*mc, cluster.as_ref()) {
+        // The contract: no write while paused but the Paused condition.
+        if set_condition(
+            &mut status.conditions,
+            "Paused",
+            true,
+            "Paused",
+            "the cluster or the MetalCluster is paused",
+            mc.meta().generation,
+        ) {
+            let patch = json!({"status": {"conditions": status.conditions}});
+            api.patch_status(&name, &patch_params(), &Patch::Merge(&patch))
+                .await?;
+        }
+        count(&ctx, KIND, "paused");
+        return Ok(Action::requeue(RETRY * 6));
+    }
+    set_condition(
+        &mut status.conditions,
+        "Paused",
+        false,
+        "NotPaused",
+        "",
+        mc.meta().generation,
+    );
+    // The endpoint: the MetalCluster's own, the guide's first apiEndpoints entry, or the
+    // one the user gave the Cluster itself (the contract's "provided by other means").
+    let given = |e: &ApiEndpoint| !e.host.is_empty() && e.port > 0;
+    let from_cluster = cluster.as_ref().and_then(|c| {
+        serde_json::from_value::<ApiEndpoint>(c.data["spec"]["controlPlaneEndpoint"].clone()).ok()
+    });
+    let endpoint = (mc.spec.control_plane_endpoint.clone().filter(given))
+        .or_else(|| mc.spec.api_endpoints.first().cloned())
+        .or_else(|| from_cluster.filter(given));
     let (ready, reason, message) = match (&owner, &endpoint) {
         (None, _) => (
             false,
@@ -119,7 +145,6 @@ async fn reconcile(mc: Arc<MetalCluster>, ctx: Arc<Context>) -> Result<Action, R
         )
         .await?;
     }
-    let mut status = mc.status.clone().unwrap_or_default();
     let changed = set_condition(
         &mut status.conditions,
         "Ready",

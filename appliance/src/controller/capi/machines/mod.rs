@@ -149,6 +149,12 @@ async fn reconcile(mm: Arc<MetalMachine>, ctx: Arc<Context>) -> Result<Action, R
             Action::await_change()
         }
         Ok(Progress::NotOurs) => return Ok(Action::await_change()),
+        Ok(Progress::Paused) => {
+            write_status_best_effort(&api, &mm, &report).await;
+            count(&ctx, KIND, "paused");
+            // Unpausing a Cluster touches no object this controller watches: look again.
+            return Ok(Action::requeue(RETRY * 6));
+        }
         Err(Step::Blocked(b)) => {
             let was = mm
                 .status

@@ -28,6 +28,8 @@ pub(super) enum Progress {
     Done(Box<Server>),
     /// The machine's Server belongs to another appliance: its leader reconciles it.
     NotOurs,
+    /// The cluster (or the machine) is paused: nothing is done but saying so.
+    Paused,
 }
 
 /// The Server `spec.serverRef` names, if any.
@@ -76,8 +78,26 @@ pub(super) async fn provision(
             .into()),
         };
     }
+    // Paused: no write but the Paused condition, not even the finalizer (the contract).
+    let cluster_name = machine.data["spec"]["clusterName"]
+        .as_str()
+        .map(String::from);
+    let cluster = match &cluster_name {
+        Some(c) => get_cluster(ctx, &mm.namespace().unwrap_or_default(), c).await?,
+        None => None,
+    };
+    if paused(mm, cluster.as_ref()) {
+        report.quiet(
+            "Paused",
+            true,
+            "Paused",
+            "the cluster or the machine is paused",
+        );
+        return Ok(Progress::Paused);
+    }
+    report.quiet("Paused", false, "NotPaused", "");
     ensure_finalizer(mm, api).await?;
-    let bootstrap = bootstrap(mm, ctx, &machine, report).await?;
+    let bootstrap = bootstrap(mm, ctx, &machine, cluster_name, cluster, report).await?;
     let claim = ServerClaim {
         machine: format!("{}/{}", mm.namespace().unwrap_or_default(), mm.name_any()),
         uid: mm.uid().unwrap_or_default(),
@@ -148,25 +168,18 @@ fn failure_domain(machine: &DynamicObject) -> Option<&str> {
         .filter(|r| !r.is_empty())
 }
 
-/// Step 1b: the Machine's Cluster (provisioned, not paused), the bootstrap data.
+/// Step 1b: the Machine's Cluster (`cluster_name`, read as `cluster`) provisioned, and
+/// the bootstrap data.
 async fn bootstrap(
     mm: &MetalMachine,
     ctx: &Context,
     machine: &DynamicObject,
+    cluster_name: Option<String>,
+    cluster: Option<DynamicObject>,
     report: &mut Report,
 ) -> Result<Bootstrap, Step> {
     let ns = mm.namespace().unwrap_or_default();
     let owner = machine.name_any();
-    let cluster_name = machine.data["spec"]["clusterName"]
-        .as_str()
-        .map(String::from);
-    let cluster = match &cluster_name {
-        Some(c) => get_cluster(ctx, &ns, c).await?,
-        None => None,
-    };
-    if paused(mm, cluster.as_ref()) {
-        return Err(Blocked::waiting("Paused", "the cluster is paused").into());
-    }
     let infrastructure = cluster.as_ref().is_some_and(|c| {
         c.data["status"]["initialization"]["infrastructureProvisioned"].as_bool() == Some(true)
     });

@@ -23,6 +23,25 @@ use crate::core::CoreError;
 /// How often servers held by machines that are gone are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
+/// `Ready=False/Deleting` on the machine while its server is given back (by the
+/// appliance that gives it back: one writer).
+async fn say_deleting(mm: &MetalMachine, api: &Api<MetalMachine>, s: &ServerResource) {
+    let mut report = super::report::Report::new(mm);
+    report.quiet(
+        "Ready",
+        false,
+        "Deleting",
+        &format!("giving Server {} back", s.name_any()),
+    );
+    let patch = json!({"status": {"conditions": report.conditions}});
+    if let Err(e) = api
+        .patch_status(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::debug!(metalmachine = %mm.name_any(), error = %e, "cannot say Deleting");
+    }
+}
+
 /// Releases the machine's Server, then lets the MetalMachine go.
 pub(super) async fn delete(
     mm: &MetalMachine,
@@ -40,6 +59,7 @@ pub(super) async fn delete(
                 return Ok(Action::await_change());
             }
             if claim_of(&s).is_some_and(|c| c.uid == uid) {
+                say_deleting(mm, api, &s).await;
                 release_server(ctx, &s, &uid, Some(mm)).await?;
             }
         }

@@ -108,6 +108,18 @@ impl Report {
         self.set(type_, false, reason, message, true);
     }
 
+    /// Condition `type_` as `ok`, for `reason`, with no event (a state, not news).
+    pub fn quiet(&mut self, type_: &str, ok: bool, reason: &str, message: &str) {
+        set_condition(
+            &mut self.conditions,
+            type_,
+            ok,
+            reason,
+            message,
+            self.generation,
+        );
+    }
+
     /// `Ready` is false because of `b`. Whether that is news (its reason changed).
     pub fn blocked(&mut self, b: &Blocked) -> bool {
         let before = self.events.len();

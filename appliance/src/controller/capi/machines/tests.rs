@@ -389,7 +389,7 @@ async fn each_wait_says_why_on_ready() {
 
     // The owner's cluster: paused, then not provisioned; the bootstrap data missing.
     for (cluster_obj, secret, want) in [
-        (cluster(true, true), None, "Ready=False/Paused"),
+        (cluster(true, true), None, "Paused=True/Paused"),
         (
             cluster(false, false),
             None,
@@ -514,6 +514,7 @@ async fn deleting_releases_the_server_then_lets_the_machine_go() {
     api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
         .await
         .reply(&with_claim(server(&a), "uid-cp-0"));
+    assert_eq!(status_patch(&mut api, &mm).await, "Ready=False/Deleting");
     let cleared = api
         .expect("PATCH", &format!("{SERVERS}/{}/status", a.uuid))
         .await;
@@ -626,6 +627,7 @@ async fn a_machines_bmc_serves_its_claim_and_is_forgotten_on_release() {
     api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
         .await
         .reply(&with_claim(server(&a), "uid-cp-0"));
+    assert_eq!(status_patch(&mut api, &gone).await, "Ready=False/Deleting");
     api.expect("PATCH", &format!("{SERVERS}/{}/status", a.uuid))
         .await
         .reply(&server(&a));
