@@ -2,7 +2,7 @@
 //!
 //! *Push* (leader only): every inventory change becomes a server-side apply of the fields
 //! the appliance owns: the Server's identity, hardware and appliance label, and its
-//! status. Changes are queued by id and flushed every couple of seconds; a failed push
+//! status. Changes are queued by id and flushed within a quarter second; a failed push
 //! stays queued, so registrations made while the control plane is down reach it once it
 //! is back. A Server the apiserver refuses waits alone with its own backoff: it never
 //! holds up the others. A full resync runs at start, after a lagged event stream, and
@@ -35,7 +35,9 @@ use crate::inventory::Server;
 
 /// Annotation holding the inventory id when it differs from the Server's name.
 pub const ID_ANNOTATION: &str = "metal.arges.dev/inventory-id";
-const FLUSH_EVERY: Duration = Duration::from_secs(2);
+/// Changes are pushed this soon: a burst (a rack registering) still goes out together,
+/// and a registration is a Server within a fraction of a second.
+const FLUSH_EVERY: Duration = Duration::from_millis(250);
 const RESYNC_EVERY: Duration = Duration::from_secs(300);
 /// Longest pause before a refused Server is tried again.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -325,7 +327,7 @@ pub async fn push(ctx: Arc<Context>, cancel: CancellationToken) {
             e = events.recv() => match e {
                 Ok(ServerEvent::Changed(id)) => { dirty.insert(id); }
                 // Deletions come from the cluster (pull), which already has them.
-                Ok(ServerEvent::Deleted(id)) => { dirty.remove(&id); }
+                Ok(ServerEvent::Deleted(id)) => { dirty.remove(&id); pushed.remove(&id); }
                 Ok(ServerEvent::Power(id, event)) => {
                     power_event(&ctx, &id, &event).await;
                     dirty.insert(id);
