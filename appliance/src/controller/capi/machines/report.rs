@@ -109,7 +109,8 @@ impl Report {
     }
 
     /// Condition `type_` as `ok`, for `reason`, with no event (a state, not news).
-    pub fn quiet(&mut self, type_: &str, ok: bool, reason: &str, message: &str) {
+    /// Whether its status or reason changed.
+    pub fn quiet(&mut self, type_: &str, ok: bool, reason: &str, message: &str) -> bool {
         set_condition(
             &mut self.conditions,
             type_,
@@ -117,7 +118,7 @@ impl Report {
             reason,
             message,
             self.generation,
-        );
+        )
     }
 
     /// `Ready` is false because of `b`. Whether that is news (its reason changed).
@@ -130,15 +131,7 @@ impl Report {
     /// Sets a condition; an event when its reason changed (for `Ready`, only warnings:
     /// its waits are visible in the condition and would flood the events).
     fn set(&mut self, type_: &str, ok: bool, reason: &str, message: &str, warning: bool) {
-        if set_condition(
-            &mut self.conditions,
-            type_,
-            ok,
-            reason,
-            message,
-            self.generation,
-        ) && (warning || type_ != "Ready")
-        {
+        if self.quiet(type_, ok, reason, message) && (warning || type_ != "Ready") {
             self.events.push(Note {
                 warning,
                 reason: reason.to_string(),

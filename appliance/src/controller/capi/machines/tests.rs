@@ -188,6 +188,28 @@ async fn reconcile_claimed(
     (mm, task)
 }
 
+/// A reconcile of `cp-0` (class `small`) over a core holding machines 1 and 2, the
+/// caches showing the first `cached` of them free, answered through step 1.
+async fn class_claim_started(
+    cached: usize,
+) -> (
+    Arc<Context>,
+    ApiServer,
+    Machine,
+    Machine,
+    Mm,
+    tokio::task::JoinHandle<Result<Action, crate::controller::capi::ReconcileError>>,
+) {
+    let (core, a, b) = core_with_two().await;
+    let (ctx, mut api) = Context::test(core);
+    let servers: Vec<Value> = [&a, &b].iter().take(cached).map(|m| server(m)).collect();
+    api.cached(&servers, &[class_small()]);
+    let mm = Mm::test();
+    let task = start(&ctx, &mm);
+    answer_bootstrap(&mut api).await;
+    (ctx, api, a, b, mm, task)
+}
+
 /// The status patch that ends a reconcile: answered, and its conditions as
 /// `type=status/reason` words.
 async fn status_patch(api: &mut ApiServer, mm: &Mm) -> String {
@@ -213,13 +235,8 @@ async fn status_patch(api: &mut ApiServer, mm: &Mm) -> String {
 
 #[tokio::test]
 async fn a_class_claim_that_loses_a_race_takes_the_next_server() {
-    let (core, a, b) = core_with_two().await;
-    let (ctx, mut api) = Context::test(core);
     // The candidates come from the caches: no LIST, no GET of the class.
-    api.cached(&[server(&a), server(&b)], &[class_small()]);
-    let mm = Mm::test();
-    let task = start(&ctx, &mm);
-    answer_bootstrap(&mut api).await;
+    let (ctx, mut api, a, b, mm, task) = class_claim_started(2).await;
     // Another machine claimed the first server a moment ago (the cache has not seen it
     // yet): 409.
     let first = api
@@ -270,13 +287,8 @@ async fn a_class_claim_that_loses_a_race_takes_the_next_server() {
 
 #[tokio::test]
 async fn a_claim_the_cache_does_not_show_yet_is_found_again_not_taken_twice() {
-    let (core, a, b) = core_with_two().await;
-    let (ctx, mut api) = Context::test(core);
     // The cache shows both servers free, and goes on showing them so (its watch lags).
-    api.cached(&[server(&a), server(&b)], &[class_small()]);
-    let mm = Mm::test();
-    let task = start(&ctx, &mm);
-    answer_bootstrap(&mut api).await;
+    let (ctx, mut api, a, b, mm, task) = class_claim_started(2).await;
     api.expect("PATCH", &format!("{SERVERS}/{}/status", a.uuid))
         .await
         .reply(&with_claim(server(&a), "uid-cp-0"));
@@ -473,12 +485,7 @@ async fn a_tripped_window_stops_the_machine_until_armed() {
 
 #[tokio::test]
 async fn a_bind_lost_to_another_appliance_gives_the_claim_back() {
-    let (core, a, b) = core_with_two().await;
-    let (ctx, mut api) = Context::test(core);
-    api.cached(&[server(&a)], &[class_small()]);
-    let mm = Mm::test();
-    let task = start(&ctx, &mm);
-    answer_bootstrap(&mut api).await;
+    let (ctx, mut api, a, b, mm, task) = class_claim_started(1).await;
     api.expect("PATCH", &format!("{SERVERS}/{}/status", a.uuid))
         .await
         .reply(&with_claim(server(&a), "uid-cp-0"));
