@@ -172,7 +172,7 @@ namespace = "arges-system"
              "--http", "127.0.0.1:0", "--tftp", "127.0.0.1:0", "--ready-file",
              f"{d}/ready.json"],
             stdout=subprocess.DEVNULL, stderr=open(f"{d}/log", "w"),
-            env={**os.environ, "ARGES_LOG": "warn"})
+            env={**os.environ, "ARGES_LOG": "info,kube_client=error"})
         wait(f"{identity} started", 60, lambda: os.path.exists(f"{d}/ready.json"))
         host, port = json.load(open(f"{d}/ready.json"))["http"][0].rsplit(":", 1)
         self.conn = http.client.HTTPConnection(host, int(port), timeout=30)
@@ -207,12 +207,16 @@ namespace = "arges-system"
         return 0
 
     def stop(self):
+        """SIGTERM; the seconds it took to exit (killed after 40)."""
+        t = time.time()
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(30)
+            self.proc.wait(40)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+        return time.time() - t
 
 
 def bytes_received(pids, port):
@@ -292,8 +296,12 @@ def run(binary, k8s, crds, n, m, settle, steady):
             "visible_s": statistics.median(latencies),
         }
     finally:
+        # All at once: each may drain for a while.
         for a in apps:
-            a.stop()
+            a.proc.send_signal(signal.SIGTERM)
+        took = [a.stop() for a in apps]
+        if took:
+            print(f"    appliances stopped in at most {max(took):.1f} s", file=sys.stderr)
         cp.stop()
 
 

@@ -598,6 +598,21 @@ fn appliances_share_a_cluster_and_replicas_elect_one_leader() {
             .any(|l| l == "arges_controller_leader 1")
             .then_some(())
     });
+    // The new leader is stopped as systemd or the kubelet stop it: it exits (a stopping
+    // leader once took its own Lease again and again, never returning) and gives the
+    // Lease up on its way out, so no replica waits for it to expire.
+    let holder = || {
+        cp.field(
+            &["lease", "arges-rack-a", "-n", "arges-system"],
+            "{.spec.holderIdentity}",
+        )
+    };
+    let leading = holder();
+    assert!(!leading.is_empty());
+    let mut replica = replica;
+    assert!(replica.terminate().success(), "{}", replica.log());
+    assert_eq!(holder(), "", "the Lease of {leading} given up");
+    assert!(replica.log().contains("Lease released"));
 }
 
 #[test]

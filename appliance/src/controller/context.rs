@@ -30,6 +30,9 @@ pub enum ControllerError {
     Client(#[source] kube::Error),
 }
 
+/// How long the leader's tasks get to stop once leadership ends.
+const LEADER_TEARDOWN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What the controller's tasks share.
 pub struct Context {
     pub client: Client,
@@ -199,10 +202,33 @@ pub async fn run(
         let capi = tokio::spawn(capi::run(Arc::clone(&ctx), leading.clone()));
         elector.hold(&leading).await;
         leading.cancel();
-        let _ = push.await;
-        let _ = classes.await;
-        let _ = capi.await;
+        let tasks = [push, classes, capi];
+        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+        // Each task stops on the token; one that does not (kube-runtime's controllers,
+        // stopped in the moment they start, have been seen to linger) is aborted: every
+        // step is idempotent and the inventory is the state, so nothing is lost.
+        let stopped = async {
+            for t in tasks {
+                let _ = t.await;
+            }
+        };
+        if tokio::time::timeout(LEADER_TEARDOWN, stopped)
+            .await
+            .is_err()
+        {
+            let lingering: Vec<&str> = ["push", "class counts", "cluster api"]
+                .into_iter()
+                .zip(&aborts)
+                .filter(|(_, a)| !a.is_finished())
+                .map(|(name, _)| name)
+                .collect();
+            tracing::warn!(after = ?LEADER_TEARDOWN, ?lingering, "the leader's tasks did not stop; aborted");
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
+        }
         ctx.metrics().controller_leader.set(0);
+        if cancel.is_cancelled() {
+            elector.release().await;
+        }
     }
     let _ = pull.await;
     let _ = classes_watch.await;

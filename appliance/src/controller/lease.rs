@@ -94,9 +94,13 @@ impl Elector {
         }
     }
 
-    /// Waits until this replica holds the Lease (or `cancel` fires: `false`).
+    /// Waits until this replica holds the Lease (or `cancel` fires: `false`, even while
+    /// the Lease is still ours, or a stopping leader would take it again and again).
     pub async fn acquire(&self, cancel: &CancellationToken) -> bool {
         loop {
+            if cancel.is_cancelled() {
+                return false;
+            }
             match self.try_hold().await {
                 Ok(true) => {
                     tracing::info!(lease = %self.name, holder = %self.holder, "leading");
@@ -109,6 +113,28 @@ impl Elector {
                 _ = cancel.cancelled() => return false,
                 _ = tokio::time::sleep(RETRY_EVERY) => {}
             }
+        }
+    }
+
+    /// Gives the Lease up (a stopping leader), so another replica takes over at once
+    /// instead of after the Lease expires. Best effort: it expires anyway.
+    pub async fn release(&self) {
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
+            return;
+        };
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(self.holder.as_str()) {
+            return;
+        }
+        spec.holder_identity = None;
+        spec.renew_time = None;
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => tracing::info!(lease = %self.name, "Lease released"),
+            Err(e) => tracing::debug!(lease = %self.name, error = %e, "cannot release the Lease"),
         }
     }
 
