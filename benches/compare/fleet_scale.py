@@ -320,7 +320,10 @@ def main():
     for n in [int(x) for x in a.n.split(",")]:
         for name, binary in [("before", a.before), ("now", a.now)]:
             print(f"==> N={n}, M={a.m}, {name}", file=sys.stderr)
-            rows.append((n, name, run(binary, a.k8s, a.crds, n, a.m, a.settle, a.steady)))
+            r = run(binary, a.k8s, a.crds, n, a.m, a.settle, a.steady)
+            rows.append((n, name, r))
+            # Said at once too: a long run cut short keeps what it measured.
+            print(f"    {json.dumps(r)}", file=sys.stderr)
     print(f"\nFleet scale, M={a.m} appliances, steady state over {a.steady} s after "
           f"{a.settle} s settling (2 cores):")
     print(f"{'N':>6} {'binary':>7} {'req/min/appliance':>18} {'(max)':>7} "
