@@ -179,13 +179,24 @@ async fn reconcile_claimed(
     tokio::task::JoinHandle<Result<Action, crate::controller::capi::ReconcileError>>,
 ) {
     let mm = Mm::test().bound_to(&a.uuid);
-    let task = start(ctx, &mm);
+    let task = reconcile_claimed_as(ctx, api, a, &mm).await;
+    (mm, task)
+}
+
+/// [`reconcile_claimed`] of the machine `mm` (bound to `a`'s Server).
+async fn reconcile_claimed_as(
+    ctx: &Arc<Context>,
+    api: &mut ApiServer,
+    a: &Machine,
+    mm: &Mm,
+) -> tokio::task::JoinHandle<Result<Action, crate::controller::capi::ReconcileError>> {
+    let task = start(ctx, mm);
     api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
         .await
         .reply(&with_claim(server(a), "uid-cp-0"));
     answer_bootstrap(api).await;
     api.expect("PATCH", MM_PATH).await.reply(&mm.0);
-    (mm, task)
+    task
 }
 
 /// A reconcile of `cp-0` (class `small`) over a core holding machines 1 and 2, the
@@ -547,12 +558,7 @@ async fn a_tenants_secret_in_another_namespace_is_refused_unread() {
         "endpoint": "ipmi://127.0.0.1:623",
         "credentialsSecretRef": {"name": "bmc", "namespace": "kube-system"},
     }));
-    let task = start(&ctx, &mm);
-    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
-        .await
-        .reply(&with_claim(server(&a), "uid-cp-0"));
-    answer_bootstrap(&mut api).await;
-    api.expect("PATCH", MM_PATH).await.reply(&mm.0);
+    let task = reconcile_claimed_as(&ctx, &mut api, &a, &mm).await;
     // The next request is the status: no Secret of kube-system was asked for.
     let conditions = status_patch(&mut api, &mm).await;
     assert!(
@@ -580,12 +586,7 @@ async fn a_machine_may_not_redirect_a_server_that_has_its_own_bmc() {
     let mm = Mm::test().bound_to(&a.uuid).with_bmc(json!({
         "endpoint": "ipmi://127.0.0.9:623", "user": "admin", "pass": "tenant",
     }));
-    let task = start(&ctx, &mm);
-    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
-        .await
-        .reply(&with_claim(server(&a), "uid-cp-0"));
-    answer_bootstrap(&mut api).await;
-    api.expect("PATCH", MM_PATH).await.reply(&mm.0);
+    let task = reconcile_claimed_as(&ctx, &mut api, &a, &mm).await;
     let conditions = status_patch(&mut api, &mm).await;
     assert!(
         conditions.contains("Ready=False/BMCConflict"),
@@ -604,15 +605,7 @@ async fn a_machines_bmc_serves_its_claim_and_is_forgotten_on_release() {
     let mm = Mm::test().bound_to(&a.uuid).with_bmc(json!({
         "endpoint": "ipmi://127.0.0.1:623", "user": "admin", "pass": "password",
     }));
-    let (mm, task) = {
-        let task = start(&ctx, &mm);
-        api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
-            .await
-            .reply(&with_claim(server(&a), "uid-cp-0"));
-        answer_bootstrap(&mut api).await;
-        api.expect("PATCH", MM_PATH).await.reply(&mm.0);
-        (mm, task)
-    };
+    let task = reconcile_claimed_as(&ctx, &mut api, &a, &mm).await;
     // Lent for the claim; the power step runs through it (no driver here: it fails).
     let conditions = status_patch(&mut api, &mm).await;
     assert!(
