@@ -398,6 +398,27 @@ fn server_bmc_secret(cp: &ControlPlane) {
     ]);
 }
 
+/// Machines a and b registered on `a` (and the Servers `more`), all accepted, and the
+/// guide's cluster provisioned on the first, powered through the returned BMC.
+fn guide_cluster_provisioned(
+    cp: &ControlPlane,
+    capi: &ClusterApi,
+    a: &Appliance,
+    more: &[&str],
+) -> Bmc {
+    register(a, "a", UUID_1);
+    register(a, "b", UUID_2);
+    for uuid in [UUID_1, UUID_2].iter().chain(more) {
+        wait_for_server(cp, uuid);
+        accept(cp, uuid);
+    }
+    let bmc = Bmc::start();
+    bmc_secret(cp, "controlplane-0-bmc", "password");
+    apply(cp, &guide_manifests(cp, UUID_1, &bmc));
+    wait_ready(cp, a, capi, "controlplane-0", "True/Provisioned", 120);
+    bmc
+}
+
 /// Registers machine `i` (a QEMU machine with one disk) over the API; its UUID.
 fn register_machine(a: &Appliance, i: u32) -> String {
     a.register(&Registration::numbered(i))
@@ -857,16 +878,7 @@ fn boot_from(a: &Appliance, from: &str, uuid: &str, mac: &str) -> String {
 fn a_tripped_window_stops_its_machine_until_armed_and_a_machine_without_bmc_goes_by_arming() {
     let (cp, capi) = control_plane();
     let a = provider_appliance(&cp, "");
-    register(&a, "a", UUID_1);
-    register(&a, "b", UUID_2);
-    for uuid in [UUID_1, UUID_2] {
-        wait_for_server(&cp, uuid);
-        accept(&cp, uuid);
-    }
-    let bmc = Bmc::start();
-    bmc_secret(&cp, "controlplane-0-bmc", "password");
-    apply(&cp, &guide_manifests(&cp, UUID_1, &bmc));
-    wait_ready(&cp, &a, &capi, "controlplane-0", "True/Provisioned", 120);
+    let bmc = guide_cluster_provisioned(&cp, &capi, &a, &[]);
     eventually(
         30,
         "the Server shows the window its power-on opened",
@@ -978,18 +990,10 @@ fn a_tripped_window_stops_its_machine_until_armed_and_a_machine_without_bmc_goes
 fn a_tenant_machine_reads_no_secret_outside_its_namespace_and_redirects_no_servers_bmc() {
     let (cp, capi) = control_plane();
     let a = provider_appliance(&cp, "");
-    register(&a, "a", UUID_1);
-    register(&a, "b", UUID_2);
     let third = a.register(&Registration::numbered(3));
-    for uuid in [UUID_1, UUID_2, third.as_str()] {
-        wait_for_server(&cp, uuid);
-        accept(&cp, uuid);
-    }
     // The guide's cluster, on the first server: the tenant's machines join it.
-    let bmc = Bmc::start();
-    bmc_secret(&cp, "controlplane-0-bmc", "password");
-    apply(&cp, &guide_manifests(&cp, UUID_1, &bmc));
-    wait_ready(&cp, &a, &capi, "controlplane-0", "True/Provisioned", 120);
+    // Kept: the simulator stops when dropped.
+    let _bmc = guide_cluster_provisioned(&cp, &capi, &a, &[&third]);
     let with_bmc = |name: &str, server: &str, bmc_yaml: &str| {
         machine_manifests(name, server, None, None).replacen(
             "\n---\n",
