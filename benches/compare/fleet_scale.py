@@ -5,13 +5,19 @@ Per binary and N it reports, for the appliances at steady state (after every Ser
 visible and a settling pause): apiserver requests per minute per appliance (from the
 apiserver's audit log, each appliance authenticating as its own user), bytes the
 appliances read from the apiserver per minute (their sockets' bytes_received, from `ss`),
-resident memory per appliance, and the time from a registration to its Server being
-visible. Everything listens on loopback; every load is bounded by count and time.
+resident memory per appliance (and its growth per Server it holds), the time from a
+registration to its Server being visible, from a MetalMachine apply to its server
+claimed (bound: `spec.serverRef` set), and from 50 MetalMachines applied at once to all
+claimed. The MetalMachines are what Cluster API would make: each owned by a Machine of a
+provisioned Cluster with its bootstrap data, none in a failure domain, so every
+appliance races for each (the resourceVersion precondition picks one). Everything
+listens on loopback; every load is bounded by count and time.
 
 Run by fleet-scale.sh, which builds the binaries and the control plane.
 """
 
 import argparse
+import base64
 import http.client
 import json
 import os
@@ -19,6 +25,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -172,7 +179,7 @@ namespace = "arges-system"
              "--http", "127.0.0.1:0", "--tftp", "127.0.0.1:0", "--ready-file",
              f"{d}/ready.json"],
             stdout=subprocess.DEVNULL, stderr=open(f"{d}/log", "w"),
-            env={**os.environ, "ARGES_LOG": "info,kube_client=error"})
+            env={"ARGES_LOG": "info,kube_client=error", **os.environ})
         wait(f"{identity} started", 60, lambda: os.path.exists(f"{d}/ready.json"))
         host, port = json.load(open(f"{d}/ready.json"))["http"][0].rsplit(":", 1)
         self.conn = http.client.HTTPConnection(host, int(port), timeout=30)
@@ -215,8 +222,111 @@ namespace = "arges-system"
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if os.environ.get("ARGES_BENCH_KEEP"):
+            print(f"    kept {self.dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
         return time.time() - t
+
+
+class Api:
+    """The apiserver's REST API as the admin user, over one kept-alive connection."""
+
+    def __init__(self, port, token):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        self.conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+        self.token = token
+
+    def call(self, method, path, body=None, patch=False):
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body)
+            headers["Content-Type"] = ("application/merge-patch+json" if patch
+                                       else "application/json")
+        for attempt in range(5):
+            try:
+                self.conn.request(method, path, data, headers)
+                r = self.conn.getresponse()
+                raw = r.read()
+            except (ConnectionError, http.client.HTTPException):
+                self.conn.close()
+                time.sleep(0.1 * (attempt + 1))
+                continue
+            if r.status == 409 and patch:
+                continue
+            if r.status >= 300:
+                raise SystemExit(f"error: {method} {path}: HTTP {r.status}: {raw[:400]!r}")
+            return json.loads(raw) if raw else None
+        raise SystemExit(f"error: {method} {path}: no answer")
+
+
+CAPI = "/apis/cluster.x-k8s.io/v1beta2/namespaces/default"
+METAL = "/apis/infrastructure.cluster.x-k8s.io/v1alpha2/namespaces/default/metalmachines"
+
+
+def provisioned_cluster(api):
+    """A Cluster whose infrastructure is provisioned and bootstrap data for its machines,
+    as Cluster API and its bootstrap provider would leave them."""
+    api.call("POST", "/api/v1/namespaces/default/secrets", {
+        "metadata": {"name": "bootstrap"},
+        "data": {"value": base64.b64encode(b"#!talos\nversion: v1alpha1\n").decode()}})
+    api.call("POST", f"{CAPI}/clusters", {
+        "apiVersion": "cluster.x-k8s.io/v1beta2", "kind": "Cluster",
+        "metadata": {"name": "bench"},
+        "spec": {"infrastructureRef": {"apiGroup": "infrastructure.cluster.x-k8s.io",
+                                       "kind": "MetalCluster", "name": "bench"}}})
+    api.call("PATCH", f"{CAPI}/clusters/bench/status", {
+        "status": {"initialization": {"infrastructureProvisioned": True}}}, patch=True)
+
+
+def machine(api, name):
+    """A Machine of the Cluster; the owner reference its MetalMachine carries."""
+    m = api.call("POST", f"{CAPI}/machines", {
+        "apiVersion": "cluster.x-k8s.io/v1beta2", "kind": "Machine",
+        "metadata": {"name": name, "labels": {"cluster.x-k8s.io/cluster-name": "bench"}},
+        "spec": {"clusterName": "bench", "version": "v1.35.4",
+                 "bootstrap": {"dataSecretName": "bootstrap"},
+                 "infrastructureRef": {"apiGroup": "infrastructure.cluster.x-k8s.io",
+                                       "kind": "MetalMachine", "name": name}}})
+    return {"apiVersion": "cluster.x-k8s.io/v1beta2", "kind": "Machine", "name": name,
+            "uid": m["metadata"]["uid"], "controller": True}
+
+
+def apply_metal_machine(api, name, owner):
+    api.call("POST", METAL, {
+        "apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha2", "kind": "MetalMachine",
+        "metadata": {"name": name, "ownerReferences": [owner]},
+        "spec": {"serverClassRef": {"name": "qemu"}}})
+
+
+def claimed(api):
+    """Names of the MetalMachines bound to a server."""
+    items = api.call("GET", METAL)["items"]
+    return {i["metadata"]["name"] for i in items
+            if (i.get("spec", {}).get("serverRef") or {}).get("name")}
+
+
+def claim_times(api, names, secs):
+    """Applies MetalMachines `names` (their Machines made first) at once; the seconds
+    from the first apply until each is claimed."""
+    owners = {n: machine(api, n) for n in names}
+    start = time.time()
+    for n in names:
+        apply_metal_machine(api, n, owners[n])
+    took, deadline = {}, start + secs
+    while len(took) < len(names) and time.time() < deadline:
+        done = claimed(api)
+        for n in names:
+            if n in done and n not in took:
+                took[n] = time.time() - start
+        time.sleep(0.02)
+    if len(took) < len(names):
+        raise SystemExit(f"error: {len(names) - len(took)} of {len(names)} MetalMachines "
+                         f"not claimed within {secs} s")
+    return [took[n] for n in names]
 
 
 def bytes_received(pids, port):
@@ -259,6 +369,8 @@ def run(binary, k8s, crds, n, m, settle, steady):
         cp.kubectl(["create", "namespace", "arges-system"])
         cp.kubectl(["apply", "-f", "-"], CLASS)
         apps = [Appliance(binary, cp, f"rack-{i}") for i in range(m)]
+        rss_empty = statistics.mean(a.rss_kib() for a in apps)
+        api = Api(cp.port, cp.tokens["admin"])
         started = time.time()
         for i in range(n):
             apps[i % m].register(i + 1)
@@ -266,8 +378,13 @@ def run(binary, k8s, crds, n, m, settle, steady):
                 print(f"    {i + 1}/{n} registered", file=sys.stderr)
         wait(f"{n} Servers visible", 600, lambda: len(
             cp.kubectl(["get", "servers", "--no-headers", "-o", "name"]).stdout.split()) >= n, 1)
-        print(f"    {n} Servers visible after {time.time() - started:.1f} s; settling {settle} s",
+        print(f"    {n} Servers visible after {time.time() - started:.1f} s; accepting them",
               file=sys.stderr)
+        for s in api.call("GET", "/apis/metal.arges.dev/v1alpha1/servers")["items"]:
+            api.call("PATCH", f"/apis/metal.arges.dev/v1alpha1/servers/{s['metadata']['name']}",
+                     {"spec": {"accepted": True}}, patch=True)
+        provisioned_cluster(api)
+        print(f"    settling {settle} s", file=sys.stderr)
         time.sleep(settle)
         pids = [a.proc.pid for a in apps]
         offset = cp.audit_size()
@@ -288,12 +405,20 @@ def run(binary, k8s, crds, n, m, settle, steady):
             wait("a new Server visible", 60,
                  lambda: cp.kubectl_ok(["get", "server", uuid]), 0.02)
             latencies.append(time.time() - t)
+        # A MetalMachine applied to its server claimed, five times one by one; then 50
+        # at once.
+        one = [claim_times(api, [f"one-{k}"], 120)[0] for k in range(5)]
+        fifty = claim_times(api, [f"fifty-{k}" for k in range(50)], 600)
         return {
             "req_per_min": statistics.mean(per_app),
             "req_per_min_max": max(per_app),
             "kib_read_per_min": max(read1 - read0, 0) / 1024 / minutes / m,
             "rss_mib": statistics.mean(rss) / 1024,
+            "rss_kib_per_server": (statistics.mean(rss) - rss_empty) / (n / m),
             "visible_s": statistics.median(latencies),
+            "claim_s": statistics.median(one),
+            "fifty_s": max(fifty),
+            "fifty_p50_s": statistics.median(fifty),
         }
     finally:
         # All at once: each may drain for a while.
@@ -318,7 +443,10 @@ def main():
     a = p.parse_args()
     rows = []
     for n in [int(x) for x in a.n.split(",")]:
+        # --before "": the current binary alone.
         for name, binary in [("before", a.before), ("now", a.now)]:
+            if not binary:
+                continue
             print(f"==> N={n}, M={a.m}, {name}", file=sys.stderr)
             r = run(binary, a.k8s, a.crds, n, a.m, a.settle, a.steady)
             rows.append((n, name, r))
@@ -326,11 +454,15 @@ def main():
             print(f"    {json.dumps(r)}", file=sys.stderr)
     print(f"\nFleet scale, M={a.m} appliances, steady state over {a.steady} s after "
           f"{a.settle} s settling (2 cores):")
-    print(f"{'N':>6} {'binary':>7} {'req/min/appliance':>18} {'(max)':>7} "
-          f"{'KiB read/min/appl.':>19} {'RSS MiB/appl.':>14} {'register->visible s':>20}")
+    print(f"{'N':>6} {'binary':>7} {'req/min/appl.':>14} {'(max)':>7} "
+          f"{'KiB read/min/appl.':>19} {'RSS MiB/appl.':>14} {'KiB/server':>11} "
+          f"{'register->visible s':>20} {'apply->claimed s':>17} {'50: all s':>10} "
+          f"{'(p50)':>6}")
     for n, name, r in rows:
-        print(f"{n:>6} {name:>7} {r['req_per_min']:>18.1f} {r['req_per_min_max']:>7.1f} "
-              f"{r['kib_read_per_min']:>19.1f} {r['rss_mib']:>14.1f} {r['visible_s']:>20.2f}")
+        print(f"{n:>6} {name:>7} {r['req_per_min']:>14.1f} {r['req_per_min_max']:>7.1f} "
+              f"{r['kib_read_per_min']:>19.1f} {r['rss_mib']:>14.1f} "
+              f"{r['rss_kib_per_server']:>11.1f} {r['visible_s']:>20.2f} "
+              f"{r['claim_s']:>17.2f} {r['fifty_s']:>10.2f} {r['fifty_p50_s']:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
 //! - every ServerClass: claims read their class here, and class counts are recomputed
 //!   when one changes ([`Caches::classes_changed`]);
 //! - the racks that hold usable servers ([`Caches::racks`]), from the class-count watch
-//!   of every Server: MetalClusters publish them as failure domains.
+//!   of every Server: MetalClusters publish them as failure domains;
+//! - the free servers of each class in each rack ([`Caches::free`]), from the same
+//!   watch: MetalMachines are placed by it (`capi/machines/placement.rs`).
 //!
 //! A cache may lag the cluster by a watch event. What must be exact stays a
 //! resourceVersion precondition on the write (a claim), and claims this process has just
@@ -15,12 +17,13 @@
 //! repeated in that gap finds its own claim instead of taking a second server.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use tokio::sync::{Notify, watch};
 
+use super::capi::machines::FirstSeen;
 use super::resources::{Server as ServerResource, ServerClass};
 
 /// How long a task waits for a cache's first listing before it says so and retries.
@@ -37,12 +40,21 @@ pub struct Caches {
     /// Racks holding accepted, uncordoned servers, and whether each may run control-plane
     /// machines; `None` until the watch of every Server has listed (leader only).
     pub racks: watch::Sender<Option<Racks>>,
+    /// Free servers by class and rack; `None` until the watch of every Server has listed
+    /// (leader only).
+    pub free: watch::Sender<Option<Arc<FreeServers>>>,
+    /// When each MetalMachine waiting for its rack's turn was first seen.
+    pub first_seen: FirstSeen,
     /// Claims taken by this process: the claim's uid to the Server's name.
     claims: Mutex<HashMap<String, String>>,
 }
 
 /// Rack (appliance identity) to control-plane eligibility.
 pub type Racks = BTreeMap<String, bool>;
+
+/// ServerClass to rack to the number of its servers free to claim there (racks without
+/// one are left out).
+pub type FreeServers = BTreeMap<String, BTreeMap<String, u32>>;
 
 /// The writers of [`Caches`], handed to the watches that feed them.
 pub struct CacheWriters {
@@ -61,6 +73,8 @@ impl Caches {
                 classes,
                 classes_changed: Notify::new(),
                 racks: watch::Sender::new(None),
+                free: watch::Sender::new(None),
+                first_seen: FirstSeen::default(),
                 claims: Mutex::new(HashMap::new()),
             },
             CacheWriters {

@@ -20,7 +20,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
-use super::caches::Racks;
+use super::caches::{FreeServers, Racks};
 use super::resources::{
     APPLIANCE_LABEL, CONTROL_PLANE_RACK_LABEL, Server, ServerClass, ServerClassSpec,
     ServerClassStatus, ServerCpu, ServerDisk, ServerHardware, ServerSpec, ServerStatus,
@@ -152,6 +152,26 @@ fn racks(servers: &BTreeMap<String, Server>) -> Racks {
     racks
 }
 
+/// The free servers of each class, by rack: where a MetalMachine of the class may be
+/// placed.
+fn free_servers(classes: &[Arc<ServerClass>], servers: &BTreeMap<String, Server>) -> FreeServers {
+    classes
+        .iter()
+        .map(|class| {
+            let mut by_rack = BTreeMap::new();
+            for s in servers
+                .values()
+                .filter(|s| matches(&class.spec, s) && available(s))
+            {
+                if let Some(rack) = s.labels().get(APPLIANCE_LABEL) {
+                    *by_rack.entry(rack.clone()).or_insert(0) += 1;
+                }
+            }
+            (class.name_any(), by_rack)
+        })
+        .collect()
+}
+
 /// The status counts of `class` over `servers`.
 fn class_status(class: &ServerClassSpec, servers: &BTreeMap<String, Server>) -> ServerClassStatus {
     let members: Vec<&Server> = servers.values().filter(|s| matches(class, s)).collect();
@@ -226,6 +246,8 @@ pub async fn count(ctx: Arc<Context>, cancel: CancellationToken) {
                         *r = now;
                         changed
                     });
+                    let free = free_servers(&ctx.caches.classes.state(), &servers);
+                    ctx.caches.free.send_replace(Some(Arc::new(free)));
                     write_counts(&ctx, &servers).await;
                 }
                 false
@@ -468,6 +490,43 @@ mod tests {
                 ("rack-e".into(), true),
             ]),
             "in use counts; unaccepted and cordoned do not"
+        );
+    }
+
+    #[test]
+    fn free_servers_are_counted_by_class_and_rack() {
+        let in_rack = |rack: &str, vendor: &str, in_use: bool| {
+            let mut s = server(vendor, 1, &[(APPLIANCE_LABEL, rack)]);
+            s.status = Some(ServerStatus {
+                in_use,
+                ..ServerStatus::default()
+            });
+            counted(&s)
+        };
+        let servers: BTreeMap<String, Server> = [
+            in_rack("rack-a", "QEMU", false),
+            in_rack("rack-a", "QEMU", false),
+            in_rack("rack-a", "QEMU", true),
+            in_rack("rack-b", "QEMU", true),
+            in_rack("rack-b", "Dell", false),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| (i.to_string(), s))
+        .collect();
+        let class = |name: &str, vendor: &str| {
+            let mut spec = ServerClassSpec::default();
+            spec.qualifiers.vendors = vec![vendor.into()];
+            Arc::new(ServerClass::new(name, spec))
+        };
+        let free = free_servers(&[class("qemu", "QEMU"), class("hp", "HP")], &servers);
+        assert_eq!(
+            free,
+            FreeServers::from([
+                ("qemu".into(), BTreeMap::from([("rack-a".into(), 2)])),
+                ("hp".into(), BTreeMap::new()),
+            ]),
+            "servers in use and of other classes are not free for the class"
         );
     }
 

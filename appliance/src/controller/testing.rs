@@ -39,6 +39,8 @@ impl Context {
             },
         );
         let (caches, writers) = Caches::new();
+        // The fleet view built, and showing no other rack: this appliance's turn always.
+        caches.free.send_replace(Some(Default::default()));
         let ctx = Context {
             client,
             core: Arc::new(core),

@@ -25,6 +25,18 @@ pub(super) fn claim_of(s: &ServerResource) -> Option<&ServerClaim> {
     s.status.as_ref().and_then(|st| st.claim.as_ref())
 }
 
+/// Whether this appliance holds a claim for machine `uid` (taken in this process, or
+/// shown by the watch of its Servers).
+pub(super) fn holds_claim(ctx: &Context, uid: &str) -> bool {
+    ctx.caches.claim(uid).is_some()
+        || ctx
+            .caches
+            .servers
+            .state()
+            .iter()
+            .any(|s| claim_of(s).is_some_and(|c| c.uid == uid))
+}
+
 /// Why `s` cannot be given to a new machine, if it cannot.
 pub(super) fn unavailable(s: &ServerResource) -> Option<(&'static str, String)> {
     let name = s.name_any();

@@ -50,6 +50,7 @@ use crate::controller::servers::addresses;
 use crate::inventory::InstalledBy;
 
 mod claims;
+mod placement;
 mod power;
 mod provision;
 mod release;
@@ -57,6 +58,7 @@ mod report;
 #[cfg(test)]
 mod tests;
 
+pub use placement::FirstSeen;
 use provision::{Progress, provision};
 use report::{Report, Step};
 
@@ -149,6 +151,7 @@ async fn reconcile(mm: Arc<MetalMachine>, ctx: Arc<Context>) -> Result<Action, R
             Action::await_change()
         }
         Ok(Progress::NotOurs) => return Ok(Action::await_change()),
+        Ok(Progress::NotYet(wait)) => return Ok(Action::requeue(wait)),
         Ok(Progress::Paused) => {
             write_status_best_effort(&api, &mm, &report).await;
             count(&ctx, KIND, "paused");
@@ -261,9 +264,27 @@ async fn write_status(
     if let Some(rack) = placed.rack {
         patch["status"]["failureDomain"] = json!(rack);
     }
+    if shows_already(mm, &patch["status"]) {
+        // A requeued wait that changed nothing costs no write.
+        return Ok(());
+    }
     api.patch_status(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
         .await?;
     Ok(())
+}
+
+/// Whether the machine's status has every field of `status` as given already.
+fn shows_already(mm: &MetalMachine, status: &serde_json::Value) -> bool {
+    let Some(current) = mm
+        .status
+        .as_ref()
+        .and_then(|s| serde_json::to_value(s).ok())
+    else {
+        return false;
+    };
+    status
+        .as_object()
+        .is_some_and(|fields| fields.iter().all(|(k, v)| current.get(k) == Some(v)))
 }
 
 /// The conditions, when the reconcile ends in an error (the next one says more).

@@ -10,7 +10,8 @@ use serde_json::json;
 use super::super::{
     FINALIZER, RETRY, capi_owner, capi_resource, get_cluster, patch_params, paused,
 };
-use super::claims::{claim_from_class, claim_named, ours, release_claim};
+use super::claims::{claim_from_class, claim_named, holds_claim, ours, release_claim};
+use super::placement::{self, Turn};
 use super::power::network_boot;
 use super::report::{Blocked, Report, Step};
 use crate::bmc::PowerFailure;
@@ -30,6 +31,8 @@ pub(super) enum Progress {
     NotOurs,
     /// The cluster (or the machine) is paused: nothing is done but saying so.
     Paused,
+    /// Another rack is placed first for this machine: look again after this long.
+    NotYet(std::time::Duration),
 }
 
 /// The Server `spec.serverRef` names, if any.
@@ -78,6 +81,17 @@ pub(super) async fn provision(
             .into()),
         };
     }
+    // Neither a server nor a rack named: the placed rack claims first, the others wait
+    // their turn writing nothing (unless this one holds a claim for it already).
+    if named.is_none() && failure_domain(&machine).is_none() {
+        let uid = mm.uid().unwrap_or_default();
+        let class = mm.spec.server_class_ref.as_ref().map(|c| c.name.as_str());
+        if let Turn::After(wait) = placement::turn(ctx, &uid, class)
+            && !holds_claim(ctx, &uid)
+        {
+            return Ok(Progress::NotYet(wait));
+        }
+    }
     // Paused: no write but the Paused condition, not even the finalizer (the contract).
     let cluster_name = machine.data["spec"]["clusterName"]
         .as_str()
@@ -96,7 +110,10 @@ pub(super) async fn provision(
         return Ok(Progress::Paused);
     }
     report.quiet("Paused", false, "NotPaused", "");
-    ensure_finalizer(mm, api).await?;
+    // The later writes carry the resourceVersion the finalizer's write made, not the
+    // one it replaced (a stale one would only cost a conflict and a second pass).
+    let with_finalizer = ensure_finalizer(mm, api).await?;
+    let mm = with_finalizer.as_ref().unwrap_or(mm);
     let bootstrap = bootstrap(mm, ctx, &machine, cluster_name, cluster, report).await?;
     let claim = ServerClaim {
         machine: format!("{}/{}", mm.namespace().unwrap_or_default(), mm.name_any()),
@@ -127,17 +144,22 @@ async fn named_server(mm: &MetalMachine, ctx: &Context) -> Result<Named, Step> {
     }
 }
 
-async fn ensure_finalizer(mm: &MetalMachine, api: &Api<MetalMachine>) -> Result<(), kube::Error> {
+/// Adds the finalizer if it is missing; the machine as written, if it wrote.
+async fn ensure_finalizer(
+    mm: &MetalMachine,
+    api: &Api<MetalMachine>,
+) -> Result<Option<MetalMachine>, kube::Error> {
     if mm.finalizers().iter().any(|f| f == FINALIZER) {
-        return Ok(());
+        return Ok(None);
     }
     let mut finalizers = mm.finalizers().to_vec();
     finalizers.push(FINALIZER.to_string());
     let patch =
         json!({"metadata": {"resourceVersion": mm.resource_version(), "finalizers": finalizers}});
-    api.patch(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
-        .await?;
-    Ok(())
+    Ok(Some(
+        api.patch(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
+            .await?,
+    ))
 }
 
 /// Step 1a: the owner Machine.

@@ -639,3 +639,43 @@ async fn a_machines_bmc_serves_its_claim_and_is_forgotten_on_release() {
         "{local:?}"
     );
 }
+
+#[tokio::test]
+async fn a_machine_ranked_after_other_racks_waits_its_turn_writing_nothing() {
+    let (core, a, b) = core_with_two().await;
+    let (ctx, mut api) = Context::test(core);
+    api.cached(&[server(&a), server(&b)], &[class_small()]);
+    // Ten other racks with many free servers of the class: one of them is placed first
+    // for this machine (this rack, with two, is first for about 1 machine in 5,000).
+    let mut by_rack: std::collections::BTreeMap<String, u32> =
+        (0..10).map(|i| (format!("rack-other-{i}"), 1000)).collect();
+    by_rack.insert("rack-1".into(), 2);
+    ctx.caches
+        .free
+        .send_replace(Some(Arc::new([("small".to_string(), by_rack)].into())));
+    let mm = Mm::test();
+    let task = start(&ctx, &mm);
+    // The owner Machine is read (a failure domain would decide); then nothing more: no
+    // finalizer, no status, no claim.
+    api.expect("GET", &format!("{CAPI}/machines/m-0"))
+        .await
+        .reply(&capi_machine());
+    let action = api.until_done(task).await.expect("a wait, not an error");
+    assert!(
+        format!("{action:?}").contains("requeue_after: Some("),
+        "looks again later (its turn may come): {action:?}"
+    );
+    assert!(api.events.is_empty(), "says nothing: {:?}", api.events);
+    // With the other racks' servers gone, this rack is the only place: it claims.
+    ctx.caches.free.send_replace(Some(Arc::new(
+        [("small".to_string(), [("rack-1".to_string(), 2)].into())].into(),
+    )));
+    let task = start(&ctx, &mm);
+    answer_bootstrap(&mut api).await;
+    let claim = api.next().await;
+    assert_eq!(
+        (claim.method.as_str(), claim.path.as_str()),
+        ("PATCH", format!("{SERVERS}/{}/status", a.uuid).as_str())
+    );
+    task.abort();
+}
