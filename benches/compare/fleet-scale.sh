@@ -4,8 +4,10 @@
 # appliance processes in Kubernetes mode, N Servers spread over them (registrations over
 # each appliance's HTTP API, as agents send them). Per N and binary: apiserver requests
 # per minute per appliance at steady state (the apiserver's audit log, one user per
-# appliance), KiB read per minute per appliance, resident memory per appliance, and the
-# time from a registration to its Server being visible. Loopback only, bounded.
+# appliance), KiB read per minute per appliance, resident memory per appliance (and per
+# Server it holds), the time from a registration to its Server being visible, from a
+# MetalMachine apply to its server claimed, and from 50 applied at once to all claimed.
+# Loopback only, bounded.
 # Usage: benches/compare/fleet-scale.sh [N,N,...] [M] [STEADY_SECS]
 #   (BEFORE=rev, default the last commit before the caches; or ARGES_BEFORE_BIN and
 #   ARGES_BIN: binaries built already; ARGES_K8S_BIN: the control plane's binaries)

@@ -264,6 +264,9 @@ class Api:
 
 
 CAPI = "/apis/cluster.x-k8s.io/v1beta2/namespaces/default"
+# How long 50 MetalMachines applied at once may take to be claimed before the run gives
+# up on the rest (and says how many were).
+FIFTY_WITHIN = 300
 METAL = "/apis/infrastructure.cluster.x-k8s.io/v1alpha2/namespaces/default/metalmachines"
 
 
@@ -323,10 +326,8 @@ def claim_times(api, names, secs):
             if n in done and n not in took:
                 took[n] = time.time() - start
         time.sleep(0.02)
-    if len(took) < len(names):
-        raise SystemExit(f"error: {len(names) - len(took)} of {len(names)} MetalMachines "
-                         f"not claimed within {secs} s")
-    return [took[n] for n in names]
+    # Not all claimed in time: the bound is reported as the figure, and how many made it.
+    return [took.get(n, float("inf")) for n in names]
 
 
 def bytes_received(pids, port):
@@ -408,7 +409,7 @@ def run(binary, k8s, crds, n, m, settle, steady):
         # A MetalMachine applied to its server claimed, five times one by one; then 50
         # at once.
         one = [claim_times(api, [f"one-{k}"], 120)[0] for k in range(5)]
-        fifty = claim_times(api, [f"fifty-{k}" for k in range(50)], 600)
+        fifty = claim_times(api, [f"fifty-{k}" for k in range(50)], FIFTY_WITHIN)
         return {
             "req_per_min": statistics.mean(per_app),
             "req_per_min_max": max(per_app),
@@ -419,6 +420,7 @@ def run(binary, k8s, crds, n, m, settle, steady):
             "claim_s": statistics.median(one),
             "fifty_s": max(fifty),
             "fifty_p50_s": statistics.median(fifty),
+            "fifty_claimed": sum(t != float("inf") for t in fifty),
         }
     finally:
         # All at once: each may drain for a while.
@@ -462,7 +464,9 @@ def main():
         print(f"{n:>6} {name:>7} {r['req_per_min']:>14.1f} {r['req_per_min_max']:>7.1f} "
               f"{r['kib_read_per_min']:>19.1f} {r['rss_mib']:>14.1f} "
               f"{r['rss_kib_per_server']:>11.1f} {r['visible_s']:>20.2f} "
-              f"{r['claim_s']:>17.2f} {r['fifty_s']:>10.2f} {r['fifty_p50_s']:>6.2f}")
+              f"{r['claim_s']:>17.2f} {r['fifty_s']:>10.2f} {r['fifty_p50_s']:>6.2f}"
+              + ("" if r["fifty_claimed"] == 50 else
+                 f"  (only {r['fifty_claimed']} of 50 claimed within {FIFTY_WITHIN} s)"))
 
 
 if __name__ == "__main__":

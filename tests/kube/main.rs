@@ -119,6 +119,23 @@ fn wait_for_server(cp: &ControlPlane, uuid: &str) -> String {
     cp.kubectl(&["get", "servers", "-o", "wide"])
 }
 
+/// Waits for an event with `reason`, in any namespace.
+fn wait_for_event(cp: &ControlPlane, reason: &str) {
+    eventually(30, &format!("an event {reason}"), || {
+        let selector = format!("reason={reason}");
+        let e = cp.kubectl(&[
+            "get",
+            "events",
+            "-A",
+            "--field-selector",
+            &selector,
+            "-o",
+            "name",
+        ]);
+        (!e.trim().is_empty()).then_some(())
+    });
+}
+
 /// Applies `manifest`, which the apiserver must refuse; returns kubectl's reason.
 fn refused(cp: &ControlPlane, manifest: &str) -> String {
     let out = cp.kubectl_stdin(&["apply", "-f", "-"], manifest);
@@ -276,18 +293,7 @@ fn registration_becomes_a_server_and_kubectl_drives_the_next_boot() {
         "-p",
         r#"{"spec":{"bmc":{"endpoint":"10.0.0.9","user":"admin","pass":"inline"}}}"#,
     ]);
-    eventually(30, "a warning event for inline credentials", || {
-        let e = cp.kubectl(&[
-            "get",
-            "events",
-            "-A",
-            "--field-selector",
-            "reason=InlineCredentials",
-            "-o",
-            "name",
-        ]);
-        (!e.trim().is_empty()).then_some(())
-    });
+    wait_for_event(&cp, "InlineCredentials");
 
     // Cordoned with kubectl: local disk again.
     cp.kubectl(&[
@@ -357,6 +363,8 @@ fn malformed_and_refused_registrations_never_stall_the_sync_of_other_servers() {
         "{}",
         a.log()
     );
+    // Said where an operator looks too: a Warning event on the Server.
+    wait_for_event(&cp, "SyncRefused");
     // Once the apiserver takes it, it arrives, on its own backoff.
     cp.kubectl(&[
         "delete",

@@ -203,15 +203,20 @@ fn status_patch(s: &Server, identity: &str) -> serde_json::Value {
     patch
 }
 
-/// A BMC operation's end as an event on the Server: Normal when it worked, Warning with
-/// the reason when not.
-async fn power_event(ctx: &Context, id: &str, e: &crate::inventory::PowerEvent) {
-    let to = k8s_openapi::api::core::v1::ObjectReference {
+/// Server `id` as an event's subject.
+fn server_ref(id: &str) -> k8s_openapi::api::core::v1::ObjectReference {
+    k8s_openapi::api::core::v1::ObjectReference {
         api_version: Some("metal.arges.dev/v1alpha1".into()),
         kind: Some("Server".into()),
         name: Some(resource_name(id)),
         ..Default::default()
-    };
+    }
+}
+
+/// A BMC operation's end as an event on the Server: Normal when it worked, Warning with
+/// the reason when not.
+async fn power_event(ctx: &Context, id: &str, e: &crate::inventory::PowerEvent) {
+    let to = server_ref(id);
     let reason = if e.ok {
         "PowerOperationSucceeded".to_string()
     } else {
@@ -234,12 +239,7 @@ async fn power_event(ctx: &Context, id: &str, e: &crate::inventory::PowerEvent) 
 
 /// A tripped window or a replayed secret as a Warning event on the Server.
 async fn alarm_event(ctx: &Context, id: &str, alarm: &crate::inventory::Alarm) {
-    let to = k8s_openapi::api::core::v1::ObjectReference {
-        api_version: Some("metal.arges.dev/v1alpha1".into()),
-        kind: Some("Server".into()),
-        name: Some(resource_name(id)),
-        ..Default::default()
-    };
+    let to = server_ref(id);
     ctx.publish(
         &to,
         true,
@@ -388,6 +388,8 @@ pub async fn push(ctx: Arc<Context>, cancel: CancellationToken) {
                             let wait = (FLUSH_EVERY * 2u32.saturating_pow(tries.min(8))).min(MAX_BACKOFF);
                             if tries == 1 {
                                 tracing::warn!(server = %id, error = %e, retry_in = ?wait, "the apiserver refuses this Server's update; the others go on");
+                                let note = format!("the apiserver refuses this appliance's update of the Server (retried alone, with backoff): {e}");
+                                ctx.publish(&server_ref(&id), true, "SyncRefused", "Sync", &note).await;
                             }
                             held.insert(id, (tries, now + wait));
                         }
