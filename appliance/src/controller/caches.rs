@@ -9,7 +9,10 @@
 //! - the racks that hold usable servers ([`Caches::racks`]), from the class-count watch
 //!   of every Server: MetalClusters publish them as failure domains;
 //! - the free servers of each class in each rack ([`Caches::free`]), from the same
-//!   watch: MetalMachines are placed by it (`capi/machines/placement.rs`).
+//!   watch: MetalMachines are placed by it (`capi/machines/placement.rs`);
+//! - Cluster API's Machines and Clusters ([`Caches::capi`]), leader only, each kept as
+//!   the few fields the provider reads: the MetalMachine and MetalCluster reconcilers
+//!   read their owners here instead of asking the apiserver each time.
 //!
 //! A cache may lag the cluster by a watch event. What must be exact stays a
 //! resourceVersion precondition on the write (a claim), and claims this process has just
@@ -20,6 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kube::api::DynamicObject;
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use tokio::sync::{Notify, watch};
 
@@ -45,6 +49,8 @@ pub struct Caches {
     pub free: watch::Sender<Option<Arc<FreeServers>>>,
     /// When each MetalMachine waiting for its rack's turn was first seen.
     pub first_seen: FirstSeen,
+    /// Cluster API's Machines and Clusters; `None` while this appliance does not lead.
+    pub capi: watch::Sender<Option<CapiStores>>,
     /// Claims taken by this process: the claim's uid to the Server's name.
     claims: Mutex<HashMap<String, String>>,
 }
@@ -55,6 +61,13 @@ pub type Racks = BTreeMap<String, bool>;
 /// ServerClass to rack to the number of its servers free to claim there (racks without
 /// one are left out).
 pub type FreeServers = BTreeMap<String, BTreeMap<String, u32>>;
+
+/// Cluster API objects the provider reads, projected (see `capi::project`).
+#[derive(Clone)]
+pub struct CapiStores {
+    pub machines: Store<DynamicObject>,
+    pub clusters: Store<DynamicObject>,
+}
 
 /// The writers of [`Caches`], handed to the watches that feed them.
 pub struct CacheWriters {
@@ -75,6 +88,7 @@ impl Caches {
                 racks: watch::Sender::new(None),
                 free: watch::Sender::new(None),
                 first_seen: FirstSeen::default(),
+                capi: watch::Sender::new(None),
                 claims: Mutex::new(HashMap::new()),
             },
             CacheWriters {
@@ -93,6 +107,20 @@ impl Caches {
         tokio::time::timeout(READY_WITHIN, both)
             .await
             .unwrap_or(false)
+    }
+
+    /// Cluster API's Machines and Clusters once both have had their first listing
+    /// within [`READY_WITHIN`]; `None` if not (or not leading).
+    pub async fn capi(&self) -> Option<CapiStores> {
+        let stores = self.capi.borrow().clone()?;
+        let both = async {
+            stores.machines.wait_until_ready().await.is_ok()
+                && stores.clusters.wait_until_ready().await.is_ok()
+        };
+        tokio::time::timeout(READY_WITHIN, both)
+            .await
+            .unwrap_or(false)
+            .then_some(stores)
     }
 
     /// The ServerClass `name`, as last seen.

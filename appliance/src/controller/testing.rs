@@ -11,13 +11,15 @@ use std::time::Duration;
 
 use hyper::{Request, Response};
 use kube::Client;
+use kube::api::DynamicObject;
 use kube::client::Body;
 use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
 use tower_test::mock::{Handle, SendResponse};
 
 use super::Context;
-use super::caches::{CacheWriters, Caches};
+use super::caches::{CacheWriters, Caches, CapiStores};
+use super::capi;
 use crate::core::Core;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
@@ -41,6 +43,15 @@ impl Context {
         let (caches, writers) = Caches::new();
         // The fleet view built, and showing no other rack: this appliance's turn always.
         caches.free.send_replace(Some(Default::default()));
+        // Leading, with no Machine or Cluster yet (a test fills them).
+        let mut capi_machines = Writer::new(capi::capi_resource("Machine", "machines"));
+        let mut capi_clusters = Writer::new(capi::capi_resource("Cluster", "clusters"));
+        fill(&mut capi_machines, &[], capi::project);
+        fill(&mut capi_clusters, &[], capi::project);
+        caches.capi.send_replace(Some(CapiStores {
+            machines: capi_machines.as_reader(),
+            clusters: capi_clusters.as_reader(),
+        }));
         let ctx = Context {
             client,
             core: Arc::new(core),
@@ -59,6 +70,8 @@ impl Context {
                 handle,
                 events: Vec::new(),
                 caches: writers,
+                capi_machines,
+                capi_clusters,
             },
         )
     }
@@ -71,6 +84,8 @@ pub struct ApiServer {
     pub events: Vec<(String, String, String)>,
     /// What the watches would have put in the context's caches.
     caches: CacheWriters,
+    capi_machines: Writer<DynamicObject>,
+    capi_clusters: Writer<DynamicObject>,
 }
 
 /// One request the reconciler made, waiting for its answer.
@@ -145,8 +160,15 @@ impl ApiServer {
     /// The caches as a first listing would fill them: these Servers of this appliance
     /// and these ServerClasses (JSON objects).
     pub fn cached(&mut self, servers: &[Value], classes: &[Value]) {
-        fill(&mut self.caches.servers, servers);
-        fill(&mut self.caches.classes, classes);
+        fill(&mut self.caches.servers, servers, |_| {});
+        fill(&mut self.caches.classes, classes, |_| {});
+    }
+
+    /// Cluster API's Machines and Clusters as the leader's watches would keep them
+    /// (projected: a step that reads a field the projection drops fails here).
+    pub fn cached_capi(&mut self, machines: &[Value], clusters: &[Value]) {
+        fill(&mut self.capi_machines, machines, capi::project);
+        fill(&mut self.capi_clusters, clusters, capi::project);
     }
 
     /// Whether an event with `reason` was published.
@@ -196,14 +218,17 @@ impl Call {
     }
 }
 
-/// A first listing of `objects` into `writer`.
-fn fill<K>(writer: &mut Writer<K>, objects: &[Value])
+/// A first listing of `objects` into `writer`, each changed by `kept` as the watch
+/// would.
+fn fill<K>(writer: &mut Writer<K>, objects: &[Value], kept: fn(&mut K))
 where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned,
+    K: kube::Resource + Clone + serde::de::DeserializeOwned,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
 {
     writer.apply_watcher_event(&watcher::Event::Init);
     for o in objects {
-        let object: K = serde_json::from_value(o.clone()).expect("a cached object");
+        let mut object: K = serde_json::from_value(o.clone()).expect("a cached object");
+        kept(&mut object);
         writer.apply_watcher_event(&watcher::Event::InitApply(object));
     }
     writer.apply_watcher_event(&watcher::Event::InitDone);

@@ -24,7 +24,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    RETRY, ReconcileError, capi_owner, count, get_cluster, patch_params, paused, set_condition,
+    RETRY, ReconcileError, cached_cluster, capi_owner, capi_stores, count, patch_params, paused,
+    set_condition,
 };
 use crate::controller::Context;
 use crate::controller::resources::{ApiEndpoint, FailureDomain, MetalCluster};
@@ -79,13 +80,13 @@ async fn reconcile(mc: Arc<MetalCluster>, ctx: Arc<Context>) -> Result<Action, R
     let ns = mc.namespace().unwrap_or_default();
     let name = mc.name_any();
     let owner = capi_owner(&*mc, "Cluster").map(|o| o.name.clone());
-    let cluster = match &owner {
-        Some(o) => get_cluster(&ctx, &ns, o).await?,
-        None => None,
-    };
+    let stores = capi_stores(&ctx).await?;
+    let cluster = owner
+        .as_deref()
+        .and_then(|o| cached_cluster(&stores, &ns, o));
     let api: Api<MetalCluster> = Api::namespaced(ctx.client.clone(), &ns);
     let mut status = mc.status.clone().unwrap_or_default();
-    if paused(&*mc, cluster.as_ref()) {
+    if paused(&*mc, cluster.as_deref()) {
         // The contract: no write while paused but the Paused condition.
         if set_condition(
             &mut status.conditions,

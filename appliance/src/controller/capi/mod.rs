@@ -4,8 +4,10 @@
 //! MetalMachines for MachineDeployments and control-plane providers.
 //!
 //! This module holds what both share: the Cluster API objects read as dynamic objects
-//! (their Go types are Cluster API's, and only a few fields matter here), owner lookup,
-//! the pause rule, conditions that keep their transition time, and the error type.
+//! (their Go types are Cluster API's, and only a few fields matter here) from watch-fed
+//! caches of Machines and Clusters that keep only those fields ([`project`]), owner
+//! lookup, the pause rule, conditions that keep their transition time, and the error
+//! type.
 
 pub mod clusters;
 pub mod machines;
@@ -15,10 +17,13 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::reflector::{ObjectRef, store::Writer};
+use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
+use super::caches::CapiStores;
 
 /// Cluster API's group and the version this provider reads it at.
 pub const CAPI_GROUP: &str = "cluster.x-k8s.io";
@@ -39,6 +44,8 @@ pub enum ReconcileError {
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Core(#[from] crate::core::CoreError),
+    #[error("the watches of Cluster API's Machines and Clusters have not listed yet")]
+    NotListed,
 }
 
 impl ReconcileError {
@@ -48,6 +55,7 @@ impl ReconcileError {
             ReconcileError::Kube(kube::Error::Api(e)) if e.code == 409 => "conflict",
             ReconcileError::Kube(_) => "kube",
             ReconcileError::Core(e) => e.kind(),
+            ReconcileError::NotListed => "not_listed",
         }
     }
 }
@@ -70,18 +78,84 @@ pub fn capi_owner<'a, K: Resource>(obj: &'a K, kind: &str) -> Option<&'a OwnerRe
     })
 }
 
-/// The Cluster `name` in `ns`, or `None` when it does not exist (yet).
-pub async fn get_cluster(
+/// The caches of Machines and Clusters, once listed.
+pub async fn capi_stores(ctx: &Context) -> Result<CapiStores, ReconcileError> {
+    ctx.caches.capi().await.ok_or(ReconcileError::NotListed)
+}
+
+/// The Cluster `name` in `ns` as the cache shows it, or `None` when it does not exist
+/// (yet).
+pub fn cached_cluster(stores: &CapiStores, ns: &str, name: &str) -> Option<Arc<DynamicObject>> {
+    let key = ObjectRef::new_with(name, capi_resource("Cluster", "clusters")).within(ns);
+    stores.clusters.get(&key)
+}
+
+/// The Machine `name` in `ns` as the cache shows it.
+pub fn cached_machine(stores: &CapiStores, ns: &str, name: &str) -> Option<Arc<DynamicObject>> {
+    let key = ObjectRef::new_with(name, capi_resource("Machine", "machines")).within(ns);
+    stores.machines.get(&key)
+}
+
+/// Keeps of a Cluster API object only what the provider reads (a Machine's cluster,
+/// failure domain, bootstrap data and infrastructure reference; a Cluster's pause,
+/// endpoint and infrastructure state; the metadata without managed fields), so a fleet's
+/// Machines cost the leader a few hundred bytes each.
+pub fn project(obj: &mut DynamicObject) {
+    const KEPT: &[&[&str]] = &[
+        &["spec", "clusterName"],
+        &["spec", "failureDomain"],
+        &["spec", "bootstrap", "dataSecretName"],
+        &["spec", "infrastructureRef"],
+        &["spec", "paused"],
+        &["spec", "controlPlaneEndpoint"],
+        &["status", "initialization", "infrastructureProvisioned"],
+    ];
+    let mut kept = serde_json::Value::Null;
+    for path in KEPT {
+        let mut from = &obj.data;
+        for key in *path {
+            from = &from[*key];
+        }
+        if from.is_null() {
+            continue;
+        }
+        let mut to = &mut kept;
+        for key in *path {
+            to = &mut to[*key];
+        }
+        *to = from.clone();
+    }
+    obj.data = kept;
+    obj.metadata.managed_fields = None;
+}
+
+/// Feeds `writer` from a watch of every `kind` (`plural`), projected, until `cancel`
+/// fires; each applied object is handed on (the Machines' wake their MetalMachines).
+pub fn capi_watch(
     ctx: &Context,
-    ns: &str,
-    name: &str,
-) -> Result<Option<DynamicObject>, kube::Error> {
-    let api: Api<DynamicObject> = Api::namespaced_with(
-        ctx.client.clone(),
-        ns,
-        &capi_resource("Cluster", "clusters"),
-    );
-    api.get_opt(name).await
+    kind: &str,
+    plural: &str,
+    writer: Writer<DynamicObject>,
+    cancel: CancellationToken,
+) -> impl futures_util::Stream<Item = DynamicObject> + Send + 'static {
+    use futures_util::StreamExt;
+    use kube::runtime::WatchStreamExt;
+    let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &capi_resource(kind, plural));
+    let kind = kind.to_string();
+    super::watch_until(api, watcher::Config::default(), cancel)
+        .modify(project)
+        .reflect(writer)
+        .touched_objects()
+        .filter_map(move |r| {
+            let kept = match r {
+                Ok(obj) => Some(obj),
+                Err(e) => {
+                    tracing::warn!(kind, error = %e, "Cluster API watch failed; retrying");
+                    None
+                }
+            };
+            std::future::ready(kept)
+        })
 }
 
 /// Whether reconciling is paused: by the annotation on `obj` or on its Cluster, or the
@@ -151,17 +225,75 @@ pub fn count(ctx: &Context, kind: &'static str, result: &'static str) {
         .inc();
 }
 
-/// Runs both reconcilers until `cancel` fires (leadership lost or shutdown).
+/// Runs both reconcilers until `cancel` fires (leadership lost or shutdown), with the
+/// caches of Machines and Clusters they read.
 pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
+    use futures_util::StreamExt;
+    let machines_writer = Writer::new(capi_resource("Machine", "machines"));
+    let clusters_writer = Writer::new(capi_resource("Cluster", "clusters"));
+    ctx.caches.capi.send_replace(Some(CapiStores {
+        machines: machines_writer.as_reader(),
+        clusters: clusters_writer.as_reader(),
+    }));
+    let cluster_watch = capi_watch(&ctx, "Cluster", "clusters", clusters_writer, cancel.clone());
+    let cluster_watch = tokio::spawn(cluster_watch.for_each(|_| std::future::ready(())));
     let clusters = tokio::spawn(clusters::run(Arc::clone(&ctx), cancel.clone()));
-    let machines = tokio::spawn(machines::run(Arc::clone(&ctx), cancel.clone()));
+    let machines = tokio::spawn(machines::run(
+        Arc::clone(&ctx),
+        machines_writer,
+        cancel.clone(),
+    ));
     let _ = clusters.await;
     let _ = machines.await;
+    let _ = cluster_watch.await;
+    ctx.caches.capi.send_replace(None);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cached_machine_keeps_what_the_provider_reads_and_no_more() {
+        let mut m: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "cluster.x-k8s.io/v1beta2", "kind": "Machine",
+            "metadata": {"name": "m", "namespace": "ns", "managedFields": [{"manager": "x"}]},
+            "spec": {
+                "clusterName": "c", "version": "v1.35.4", "failureDomain": "rack-a",
+                "bootstrap": {"dataSecretName": "s", "configRef": {"name": "t"}},
+                "infrastructureRef": {"kind": "MetalMachine", "name": "m"},
+            },
+            "status": {"conditions": [{"type": "Ready"}], "phase": "Running"},
+        }))
+        .expect("a Machine");
+        project(&mut m);
+        assert_eq!(
+            m.data,
+            serde_json::json!({"spec": {
+                "clusterName": "c", "failureDomain": "rack-a",
+                "bootstrap": {"dataSecretName": "s"},
+                "infrastructureRef": {"kind": "MetalMachine", "name": "m"},
+            }})
+        );
+        assert!(m.metadata.managed_fields.is_none());
+        let mut c: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "cluster.x-k8s.io/v1beta2", "kind": "Cluster",
+            "metadata": {"name": "c", "namespace": "ns"},
+            "spec": {"paused": true, "controlPlaneEndpoint": {"host": "h", "port": 6443},
+                     "topology": {"class": "x"}},
+            "status": {"initialization": {"infrastructureProvisioned": true,
+                                          "controlPlaneInitialized": true}},
+        }))
+        .expect("a Cluster");
+        project(&mut c);
+        assert_eq!(
+            c.data,
+            serde_json::json!({
+                "spec": {"paused": true, "controlPlaneEndpoint": {"host": "h", "port": 6443}},
+                "status": {"initialization": {"infrastructureProvisioned": true}},
+            })
+        );
+    }
 
     #[test]
     fn a_condition_keeps_its_transition_time_while_its_status_stays() {

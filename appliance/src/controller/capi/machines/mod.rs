@@ -37,13 +37,13 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use kube::api::{DynamicObject, Patch};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, store::Writer};
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::{RETRY, ReconcileError, capi_resource, count, patch_params};
+use super::{RETRY, ReconcileError, capi_watch, count, patch_params};
 use crate::controller::Context;
 use crate::controller::resources::{MetalMachine, Server as ServerResource};
 use crate::controller::servers::addresses;
@@ -64,12 +64,14 @@ use report::{Report, Step};
 
 const KIND: &str = "MetalMachine";
 
-/// Reconciles MetalMachines until `cancel` fires, and sweeps orphaned claims.
-pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
+/// Reconciles MetalMachines until `cancel` fires, and sweeps orphaned claims. The watch
+/// of Cluster API's Machines feeds `machines` (the cache the steps read) and wakes each
+/// Machine's MetalMachine after the cache has its change.
+pub async fn run(ctx: Arc<Context>, machines: Writer<DynamicObject>, cancel: CancellationToken) {
+    let capi_machines = capi_watch(&ctx, "Machine", "machines", machines, cancel.clone())
+        .filter_map(|m| std::future::ready(infrastructure_of(&m)));
     let machines: Api<MetalMachine> = Api::all(ctx.client.clone());
     let servers: Api<ServerResource> = Api::all(ctx.client.clone());
-    let capi_machines: Api<DynamicObject> =
-        Api::all_with(ctx.client.clone(), &capi_resource("Machine", "machines"));
     let controller = Controller::new(machines, watcher::Config::default());
     let sweep = tokio::spawn(release::sweep(
         Arc::clone(&ctx),
@@ -88,22 +90,7 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
                     .and_then(|c| machine_ref(&c.machine))
             },
         )
-        .watches_with(
-            capi_machines,
-            capi_resource("Machine", "machines"),
-            watcher::Config::default(),
-            |m: DynamicObject| {
-                let ns = m.namespace()?;
-                let infra = &m.data["spec"]["infrastructureRef"];
-                (infra["kind"] == KIND)
-                    .then(|| {
-                        infra["name"]
-                            .as_str()
-                            .map(|n| ObjectRef::new(n).within(&ns))
-                    })
-                    .flatten()
-            },
-        )
+        .reconcile_on(capi_machines)
         .graceful_shutdown_on(cancel.cancelled_owned())
         .run(reconcile, error_policy, Arc::clone(&ctx))
         .for_each(|r| async move {
@@ -113,6 +100,19 @@ pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
         })
         .await;
     let _ = sweep.await;
+}
+
+/// The MetalMachine a Machine's `spec.infrastructureRef` names, if it names one.
+fn infrastructure_of(m: &DynamicObject) -> Option<ObjectRef<MetalMachine>> {
+    let ns = m.namespace()?;
+    let infra = &m.data["spec"]["infrastructureRef"];
+    (infra["kind"] == KIND)
+        .then(|| {
+            infra["name"]
+                .as_str()
+                .map(|n| ObjectRef::new(n).within(&ns))
+        })
+        .flatten()
 }
 
 /// `namespace/name` as a reference.

@@ -3,12 +3,14 @@
 //! and a step already done costs a read at most.
 
 use k8s_openapi::api::core::v1::Secret;
+use std::sync::Arc;
+
 use kube::api::{DynamicObject, Patch};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::super::{
-    FINALIZER, RETRY, capi_owner, capi_resource, get_cluster, patch_params, paused,
+    FINALIZER, RETRY, cached_cluster, cached_machine, capi_owner, capi_stores, patch_params, paused,
 };
 use super::claims::{claim_from_class, claim_named, holds_claim, ours, release_claim};
 use super::placement::{self, Turn};
@@ -16,6 +18,7 @@ use super::power::network_boot;
 use super::report::{Blocked, Report, Step};
 use crate::bmc::PowerFailure;
 use crate::controller::Context;
+use crate::controller::caches::CapiStores;
 use crate::controller::resources::{
     MetalMachine, ObjectRef as SpecRef, Server as ServerResource, ServerClaim,
 };
@@ -63,7 +66,8 @@ pub(super) async fn provision(
         Named::Ours(s) => Some(*s),
         Named::Unnamed => None,
     };
-    let machine = owner_machine(mm, ctx).await?;
+    let stores = capi_stores(ctx).await?;
+    let machine = owner_machine(mm, &stores)?;
     // A Machine placed in a failure domain (a rack: an appliance identity) is that
     // rack's to serve; the others leave it alone, writing nothing.
     if let Some(rack) = failure_domain(&machine).filter(|r| *r != ctx.identity) {
@@ -96,11 +100,10 @@ pub(super) async fn provision(
     let cluster_name = machine.data["spec"]["clusterName"]
         .as_str()
         .map(String::from);
-    let cluster = match &cluster_name {
-        Some(c) => get_cluster(ctx, &mm.namespace().unwrap_or_default(), c).await?,
-        None => None,
-    };
-    if paused(mm, cluster.as_ref()) {
+    let cluster = cluster_name
+        .as_deref()
+        .and_then(|c| cached_cluster(&stores, &mm.namespace().unwrap_or_default(), c));
+    if paused(mm, cluster.as_deref()) {
         report.quiet(
             "Paused",
             true,
@@ -162,20 +165,15 @@ async fn ensure_finalizer(
     ))
 }
 
-/// Step 1a: the owner Machine.
-async fn owner_machine(mm: &MetalMachine, ctx: &Context) -> Result<DynamicObject, Step> {
+/// Step 1a: the owner Machine (from the cache).
+fn owner_machine(mm: &MetalMachine, stores: &CapiStores) -> Result<Arc<DynamicObject>, Step> {
     let ns = mm.namespace().unwrap_or_default();
     let Some(owner) = capi_owner(mm, "Machine").map(|o| o.name.clone()) else {
         return Err(
             Blocked::waiting("WaitingForMachine", "no Machine owns this MetalMachine yet").into(),
         );
     };
-    let machines: Api<DynamicObject> = Api::namespaced_with(
-        ctx.client.clone(),
-        &ns,
-        &capi_resource("Machine", "machines"),
-    );
-    match machines.get_opt(&owner).await? {
+    match cached_machine(stores, &ns, &owner) {
         Some(machine) => Ok(machine),
         None => Err(
             Blocked::waiting("WaitingForMachine", format!("Machine {owner} is not there")).into(),
@@ -197,7 +195,7 @@ async fn bootstrap(
     ctx: &Context,
     machine: &DynamicObject,
     cluster_name: Option<String>,
-    cluster: Option<DynamicObject>,
+    cluster: Option<Arc<DynamicObject>>,
     report: &mut Report,
 ) -> Result<Bootstrap, Step> {
     let ns = mm.namespace().unwrap_or_default();

@@ -18,7 +18,6 @@ const NS: &str = "ns1";
 const MM_PATH: &str =
     "/apis/infrastructure.cluster.x-k8s.io/v1alpha2/namespaces/ns1/metalmachines/cp-0";
 const SERVERS: &str = "/apis/metal.arges.dev/v1alpha1/servers";
-const CAPI: &str = "/apis/cluster.x-k8s.io/v1beta2/namespaces/ns1";
 const BOOTSTRAP: &str = "machine: {type: controlplane}\n";
 
 /// A MetalMachine fixture, built up by its methods.
@@ -155,14 +154,10 @@ fn start(
     tokio::spawn(reconcile(Arc::new(mm.object()), Arc::clone(ctx)))
 }
 
-/// Answers step 1 (Machine, Cluster, bootstrap Secret) as a ready cluster would.
+/// Step 1 as a ready cluster would answer it: the Machine and its Cluster in the caches
+/// (filled before the reconcile runs on), the bootstrap Secret read.
 async fn answer_bootstrap(api: &mut ApiServer) {
-    api.expect("GET", &format!("{CAPI}/machines/m-0"))
-        .await
-        .reply(&capi_machine());
-    api.expect("GET", &format!("{CAPI}/clusters/c1"))
-        .await
-        .reply(&cluster(true, false));
+    api.cached_capi(&[capi_machine()], &[cluster(true, false)]);
     api.expect("GET", "/api/v1/namespaces/ns1/secrets/m-0-bootstrap")
         .await
         .reply(&bootstrap_secret());
@@ -348,12 +343,10 @@ async fn a_machine_placed_in_another_rack_is_left_to_that_rack() {
         m["spec"]["failureDomain"] = json!(rack);
         m
     };
-    // Another rack's: read the Machine, then nothing (no claim, no status written).
+    // Another rack's: nothing (no claim, no status written).
+    api.cached_capi(&[in_rack("rack-2")], &[cluster(true, false)]);
     let mm = Mm::test();
     let task = start(&ctx, &mm);
-    api.expect("GET", &format!("{CAPI}/machines/m-0"))
-        .await
-        .reply(&in_rack("rack-2"));
     let action = api.until_done(task).await.expect("reconciled");
     assert_eq!(action, Action::await_change());
     // A server of this rack named for a Machine that asks for another rack: refused.
@@ -362,9 +355,6 @@ async fn a_machine_placed_in_another_rack_is_left_to_that_rack() {
     api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
         .await
         .reply(&server(&a));
-    api.expect("GET", &format!("{CAPI}/machines/m-0"))
-        .await
-        .reply(&in_rack("rack-2"));
     let conditions = status_patch(&mut api, &mm).await;
     assert!(
         conditions.contains("Ready=False/ServerOutsideFailureDomain"),
@@ -372,14 +362,9 @@ async fn a_machine_placed_in_another_rack_is_left_to_that_rack() {
     );
     api.until_done(task).await.expect("reconciled");
     // This rack's: on to its Cluster and a server of its own.
+    api.cached_capi(&[in_rack("rack-1")], &[cluster(true, false)]);
     let mm = Mm::test();
     let task = start(&ctx, &mm);
-    api.expect("GET", &format!("{CAPI}/machines/m-0"))
-        .await
-        .reply(&in_rack("rack-1"));
-    api.expect("GET", &format!("{CAPI}/clusters/c1"))
-        .await
-        .reply(&cluster(true, false));
     api.expect("GET", "/api/v1/namespaces/ns1/secrets/m-0-bootstrap")
         .await
         .reply(&bootstrap_secret());
@@ -421,14 +406,9 @@ async fn each_wait_says_why_on_ready() {
         (cluster(true, false), Some(()), "BootstrapDataMissing"),
     ] {
         let (ctx, mut api) = Context::test(Core::test());
+        api.cached_capi(&[capi_machine()], &[cluster_obj]);
         let mm = Mm::test();
         let task = start(&ctx, &mm);
-        api.expect("GET", &format!("{CAPI}/machines/m-0"))
-            .await
-            .reply(&capi_machine());
-        api.expect("GET", &format!("{CAPI}/clusters/c1"))
-            .await
-            .reply(&cluster_obj);
         if secret.is_some() {
             api.expect("GET", "/api/v1/namespaces/ns1/secrets/m-0-bootstrap")
                 .await
@@ -653,13 +633,10 @@ async fn a_machine_ranked_after_other_racks_waits_its_turn_writing_nothing() {
     ctx.caches
         .free
         .send_replace(Some(Arc::new([("small".to_string(), by_rack)].into())));
+    api.cached_capi(&[capi_machine()], &[cluster(true, false)]);
     let mm = Mm::test();
     let task = start(&ctx, &mm);
-    // The owner Machine is read (a failure domain would decide); then nothing more: no
-    // finalizer, no status, no claim.
-    api.expect("GET", &format!("{CAPI}/machines/m-0"))
-        .await
-        .reply(&capi_machine());
+    // No request at all: no finalizer, no status, no claim.
     let action = api.until_done(task).await.expect("a wait, not an error");
     assert!(
         format!("{action:?}").contains("requeue_after: Some("),
