@@ -20,11 +20,12 @@
 //! repeated in that gap finds its own claim instead of taking a second server.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::api::DynamicObject;
-use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use kube::runtime::reflector::{self, Lookup, ObjectRef, Store, store::Writer};
 use tokio::sync::{Notify, watch};
 
 use super::capi::machines::FirstSeen;
@@ -61,6 +62,20 @@ pub type Racks = BTreeMap<String, bool>;
 /// ServerClass to rack to the number of its servers free to claim there (racks without
 /// one are left out).
 pub type FreeServers = BTreeMap<String, BTreeMap<String, u32>>;
+
+/// Whether stores `a` and `b` have both had their first listing within [`READY_WITHIN`].
+async fn both_listed<A, B>(a: &Store<A>, b: &Store<B>) -> bool
+where
+    A: Lookup + Clone + 'static,
+    A::DynamicType: Eq + Hash + Clone,
+    B: Lookup + Clone + 'static,
+    B::DynamicType: Eq + Hash + Clone,
+{
+    let both = async { a.wait_until_ready().await.is_ok() && b.wait_until_ready().await.is_ok() };
+    tokio::time::timeout(READY_WITHIN, both)
+        .await
+        .unwrap_or(false)
+}
 
 /// Cluster API objects the provider reads, projected (see `capi::project`).
 #[derive(Clone)]
@@ -100,26 +115,15 @@ impl Caches {
 
     /// Whether both caches have had their first listing within [`READY_WITHIN`].
     pub async fn ready(&self) -> bool {
-        let both = async {
-            self.servers.wait_until_ready().await.is_ok()
-                && self.classes.wait_until_ready().await.is_ok()
-        };
-        tokio::time::timeout(READY_WITHIN, both)
-            .await
-            .unwrap_or(false)
+        both_listed(&self.servers, &self.classes).await
     }
 
     /// Cluster API's Machines and Clusters once both have had their first listing
     /// within [`READY_WITHIN`]; `None` if not (or not leading).
     pub async fn capi(&self) -> Option<CapiStores> {
         let stores = self.capi.borrow().clone()?;
-        let both = async {
-            stores.machines.wait_until_ready().await.is_ok()
-                && stores.clusters.wait_until_ready().await.is_ok()
-        };
-        tokio::time::timeout(READY_WITHIN, both)
+        both_listed(&stores.machines, &stores.clusters)
             .await
-            .unwrap_or(false)
             .then_some(stores)
     }
 
