@@ -191,6 +191,9 @@ fn class_status(class: &ServerClassSpec, servers: &BTreeMap<String, Server>) -> 
 /// counts differ from what the cache shows, so the appliances that share a cluster agree
 /// without writing the same counts over and over. No LIST at steady state.
 pub async fn count(ctx: Arc<Context>, cancel: CancellationToken) {
+    // A view from an earlier term is stale: unknown until this term's watch has listed.
+    ctx.caches.racks.send_replace(None);
+    ctx.caches.free.send_replace(None);
     let api: Api<Server> = Api::all(ctx.client.clone());
     let mut stream = super::watch_until(api, watcher::Config::default(), cancel.clone());
     let mut servers: BTreeMap<String, Server> = BTreeMap::new();

@@ -389,7 +389,10 @@ pub async fn push(ctx: Arc<Context>, cancel: CancellationToken) {
                             if tries == 1 {
                                 tracing::warn!(server = %id, error = %e, retry_in = ?wait, "the apiserver refuses this Server's update; the others go on");
                                 let note = format!("the apiserver refuses this appliance's update of the Server (retried alone, with backoff): {e}");
-                                ctx.publish(&server_ref(&id), true, "SyncRefused", "Sync", &note).await;
+                                // Not awaited here: a refusal of every Server (an RBAC
+                                // change) must not hold the others' sync up.
+                                let (ctx, to) = (Arc::clone(&ctx), server_ref(&id));
+                                tokio::spawn(async move { ctx.publish(&to, true, "SyncRefused", "Sync", &note).await });
                             }
                             held.insert(id, (tries, now + wait));
                         }

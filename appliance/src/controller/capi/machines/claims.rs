@@ -98,12 +98,15 @@ pub(super) async fn claim_named(
 }
 
 /// A free Server of `class` (this appliance's own), claimed; the first that can be.
+/// `pinned`: the machine asks for this rack (its failure domain), which the reason for
+/// finding none then names; else the reason is the same whichever rack gives it.
 /// Candidates come from the watch-fed caches (no LIST); the claim itself is a write with
 /// the cached resourceVersion as its precondition, so a stale entry only costs a 409.
 pub(super) async fn claim_from_class(
     ctx: &Context,
     class: &str,
     claim: &ServerClaim,
+    pinned: bool,
 ) -> Result<ServerResource, Step> {
     // A claim this process took that the cache does not show yet: that server, again.
     if let Some(name) = ctx.caches.claim(&claim.uid) {
@@ -159,9 +162,14 @@ pub(super) async fn claim_from_class(
     } else {
         "no server of the class is accepted, clean, uncordoned and free"
     };
+    let place = if pinned {
+        format!("in rack {}", ctx.identity)
+    } else {
+        "in any rack".to_string()
+    };
     Err(Blocked::failed(
         "NoFreeServer",
-        format!("ServerClass {class}: {why} in rack {}", ctx.identity),
+        format!("ServerClass {class}: {why} {place}"),
         RETRY * 3,
     )
     .into())

@@ -9,12 +9,17 @@
 //! weighted rendezvous hashing of the machine's uid, weighted by free servers, so load
 //! spreads with capacity and each machine has one first choice. Only the first acts at
 //! once; the one ranked `r` acts after `r` × [`STAGGER`] if the machine is still not
-//! bound then, so a rack that is down or whose view lagged costs a delay, never a
-//! machine. When no rack has a free server, one rack (plain rendezvous over every rack)
-//! says so on the machine. The resourceVersion preconditions on claim and bind still
-//! decide any race that remains; placement only makes races rare.
+//! bound then (counted from when it could first be claimed), so a rack that is down or
+//! whose view lagged costs a delay, never a machine. Whatever no rack can act on (no
+//! free server anywhere, a machine still waiting for its Cluster or bootstrap data) is
+//! said on the machine by one rack alone. The resourceVersion preconditions on claim
+//! and bind still decide any race that remains; placement only makes races rare.
+//!
+//! Left for later: a rack's liveness (its Lease) is not read, so a rack that is down but
+//! holds free servers keeps its share of first places, each costing a machine one
+//! [`STAGGER`] until the next rack acts.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -22,6 +27,7 @@ use sha2::{Digest, Sha256};
 
 use super::super::RETRY;
 use crate::controller::Context;
+use crate::controller::caches::Racks;
 
 /// How much longer each next-ranked rack waits before it claims too.
 pub(super) const STAGGER: Duration = Duration::from_secs(3);
@@ -57,32 +63,73 @@ impl FirstSeen {
     }
 }
 
-/// This appliance's turn for machine `uid` of class `class`.
-pub(super) fn turn(ctx: &Context, uid: &str, class: Option<&str>) -> Turn {
+/// This appliance's turn for machine `uid` of class `class`; `claimable`: its Cluster
+/// is provisioned and unpaused and its Machine has bootstrap data, so a server can be
+/// claimed for it now (the racks' waits run only from then: a worker waits minutes for
+/// its bootstrap data, and every rack would be past its wait when it comes).
+pub(super) fn turn(ctx: &Context, uid: &str, class: Option<&str>, claimable: bool) -> Turn {
     let Some(fleet) = ctx.caches.free.borrow().clone() else {
         return Turn::After(VIEW_PENDING);
     };
-    let me = ctx.identity.as_str();
-    let free = class.and_then(|c| fleet.get(c)).filter(|f| !f.is_empty());
-    let rank_of = |order: Vec<&str>| order.iter().position(|r| *r == me).unwrap_or(0) as u32;
-    let rank = match free {
-        Some(free) if free.contains_key(me) => rank_of(ranked(
-            uid,
-            free.iter().map(|(rack, n)| (rack.as_str(), *n)),
-        )),
-        Some(_) => return Turn::After(LOOK_AGAIN),
-        // No rack has a free server (or the class is unknown): one rack says so.
-        None => {
-            let racks = ctx.caches.racks.borrow().clone().unwrap_or_default();
-            let all = racks.keys().map(|r| (r.as_str(), 1));
-            rank_of(ranked(uid, all.chain(std::iter::once((me, 1)))))
-        }
+    let racks = ctx.caches.racks.borrow().clone().unwrap_or_default();
+    let free = class.and_then(|c| fleet.get(c));
+    decide(&ctx.identity, uid, free, &racks, claimable, || {
+        ctx.caches.first_seen.waited(uid)
+    })
+}
+
+/// [`turn`]'s rule, given the fleet view: `free` the class's free servers by rack,
+/// `racks` every rack, `waited` how long the machine has been claimable here.
+fn decide(
+    me: &str,
+    uid: &str,
+    free: Option<&BTreeMap<String, u32>>,
+    racks: &Racks,
+    claimable: bool,
+    waited: impl FnOnce() -> Duration,
+) -> Turn {
+    // The rack that speaks for a machine no rack can claim for: plain rendezvous over
+    // every rack, so the others stay quiet (two racks writing different reasons would
+    // wake each other for ever).
+    let reporter = || {
+        let all = racks.keys().map(|r| (r.as_str(), 1));
+        ranked(uid, all.chain(std::iter::once((me, 1))))
+            .first()
+            .is_some_and(|r| *r == me)
     };
-    if rank == 0 {
+    let Some(free) = free.filter(|f| !f.is_empty()) else {
+        return if reporter() {
+            Turn::Now
+        } else {
+            Turn::After(LOOK_AGAIN)
+        };
+    };
+    let order = ranked(uid, free.iter().map(|(rack, n)| (rack.as_str(), *n)));
+    let rank = order.iter().position(|r| *r == me);
+    if !claimable {
+        // Waiting for its Cluster or bootstrap data: the first rack says so, alone.
+        return if rank == Some(0) {
+            Turn::Now
+        } else {
+            Turn::After(LOOK_AGAIN)
+        };
+    }
+    if rank == Some(0) {
         return Turn::Now;
     }
-    let due = STAGGER.saturating_mul(rank);
-    match due.checked_sub(ctx.caches.first_seen.waited(uid)) {
+    // The next ranks' turns come one STAGGER apart; a rack with no free server reports,
+    // if it is the reporter, once every rack that has one had its turn (they may be down).
+    let (due, mine) = match rank {
+        Some(r) => (STAGGER.saturating_mul(r as u32), true),
+        None => (
+            STAGGER.saturating_mul(order.len() as u32) + LOOK_AGAIN,
+            reporter(),
+        ),
+    };
+    if !mine {
+        return Turn::After(LOOK_AGAIN);
+    }
+    match due.checked_sub(waited()) {
         Some(left) if !left.is_zero() => Turn::After(left.min(LOOK_AGAIN)),
         _ => Turn::Now,
     }
@@ -148,6 +195,94 @@ mod tests {
                 "machine {i} moved from {was} to {now}"
             );
         }
+    }
+
+    /// A uid whose rack order over `free` is `want`.
+    fn uid_ordering(free: &[(&str, u32)], want: &[&str]) -> String {
+        (0..10_000)
+            .map(|i| format!("uid-{i}"))
+            .find(|uid| ranked(uid, free.iter().copied()) == want)
+            .expect("some uid orders the racks so")
+    }
+
+    fn decided(me: &str, uid: &str, free: &[(&str, u32)], claimable: bool, waited: u64) -> Turn {
+        let free: BTreeMap<String, u32> = free.iter().map(|(r, n)| (r.to_string(), *n)).collect();
+        let racks: Racks = ["a", "b", "c"]
+            .iter()
+            .map(|r| (r.to_string(), true))
+            .collect();
+        decide(me, uid, Some(&free), &racks, claimable, || {
+            Duration::from_secs(waited)
+        })
+    }
+
+    #[test]
+    fn the_first_rack_claims_at_once_and_each_next_one_a_stagger_later() {
+        let free = [("a", 2), ("b", 2), ("c", 2)];
+        let uid = uid_ordering(&free, &["b", "c", "a"]);
+        assert_eq!(decided("b", &uid, &free, true, 0), Turn::Now);
+        assert_eq!(decided("c", &uid, &free, true, 0), Turn::After(STAGGER));
+        assert_eq!(decided("c", &uid, &free, true, 3), Turn::Now);
+        assert_eq!(
+            decided("a", &uid, &free, true, 4),
+            Turn::After(Duration::from_secs(2))
+        );
+        assert_eq!(decided("a", &uid, &free, true, 6), Turn::Now);
+    }
+
+    #[test]
+    fn a_machine_not_claimable_yet_is_spoken_for_by_its_first_rack_and_starts_no_clock() {
+        let free = [("a", 2), ("b", 2)];
+        let uid = uid_ordering(&free, &["a", "b"]);
+        let never = |me: &str| {
+            let free: BTreeMap<String, u32> =
+                free.iter().map(|(r, n)| (r.to_string(), *n)).collect();
+            decide(me, &uid, Some(&free), &Racks::new(), false, || {
+                panic!("the wait starts only once the machine can be claimed")
+            })
+        };
+        assert_eq!(never("a"), Turn::Now, "says what it waits for");
+        assert_eq!(never("b"), Turn::After(LOOK_AGAIN));
+        assert_eq!(never("c"), Turn::After(LOOK_AGAIN));
+    }
+
+    #[test]
+    fn with_no_free_server_anywhere_one_rack_alone_says_so() {
+        let racks: Racks = ["a", "b", "c"]
+            .iter()
+            .map(|r| (r.to_string(), true))
+            .collect();
+        for uid in ["m1", "m2", "m3", "m4"] {
+            let speaking: Vec<&str> = ["a", "b", "c"]
+                .into_iter()
+                .filter(|me| decide(me, uid, None, &racks, true, || Duration::ZERO) == Turn::Now)
+                .collect();
+            assert_eq!(speaking.len(), 1, "{uid}: {speaking:?}");
+        }
+    }
+
+    #[test]
+    fn a_rack_without_free_servers_reports_only_after_every_other_had_its_turn() {
+        // Only rack c has free servers (it may be down); a and b have none.
+        let free = [("c", 5)];
+        let uid = (0..1000)
+            .map(|i| format!("uid-{i}"))
+            .find(|uid| decided("a", uid, &free, true, 3600) == Turn::Now)
+            .expect("a is the reporter for some machine");
+        let all_turns = STAGGER + LOOK_AGAIN;
+        assert_eq!(
+            decided("a", &uid, &free, true, all_turns.as_secs() - 1),
+            Turn::After(Duration::from_secs(1))
+        );
+        assert_eq!(
+            decided("a", &uid, &free, true, all_turns.as_secs()),
+            Turn::Now
+        );
+        assert_eq!(
+            decided("b", &uid, &free, true, 3600),
+            Turn::After(LOOK_AGAIN),
+            "and only the reporter"
+        );
     }
 
     #[test]

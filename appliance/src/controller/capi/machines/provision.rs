@@ -85,24 +85,27 @@ pub(super) async fn provision(
             .into()),
         };
     }
-    // Neither a server nor a rack named: the placed rack claims first, the others wait
-    // their turn writing nothing (unless this one holds a claim for it already).
-    if named.is_none() && failure_domain(&machine).is_none() {
-        let uid = mm.uid().unwrap_or_default();
-        let class = mm.spec.server_class_ref.as_ref().map(|c| c.name.as_str());
-        if let Turn::After(wait) = placement::turn(ctx, &uid, class)
-            && !holds_claim(ctx, &uid)
-        {
-            return Ok(Progress::NotYet(wait));
-        }
-    }
-    // Paused: no write but the Paused condition, not even the finalizer (the contract).
     let cluster_name = machine.data["spec"]["clusterName"]
         .as_str()
         .map(String::from);
     let cluster = cluster_name
         .as_deref()
         .and_then(|c| cached_cluster(&stores, &mm.namespace().unwrap_or_default(), c));
+    // Neither a server nor a rack named: the placed rack claims first, the others wait
+    // their turn writing nothing (unless this one holds a claim for it already).
+    if named.is_none() && failure_domain(&machine).is_none() {
+        let uid = mm.uid().unwrap_or_default();
+        let class = mm.spec.server_class_ref.as_ref().map(|c| c.name.as_str());
+        let claimable = !paused(mm, cluster.as_deref())
+            && infrastructure_provisioned(cluster.as_deref())
+            && bootstrap_secret_name(&machine).is_some();
+        if let Turn::After(wait) = placement::turn(ctx, &uid, class, claimable)
+            && !holds_claim(ctx, &uid)
+        {
+            return Ok(Progress::NotYet(wait));
+        }
+    }
+    // Paused: no write but the Paused condition, not even the finalizer (the contract).
     if paused(mm, cluster.as_deref()) {
         report.quiet(
             "Paused",
@@ -123,7 +126,8 @@ pub(super) async fn provision(
         uid: mm.uid().unwrap_or_default(),
         cluster: bootstrap.cluster.clone(),
     };
-    let server = claim_server(mm, ctx, named, &claim, report).await?;
+    let pinned = failure_domain(&machine).is_some();
+    let server = claim_server(mm, ctx, named, pinned, &claim, report).await?;
     bind(mm, api, ctx, &server).await?;
     stage(ctx, &server, &claim, bootstrap.data).await?;
     apply_machine_bmc(mm, ctx, &server).await?;
@@ -188,6 +192,18 @@ fn failure_domain(machine: &DynamicObject) -> Option<&str> {
         .filter(|r| !r.is_empty())
 }
 
+/// Whether the Cluster says its infrastructure is provisioned.
+fn infrastructure_provisioned(cluster: Option<&DynamicObject>) -> bool {
+    cluster.is_some_and(|c| {
+        c.data["status"]["initialization"]["infrastructureProvisioned"].as_bool() == Some(true)
+    })
+}
+
+/// The Secret holding the Machine's bootstrap data, once its bootstrap provider made it.
+fn bootstrap_secret_name(machine: &DynamicObject) -> Option<&str> {
+    machine.data["spec"]["bootstrap"]["dataSecretName"].as_str()
+}
+
 /// Step 1b: the Machine's Cluster (`cluster_name`, read as `cluster`) provisioned, and
 /// the bootstrap data.
 async fn bootstrap(
@@ -200,10 +216,7 @@ async fn bootstrap(
 ) -> Result<Bootstrap, Step> {
     let ns = mm.namespace().unwrap_or_default();
     let owner = machine.name_any();
-    let infrastructure = cluster.as_ref().is_some_and(|c| {
-        c.data["status"]["initialization"]["infrastructureProvisioned"].as_bool() == Some(true)
-    });
-    if !infrastructure {
+    if !infrastructure_provisioned(cluster.as_deref()) {
         return Err(Blocked::waiting(
             "WaitingForClusterInfrastructure",
             format!(
@@ -214,7 +227,7 @@ async fn bootstrap(
         .retry(RETRY)
         .into());
     }
-    let Some(secret_name) = machine.data["spec"]["bootstrap"]["dataSecretName"].as_str() else {
+    let Some(secret_name) = bootstrap_secret_name(machine) else {
         return Err(Blocked::waiting(
             "WaitingForBootstrapData",
             format!("Machine {owner} has no bootstrap data yet (spec.bootstrap.dataSecretName)"),
@@ -253,12 +266,13 @@ async fn claim_server(
     mm: &MetalMachine,
     ctx: &Context,
     named: Option<ServerResource>,
+    pinned: bool,
     claim: &ServerClaim,
     report: &mut Report,
 ) -> Result<ServerResource, Step> {
     let server = match (named, &mm.spec.server_class_ref) {
         (Some(s), _) => claim_named(ctx, &s, claim).await?,
-        (None, Some(class)) => claim_from_class(ctx, &class.name, claim).await?,
+        (None, Some(class)) => claim_from_class(ctx, &class.name, claim, pinned).await?,
         (None, None) => {
             return Err(Blocked::failed(
                 "NoServerSelector",

@@ -656,3 +656,19 @@ async fn a_machine_ranked_after_other_racks_waits_its_turn_writing_nothing() {
     );
     task.abort();
 }
+
+#[tokio::test]
+async fn a_wait_the_machine_shows_already_is_not_written_again() {
+    let (ctx, mut api) = Context::test(Core::test());
+    let mm = Mm::test().without_owner();
+    let task = start(&ctx, &mm);
+    let call = api.expect("PATCH", &format!("{MM_PATH}/status")).await;
+    let written = call.body["status"].clone();
+    call.reply(&mm.0);
+    api.until_done(task).await.expect("reconciled");
+    // Requeued, the same wait, the machine now showing it: no request at all.
+    let mut shown = mm.clone();
+    shown.0["status"] = written;
+    let task = start(&ctx, &shown);
+    api.until_done(task).await.expect("reconciled");
+}
