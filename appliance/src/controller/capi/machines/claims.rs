@@ -25,16 +25,15 @@ pub(super) fn claim_of(s: &ServerResource) -> Option<&ServerClaim> {
     s.status.as_ref().and_then(|st| st.claim.as_ref())
 }
 
+/// Whether `s` is claimed by the machine with uid `uid`.
+pub(super) fn held_by(s: &ServerResource, uid: &str) -> bool {
+    claim_of(s).is_some_and(|c| c.uid == uid)
+}
+
 /// Whether this appliance holds a claim for machine `uid` (taken in this process, or
 /// shown by the watch of its Servers).
 pub(super) fn holds_claim(ctx: &Context, uid: &str) -> bool {
-    ctx.caches.claim(uid).is_some()
-        || ctx
-            .caches
-            .servers
-            .state()
-            .iter()
-            .any(|s| claim_of(s).is_some_and(|c| c.uid == uid))
+    ctx.caches.claim(uid).is_some() || ctx.caches.servers.state().iter().any(|s| held_by(s, uid))
 }
 
 /// Why `s` cannot be given to a new machine, if it cannot.
@@ -88,7 +87,7 @@ pub(super) async fn claim_named(
     s: &ServerResource,
     claim: &ServerClaim,
 ) -> Result<ServerResource, Step> {
-    if claim_of(s).is_some_and(|c| c.uid == claim.uid) {
+    if held_by(s, &claim.uid) {
         return Ok(s.clone());
     }
     if let Some((reason, message)) = unavailable(s) {
@@ -112,7 +111,7 @@ pub(super) async fn claim_from_class(
     if let Some(name) = ctx.caches.claim(&claim.uid) {
         let servers: Api<ServerResource> = Api::all(ctx.client.clone());
         if let Some(s) = servers.get_opt(&name).await?
-            && claim_of(&s).is_some_and(|c| c.uid == claim.uid)
+            && held_by(&s, &claim.uid)
         {
             return Ok(s);
         }
@@ -136,10 +135,7 @@ pub(super) async fn claim_from_class(
     };
     let mut all = ctx.caches.servers.state();
     // A restart after claiming but before binding finds its own claim first.
-    if let Some(mine) = all
-        .iter()
-        .find(|s| claim_of(s).is_some_and(|c| c.uid == claim.uid))
-    {
+    if let Some(mine) = all.iter().find(|s| held_by(s, &claim.uid)) {
         return Ok(ServerResource::clone(mine));
     }
     all.sort_by_key(|s| s.name_any());

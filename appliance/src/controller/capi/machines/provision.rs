@@ -70,7 +70,8 @@ pub(super) async fn provision(
     let machine = owner_machine(mm, &stores)?;
     // A Machine placed in a failure domain (a rack: an appliance identity) is that
     // rack's to serve; the others leave it alone, writing nothing.
-    if let Some(rack) = failure_domain(&machine).filter(|r| *r != ctx.identity) {
+    let domain = failure_domain(&machine);
+    if let Some(rack) = domain.filter(|r| *r != ctx.identity) {
         return match &named {
             None => Ok(Progress::NotOurs),
             Some(s) => Err(Blocked::failed(
@@ -93,10 +94,11 @@ pub(super) async fn provision(
         .and_then(|c| cached_cluster(&stores, &mm.namespace().unwrap_or_default(), c));
     // Neither a server nor a rack named: the placed rack claims first, the others wait
     // their turn writing nothing (unless this one holds a claim for it already).
-    if named.is_none() && failure_domain(&machine).is_none() {
+    let is_paused = paused(mm, cluster.as_deref());
+    if named.is_none() && domain.is_none() {
         let uid = mm.uid().unwrap_or_default();
         let class = mm.spec.server_class_ref.as_ref().map(|c| c.name.as_str());
-        let claimable = !paused(mm, cluster.as_deref())
+        let claimable = !is_paused
             && infrastructure_provisioned(cluster.as_deref())
             && bootstrap_secret_name(&machine).is_some();
         if let Turn::After(wait) = placement::turn(ctx, &uid, class, claimable)
@@ -106,7 +108,7 @@ pub(super) async fn provision(
         }
     }
     // Paused: no write but the Paused condition, not even the finalizer (the contract).
-    if paused(mm, cluster.as_deref()) {
+    if is_paused {
         report.quiet(
             "Paused",
             true,
@@ -126,8 +128,7 @@ pub(super) async fn provision(
         uid: mm.uid().unwrap_or_default(),
         cluster: bootstrap.cluster.clone(),
     };
-    let pinned = failure_domain(&machine).is_some();
-    let server = claim_server(mm, ctx, named, pinned, &claim, report).await?;
+    let server = claim_server(mm, ctx, named, domain.is_some(), &claim, report).await?;
     bind(mm, api, ctx, &server).await?;
     stage(ctx, &server, &claim, bootstrap.data).await?;
     apply_machine_bmc(mm, ctx, &server).await?;

@@ -12,7 +12,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::super::{FINALIZER, ReconcileError, count, patch_params};
-use super::claims::{claim_of, ours, own_servers_selector, release_claim};
+use super::claims::{claim_of, held_by, ours, own_servers_selector, release_claim};
 use super::{KIND, power::network_boot};
 use crate::bmc::PowerAction;
 use crate::controller::Context;
@@ -33,13 +33,7 @@ async fn say_deleting(mm: &MetalMachine, api: &Api<MetalMachine>, s: &ServerReso
         "Deleting",
         &format!("giving Server {} back", s.name_any()),
     );
-    let patch = json!({"status": {"conditions": report.conditions}});
-    if let Err(e) = api
-        .patch_status(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
-        .await
-    {
-        tracing::debug!(metalmachine = %mm.name_any(), error = %e, "cannot say Deleting");
-    }
+    super::write_status_best_effort(api, mm, &report).await;
 }
 
 /// Releases the machine's Server, then lets the MetalMachine go.
@@ -58,7 +52,7 @@ pub(super) async fn delete(
             if !ours(ctx, &s) {
                 return Ok(Action::await_change());
             }
-            if claim_of(&s).is_some_and(|c| c.uid == uid) {
+            if held_by(&s, &uid) {
                 say_deleting(mm, api, &s).await;
                 release_server(ctx, &s, &uid, Some(mm)).await?;
             }
@@ -68,11 +62,7 @@ pub(super) async fn delete(
         let mine = servers
             .list(&ListParams::default().labels(&own_servers_selector(ctx)))
             .await?;
-        for s in mine
-            .items
-            .iter()
-            .filter(|s| claim_of(s).is_some_and(|c| c.uid == uid))
-        {
+        for s in mine.items.iter().filter(|s| held_by(s, &uid)) {
             release_server(ctx, s, &uid, Some(mm)).await?;
         }
     }
