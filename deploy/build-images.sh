@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
 # Builds the appliance image without a container engine or daemon: a static `arges`
 # (every feature), the shipped BMC plugins, Debian's iPXE boot binaries (package `ipxe`)
-# and the CA bundle, written by deploy/image (go-containerregistry) as a docker-archive
-# tarball that `ctr images import`, `podman load` and `docker load` read. Prints the
-# tarball's path. deploy/Containerfile builds the same image with a container engine.
-# Usage: deploy/build-images.sh [OUT_DIR]   (ARGES_IMAGE: the tag, default the one
-# deploy/mgmt expects)
+# and the CA bundle, written by deploy/tools/image (go-containerregistry) as a
+# docker-archive tarball that `ctr images import`, `podman load`, `docker load` and
+# `skopeo copy docker-archive:…` read. deploy/Containerfile builds the same image with a
+# container engine.
+#
+# With --test-images K8S_BIN it also makes, from the binaries tests/k8s/build-binaries.sh
+# built into K8S_BIN, the images the tests' node runs under the names the manifests use:
+# Cluster API core, CABPT and the pause container (deploy/versions.env). Prints each
+# tarball's path, one per line.
+#
+# Usage: deploy/build-images.sh [--test-images K8S_BIN] [OUT_DIR]
+#   (ARGES_IMAGE: the appliance's tag, default the one deploy/mgmt expects)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+test_bin=""
+if [ "${1:-}" = --test-images ]; then
+  test_bin="${2:?--test-images needs the folder of tests/k8s/build-binaries.sh}"
+  shift 2
+fi
+# shellcheck source=versions.env
+. deploy/versions.env
 out="${1:-${CARGO_TARGET_DIR:-target}/images}"
 tag="${ARGES_IMAGE:-arges-appliance:0.1.0}"
 target_dir="${CARGO_TARGET_DIR:-target}"
@@ -29,7 +43,7 @@ fi
 echo "==> plugins" >&2
 bash plugins/build.sh >&2
 echo "==> image writer" >&2
-(cd deploy/image && go build -o "$out/image" .)
+(cd deploy/tools && go build -o "$out/image" ./image)
 
 adds=(--add "$bin:/usr/local/bin/arges"
       --add /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt)
@@ -43,3 +57,20 @@ echo "==> $tag" >&2
 "$out/image" --tag "$tag" --out "$out/arges-appliance.tar" "${adds[@]}" \
   --entrypoint /usr/local/bin/arges --cmd run >&2
 echo "$out/arges-appliance.tar"
+
+[ -n "$test_bin" ] || exit 0
+# The providers' release images hold their static manager as /manager and run it as
+# 65532 (distroless's nonroot), which their manifests expect.
+for b in capi/cluster-api capi/cabpt pause; do
+  [ -x "$test_bin/$b" ] || { echo "error: $test_bin/$b is missing: run tests/k8s/build-binaries.sh" >&2; exit 1; }
+done
+echo "==> $CAPI_IMAGE, $CABPT_IMAGE, $PAUSE_IMAGE" >&2
+"$out/image" --tag "$CAPI_IMAGE" --out "$out/cluster-api.tar" --add "$test_bin/capi/cluster-api:/manager" \
+  --add /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt \
+  --entrypoint /manager --user 65532:65532 >&2
+"$out/image" --tag "$CABPT_IMAGE" --out "$out/cabpt.tar" --add "$test_bin/capi/cabpt:/manager" \
+  --add /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt \
+  --entrypoint /manager --user 65532:65532 >&2
+"$out/image" --tag "$PAUSE_IMAGE" --out "$out/pause.tar" --add "$test_bin/pause:/pause" \
+  --entrypoint /pause --user 65535:65535 >&2
+printf '%s\n' "$out/cluster-api.tar" "$out/cabpt.tar" "$out/pause.tar"

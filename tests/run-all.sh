@@ -13,10 +13,12 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # objcopy), python3-venv (componentize-py builds the Python plugin), wrk (comparison
 # scripts); for the network-boot tests: QEMU with the iPXE option ROMs, iPXE's binaries,
 # OVMF, dnsmasq as the site's DHCP server, busybox-static and cpio for the initramfs,
-# iproute2 for the namespaces; OpenIPMI's ipmi_sim and ipmitool for the BMC tests.
+# iproute2 for the namespaces; OpenIPMI's ipmi_sim and ipmitool for the BMC tests; runc,
+# the CNI plugins and util-linux's nsenter and unshare for the tests' Kubernetes node;
+# gcc for its pause container.
 packages=(curl tftp-hpa atftp binutils ca-certificates python3-venv wrk
   qemu-system-x86 ipxe-qemu ipxe ovmf dnsmasq-base busybox-static cpio gzip iproute2
-  openipmi ipmitool)
+  openipmi ipmitool runc containernetworking-plugins util-linux gcc libc6-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -69,10 +71,17 @@ if [ ! -x "$sushy_venv/bin/sushy-emulator" ]; then
 fi
 export ARGES_SUSHY_VENV="$sushy_venv"
 
-step "Kubernetes test binaries (kube-apiserver, kubectl, etcd from Go modules; cached)"
+step "Kubernetes test binaries (control plane, node, Cluster API providers, from Go modules; cached)"
 command -v go >/dev/null || { echo "error: go is needed to build the test control plane" >&2; exit 1; }
 ARGES_K8S_BIN="$(bash tests/k8s/build-binaries.sh)"
 export ARGES_K8S_BIN
+
+step "images (the appliance; Cluster API core, CABPT and pause for the tests' node)"
+images="${CARGO_TARGET_DIR:-target}/images"
+deploy/build-images.sh --test-images "$ARGES_K8S_BIN" "$images" >/dev/null
+ARGES_IMAGES="$(cd "$images" && pwd)"
+export ARGES_IMAGES
+du -h "$ARGES_IMAGES"/*.tar
 
 # Tests build with the release profile: they then share one build of wasmtime with the
 # benches, which saves a full compile in CI. `cargo test` stays the quick inner loop.
@@ -89,7 +98,7 @@ cargo bench --workspace --locked --benches -- --quick --noplot
 if [ "${ARGES_SKIP_NETBOOT:-}" = 1 ]; then
   step "SKIPPING the network-boot tests: ARGES_SKIP_NETBOOT=1"
 else
-  step "network boot: QEMU (SeaBIOS+iPXE, OVMF PXE, OVMF HTTP boot) to registered"
+  step "network boot: QEMU (SeaBIOS+iPXE, OVMF PXE, OVMF HTTP boot) to registered; the guide's deployment on a node"
   cargo test --locked --release --test netboot -- --ignored --test-threads=1 --nocapture
 fi
 

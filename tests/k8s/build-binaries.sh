@@ -3,7 +3,10 @@
 # prebuilt ones): kube-apiserver and kubectl from k8s.io/kubernetes, etcd, and the Cluster
 # API controllers the provider tests run beside Arges: the core manager
 # (sigs.k8s.io/cluster-api) and the Talos bootstrap provider (CABPT), with the CRDs from
-# those same modules. They are cached outside the work tree, under
+# those same modules; and a node for the tests that run pods: kubelet,
+# kube-controller-manager and kube-scheduler from the same Kubernetes release, containerd
+# (with its runc shim and ctr) from its Go module, and the pause container's static binary
+# from the Kubernetes source. runc and the CNI plugins come from Debian (tests/run-all.sh). They are cached outside the work tree, under
 # $ARGES_CACHE/k8s/<versions>/bin, and reused while the pins stay the same. The providers
 # live in bin/capi-<versions>/ ({cluster-api,cabpt} and crds/), which bin/capi links to.
 # Prints the bin folder.
@@ -14,16 +17,31 @@
 set -euo pipefail
 K8S_VERSION="${ARGES_K8S_VERSION:-v1.35.4}"
 ETCD_VERSION="${ARGES_ETCD_VERSION:-v3.6.14}"
-CAPI_VERSION="${ARGES_CAPI_VERSION:-v1.14.2}"
-CABPT_VERSION="${ARGES_CABPT_VERSION:-v0.6.11}"
+# shellcheck source=../../deploy/versions.env
+. "$(dirname "$0")/../../deploy/versions.env"
+CAPI_VERSION="${ARGES_CAPI_VERSION:-$CAPI_VERSION}"
+CABPT_VERSION="${ARGES_CABPT_VERSION:-$CABPT_VERSION}"
+CONTAINERD_VERSION="${ARGES_CONTAINERD_VERSION:-v2.2.9}"
 cache="${ARGES_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/arges}"
 out="$cache/k8s/kubernetes-$K8S_VERSION-etcd-$ETCD_VERSION/bin"
-providers="$out/capi-$CAPI_VERSION-cabpt-$CABPT_VERSION"
+# Static (CGO_ENABLED=0), as their release images build them: the same binaries run as
+# test processes and inside the images deploy/build-images.sh makes.
+providers="$out/capi-$CAPI_VERSION-cabpt-$CABPT_VERSION-static"
+runtime="$out/containerd-$CONTAINERD_VERSION"
 
 have_control_plane() { [ -x "$out/kube-apiserver" ] && [ -x "$out/kubectl" ] && [ -x "$out/etcd" ]; }
 have_providers() { [ -x "$providers/cluster-api" ] && [ -x "$providers/cabpt" ] && [ -f "$providers/crds/.complete" ]; }
-if have_control_plane && have_providers; then
+have_node() {
+  [ -x "$out/kubelet" ] && [ -x "$out/kube-controller-manager" ] && [ -x "$out/kube-scheduler" ] &&
+    [ -x "$out/pause" ] && [ -x "$runtime/containerd" ] && [ -x "$runtime/ctr" ] &&
+    [ -x "$runtime/containerd-shim-runc-v2" ]
+}
+link_versions() {
   ln -sfn "$(basename "$providers")" "$out/capi"
+  ln -sfn "$(basename "$runtime")" "$out/containerd"
+}
+if have_control_plane && have_providers && have_node; then
+  link_versions
   echo "$out"
   exit 0
 fi
@@ -58,7 +76,7 @@ build_providers() {
   (cd "$capi" &&
     go mod edit -dropreplace=sigs.k8s.io/cluster-api/api -require="sigs.k8s.io/cluster-api/api@$CAPI_VERSION" &&
     log "building the Cluster API core manager $CAPI_VERSION (the first build takes several minutes)" &&
-    go build -trimpath -ldflags "-s -w" -o "$providers/cluster-api.partial" ./core &&
+    CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$providers/cluster-api.partial" ./core &&
     cp core/config/crd/bases/*.yaml "$providers/crds/")
   mv "$providers/cluster-api.partial" "$providers/cluster-api"
   # The Talos bootstrap provider. Its checksum database lookup answers 404, so its own
@@ -67,14 +85,16 @@ build_providers() {
   cabpt="$(GONOSUMDB=github.com/siderolabs module_tree github.com/siderolabs/cluster-api-bootstrap-provider-talos "$CABPT_VERSION" cabpt)"
   (cd "$cabpt" &&
     log "building the Talos bootstrap provider $CABPT_VERSION" &&
-    go build -trimpath -ldflags "-s -w" -o "$providers/cabpt.partial" . &&
+    CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$providers/cabpt.partial" . &&
     cp config/crd/bases/*.yaml "$providers/crds/")
   mv "$providers/cabpt.partial" "$providers/cabpt"
   touch "$providers/crds/.complete"
 }
 
-build_control_plane() {
-# kube-apiserver and kubectl.
+# A scratch module that requires k8s.io/kubernetes with its staging modules resolved, in
+# $work/kube; sets $ldflags for its commands.
+kube_module() {
+[ -f "$work/kube/go.mod" ] && return
 minor="${K8S_VERSION#v1.}"            # 35.4
 staging_version="v0.${minor}"         # v0.35.4
 mkdir -p "$work/kube"
@@ -94,11 +114,20 @@ go_line="$(sed -n 's/^go \(.*\)$/\1/p' "$gomod" | head -n1)"
 sed -n '/^godebug/,/^)/p' "$gomod" >> go.mod
 pkg=k8s.io/component-base/version
 ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=${minor%%.*} -X $pkg.gitTreeState=clean"
-for cmd in kube-apiserver kubectl; do
-  log "building $cmd $K8S_VERSION (the first build takes several minutes)"
-  go build -trimpath -ldflags "$ldflags" -o "$out/$cmd.partial" "k8s.io/kubernetes/cmd/$cmd"
-  mv "$out/$cmd.partial" "$out/$cmd"
-done
+}
+
+kube_commands() {
+  kube_module
+  local cmd
+  for cmd in "$@"; do
+    log "building $cmd $K8S_VERSION (the first build takes several minutes)"
+    (cd "$work/kube" && go build -trimpath -ldflags "$ldflags" -o "$out/$cmd.partial" "k8s.io/kubernetes/cmd/$cmd")
+    mv "$out/$cmd.partial" "$out/$cmd"
+  done
+}
+
+build_control_plane() {
+kube_commands kube-apiserver kubectl
 
 # etcd.
 mkdir -p "$work/etcd"
@@ -112,7 +141,36 @@ mv "$out/etcd.partial" "$out/etcd"
 "$out/kube-apiserver" --version >&2
 }
 
+# The node: kubelet and its two controllers, the pause container, containerd.
+build_node() {
+  kube_commands kubelet kube-controller-manager kube-scheduler
+  # The pause container is one static C file in the Kubernetes source, as its release
+  # image builds it.
+  local src
+  src="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')"
+  command -v gcc >/dev/null || { echo "error: gcc is needed to build the pause container" >&2; exit 1; }
+  log "building the pause container"
+  local pause_tag
+  pause_tag="$(sed -n 's/^TAG ?= //p' "$src/build/pause/Makefile")"
+  gcc -Os -Wall -Werror -static "-DVERSION=v$pause_tag-$K8S_VERSION" -o "$out/pause.partial" "$src/build/pause/linux/pause.c"
+  strip "$out/pause.partial"
+  mv "$out/pause.partial" "$out/pause"
+  # containerd v2 (kubelet 1.35 needs 2.1.5 or newer; Debian's is 1.6). Without btrfs
+  # snapshotter headers; the shim static, as containerd's release builds it.
+  local cd_tree
+  cd_tree="$(module_tree github.com/containerd/containerd/v2 "$CONTAINERD_VERSION" containerd)"
+  rm -rf "$runtime"
+  mkdir -p "$runtime"
+  local cd_ldflags="-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION"
+  (cd "$cd_tree" &&
+    log "building containerd $CONTAINERD_VERSION" &&
+    go build -trimpath -tags no_btrfs,urfave_cli_no_docs -ldflags "$cd_ldflags" -o "$runtime/containerd" ./cmd/containerd &&
+    go build -trimpath -tags no_btrfs,urfave_cli_no_docs -ldflags "$cd_ldflags" -o "$runtime/ctr" ./cmd/ctr &&
+    CGO_ENABLED=0 go build -trimpath -tags urfave_cli_no_docs -ldflags "$cd_ldflags" -o "$runtime/containerd-shim-runc-v2" ./cmd/containerd-shim-runc-v2)
+}
+
 have_control_plane || build_control_plane
 have_providers || build_providers
-ln -sfn "$(basename "$providers")" "$out/capi"
+have_node || build_node
+link_versions
 echo "$out"

@@ -8,7 +8,6 @@
 
 mod provider;
 
-use std::process::Command;
 
 use arges::controller::resources::{APPLIANCE_LABEL, Server};
 use kube::ResourceExt;
@@ -621,66 +620,4 @@ fn appliances_share_a_cluster_and_replicas_elect_one_leader() {
     assert!(replica.terminate().success(), "{}", replica.log());
     assert_eq!(holder(), "", "the Lease of {leading} given up");
     assert!(replica.log().contains("Lease released"));
-}
-
-#[test]
-#[ignore = "real kube-apiserver (built from Go modules); tests/run-all.sh runs it"]
-fn the_guide_s_mgmt_kustomization_applies_with_its_patch_files() {
-    let cp = ControlPlane::start();
-    // The guide's steps, in a copy of deploy/: write the two patch files, build, apply.
-    let copy = tempfile::tempdir().unwrap();
-    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
-    let ok = Command::new("cp")
-        .args(["-r", deploy])
-        .arg(copy.path())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let mgmt = copy.path().join("deploy/mgmt");
-    std::fs::write(
-        mgmt.join("discovery_kubeconfig_patch.yaml"),
-        "- op: add\n  path: /spec/template/spec/containers/0/args/-\n  value: --public-url=http://10.0.0.2:8080\n",
-    )
-    .unwrap();
-    std::fs::write(
-        mgmt.join("default_environment_patch.yaml"),
-        "- op: add\n  path: /spec/kernel/args/-\n  value: talos.config=http://10.0.0.2:8080/configdata?uuid=\n",
-    )
-    .unwrap();
-    let built = cp.kubectl(&["kustomize", &mgmt.display().to_string()]);
-    // CRDs first (a CustomResource needs its definition), then everything.
-    let out = cp.kubectl_stdin(&["apply", "-f", "-", "--server-side"], &built);
-    if !out.status.success() {
-        cp.kubectl(&[
-            "wait",
-            "--for=condition=established",
-            "--timeout=60s",
-            "crd/environments.metal.arges.dev",
-        ]);
-        let out = cp.kubectl_stdin(&["apply", "-f", "-", "--server-side"], &built);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let args = cp.field(&["environment", "default"], "{.spec.kernel.args}");
-    assert!(
-        args.contains("talos.config=http://10.0.0.2:8080/configdata?uuid="),
-        "{args}"
-    );
-    let dargs = cp.field(
-        &["deployment", "arges-appliance", "-n", "arges-system"],
-        "{.spec.template.spec.containers[0].args}",
-    );
-    assert!(
-        dargs.contains("--public-url=http://10.0.0.2:8080"),
-        "{dargs}"
-    );
-    let sa = cp.field(
-        &["deployment", "arges-appliance", "-n", "arges-system"],
-        "{.spec.template.spec.serviceAccountName}",
-    );
-    assert_eq!(sa, "arges");
 }

@@ -8,6 +8,7 @@
 //! a peer is missing they fail with the reason.
 
 mod cluster;
+mod deployed;
 mod lab;
 
 use lab::{Firmware, Lab, Machine};

@@ -230,7 +230,8 @@ impl Config {
 
     /// What validation leaves to the host, read now: every pinned asset's sha256,
     /// Debian's iPXE folder when the file names none and it exists, and the host name
-    /// as the Kubernetes identity when the file gives none.
+    /// (`ARGES_IDENTITY`, else the kernel's) as the Kubernetes identity when the file
+    /// gives none.
     pub fn settle(mut self, origin: &str, src: &str) -> Result<Config, ConfigError> {
         let place = |e: Invalid| ConfigError::from(e).placed(origin, src);
         for pin in &self.asset_pins {
@@ -243,9 +244,11 @@ impl Config {
         if let Some(k) = &mut self.kubernetes
             && k.identity.is_empty()
         {
-            k.identity = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_ascii_lowercase())
-                .unwrap_or_default();
+            let host = match std::env::var(IDENTITY_ENV) {
+                Ok(name) => name,
+                Err(_) => std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default(),
+            };
+            k.identity = identity_from_host_name(&host);
             crate::controller::config::check_identity(&k.identity).map_err(place)?;
         }
         Ok(self)
@@ -384,11 +387,32 @@ impl Config {
     }
 }
 
+/// The variable that names the host when the file gives no identity: in a pod, the
+/// node's name (deploy/mgmt sets it from `spec.nodeName`).
+const IDENTITY_ENV: &str = "ARGES_IDENTITY";
+
+/// A host's name as an identity: its first DNS label, lower case (`Rack-1.dc.example` is
+/// `rack-1`), since a node or host name may be a full domain name and an identity is a
+/// label value.
+fn identity_from_host_name(host: &str) -> String {
+    host.trim()
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use sha2::{Digest, Sha256};
     use std::time::Duration;
+
+    #[test]
+    fn a_host_name_becomes_its_first_label() {
+        assert_eq!(identity_from_host_name("Rack-1.dc.example.com\n"), "rack-1");
+        assert_eq!(identity_from_host_name("vm"), "vm");
+    }
 
     fn parse(src: &str) -> Result<Config, ConfigError> {
         Config::from_source(

@@ -6,7 +6,11 @@
 //! a static token, turns RBAC on, waits for `/readyz` and writes a kubeconfig. It can stop
 //! and restart the apiserver (same etcd, same ports), and stops everything on drop.
 //! `ControlPlane::start_in(netns)` runs it all inside a network namespace instead (the
-//! netboot lab's), where the appliance under test lives.
+//! netboot lab's), where the appliance under test lives. `ControlPlane::for_node(netns)`
+//! is that, ready for a [`crate::node::Node`]'s pods: the apiserver listens on every
+//! address at port 443, with the `kubernetes` Service's address (10.96.0.1) on the
+//! namespace's loopback, so pods reach it without kube-proxy; and it calls webhooks at
+//! their pods' addresses (`--enable-aggregator-routing`), without Service routing.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,6 +20,9 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 
 use crate::process::{command_in, free_port, log_tail, repo};
+
+/// The `kubernetes` Service's address in the tests' service range (10.96.0.0/24).
+pub const SERVICE_IP: &str = "10.96.0.1";
 
 /// The control plane's admin (a static token; not the appliance's admin token).
 pub const KUBE_ADMIN_TOKEN: &str = "arges-test-admin-token-0001";
@@ -46,6 +53,8 @@ pub struct ControlPlane {
     pub port: u16,
     /// The network namespace everything runs in (`None`: the host's loopback).
     pub netns: Option<String>,
+    /// Started for a node's pods ([`ControlPlane::for_node`]).
+    for_node: bool,
     etcd: Option<Child>,
     apiserver: Option<Child>,
 }
@@ -58,6 +67,22 @@ impl ControlPlane {
 
     /// etcd and kube-apiserver inside network namespace `netns` (on its loopback), ready.
     pub fn start_in(netns: Option<&str>) -> ControlPlane {
+        Self::start_with(netns, false)
+    }
+
+    /// etcd and kube-apiserver inside `netns`, reachable from a node's pods at the
+    /// `kubernetes` Service's address.
+    pub fn for_node(netns: &str) -> ControlPlane {
+        let ok = command_in(Some(netns), "ip")
+            .args(["addr", "add", &format!("{SERVICE_IP}/32"), "dev", "lo"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "cannot put {SERVICE_IP} on {netns}'s loopback");
+        Self::start_with(Some(netns), true)
+    }
+
+    fn start_with(netns: Option<&str>, for_node: bool) -> ControlPlane {
         let bin = bin_dir();
         for b in ["etcd", "kube-apiserver", "kubectl"] {
             assert!(
@@ -109,8 +134,10 @@ impl ControlPlane {
             .expect("start etcd");
         std::fs::write(d.join("etcd.port"), client.to_string()).expect("etcd port");
         let mut cp = ControlPlane {
-            port: free_port(),
+            // A node's pods dial the Service's port, 443, with nothing to translate it.
+            port: if for_node { 443 } else { free_port() },
             netns: netns.map(String::from),
+            for_node,
             dir,
             etcd: Some(etcd),
             apiserver: None,
@@ -123,11 +150,20 @@ impl ControlPlane {
     fn start_apiserver(&mut self) {
         let d = self.dir.path();
         let etcd_port = std::fs::read_to_string(d.join("etcd.port")).expect("etcd port");
-        let child = self
-            .command(bin_dir().join("kube-apiserver"))
+        let mut apiserver = self.command(bin_dir().join("kube-apiserver"));
+        if self.for_node {
+            apiserver.args([
+                "--bind-address=0.0.0.0",
+                "--enable-aggregator-routing=true",
+                "--kubelet-preferred-address-types=InternalIP",
+            ]);
+        } else {
+            apiserver.arg("--bind-address=127.0.0.1");
+        }
+        let child = apiserver
             .arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
             .arg(format!("--secure-port={}", self.port))
-            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+            .arg("--advertise-address=127.0.0.1")
             .arg(format!("--cert-dir={}", d.join("certs").display()))
             .arg(format!(
                 "--token-auth-file={}",

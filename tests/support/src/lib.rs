@@ -9,13 +9,16 @@
 //!   ports, bounded waits;
 //! - [`ipmi_sim`]: OpenIPMI's BMC simulator;
 //! - [`control_plane`] and [`cluster_api`]: etcd, kube-apiserver, and Cluster API's
-//!   controllers, built from Go modules, with typed reads of the objects.
+//!   controllers, built from Go modules, with typed reads of the objects;
+//! - [`node`]: a real node (kubelet, containerd, the scheduler and controller manager)
+//!   that runs pods from imported images.
 
 pub mod appliance;
 pub mod cluster_api;
 pub mod control_plane;
 pub mod fixtures;
 pub mod ipmi_sim;
+pub mod node;
 pub mod process;
 
 pub use appliance::{

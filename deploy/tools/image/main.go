@@ -47,18 +47,19 @@ func main() {
 	out := flag.String("out", "", "tarball to write (required)")
 	entrypoint := flag.String("entrypoint", "", "entrypoint (one path)")
 	workdir := flag.String("workdir", "/", "working directory")
+	user := flag.String("user", "", "the user the entrypoint runs as (UID[:GID]; default root)")
 	flag.Var(&adds, "add", "SRC:DEST, a file or folder copied into the image (repeatable)")
 	flag.Var(&env, "env", "KEY=VALUE (repeatable)")
 	flag.Var(&cmd, "cmd", "a command argument (repeatable, in order)")
 	flag.Var(&labels, "label", "KEY=VALUE (repeatable)")
 	flag.Parse()
-	if err := run(*tag, *out, *entrypoint, *workdir, adds, env, cmd, labels); err != nil {
+	if err := run(*tag, *out, *entrypoint, *workdir, *user, adds, env, cmd, labels); err != nil {
 		fmt.Fprintln(os.Stderr, "error:", err)
 		os.Exit(1)
 	}
 }
 
-func run(tag, out, entrypoint, workdir string, adds, env, cmd, labels list) error {
+func run(tag, out, entrypoint, workdir, user string, adds, env, cmd, labels list) error {
 	if tag == "" || out == "" || len(adds) == 0 {
 		return fmt.Errorf("--tag, --out and at least one --add are required")
 	}
@@ -93,6 +94,7 @@ func run(tag, out, entrypoint, workdir string, adds, env, cmd, labels list) erro
 	}
 	cfg.Config.Cmd = cmd
 	cfg.Config.WorkingDir = workdir
+	cfg.Config.User = user
 	cfg.Config.Labels = map[string]string{}
 	for _, kv := range labels {
 		k, v, ok := strings.Cut(kv, "=")
@@ -120,13 +122,14 @@ func run(tag, out, entrypoint, workdir string, adds, env, cmd, labels list) erro
 	return nil
 }
 
-// layer is the tar of every --add, parents first, entries sorted, owned by root.
+// layer is the tar of every --add, parents first, entries sorted, owned by root, over
+// an empty /tmp that anyone may write (as on any root filesystem).
 func layer(adds list) ([]byte, error) {
 	type entry struct {
 		src  string // "" for a directory made only as a parent
 		mode fs.FileMode
 	}
-	entries := map[string]entry{}
+	entries := map[string]entry{"/tmp": {mode: fs.ModeDir | fs.ModeSticky | 0o777}}
 	parents := func(dest string) {
 		for d := path.Dir(dest); d != "/" && d != "."; d = path.Dir(d) {
 			if _, ok := entries[d]; !ok {
@@ -171,6 +174,9 @@ func layer(adds list) ([]byte, error) {
 	for _, n := range names {
 		e := entries[n]
 		h := &tar.Header{Name: strings.TrimPrefix(n, "/"), ModTime: epoch, Mode: int64(e.mode.Perm()), Format: tar.FormatPAX}
+		if e.mode&fs.ModeSticky != 0 {
+			h.Mode |= 0o1000
+		}
 		if e.mode.IsDir() {
 			h.Typeflag, h.Name = tar.TypeDir, h.Name+"/"
 			if err := tw.WriteHeader(h); err != nil {
