@@ -8,7 +8,6 @@
 
 mod provider;
 
-
 use arges::controller::resources::{APPLIANCE_LABEL, Server};
 use kube::ResourceExt;
 use test_support::control_plane::ControlPlane;

@@ -18,12 +18,13 @@ use test_support::control_plane::ControlPlane;
 use test_support::ipmi_sim::{Bmc, GENERIC};
 use test_support::within as wait;
 
-const NS: &str = "arges-examples";
+/// The guide's namespace for its clusters.
+pub const NS: &str = "arges-examples";
 
 /// ipmi_sim's chassis control for a QEMU machine: `power 1` starts the VM (booting the
 /// network first, or its disk when the boot device says so), `power 0` stops it, `reset`
 /// restarts it, and the power state is whether it runs.
-const VM_CHASSIS: &str = r#"#!/bin/sh
+pub const VM_CHASSIS: &str = r#"#!/bin/sh
 d=$1; shift; mc=$1; op=$2; shift 2
 running() { [ -f "$d/qemu.pid" ] && kill -0 "$(cat "$d/qemu.pid")" 2>/dev/null; }
 start() {
@@ -55,7 +56,7 @@ fi
 "#;
 
 /// Writes the VM's start scripts into the BMC's state folder: network first, or disk.
-fn wire_vm(lab: &Lab, m: &Machine, bmc: &Bmc) {
+pub fn wire_vm(lab: &Lab, m: &Machine, bmc: &Bmc) {
     let args = lab.qemu_args(m);
     let quote = |a: &str| format!("'{}'", a.replace('\'', r"'\''"));
     let pxe: Vec<String> = args.iter().map(|a| quote(a)).collect();
@@ -98,6 +99,51 @@ fn curl_status(lab: &Lab, method: &str, url: &str) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The guide's cluster (on today's API versions) for the machine `uuid` behind the IPMI
+/// BMC at `bmc`, with the BMC inline as the guide writes it.
+pub fn guide_cluster(uuid: &str, bmc: &str) -> String {
+    format!(
+        r#"apiVersion: cluster.x-k8s.io/v1beta2
+kind: Cluster
+metadata: {{name: example-0, namespace: {NS}}}
+spec:
+  infrastructureRef: {{apiGroup: infrastructure.cluster.x-k8s.io, kind: MetalCluster, name: example-0}}
+---
+apiVersion: infrastructure.cluster.x-k8s.io/v1alpha2
+kind: MetalCluster
+metadata: {{name: example-0, namespace: {NS}}}
+spec:
+  apiEndpoints: [{{host: 10.77.0.50, port: 6443}}]
+---
+apiVersion: bootstrap.cluster.x-k8s.io/v1alpha3
+kind: TalosConfig
+metadata: {{name: controlplane-0, namespace: {NS}, labels: {{cluster.x-k8s.io/cluster-name: example-0}}}}
+spec:
+  generateType: none
+  data: |
+    version: v1alpha1
+    machine: {{type: init}}
+    cluster: {{clusterName: example-0, controlPlane: {{endpoint: "https://10.77.0.50:6443"}}}}
+---
+apiVersion: infrastructure.cluster.x-k8s.io/v1alpha2
+kind: MetalMachine
+metadata: {{name: controlplane-0, namespace: {NS}}}
+spec:
+  serverRef: {{apiVersion: metal.arges.dev/v1alpha1, kind: Server, name: {uuid}}}
+  bmc: {{endpoint: "ipmi://{bmc}", user: admin, pass: password}}
+---
+apiVersion: cluster.x-k8s.io/v1beta2
+kind: Machine
+metadata: {{name: controlplane-0, namespace: {NS}, labels: {{cluster.x-k8s.io/cluster-name: example-0, cluster.x-k8s.io/control-plane: ""}}}}
+spec:
+  clusterName: example-0
+  version: v1.35.4
+  bootstrap: {{configRef: {{apiGroup: bootstrap.cluster.x-k8s.io, kind: TalosConfig, name: controlplane-0}}}}
+  infrastructureRef: {{apiGroup: infrastructure.cluster.x-k8s.io, kind: MetalMachine, name: controlplane-0}}
+"#,
+    )
 }
 
 #[test]
@@ -169,48 +215,7 @@ settle_s = 120
     ]);
 
     // The guide's cluster, with the BMC inline as the guide writes it.
-    let manifests = format!(
-        r#"apiVersion: cluster.x-k8s.io/v1beta2
-kind: Cluster
-metadata: {{name: example-0, namespace: {NS}}}
-spec:
-  infrastructureRef: {{apiGroup: infrastructure.cluster.x-k8s.io, kind: MetalCluster, name: example-0}}
----
-apiVersion: infrastructure.cluster.x-k8s.io/v1alpha2
-kind: MetalCluster
-metadata: {{name: example-0, namespace: {NS}}}
-spec:
-  apiEndpoints: [{{host: 10.77.0.50, port: 6443}}]
----
-apiVersion: bootstrap.cluster.x-k8s.io/v1alpha3
-kind: TalosConfig
-metadata: {{name: controlplane-0, namespace: {NS}, labels: {{cluster.x-k8s.io/cluster-name: example-0}}}}
-spec:
-  generateType: none
-  data: |
-    version: v1alpha1
-    machine: {{type: init}}
-    cluster: {{clusterName: example-0, controlPlane: {{endpoint: "https://10.77.0.50:6443"}}}}
----
-apiVersion: infrastructure.cluster.x-k8s.io/v1alpha2
-kind: MetalMachine
-metadata: {{name: controlplane-0, namespace: {NS}}}
-spec:
-  serverRef: {{apiVersion: metal.arges.dev/v1alpha1, kind: Server, name: {uuid}}}
-  bmc: {{endpoint: "ipmi://{bmc}", user: admin, pass: password}}
----
-apiVersion: cluster.x-k8s.io/v1beta2
-kind: Machine
-metadata: {{name: controlplane-0, namespace: {NS}, labels: {{cluster.x-k8s.io/cluster-name: example-0, cluster.x-k8s.io/control-plane: ""}}}}
-spec:
-  clusterName: example-0
-  version: v1.35.4
-  bootstrap: {{configRef: {{apiGroup: bootstrap.cluster.x-k8s.io, kind: TalosConfig, name: controlplane-0}}}}
-  infrastructureRef: {{apiGroup: infrastructure.cluster.x-k8s.io, kind: MetalMachine, name: controlplane-0}}
-"#,
-        uuid = m.uuid,
-        bmc = bmc.addr,
-    );
+    let manifests = guide_cluster(&m.uuid, &bmc.addr.to_string());
     let applied = std::time::Instant::now();
     let out = cp.kubectl_stdin(&["apply", "-f", "-"], &manifests);
     assert!(

@@ -3,10 +3,11 @@
 //! repository and the providers' Go modules imported into it, and the guide's
 //! `kustomize build ./mgmt | kubectl apply -f -` (kubectl's kustomize) bringing up
 //! Cluster API core, CABPT and the Arges appliance as pods. The appliance pod uses the
-//! node's network, the lab's bridge, so a QEMU machine boots from it and registers; the
-//! pod is deleted and its replacement keeps the inventory; the guide's second apply, with
-//! the metadata server's endpoint in the environment patch, changes the kernel command
-//! line of the machine's next boot.
+//! node's network, the lab's bridge, so a QEMU machine behind an `ipmi_sim` BMC boots
+//! from it and registers; the pod is deleted and its replacement keeps the inventory; the
+//! guide's second apply puts the metadata server's endpoint on the default Environment's
+//! command line; and the guide's cluster, applied with kubectl, provisions the machine
+//! through that command line.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,8 +16,10 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use crate::lab::{APPLIANCE_IP, Firmware, Lab, Machine, discovery_dir};
+use crate::cluster;
+use crate::lab::{self, APPLIANCE_IP, Firmware, Lab, Machine, discovery_dir};
 use test_support::control_plane::{ControlPlane, bin_dir};
+use test_support::ipmi_sim::{Bmc, GENERIC};
 use test_support::node::Node;
 use test_support::{repo, within};
 
@@ -192,7 +195,7 @@ fn admin_servers(lab: &Lab, node: &Node) -> Vec<Value> {
 #[test]
 #[ignore = "a real node, QEMU and Cluster API in network namespaces (root); tests/run-all.sh runs it"]
 fn the_guide_s_deployment_runs_as_pods_on_a_node_and_boots_a_machine() {
-    let mut lab = Lab::prepare("node");
+    let lab = Lab::prepare("node");
     let cp = ControlPlane::for_node(&lab.lan());
     let node = Node::start(&cp, NODE, APPLIANCE_IP);
     let images = images();
@@ -241,7 +244,10 @@ fn the_guide_s_deployment_runs_as_pods_on_a_node_and_boots_a_machine() {
         || state(&cp, &node),
     );
     let to_ready = applied.elapsed();
-    eprintln!("kubectl apply to all pods Ready: {:.1} s", to_ready.as_secs_f64());
+    eprintln!(
+        "kubectl apply to all pods Ready: {:.1} s",
+        to_ready.as_secs_f64()
+    );
     eprintln!("{}", cp.kubectl(&["get", "pods", "-n", NS]));
     assert_eq!(table.len(), 3, "{table:?}");
     let services = cp.kubectl(&["get", "services", "-n", NS, "-o", "wide"]);
@@ -258,33 +264,47 @@ fn the_guide_s_deployment_runs_as_pods_on_a_node_and_boots_a_machine() {
             "service {name} ({ports}) missing:\n{services}"
         );
     }
-    // The guide's second apply; the Environment exists now.
-    let mgmt = guide_tree(lab.dir.path(), "talos.config=/configdata?uuid=");
-    let second = apply(&cp, &mgmt);
+    // Applied again (the guide applies twice), the Environment is created too.
+    let again = apply(&cp, &mgmt);
     assert!(
-        second.status.success(),
-        "the second apply: {}",
-        String::from_utf8_lossy(&second.stderr)
+        again.status.success(),
+        "the apply again: {}",
+        String::from_utf8_lossy(&again.stderr)
     );
 
-    // A bare machine powers on: the pod answers its PXE boot, and it registers.
-    let m = Machine::new(&lab, Firmware::Bios, 1);
-    let i = lab.boot(&m);
-    lab.wait_exit(i, &m);
+    // A bare machine behind an IPMI BMC is powered on by the operator, network first:
+    // the pod answers its PXE boot, it registers and powers off.
+    let m = Machine::new(&lab, Firmware::Bios, 1).with_boot_sector("ARGES-DISK-BOOTED");
+    let bmc = Bmc::start_with(GENERIC, cluster::VM_CHASSIS, Some(&lab.lan()));
+    cluster::wire_vm(&lab, &m, &bmc);
+    let state = || {
+        format!(
+            "{}\n{}\n--- chassis ---\n{}\n{}",
+            cp.kubectl(&["get", "servers,metalmachines,machines", "-A", "-o", "wide"]),
+            lab.logs(&m.serial_log),
+            bmc.requests(),
+            state(&cp, &node)
+        )
+    };
+    bmc.ipmitool(&["chassis", "bootdev", "pxe"])
+        .expect("bootdev");
+    bmc.ipmitool(&["power", "on"]).expect("power on");
     within(
-        60,
-        "the machine in `kubectl get servers`",
+        lab::boot_deadline_secs(),
+        "the machine in `kubectl get servers`, powered off",
         || {
-            let names = cp.kubectl(&["get", "servers", "-n", NS, "-o", "name"]);
-            names.contains(&m.uuid).then_some(())
+            let names = cp.kubectl(&["get", "servers", "-o", "name"]);
+            (names.contains(&m.uuid) && !bmc.ipmitool_says_on()).then_some(())
         },
-        || state(&cp, &node),
+        state,
     );
-    let before = admin_servers(&lab, &node);
-    assert!(
-        before.iter().any(|s| s["uuid"] == m.uuid.as_str()),
-        "{before:#?}"
-    );
+    let registered = |servers: &[Value]| {
+        servers
+            .iter()
+            .find(|s| s["uuid"] == m.uuid.as_str())
+            .map(|s| s["hardware"].clone())
+    };
+    let before = registered(&admin_servers(&lab, &node)).expect("the machine in the inventory");
 
     // The pod is deleted; its replacement keeps the inventory and the Server.
     let old = appliance_pod(&cp);
@@ -293,70 +313,127 @@ fn the_guide_s_deployment_runs_as_pods_on_a_node_and_boots_a_machine() {
         180,
         "a new appliance pod Ready",
         || (appliance_pod(&cp) != old && all_ready(&cp).is_some()).then_some(()),
-        || state(&cp, &node),
+        state,
     );
     let after = admin_servers(&lab, &node);
-    let kept = after
-        .iter()
-        .find(|s| s["uuid"] == m.uuid.as_str())
-        .unwrap_or_else(|| panic!("the replacement lost the machine: {after:#?}"));
     assert_eq!(
-        kept["hardware"],
-        before.iter().find(|s| s["uuid"] == m.uuid.as_str()).unwrap()["hardware"]
+        registered(&after),
+        Some(before),
+        "the replacement's inventory: {after:#?}"
     );
     assert!(
-        cp.kubectl(&["get", "servers", "-n", NS, "-o", "name"])
+        cp.kubectl(&["get", "servers", "-o", "name"])
             .contains(&m.uuid)
     );
 
     // The guide's second step: the metadata server's endpoint in the environment patch,
-    // applied again. The machine, accepted into the default Environment, boots with it.
+    // applied again.
     let endpoint = format!("talos.config=http://{APPLIANCE_IP}:8080/configdata?uuid=");
     let mgmt = guide_tree(lab.dir.path(), &endpoint);
-    let third = apply(&cp, &mgmt);
+    let second = apply(&cp, &mgmt);
     assert!(
-        third.status.success(),
-        "{}",
-        String::from_utf8_lossy(&third.stderr)
+        second.status.success(),
+        "the second apply: {}",
+        String::from_utf8_lossy(&second.stderr)
     );
-    let args = cp.field(&["environment", "default", "-n", NS], "{.spec.kernel.args}");
+    let args = cp.field(&["environment", "default"], "{.spec.kernel.args}");
     assert!(args.contains(&endpoint), "{args}");
-    let server = format!("server/{}", m.uuid);
+    // Talos stands in as the discovery initramfs, which installs when told so.
     cp.kubectl(&[
         "patch",
-        &server,
-        "-n",
-        NS,
+        "environment",
+        "default",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/spec/kernel/args/-","value":"arges.mode=install"}]"#,
+    ]);
+    cp.kubectl(&[
+        "patch",
+        "server",
+        &m.uuid,
         "--type=merge",
         "-p",
         r#"{"spec":{"accepted":true,"environmentRef":{"name":"default"}}}"#,
     ]);
-    let i = lab.boot(&m);
-    lab.wait_serial(&m, &endpoint);
-    lab.kill(i);
+
+    // Up to here no pod has logged an error.
+    assert_no_errors(&cp, "");
+
+    // The guide's cluster, applied with kubectl: Arges claims the machine, sets PXE and
+    // powers it on into the default Environment, whose command line now carries the
+    // endpoint, completed with the machine's UUID and this boot's token; the install
+    // environment fetches its configuration with them and reports.
+    cp.kubectl(&["create", "namespace", cluster::NS]);
+    let out = cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &cluster::guide_cluster(&m.uuid, &bmc.addr.to_string()),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    within(
+        lab::boot_deadline_secs(),
+        "the install environment reports done",
+        || {
+            lab.serial(&m)
+                .contains("arges-init: installation reported done")
+                .then_some(())
+        },
+        state,
+    );
     let serial = lab.serial(&m);
     let cmdline = serial
         .lines()
         .rfind(|l| l.contains("Kernel command line"))
         .unwrap_or_default();
+    let proof = format!("{endpoint}{}&token=", m.uuid);
     assert!(
-        cmdline.contains(&endpoint) && cmdline.contains("talos.platform=metal"),
-        "the next boot's command line: {cmdline}"
+        cmdline.contains(&proof) && cmdline.contains("talos.platform=metal"),
+        "the install boot's command line has the guide's endpoint, completed: {cmdline}"
     );
+    within(
+        60,
+        "the MetalMachine is ready and installed",
+        || {
+            let c = cp.field(
+                &["metalmachine", "controlplane-0", "-n", cluster::NS],
+                "{.status.conditions[?(@.type==\"Ready\")].status}/{.status.conditions[?(@.type==\"Installed\")].reason}",
+            );
+            (c == "True/InstallReported").then_some(())
+        },
+        state,
+    );
+    bmc.ipmitool(&["power", "off"]);
 
-    // No pod logged an error on the way.
-    for (pod, _, _) in pod_table(&cp) {
+    // The appliance logged no error through it all. (Cluster API rightly logs that it
+    // cannot reach the workload cluster: no real Talos node comes up here.)
+    assert_no_errors(&cp, "arges-appliance-");
+}
+
+/// No pod whose name starts with `prefix` logged an error.
+fn assert_no_errors(cp: &ControlPlane, prefix: &str) {
+    for (pod, _, _) in pod_table(cp) {
+        if !pod.starts_with(prefix) {
+            continue;
+        }
         let log = cp.kubectl(&["logs", "-n", NS, &format!("pod/{pod}")]);
         let errors: Vec<&str> = log.lines().filter(|l| is_error(l)).collect();
-        assert!(errors.is_empty(), "{pod} logged errors:\n{}", errors.join("\n"));
+        assert!(
+            errors.is_empty(),
+            "{pod} logged errors:\n{}",
+            errors.join("\n")
+        );
     }
 }
 
 /// An error line in the three pods' formats: tracing's (the appliance), klog's
 /// (`E1205 10:00:00.000000 …`, Cluster API) and zap's JSON (CABPT).
 fn is_error(line: &str) -> bool {
-    let klog = line.len() > 5
-        && line.starts_with('E')
-        && line[1..5].bytes().all(|b| b.is_ascii_digit());
-    klog || line.contains(" ERROR ") || line.contains("\"level\":\"error\"") || line.contains("\tERROR\t")
+    let klog =
+        line.len() > 5 && line.starts_with('E') && line[1..5].bytes().all(|b| b.is_ascii_digit());
+    klog || line.contains(" ERROR ")
+        || line.contains("\"level\":\"error\"")
+        || line.contains("\tERROR\t")
 }

@@ -77,6 +77,28 @@ pub fn default_discovery_environment() -> EnvironmentSection {
     }
 }
 
+/// What completes an argument that ends in the appliance's `/configdata?uuid=`.
+const CONFIGDATA_PROOF: &str = "{{ machine.uuid }}&token={{ boot_token }}";
+
+/// An environment's kernel command line as a template. An argument that ends in
+/// `/configdata?uuid=` (the getting-started guide's `talos.config=<endpoint>/configdata?uuid=`,
+/// which Sidero's machines completed with their UUID alone) is completed with the
+/// machine's UUID and this boot's token, the proof `/configdata` asks for: the guide's
+/// line works as written, and the configuration still reaches only its machine.
+pub fn cmdline_template(origin: &str, src: &str) -> Result<Template, crate::ipxe::TemplateError> {
+    let completed: Vec<String> = src
+        .split(' ')
+        .map(|arg| {
+            if arg.ends_with("/configdata?uuid=") {
+                format!("{arg}{CONFIGDATA_PROOF}")
+            } else {
+                arg.to_string()
+            }
+        })
+        .collect();
+    Template::parse(origin, &completed.join(" "))
+}
+
 /// Kernel command line of the default discovery environment.
 /// The agent registers at `appliance.agent_url` (HTTPS, pinning `appliance.pin`, when
 /// the appliance serves HTTPS; its HTTP URL otherwise).
@@ -154,7 +176,7 @@ pub(super) fn environments(
             )
             .into());
         }
-        let cmdline = Template::parse(&format!("{key}.cmdline"), &e.cmdline)?;
+        let cmdline = cmdline_template(&format!("{key}.cmdline"), &e.cmdline)?;
         let mut paths = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for (i, asset) in std::iter::once(&e.kernel)
@@ -265,4 +287,29 @@ pub fn check_sha256(path: &Path, want: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guide_s_configdata_argument_gets_the_machine_s_proof() {
+        let t = cmdline_template(
+            "t",
+            "console=ttyS0 talos.config=http://10.0.0.2:8080/configdata?uuid= init_on_alloc=1",
+        )
+        .unwrap();
+        let context = serde_json::json!({"machine": {"uuid": "u-1"}, "boot_token": "t0k"});
+        assert_eq!(
+            t.render(&context).unwrap(),
+            "console=ttyS0 talos.config=http://10.0.0.2:8080/configdata?uuid=u-1&token=t0k init_on_alloc=1"
+        );
+        // A URL that already names its machine is left as written.
+        let t = cmdline_template("t", "talos.config=http://a/configdata?uuid=x").unwrap();
+        assert_eq!(
+            t.render(&context).unwrap(),
+            "talos.config=http://a/configdata?uuid=x"
+        );
+    }
 }

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::Context;
 use super::resources::Environment as EnvironmentResource;
+use crate::config::environments::cmdline_template;
 use crate::config::{Environment, check_sha256};
-use crate::ipxe::Template;
 
 /// The boot environment an Environment resource describes, or why it cannot be used.
 pub fn convert(
@@ -41,7 +41,7 @@ pub fn convert(
         }
         files.push(full);
     }
-    let cmdline = Template::parse(
+    let cmdline = cmdline_template(
         &format!("Environment {name} spec.kernel.args"),
         &r.spec.kernel.args.join(" "),
     )

@@ -18,7 +18,11 @@ use crate::control_plane::{ControlPlane, bin_dir};
 use crate::process::{log_tail, repo, require};
 
 /// The kernel settings kubelet sets on the host (its "kernel tunables").
-const SYSCTLS: [&str; 3] = ["vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops"];
+const SYSCTLS: [&str; 3] = [
+    "vm/overcommit_memory",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+];
 
 pub struct Node {
     pub name: String,
@@ -209,7 +213,8 @@ fn processes(needle: &str, cgroup: &str) -> Vec<i32> {
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            let cgroups =
+                std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
             cmdline.contains(needle)
                 || cgroups
                     .lines()
