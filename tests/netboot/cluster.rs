@@ -146,6 +146,39 @@ spec:
     )
 }
 
+/// Applies the guide's cluster for machine `m` behind `bmc` and waits until Arges has
+/// claimed it, set PXE, powered it on into its install environment, and the environment
+/// fetched its configuration and reported done; returns how long that took.
+pub fn provision(
+    cp: &ControlPlane,
+    lab: &Lab,
+    m: &Machine,
+    bmc: &Bmc,
+    state: impl Fn() -> String,
+) -> std::time::Duration {
+    let applied = std::time::Instant::now();
+    let out = cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &guide_cluster(&m.uuid, &bmc.addr.to_string()),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(
+        lab::boot_deadline_secs(),
+        "the install environment reports done",
+        || {
+            lab.serial(m)
+                .contains("arges-init: installation reported done")
+                .then_some(())
+        },
+        state,
+    );
+    applied.elapsed()
+}
+
 #[test]
 #[ignore = "QEMU, ipmi_sim, kube-apiserver and Cluster API in network namespaces (root); tests/run-all.sh runs it"]
 fn a_bare_machine_behind_a_bmc_becomes_a_cluster_machine() {
@@ -214,31 +247,12 @@ settle_s = 120
         r#"{"spec":{"accepted":true,"environmentRef":{"name":"talos-standin"}}}"#,
     ]);
 
-    // The guide's cluster, with the BMC inline as the guide writes it.
-    let manifests = guide_cluster(&m.uuid, &bmc.addr.to_string());
-    let applied = std::time::Instant::now();
-    let out = cp.kubectl_stdin(&["apply", "-f", "-"], &manifests);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-
-    // Claimed, PXE next, powered on into the install environment, which fetches its
-    // configuration with its token and reports.
-    wait(
-        lab::boot_deadline_secs(),
-        "the install environment reports done",
-        || {
-            lab.serial(&m)
-                .contains("arges-init: installation reported done")
-                .then_some(())
-        },
-        state,
-    );
+    // The guide's cluster: claimed, PXE next, powered on into the install environment,
+    // which fetches its configuration with its token and reports.
+    let took = provision(&cp, &lab, &m, &bmc, state);
     eprintln!(
         "cluster manifests applied to the install environment's report: {:.1} s",
-        applied.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
     let requests = bmc.requests();
     let second_boot = &requests[requests.find("power 0").unwrap_or(0)..];

@@ -364,25 +364,7 @@ fn the_guide_s_deployment_runs_as_pods_on_a_node_and_boots_a_machine() {
     // endpoint, completed with the machine's UUID and this boot's token; the install
     // environment fetches its configuration with them and reports.
     cp.kubectl(&["create", "namespace", cluster::NS]);
-    let out = cp.kubectl_stdin(
-        &["apply", "-f", "-"],
-        &cluster::guide_cluster(&m.uuid, &bmc.addr.to_string()),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    within(
-        lab::boot_deadline_secs(),
-        "the install environment reports done",
-        || {
-            lab.serial(&m)
-                .contains("arges-init: installation reported done")
-                .then_some(())
-        },
-        state,
-    );
+    cluster::provision(&cp, &lab, &m, &bmc, state);
     let serial = lab.serial(&m);
     let cmdline = serial
         .lines()
