@@ -26,6 +26,10 @@ pub enum Command {
     /// Print the CustomResourceDefinitions of Kubernetes mode (YAML).
     #[cfg(feature = "kubernetes")]
     Crds,
+    /// Print the Cluster API provider components for clusterctl
+    /// (infrastructure-components.yaml).
+    #[cfg(feature = "kubernetes")]
+    Components,
     /// Say what this head node lacks before machines can boot from it.
     Doctor {
         /// appliance.toml; without it, the embedded defaults.
@@ -110,6 +114,10 @@ pub struct RunArgs {
     /// Kubernetes mode: run the controller against this kubeconfig's cluster.
     #[arg(long, value_name = "FILE", env = "ARGES_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: watch Cluster API objects in this namespace only (empty: every
+    /// namespace, the default); `kubernetes.watch_namespace`.
+    #[arg(long = "namespace", value_name = "NAMESPACE")]
+    pub watch_namespace: Option<String>,
     /// Write the bound addresses here as JSON once serving.
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,

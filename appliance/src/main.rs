@@ -1,7 +1,7 @@
 //! The `arges` binary: parses the command line, sets up logging, and hands each
 //! subcommand to the library: `run` (the appliance, stopped by SIGTERM), `check-config`
 //! and `doctor` (what a config and a head node lack), `agent` (the discovery agent,
-//! wiping first in wipe mode), `loadtest`, `crds`, and the admin and plugin commands
+//! wiping first in wipe mode), `loadtest`, `crds`, `components`, and the admin and plugin commands
 //! (`bmc`, `server`, `plugin`). Each arm only gathers its options and reports the result.
 
 use std::process::ExitCode;
@@ -50,6 +50,11 @@ fn main() -> ExitCode {
                         print!("{}", arges::controller::resources::crds_yaml());
                         Ok(())
                     }
+                    #[cfg(feature = "kubernetes")]
+                    Command::Components => {
+                        print!("{}", arges::controller::components::components_yaml()?);
+                        Ok(())
+                    }
                     Command::Agent(args) => run_agent(args).await,
                     Command::Loadtest(args) => run_loadtest(args).await,
                     #[cfg(feature = "plugins")]
@@ -79,6 +84,7 @@ async fn run(args: RunArgs) -> Result<()> {
         dhcp: args.dhcp,
         dhcp_interfaces: args.dhcp_interface,
         kubeconfig: args.kubeconfig,
+        watch_namespace: args.watch_namespace,
         public_url: args.public_url,
     };
     let config = match &args.config {

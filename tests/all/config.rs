@@ -43,6 +43,26 @@ fn checked_in_crds_match_the_rust_types() {
     );
 }
 
+#[test]
+fn checked_in_provider_components_match_their_sources() {
+    let out = run(Command::new(bin()).arg("components"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/clusterctl/infrastructure-components.yaml"
+    );
+    let checked_in = std::fs::read_to_string(path).unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout) == checked_in,
+        "deploy/clusterctl/infrastructure-components.yaml is stale: run \
+         `cargo run -- components > deploy/clusterctl/infrastructure-components.yaml`"
+    );
+}
+
 /// Every rule's error is tested where the rule lives (the config module's unit tests);
 /// here, that `check-config` says one and fails, and says when the file is missing.
 #[test]

@@ -192,6 +192,8 @@ pub struct Overrides {
     pub dhcp: Option<DhcpMode>,
     pub dhcp_interfaces: Vec<String>,
     pub kubeconfig: Option<PathBuf>,
+    /// Cluster API objects watched in this namespace only (`Some("")`: every one).
+    pub watch_namespace: Option<String>,
     pub public_url: Option<String>,
 }
 
@@ -348,7 +350,11 @@ impl Config {
             .kubeconfig
             .clone()
             .or_else(|| f.kubernetes.kubeconfig.as_deref().map(resolve));
-        let kubernetes = KubernetesConfig::from_section(&f.kubernetes, kubeconfig)?;
+        let kubernetes = KubernetesConfig::from_section(
+            &f.kubernetes,
+            kubeconfig,
+            o.watch_namespace.as_deref(),
+        )?;
 
         let tls_generate = f.http.tls_cert_file.is_none();
         let tls_cert = folder(

@@ -20,6 +20,9 @@ pub struct KubernetesSection {
     pub identity: Option<String>,
     /// Namespace of the appliance's Lease, Events and default Secrets.
     pub namespace: String,
+    /// Watch Cluster API objects (MetalClusters, MetalMachines, Clusters, Machines) in
+    /// this namespace only, as other providers' `--namespace`; default every namespace.
+    pub watch_namespace: Option<String>,
     /// What a Server released by its MetalMachine does: `wipe` (boot the wipe
     /// environment; free once it reports) or `power-off` (free at once).
     pub release: Release,
@@ -43,6 +46,7 @@ impl Default for KubernetesSection {
             in_cluster: false,
             identity: None,
             namespace: "arges-system".into(),
+            watch_namespace: None,
             release: Release::Wipe,
             control_plane: true,
         }
@@ -59,6 +63,8 @@ pub struct KubernetesConfig {
     /// which [`crate::config::Config::load`] reads (and checks) after validation.
     pub identity: String,
     pub namespace: String,
+    /// Cluster API objects are watched in this namespace only (`None`: every one).
+    pub watch_namespace: Option<String>,
     /// Released servers are wiped (else powered off and free at once).
     pub wipe_on_release: bool,
     /// This rack may run control-plane machines (its failure domain's `controlPlane`).
@@ -71,6 +77,7 @@ impl KubernetesConfig {
     pub fn from_section(
         k: &KubernetesSection,
         kubeconfig: Option<PathBuf>,
+        watch_namespace: Option<&str>,
     ) -> Result<Option<Self>, Invalid> {
         if kubeconfig.is_none() && !k.in_cluster {
             return Ok(None);
@@ -85,16 +92,30 @@ impl KubernetesConfig {
         if k.identity.is_some() {
             check_identity(&identity)?;
         }
-        if !is_label_value(&k.namespace) {
+        if !is_dns_label(&k.namespace) {
             return Err(Invalid::new(
                 "kubernetes.namespace",
                 format!("{:?} is not a namespace name", k.namespace),
+            ));
+        }
+        // The flag's value wins; an empty one (a template's unset variable) means every
+        // namespace.
+        let watch_namespace = watch_namespace
+            .or(k.watch_namespace.as_deref())
+            .filter(|ns| !ns.is_empty());
+        if let Some(ns) = watch_namespace
+            && !is_dns_label(ns)
+        {
+            return Err(Invalid::new(
+                "kubernetes.watch_namespace",
+                format!("{ns:?} is not a namespace name"),
             ));
         }
         Ok(Some(KubernetesConfig {
             kubeconfig,
             identity,
             namespace: k.namespace.clone(),
+            watch_namespace: watch_namespace.map(String::from),
             wipe_on_release: k.release == Release::Wipe,
             control_plane: k.control_plane,
         }))
@@ -114,6 +135,14 @@ pub fn check_identity(identity: &str) -> Result<(), Invalid> {
     ))
 }
 
+/// Whether `s` may name a namespace (an RFC 1123 label: lower-case letters, digits and
+/// `-`, at most 63, alphanumeric at both ends).
+pub fn is_dns_label(s: &str) -> bool {
+    is_label_value(s)
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
 /// Whether `s` is a valid Kubernetes label value (and DNS-label-like: no dots).
 pub fn is_label_value(s: &str) -> bool {
     !s.is_empty()
@@ -130,13 +159,14 @@ mod tests {
 
     #[test]
     fn the_mode_identity_and_namespace() {
-        let off = KubernetesConfig::from_section(&KubernetesSection::default(), None).unwrap();
+        let off =
+            KubernetesConfig::from_section(&KubernetesSection::default(), None, None).unwrap();
         assert!(off.is_none());
         let k = KubernetesSection {
             identity: Some("rack-1".into()),
             ..Default::default()
         };
-        let on = KubernetesConfig::from_section(&k, Some("kc".into()))
+        let on = KubernetesConfig::from_section(&k, Some("kc".into()), None)
             .unwrap()
             .unwrap();
         assert_eq!(on.identity, "rack-1");
@@ -145,14 +175,36 @@ mod tests {
             in_cluster: true,
             ..Default::default()
         };
-        let e = KubernetesConfig::from_section(&both, Some("kc".into())).unwrap_err();
+        let e = KubernetesConfig::from_section(&both, Some("kc".into()), None).unwrap_err();
         assert_eq!(e.key, "kubernetes.in_cluster");
         let bad = KubernetesSection {
             identity: Some("Rack 1!".into()),
             ..Default::default()
         };
-        let e = KubernetesConfig::from_section(&bad, Some("kc".into())).unwrap_err();
+        let e = KubernetesConfig::from_section(&bad, Some("kc".into()), None).unwrap_err();
         assert_eq!(e.key, "kubernetes.identity");
         assert!(!is_label_value("-a") && !is_label_value("") && is_label_value("a_b-1"));
+    }
+
+    #[test]
+    fn the_watch_namespace_from_the_flag_or_the_file_and_empty_is_every_one() {
+        let k = KubernetesSection {
+            identity: Some("rack-1".into()),
+            watch_namespace: Some("tenant-a".into()),
+            ..Default::default()
+        };
+        let watched = |flag| {
+            KubernetesConfig::from_section(&k, Some("kc".into()), flag)
+                .map(|c| c.and_then(|c| c.watch_namespace))
+        };
+        assert_eq!(watched(None).unwrap().as_deref(), Some("tenant-a"));
+        assert_eq!(
+            watched(Some("tenant-b")).unwrap().as_deref(),
+            Some("tenant-b")
+        );
+        assert_eq!(watched(Some("")).unwrap(), None);
+        let e = watched(Some("Tenant_B")).unwrap_err();
+        assert_eq!(e.key, "kubernetes.watch_namespace");
+        assert!(is_dns_label("a-1") && !is_dns_label("a_1") && !is_dns_label("A"));
     }
 }

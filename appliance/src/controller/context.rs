@@ -39,6 +39,8 @@ pub struct Context {
     pub core: Arc<Core>,
     pub identity: String,
     pub namespace: String,
+    /// Cluster API objects are watched in this namespace only (`None`: every one).
+    pub watch_namespace: Option<String>,
     /// Server-side apply field manager: one per appliance identity.
     pub field_manager: String,
     /// Servers released by their MetalMachine are wiped (else powered off).
@@ -53,6 +55,17 @@ pub struct Context {
 }
 
 impl Context {
+    /// The API of a Cluster API kind, over the watched namespace (or every one).
+    pub fn capi_api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match &self.watch_namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
+    }
+
     /// The appliance's metrics.
     pub fn metrics(&self) -> &Metrics {
         self.core.metrics()
@@ -168,6 +181,7 @@ pub async fn run(
         core,
         identity: config.identity.clone(),
         namespace: config.namespace.clone(),
+        watch_namespace: config.watch_namespace.clone(),
         field_manager: format!("arges-{}", config.identity),
         wipe_on_release: config.wipe_on_release,
         control_plane: config.control_plane,
@@ -175,7 +189,12 @@ pub async fn run(
         recorder,
         warned: Mutex::new(HashSet::new()),
     });
-    tracing::info!(identity = %ctx.identity, namespace = %ctx.namespace, "Kubernetes controller starting");
+    tracing::info!(
+        identity = %ctx.identity,
+        namespace = %ctx.namespace,
+        watch_namespace = ctx.watch_namespace.as_deref().unwrap_or("(every namespace)"),
+        "Kubernetes controller starting"
+    );
     // Every replica keeps its local copy and its caches current; only the leader writes
     // to the cluster.
     let pull = tokio::spawn(servers::pull(

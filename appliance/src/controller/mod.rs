@@ -7,7 +7,8 @@
 //! [`server_classes`] decides class membership and keeps class counts; [`capi`] is the
 //! Cluster API infrastructure provider (MetalCluster, MetalMachine); [`lease`] elects
 //! one active replica per appliance identity; [`caches`] holds the watch-fed caches the
-//! tasks share, so a steady fleet costs the apiserver its watches and leases only.
+//! tasks share, so a steady fleet costs the apiserver its watches and leases only;
+//! [`components`] assembles the provider as clusterctl installs it.
 //!
 //! Each appliance marks the Servers it discovered with its identity
 //! (`metal.arges.dev/appliance`) and reconciles only those, so several racks share one
@@ -20,6 +21,8 @@ pub mod config;
 pub mod caches;
 #[cfg(feature = "kubernetes")]
 pub mod capi;
+#[cfg(feature = "kubernetes")]
+pub mod components;
 #[cfg(feature = "kubernetes")]
 mod context;
 #[cfg(feature = "kubernetes")]

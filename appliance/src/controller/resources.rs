@@ -5,10 +5,15 @@
 //! SMBIOS UUID), [`ServerClass`] (a set of servers by hardware and labels) and
 //! [`Environment`] (what a machine boots). `infrastructure.cluster.x-k8s.io/v1alpha2`,
 //! namespaced, on the Cluster API v1beta2 infrastructure contract: [`MetalCluster`],
-//! [`MetalMachine`] and [`MetalMachineTemplate`]. They accept the fields of the original
+//! [`MetalMachine`], [`MetalMachineTemplate`] and [`MetalClusterTemplate`]. They accept the fields of the original
 //! getting-started guide (`serverRef`, `bmc{endpoint,user,pass}`, `apiEndpoints`) beside
 //! the contract's (`controlPlaneEndpoint`, `providerID`, `status.initialization`,
 //! `status.addresses`).
+//!
+//! The cluster-scoped kinds carry `clusterctl.cluster.x-k8s.io/move`: `clusterctl move`
+//! copies them to the new management cluster (it never deletes a cluster-scoped object
+//! from the old one, nor restores any status); the infrastructure kinds move as part of
+//! their Cluster.
 
 // kube's `printcolumn(...)` repeats keys by design; clippy reads them as duplicates.
 #![allow(clippy::duplicated_attributes)]
@@ -22,6 +27,10 @@ use serde::{Deserialize, Serialize};
 
 /// API group of the bare-metal resources.
 pub const METAL_GROUP: &str = "metal.arges.dev";
+/// Annotation on a MetalMachine: the uid it had when it first claimed a server, which
+/// names its claim. `clusterctl move` makes the machine again under a new uid but keeps
+/// its annotations, so the moved machine still holds its server.
+pub const CLAIM_UID_ANNOTATION: &str = "metal.arges.dev/claim-uid";
 /// Label naming the appliance that discovered (and reconciles) a Server.
 pub const APPLIANCE_LABEL: &str = "metal.arges.dev/appliance";
 /// Label saying whether the Server's rack may run control-plane machines
@@ -37,6 +46,7 @@ pub const CONTROL_PLANE_RACK_LABEL: &str = "metal.arges.dev/control-plane-rack";
     group = "metal.arges.dev",
     version = "v1alpha1",
     kind = "Server",
+    label("clusterctl.cluster.x-k8s.io/move", ""),
     status = "ServerStatus",
     doc = "A bare-metal machine known to Arges, named by its SMBIOS UUID",
     shortname = "srv",
@@ -323,6 +333,7 @@ pub struct MachineAddress {
     group = "metal.arges.dev",
     version = "v1alpha1",
     kind = "ServerClass",
+    label("clusterctl.cluster.x-k8s.io/move", ""),
     status = "ServerClassStatus",
     doc = "A set of Servers chosen by hardware qualifiers and a label selector, both of which must match",
     category = "arges",
@@ -383,6 +394,7 @@ pub struct ServerClassStatus {
     group = "metal.arges.dev",
     version = "v1alpha1",
     kind = "Environment",
+    label("clusterctl.cluster.x-k8s.io/move", ""),
     doc = "A boot environment: kernel, arguments and initrds served by the appliance",
     shortname = "env",
     category = "arges",
@@ -624,6 +636,31 @@ pub struct TemplateMeta {
     pub annotations: BTreeMap<String, String>,
 }
 
+/// Template of MetalClusters, for ClusterClasses.
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "infrastructure.cluster.x-k8s.io",
+    version = "v1alpha2",
+    kind = "MetalClusterTemplate",
+    namespaced,
+    doc = "Template of MetalClusters for ClusterClasses",
+    category = "cluster-api",
+    label("cluster.x-k8s.io/v1beta2", "v1alpha2")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MetalClusterTemplateSpec {
+    pub template: MetalClusterTemplateResource,
+}
+
+/// The template's body.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetalClusterTemplateResource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<TemplateMeta>,
+    pub spec: MetalClusterSpec,
+}
+
 /// Every CRD, in the order they are printed and applied.
 pub fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
@@ -636,6 +673,7 @@ pub fn crds()
         MetalCluster::crd(),
         MetalMachine::crd(),
         MetalMachineTemplate::crd(),
+        MetalClusterTemplate::crd(),
     ]
 }
 
@@ -683,6 +721,6 @@ mod tests {
         );
         assert!(yaml.contains("name: servers.metal.arges.dev"));
         assert!(yaml.contains("jsonPath: .spec.accepted"));
-        assert_eq!(yaml.matches("---\n").count(), 6, "six CRDs");
+        assert_eq!(yaml.matches("---\n").count(), 7, "seven CRDs");
     }
 }

@@ -57,6 +57,7 @@ impl Context {
             core: Arc::new(core),
             identity: "rack-1".into(),
             namespace: "arges-system".into(),
+            watch_namespace: None,
             field_manager: "arges-rack-1".into(),
             wipe_on_release: true,
             control_plane: true,

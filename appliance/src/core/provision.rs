@@ -56,6 +56,7 @@ impl Core {
             config_served_at: None,
             installed_at: None,
             installed_by: None,
+            paused: false,
         };
         let (s, fresh) = blocking(move || Ok(inv.claim(&key, claim, &config)?))
             .await
@@ -101,6 +102,38 @@ impl Core {
         .await?;
         self.step("powered", "ok");
         Ok(s)
+    }
+
+    /// Records whether the Cluster of the machine holding server `id` (its
+    /// `namespace/name` and claim uid) is paused; nothing when another holds it. Whether
+    /// it changed.
+    pub async fn pause_claim(
+        &self,
+        id: &str,
+        machine: &str,
+        uid: &str,
+        paused: bool,
+    ) -> Result<bool> {
+        let inv = Arc::clone(&self.inventory);
+        let (key, machine, uid) = (id.to_string(), machine.to_string(), uid.to_string());
+        let (s, changed) = blocking(move || {
+            let mut changed = false;
+            let s = inv.update(&key, |s| {
+                if let Some(c) = &mut s.provisioning.claim
+                    && c.same_holder(&machine, &uid)
+                    && c.paused != paused
+                {
+                    c.paused = paused;
+                    changed = true;
+                }
+            })?;
+            Ok((s, changed))
+        })
+        .await?;
+        if changed {
+            tracing::info!(id = %s.id, paused, "claim's cluster paused");
+        }
+        Ok(changed)
     }
 
     /// Records the installation as done (once; a repeat keeps the first time).

@@ -307,7 +307,7 @@ impl Inventory {
         let s = self.edit(id, |txn, s| {
             let p = &mut s.provisioning;
             match &p.claim {
-                Some(held) if held.uid == claim.uid => {}
+                Some(held) if held.same_holder(&claim.machine, &claim.uid) => {}
                 Some(held) => {
                     return Err(InventoryError::Conflict(format!(
                         "server {id} is in use by {}",
@@ -839,6 +839,7 @@ mod tests {
             config_served_at: None,
             installed_at: None,
             installed_by: None,
+            paused: false,
         }
     }
 

@@ -122,6 +122,19 @@ pub struct Claim {
     /// …and how.
     #[serde(default)]
     pub installed_by: Option<InstalledBy>,
+    /// The machine's Cluster is paused (as `clusterctl move` does before copying it to
+    /// another management cluster and deleting it here): the sweep never releases a
+    /// paused claim, whose machine may be gone from this cluster only.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+impl Claim {
+    /// Whether `other` names the same machine: its `namespace/name` and its claim uid
+    /// (which survives `clusterctl move`).
+    pub fn same_holder(&self, machine: &str, uid: &str) -> bool {
+        self.machine == machine && self.uid == uid
+    }
 }
 
 /// How the appliance learnt that a claimed machine's installation is done.

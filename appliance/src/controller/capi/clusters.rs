@@ -34,7 +34,7 @@ const KIND: &str = "MetalCluster";
 
 /// Reconciles every MetalCluster until `cancel` fires.
 pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
-    let api: Api<MetalCluster> = Api::all(ctx.client.clone());
+    let api: Api<MetalCluster> = ctx.capi_api();
     let racks = futures_util::stream::unfold(ctx.caches.racks.subscribe(), |mut rx| async {
         rx.changed().await.ok()?;
         Some(((), rx))

@@ -34,6 +34,13 @@ pub const FINALIZER: &str = "metalmachine.infrastructure.cluster.x-k8s.io/arges"
 pub const FIELD_MANAGER: &str = "arges-capi";
 /// Cluster API's pause annotation (also honoured on a Cluster's `spec.paused`).
 const PAUSED: &str = "cluster.x-k8s.io/paused";
+/// clusterctl's mark on the objects it deletes once `clusterctl move` copied them to
+/// another management cluster: their deletion gives nothing back.
+pub const DELETE_FOR_MOVE: &str = "clusterctl.cluster.x-k8s.io/delete-for-move";
+/// clusterctl waits before moving while an object carries this: a machine holding a
+/// claim carries it until its pause is recorded in the inventory, so the move never
+/// outruns the record that keeps the sweep from releasing a machine that moved away.
+pub const BLOCK_MOVE: &str = "clusterctl.cluster.x-k8s.io/block-move";
 /// How long to wait before looking again at something outside our watches.
 pub const RETRY: Duration = Duration::from_secs(5);
 
@@ -140,7 +147,11 @@ pub fn capi_watch(
 ) -> impl futures_util::Stream<Item = DynamicObject> + Send + 'static {
     use futures_util::StreamExt;
     use kube::runtime::WatchStreamExt;
-    let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &capi_resource(kind, plural));
+    let resource = capi_resource(kind, plural);
+    let api: Api<DynamicObject> = match &ctx.watch_namespace {
+        Some(ns) => Api::namespaced_with(ctx.client.clone(), ns, &resource),
+        None => Api::all_with(ctx.client.clone(), &resource),
+    };
     let kind = kind.to_string();
     super::watch_until(api, watcher::Config::default(), cancel)
         .modify(project)
@@ -228,24 +239,24 @@ pub fn count(ctx: &Context, kind: &'static str, result: &'static str) {
 /// Runs both reconcilers until `cancel` fires (leadership lost or shutdown), with the
 /// caches of Machines and Clusters they read.
 pub async fn run(ctx: Arc<Context>, cancel: CancellationToken) {
-    use futures_util::StreamExt;
     let machines_writer = Writer::new(capi_resource("Machine", "machines"));
     let clusters_writer = Writer::new(capi_resource("Cluster", "clusters"));
     ctx.caches.capi.send_replace(Some(CapiStores {
         machines: machines_writer.as_reader(),
         clusters: clusters_writer.as_reader(),
     }));
+    // The Cluster watch feeds its cache and wakes the Cluster's MetalMachines (a pause
+    // must be seen at once: clusterctl move waits on it).
     let cluster_watch = capi_watch(&ctx, "Cluster", "clusters", clusters_writer, cancel.clone());
-    let cluster_watch = tokio::spawn(cluster_watch.for_each(|_| std::future::ready(())));
     let clusters = tokio::spawn(clusters::run(Arc::clone(&ctx), cancel.clone()));
     let machines = tokio::spawn(machines::run(
         Arc::clone(&ctx),
         machines_writer,
+        cluster_watch,
         cancel.clone(),
     ));
     let _ = clusters.await;
     let _ = machines.await;
-    let _ = cluster_watch.await;
     ctx.caches.capi.send_replace(None);
 }
 

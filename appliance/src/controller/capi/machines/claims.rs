@@ -8,7 +8,9 @@ use serde_json::json;
 
 use super::super::{RETRY, patch_params};
 use super::report::{Blocked, Step};
-use crate::controller::resources::{APPLIANCE_LABEL, Server as ServerResource, ServerClaim};
+use crate::controller::resources::{
+    APPLIANCE_LABEL, CLAIM_UID_ANNOTATION, MetalMachine, Server as ServerResource, ServerClaim,
+};
 use crate::controller::{Context, server_classes};
 
 /// The label selector of the Servers this appliance discovered.
@@ -25,15 +27,37 @@ pub(super) fn claim_of(s: &ServerResource) -> Option<&ServerClaim> {
     s.status.as_ref().and_then(|st| st.claim.as_ref())
 }
 
-/// Whether `s` is claimed by the machine with uid `uid`.
-pub(super) fn held_by(s: &ServerResource, uid: &str) -> bool {
-    claim_of(s).is_some_and(|c| c.uid == uid)
+/// `namespace/name` of `mm`: the machine a claim names.
+pub(super) fn machine_key(mm: &MetalMachine) -> String {
+    format!("{}/{}", mm.namespace().unwrap_or_default(), mm.name_any())
 }
 
-/// Whether this appliance holds a claim for machine `uid` (taken in this process, or
-/// shown by the watch of its Servers).
+/// The uid naming `mm`'s claim: the one it had when it first claimed
+/// ([`CLAIM_UID_ANNOTATION`], kept across `clusterctl move`), else its own.
+pub(super) fn claim_uid(mm: &MetalMachine) -> String {
+    mm.annotations()
+        .get(CLAIM_UID_ANNOTATION)
+        .filter(|u| !u.is_empty())
+        .cloned()
+        .unwrap_or_else(|| mm.uid().unwrap_or_default())
+}
+
+/// Whether `s` is claimed by machine `machine` (`namespace/name`) with claim uid `uid`:
+/// both, so a machine elsewhere that copies another's annotation holds nothing.
+pub(super) fn held_by(s: &ServerResource, machine: &str, uid: &str) -> bool {
+    claim_of(s).is_some_and(|c| c.machine == machine && c.uid == uid)
+}
+
+/// Whether this appliance holds a claim for the machine of claim uid `uid` (taken in
+/// this process, or shown by the watch of its Servers).
 pub(super) fn holds_claim(ctx: &Context, uid: &str) -> bool {
-    ctx.caches.claim(uid).is_some() || ctx.caches.servers.state().iter().any(|s| held_by(s, uid))
+    ctx.caches.claim(uid).is_some()
+        || ctx
+            .caches
+            .servers
+            .state()
+            .iter()
+            .any(|s| claim_of(s).is_some_and(|c| c.uid == uid))
 }
 
 /// Why `s` cannot be given to a new machine, if it cannot.
@@ -87,13 +111,30 @@ pub(super) async fn claim_named(
     s: &ServerResource,
     claim: &ServerClaim,
 ) -> Result<ServerResource, Step> {
-    if held_by(s, &claim.uid) {
+    if held_by(s, &claim.machine, &claim.uid) {
         return Ok(s.clone());
+    }
+    // The inventory holds this very claim while the Server shows none: its status was
+    // lost (`clusterctl move` does not carry status) and the appliance's own push may
+    // show it in use and not clean already. The claim is taken back as it stands.
+    if claim_of(s).is_none() && inventory_holds(ctx, s, claim).await {
+        tracing::info!(server = %s.name_any(), machine = %claim.machine, "the Server lost its claim's status; taking it back for the machine that holds it");
+        return Ok(take_claim(ctx, s, claim).await?);
     }
     if let Some((reason, message)) = unavailable(s) {
         return Err(Blocked::failed(reason, message, RETRY * 2).into());
     }
     Ok(take_claim(ctx, s, claim).await?)
+}
+
+/// Whether this appliance's inventory holds `s` for `claim`'s machine.
+async fn inventory_holds(ctx: &Context, s: &ServerResource, claim: &ServerClaim) -> bool {
+    ctx.core
+        .server(&crate::controller::servers::inventory_id(s))
+        .await
+        .ok()
+        .and_then(|local| local.provisioning.claim)
+        .is_some_and(|c| c.same_holder(&claim.machine, &claim.uid))
 }
 
 /// A free Server of `class` (this appliance's own), claimed; the first that can be.
@@ -111,7 +152,7 @@ pub(super) async fn claim_from_class(
     if let Some(name) = ctx.caches.claim(&claim.uid) {
         let servers: Api<ServerResource> = Api::all(ctx.client.clone());
         if let Some(s) = servers.get_opt(&name).await?
-            && held_by(&s, &claim.uid)
+            && held_by(&s, &claim.machine, &claim.uid)
         {
             return Ok(s);
         }
@@ -135,7 +176,7 @@ pub(super) async fn claim_from_class(
     };
     let mut all = ctx.caches.servers.state();
     // A restart after claiming but before binding finds its own claim first.
-    if let Some(mine) = all.iter().find(|s| held_by(s, &claim.uid)) {
+    if let Some(mine) = all.iter().find(|s| held_by(s, &claim.machine, &claim.uid)) {
         return Ok(ServerResource::clone(mine));
     }
     all.sort_by_key(|s| s.name_any());

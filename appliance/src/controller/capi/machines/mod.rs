@@ -26,6 +26,16 @@
 //! says, and only then is the Server's claim cleared. A sweep releases servers whose
 //! machine is gone without a word, or bound to another server.
 //!
+//! `clusterctl move` copies a cluster's objects to another management cluster (new
+//! uids, no status) and deletes them here. A claim is named by the machine's
+//! `namespace/name` and the uid it first claimed with, kept in the
+//! `metal.arges.dev/claim-uid` annotation, so the moved machine holds its server still:
+//! it takes the Server's lost `status.claim` back and walks on to Ready, without a power
+//! operation or a boot. An unpaused machine carries clusterctl's block-move mark; the
+//! pause that precedes a move is recorded with the claim in the inventory before the
+//! mark goes, so the sweep keeps a server whose machine moved away, and a deletion
+//! marked `delete-for-move` gives nothing back.
+//!
 //! Every step that waits or fails sets the `Ready` condition's reason, with an event
 //! when the reason changes (`report.rs`). The steps are `provision.rs`'s, one function
 //! each; the cluster-wide claim is `claims.rs`'s; release and the sweep are
@@ -67,10 +77,19 @@ const KIND: &str = "MetalMachine";
 /// Reconciles MetalMachines until `cancel` fires, and sweeps orphaned claims. The watch
 /// of Cluster API's Machines feeds `machines` (the cache the steps read) and wakes each
 /// Machine's MetalMachine after the cache has its change.
-pub async fn run(ctx: Arc<Context>, machines: Writer<DynamicObject>, cancel: CancellationToken) {
+pub async fn run(
+    ctx: Arc<Context>,
+    machines: Writer<DynamicObject>,
+    clusters: impl futures_util::Stream<Item = DynamicObject> + Send + 'static,
+    cancel: CancellationToken,
+) {
+    let machines_cache = machines.as_reader();
     let capi_machines = capi_watch(&ctx, "Machine", "machines", machines, cancel.clone())
         .filter_map(|m| std::future::ready(infrastructure_of(&m)));
-    let machines: Api<MetalMachine> = Api::all(ctx.client.clone());
+    // A Cluster's change (its pause above all) wakes the MetalMachines of its Machines.
+    let cluster_machines = clusters
+        .flat_map(move |c| futures_util::stream::iter(metal_machines_of(&machines_cache, &c)));
+    let machines: Api<MetalMachine> = ctx.capi_api();
     let servers: Api<ServerResource> = Api::all(ctx.client.clone());
     let controller = Controller::new(machines, watcher::Config::default());
     let sweep = tokio::spawn(release::sweep(
@@ -91,6 +110,7 @@ pub async fn run(ctx: Arc<Context>, machines: Writer<DynamicObject>, cancel: Can
             },
         )
         .reconcile_on(capi_machines)
+        .reconcile_on(cluster_machines)
         .graceful_shutdown_on(cancel.cancelled_owned())
         .run(reconcile, error_policy, Arc::clone(&ctx))
         .for_each(|r| async move {
@@ -113,6 +133,20 @@ fn infrastructure_of(m: &DynamicObject) -> Option<ObjectRef<MetalMachine>> {
                 .map(|n| ObjectRef::new(n).within(&ns))
         })
         .flatten()
+}
+
+/// The MetalMachines of the Machines of `cluster`, as the cache of Machines has them.
+fn metal_machines_of(
+    machines: &kube::runtime::reflector::Store<DynamicObject>,
+    cluster: &DynamicObject,
+) -> Vec<ObjectRef<MetalMachine>> {
+    let (ns, name) = (cluster.namespace(), cluster.name_any());
+    machines
+        .state()
+        .iter()
+        .filter(|m| m.namespace() == ns && m.data["spec"]["clusterName"].as_str() == Some(&name))
+        .filter_map(|m| infrastructure_of(m))
+        .collect()
 }
 
 /// `namespace/name` as a reference.
@@ -155,7 +189,7 @@ async fn reconcile(mm: Arc<MetalMachine>, ctx: Arc<Context>) -> Result<Action, R
         Ok(Progress::Paused) => {
             write_status_best_effort(&api, &mm, &report).await;
             count(&ctx, KIND, "paused");
-            // Unpausing a Cluster touches no object this controller watches: look again.
+            // The Cluster watch wakes the machine when it is unpaused; this is a backstop.
             return Ok(Action::requeue(RETRY * 6));
         }
         Err(Step::Blocked(b)) => {

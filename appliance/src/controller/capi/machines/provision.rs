@@ -10,9 +10,12 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::super::{
-    FINALIZER, RETRY, cached_cluster, cached_machine, capi_owner, capi_stores, patch_params, paused,
+    BLOCK_MOVE, FINALIZER, RETRY, cached_cluster, cached_machine, capi_owner, capi_stores,
+    patch_params, paused,
 };
-use super::claims::{claim_from_class, claim_named, holds_claim, ours, release_claim};
+use super::claims::{
+    claim_from_class, claim_named, claim_uid, holds_claim, machine_key, ours, release_claim,
+};
 use super::placement::{self, Turn};
 use super::power::network_boot;
 use super::report::{Blocked, Report, Step};
@@ -20,7 +23,7 @@ use crate::bmc::PowerFailure;
 use crate::controller::Context;
 use crate::controller::caches::CapiStores;
 use crate::controller::resources::{
-    MetalMachine, ObjectRef as SpecRef, Server as ServerResource, ServerClaim,
+    CLAIM_UID_ANNOTATION, MetalMachine, ObjectRef as SpecRef, Server as ServerResource, ServerClaim,
 };
 use crate::controller::servers::{BmcProblem, bmc_with_credentials, inventory_id};
 use crate::core::{ClaimRequest, CoreError};
@@ -96,7 +99,7 @@ pub(super) async fn provision(
     // their turn writing nothing (unless this one holds a claim for it already).
     let is_paused = paused(mm, cluster.as_deref());
     if named.is_none() && domain.is_none() {
-        let uid = mm.uid().unwrap_or_default();
+        let uid = claim_uid(mm);
         let class = mm.spec.server_class_ref.as_ref().map(|c| c.name.as_str());
         let claimable = !is_paused
             && infrastructure_provisioned(cluster.as_deref())
@@ -107,8 +110,11 @@ pub(super) async fn provision(
             return Ok(Progress::NotYet(wait));
         }
     }
-    // Paused: no write but the Paused condition, not even the finalizer (the contract).
+    // Paused: no write but the Paused condition, not even the finalizer (the contract),
+    // and what clusterctl move waits for: the pause recorded with the claim, then the
+    // block-move mark taken off.
     if is_paused {
+        record_pause(mm, api, ctx, named.as_ref()).await?;
         report.quiet(
             "Paused",
             true,
@@ -120,19 +126,59 @@ pub(super) async fn provision(
     report.quiet("Paused", false, "NotPaused", "");
     // The later writes carry the resourceVersion the finalizer's write made, not the
     // one it replaced (a stale one would only cost a conflict and a second pass).
-    let with_finalizer = ensure_finalizer(mm, api).await?;
-    let mm = with_finalizer.as_ref().unwrap_or(mm);
+    let with_marks = ensure_marks(mm, api).await?;
+    let mm = with_marks.as_ref().unwrap_or(mm);
     let bootstrap = bootstrap(mm, ctx, &machine, cluster_name, cluster, report).await?;
     let claim = ServerClaim {
-        machine: format!("{}/{}", mm.namespace().unwrap_or_default(), mm.name_any()),
-        uid: mm.uid().unwrap_or_default(),
+        machine: machine_key(mm),
+        uid: claim_uid(mm),
         cluster: bootstrap.cluster.clone(),
     };
     let server = claim_server(mm, ctx, named, domain.is_some(), &claim, report).await?;
     bind(mm, api, ctx, &server).await?;
     stage(ctx, &server, &claim, bootstrap.data).await?;
     apply_machine_bmc(mm, ctx, &server).await?;
-    power(ctx, &server, &claim.uid, report).await
+    let progress = power(ctx, &server, &claim.uid, report).await?;
+    if let Progress::Done(local) = &progress
+        && local.provisioning.claim.as_ref().is_some_and(|c| c.paused)
+    {
+        ctx.core
+            .pause_claim(&local.id, &claim.machine, &claim.uid, false)
+            .await?;
+    }
+    Ok(progress)
+}
+
+/// The machine's Cluster is paused: the pause recorded with its claim in the inventory
+/// (if it holds one here), then the block-move mark removed, in that order: once the
+/// mark is gone `clusterctl move` may copy the machine away and delete it here, and the
+/// sweep must know by then not to release its server.
+async fn record_pause(
+    mm: &MetalMachine,
+    api: &Api<MetalMachine>,
+    ctx: &Context,
+    named: Option<&ServerResource>,
+) -> Result<(), Step> {
+    if let Some(server) = named {
+        ctx.core
+            .pause_claim(
+                &inventory_id(server),
+                &machine_key(mm),
+                &claim_uid(mm),
+                true,
+            )
+            .await
+            .or_else(|e| match e {
+                CoreError::NotFound(_) => Ok(false),
+                e => Err(e),
+            })?;
+    }
+    if mm.annotations().contains_key(BLOCK_MOVE) {
+        let patch = json!({"metadata": {"annotations": {BLOCK_MOVE: null}}});
+        api.patch(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
+            .await?;
+    }
+    Ok(())
 }
 
 async fn named_server(mm: &MetalMachine, ctx: &Context) -> Result<Named, Step> {
@@ -152,18 +198,33 @@ async fn named_server(mm: &MetalMachine, ctx: &Context) -> Result<Named, Step> {
     }
 }
 
-/// Adds the finalizer if it is missing; the machine as written, if it wrote.
-async fn ensure_finalizer(
+/// Adds what an unpaused machine carries, where missing: the finalizer, the uid naming
+/// its claim ([`CLAIM_UID_ANNOTATION`]) and clusterctl's block-move mark. The machine as
+/// written, if it wrote.
+async fn ensure_marks(
     mm: &MetalMachine,
     api: &Api<MetalMachine>,
 ) -> Result<Option<MetalMachine>, kube::Error> {
-    if mm.finalizers().iter().any(|f| f == FINALIZER) {
+    let has_finalizer = mm.finalizers().iter().any(|f| f == FINALIZER);
+    let annotations = mm.annotations();
+    let has_uid = annotations.contains_key(CLAIM_UID_ANNOTATION);
+    let blocks_move = annotations.contains_key(BLOCK_MOVE);
+    if has_finalizer && has_uid && blocks_move {
         return Ok(None);
     }
-    let mut finalizers = mm.finalizers().to_vec();
-    finalizers.push(FINALIZER.to_string());
-    let patch =
-        json!({"metadata": {"resourceVersion": mm.resource_version(), "finalizers": finalizers}});
+    let mut metadata = json!({"resourceVersion": mm.resource_version(), "annotations": {}});
+    if !has_finalizer {
+        let mut finalizers = mm.finalizers().to_vec();
+        finalizers.push(FINALIZER.to_string());
+        metadata["finalizers"] = json!(finalizers);
+    }
+    if !has_uid {
+        metadata["annotations"][CLAIM_UID_ANNOTATION] = json!(claim_uid(mm));
+    }
+    if !blocks_move {
+        metadata["annotations"][BLOCK_MOVE] = json!("");
+    }
+    let patch = json!({ "metadata": metadata });
     Ok(Some(
         api.patch(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
             .await?,
@@ -332,12 +393,12 @@ async fn bind(
             .filter(|r| r.name != name)
         {
             tracing::info!(server = %name, bound = %other.name, "machine bound elsewhere; releasing");
-            release_claim(ctx, server, &mm.uid().unwrap_or_default(), false).await?;
+            release_claim(ctx, server, &claim_uid(mm), false).await?;
         }
         return Err(e.into());
     }
     // Bound: from now on the machine names its server; the claim needs no remembering.
-    ctx.caches.forget_claim(&mm.uid().unwrap_or_default());
+    ctx.caches.forget_claim(&claim_uid(mm));
     Ok(())
 }
 
@@ -417,7 +478,7 @@ async fn apply_machine_bmc(
     let (settings, pass) = bmc_with_credentials(ctx, b, &ns)
         .await
         .map_err(|p: BmcProblem| Blocked::failed(p.reason(), p.note(), RETRY * 2))?;
-    let uid = mm.uid().unwrap_or_default();
+    let uid = claim_uid(mm);
     match ctx
         .core
         .lend_bmc(&inventory_id(server), &uid, settings, pass)

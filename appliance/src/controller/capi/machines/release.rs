@@ -11,8 +11,10 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::super::{FINALIZER, ReconcileError, count, patch_params};
-use super::claims::{claim_of, held_by, ours, own_servers_selector, release_claim};
+use super::super::{DELETE_FOR_MOVE, FINALIZER, ReconcileError, count, patch_params};
+use super::claims::{
+    claim_of, claim_uid, held_by, machine_key, ours, own_servers_selector, release_claim,
+};
 use super::{KIND, power::network_boot};
 use crate::bmc::PowerAction;
 use crate::controller::Context;
@@ -45,14 +47,22 @@ pub(super) async fn delete(
     if !mm.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
-    let uid = mm.uid().unwrap_or_default();
+    // Deleted by `clusterctl move` once copied to another management cluster: the machine
+    // lives on there, its server with it. Nothing is given back (clusterctl takes the
+    // finalizer off itself).
+    if mm.annotations().contains_key(DELETE_FOR_MOVE) {
+        tracing::info!(metalmachine = %machine_key(mm), "moved to another management cluster; its server stays claimed");
+        count(ctx, KIND, "moved");
+        return Ok(Action::await_change());
+    }
+    let (key, uid) = (machine_key(mm), claim_uid(mm));
     let servers: Api<ServerResource> = Api::all(ctx.client.clone());
     if let Some(r) = &mm.spec.server_ref {
         if let Some(s) = servers.get_opt(&r.name).await? {
             if !ours(ctx, &s) {
                 return Ok(Action::await_change());
             }
-            if held_by(&s, &uid) {
+            if held_by(&s, &key, &uid) {
                 say_deleting(mm, api, &s).await;
                 release_server(ctx, &s, &uid, Some(mm)).await?;
             }
@@ -62,7 +72,7 @@ pub(super) async fn delete(
         let mine = servers
             .list(&ListParams::default().labels(&own_servers_selector(ctx)))
             .await?;
-        for s in mine.items.iter().filter(|s| held_by(s, &uid)) {
+        for s in mine.items.iter().filter(|s| held_by(s, &key, &uid)) {
             release_server(ctx, s, &uid, Some(mm)).await?;
         }
     }
@@ -161,6 +171,10 @@ pub(super) async fn sweep(
             let Some((ns, name)) = c.machine.split_once('/') else {
                 continue;
             };
+            // A machine outside the watched namespace is not in the store: not ours to judge.
+            if ctx.watch_namespace.as_deref().is_some_and(|w| w != ns) {
+                continue;
+            }
             let cached = machines.get(&ObjectRef::new(name).within(ns));
             if holds(cached.as_deref(), &c.uid, &s) {
                 continue;
@@ -174,13 +188,25 @@ pub(super) async fn sweep(
 /// and bind), or bound to it.
 fn holds(mm: Option<&MetalMachine>, uid: &str, s: &ServerResource) -> bool {
     mm.is_some_and(|mm| {
-        mm.uid().as_deref() == Some(uid)
+        claim_uid(mm) == uid
             && mm
                 .spec
                 .server_ref
                 .as_ref()
                 .is_none_or(|r| r.name == s.name_any())
     })
+}
+
+/// Whether the inventory records the claim on `s` as paused: its Cluster was paused
+/// (by `clusterctl move`, which then deletes it here), so a machine gone from this
+/// cluster may live on in another. Only an unpause, or an operator, ends that.
+async fn paused_here(ctx: &Context, s: &ServerResource) -> bool {
+    ctx.core
+        .server(&inventory_id(s))
+        .await
+        .ok()
+        .and_then(|l| l.provisioning.claim)
+        .is_some_and(|c| c.paused)
 }
 
 /// Releases `s` if the machine its claim names is gone or bound to another server, as
@@ -193,6 +219,9 @@ async fn sweep_one(ctx: &Context, s: &ServerResource) {
     let api: Api<MetalMachine> = Api::namespaced(ctx.client.clone(), ns);
     match api.get_opt(name).await {
         Ok(mm) if holds(mm.as_ref(), &c.uid, s) => {}
+        Ok(_) if paused_here(ctx, s).await => {
+            tracing::debug!(server = %s.name_any(), machine = %c.machine, "the machine holding this server is gone, but its cluster was paused (moved away?): kept");
+        }
         Ok(_) => {
             tracing::warn!(server = %s.name_any(), machine = %c.machine, "the machine holding this server is gone or bound to another; releasing it");
             let uid = c.uid.clone();

@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 
 use super::reconcile;
 use crate::controller::Context;
-use crate::controller::resources::MetalMachine;
+use crate::controller::capi::{BLOCK_MOVE, DELETE_FOR_MOVE};
+use crate::controller::resources::{CLAIM_UID_ANNOTATION, MetalMachine};
 use crate::controller::testing::{ApiServer, Call};
 use crate::core::testing::Machine;
 use crate::core::{ClaimRequest, Core, ServerEdit};
@@ -25,7 +26,8 @@ const BOOTSTRAP: &str = "machine: {type: controlplane}\n";
 struct Mm(Value);
 
 impl Mm {
-    /// `ns1/cp-0`, owned by Machine `m-0`, with its finalizer, asking for class `small`.
+    /// `ns1/cp-0`, owned by Machine `m-0`, with its finalizer and marks (its claim uid,
+    /// clusterctl's block-move), asking for class `small`.
     fn test() -> Mm {
         Mm(json!({
             "apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha2",
@@ -34,6 +36,7 @@ impl Mm {
                 "name": "cp-0", "namespace": NS, "uid": "uid-cp-0", "resourceVersion": "7",
                 "generation": 1,
                 "finalizers": [crate::controller::capi::FINALIZER],
+                "annotations": {CLAIM_UID_ANNOTATION: "uid-cp-0", BLOCK_MOVE: ""},
                 "ownerReferences": [{"apiVersion": "cluster.x-k8s.io/v1beta2", "kind": "Machine", "name": "m-0", "uid": "uid-m-0"}],
             },
             "spec": {"serverClassRef": {"name": "small"}},
@@ -52,6 +55,14 @@ impl Mm {
 
     fn with_bmc(mut self, bmc: Value) -> Mm {
         self.0["spec"]["bmc"] = bmc;
+        self
+    }
+
+    /// As `clusterctl move` makes it in the new management cluster: a new uid, the
+    /// annotations (the claim uid among them) and the spec (bound) kept, no status.
+    fn moved(mut self) -> Mm {
+        self.0["metadata"]["uid"] = json!("uid-moved");
+        self.0["metadata"]["annotations"] = json!({CLAIM_UID_ANNOTATION: "uid-cp-0"});
         self
     }
 
@@ -409,6 +420,10 @@ async fn each_wait_says_why_on_ready() {
         api.cached_capi(&[capi_machine()], &[cluster_obj]);
         let mm = Mm::test();
         let task = start(&ctx, &mm);
+        if want.starts_with("Paused") {
+            // Paused, clusterctl's block-move mark goes (nothing else is written).
+            api.expect("PATCH", MM_PATH).await.reply(&mm.0);
+        }
         if secret.is_some() {
             api.expect("GET", "/api/v1/namespaces/ns1/secrets/m-0-bootstrap")
                 .await
@@ -671,4 +686,142 @@ async fn a_wait_the_machine_shows_already_is_not_written_again() {
     shown.0["status"] = written;
     let task = start(&ctx, &shown);
     api.until_done(task).await.expect("reconciled");
+}
+
+#[tokio::test]
+async fn a_new_machine_is_marked_with_its_claim_uid_and_blocks_moves() {
+    let (core, _, _) = core_with_two().await;
+    let (ctx, mut api) = Context::test(core);
+    let mut mm = Mm::test();
+    mm.0["metadata"]["annotations"] = json!({});
+    mm.0["metadata"]["finalizers"] = json!([]);
+    api.cached_capi(&[capi_machine()], &[cluster(true, false)]);
+    let task = start(&ctx, &mm);
+    let marks = api.expect("PATCH", MM_PATH).await;
+    assert_eq!(marks.body["metadata"]["resourceVersion"], "7");
+    assert_eq!(
+        marks.body["metadata"]["finalizers"],
+        json!([crate::controller::capi::FINALIZER])
+    );
+    assert_eq!(
+        marks.body["metadata"]["annotations"],
+        json!({CLAIM_UID_ANNOTATION: "uid-cp-0", BLOCK_MOVE: ""})
+    );
+    marks.conflict();
+    api.expect("PATCH", &format!("{MM_PATH}/status"))
+        .await
+        .reply(&mm.0);
+    assert!(api.until_done(task).await.is_err(), "tried again later");
+}
+
+#[tokio::test]
+async fn a_paused_cluster_is_recorded_with_the_claim_before_the_block_move_mark_goes() {
+    let (core, a, _) = core_with_two().await;
+    core.claim_server(&a.uuid, claim_of("cp-0"), BOOTSTRAP.as_bytes().to_vec())
+        .await
+        .unwrap();
+    let (ctx, mut api) = Context::test(core);
+    let mm = Mm::test().bound_to(&a.uuid);
+    api.cached_capi(&[capi_machine()], &[cluster(true, true)]);
+    let task = start(&ctx, &mm);
+    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
+        .await
+        .reply(&with_claim(server(&a), "uid-cp-0"));
+    let unmark = api.expect("PATCH", MM_PATH).await;
+    // By the time the mark goes (and clusterctl may delete the machine here), the
+    // inventory knows the claim's cluster is paused.
+    let local = ctx.core.server(&a.uuid).await.unwrap();
+    assert!(local.provisioning.claim.is_some_and(|c| c.paused));
+    assert_eq!(
+        unmark.body["metadata"]["annotations"],
+        json!({BLOCK_MOVE: null})
+    );
+    unmark.reply(&mm.0);
+    assert_eq!(status_patch(&mut api, &mm).await, "Paused=True/Paused");
+    api.until_done(task).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_machine_deleted_by_clusterctl_move_gives_nothing_back() {
+    let (core, a, _) = core_with_two().await;
+    core.claim_server(&a.uuid, claim_of("cp-0"), BOOTSTRAP.as_bytes().to_vec())
+        .await
+        .unwrap();
+    let (ctx, mut api) = Context::test(core);
+    let mut mm = Mm::test().bound_to(&a.uuid).deleted();
+    // clusterctl's JSON patch leaves this one annotation.
+    mm.0["metadata"]["annotations"] = json!({DELETE_FOR_MOVE: ""});
+    let task = start(&ctx, &mm);
+    // No request at all: no release, no power, not even the finalizer (clusterctl takes it).
+    assert_eq!(api.until_done(task).await.unwrap(), Action::await_change());
+    let local = ctx.core.server(&a.uuid).await.unwrap();
+    assert!(local.provisioning.claim.is_some() && local.bmc.is_none());
+}
+
+#[tokio::test]
+async fn a_machine_moved_here_takes_its_server_back_without_powering_it() {
+    let (core, a, _) = core_with_two().await;
+    core.claim_server(&a.uuid, claim_of("cp-0"), BOOTSTRAP.as_bytes().to_vec())
+        .await
+        .unwrap();
+    core.mark_powered(&a.uuid, "uid-cp-0").await.unwrap();
+    core.pause_claim(&a.uuid, "ns1/cp-0", "uid-cp-0", true)
+        .await
+        .unwrap();
+    let before = core
+        .server(&a.uuid)
+        .await
+        .unwrap()
+        .provisioning
+        .claim
+        .unwrap();
+    let (ctx, mut api) = Context::test(core);
+    let mut mm = Mm::test().bound_to(&a.uuid).moved();
+    mm.0["spec"]["providerID"] = json!(format!("arges://{}", a.uuid));
+    let task = start(&ctx, &mm);
+    // The Server as moved (no claim in its status) after the appliance's own push (in
+    // use and not clean: its inventory holds it).
+    let mut moved = server(&a);
+    moved["status"] = json!({"clean": false, "phase": "Claimed"});
+    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
+        .await
+        .reply(&moved);
+    api.cached_capi(&[capi_machine()], &[cluster(true, false)]);
+    // Marked again for moves (the claim uid kept as it came).
+    let marks = api.expect("PATCH", MM_PATH).await;
+    assert_eq!(
+        marks.body["metadata"]["annotations"],
+        json!({BLOCK_MOVE: ""})
+    );
+    marks.reply(&mm.0);
+    api.expect("GET", "/api/v1/namespaces/ns1/secrets/m-0-bootstrap")
+        .await
+        .reply(&bootstrap_secret());
+    // The claim taken back under the uid it was made with.
+    let claim = api
+        .expect("PATCH", &format!("{SERVERS}/{}/status", a.uuid))
+        .await;
+    assert_eq!(
+        claim.body["status"]["claim"],
+        json!({"machine": "ns1/cp-0", "uid": "uid-cp-0", "cluster": "c1"})
+    );
+    claim.reply(&with_claim(moved.clone(), "uid-cp-0"));
+    // Already bound: no bind. Powered once already: no power. Ready.
+    let conditions = status_patch(&mut api, &mm).await;
+    assert!(
+        conditions.contains("Ready=True/Provisioned"),
+        "{conditions}"
+    );
+    api.until_done(task).await.unwrap();
+    let after = ctx
+        .core
+        .server(&a.uuid)
+        .await
+        .unwrap()
+        .provisioning
+        .claim
+        .unwrap();
+    assert_eq!(after.powered_at, before.powered_at, "not powered again");
+    assert_eq!(after.claimed_at, before.claimed_at, "the same claim");
+    assert!(!after.paused, "unpaused by the reconcile that found it");
 }
