@@ -8,7 +8,9 @@
 # (with its runc shim and ctr) from its Go module, and the pause container's static binary
 # from the Kubernetes source. runc and the CNI plugins come from Debian (tests/run-all.sh). They are cached outside the work tree, under
 # $ARGES_CACHE/k8s/<versions>/bin, and reused while the pins stay the same. The providers
-# live in bin/capi-<versions>/ ({cluster-api,cabpt} and crds/), which bin/capi links to.
+# live in bin/capi-<versions>/ ({cluster-api,cabpt} and crds/), which bin/capi links to;
+# clusterctl, from the same Cluster API release, is bin/clusterctl-<version>, linked as
+# bin/clusterctl.
 # Prints the bin folder.
 #
 # k8s.io/kubernetes requires its ~30 staging modules (k8s.io/api, k8s.io/apiserver, …) at
@@ -28,9 +30,11 @@ out="$cache/k8s/kubernetes-$K8S_VERSION-etcd-$ETCD_VERSION/bin"
 # test processes and inside the images deploy/build-images.sh makes.
 providers="$out/capi-$CAPI_VERSION-cabpt-$CABPT_VERSION-static"
 runtime="$out/containerd-$CONTAINERD_VERSION"
+clusterctl="$out/clusterctl-$CAPI_VERSION"
 
 have_control_plane() { [ -x "$out/kube-apiserver" ] && [ -x "$out/kubectl" ] && [ -x "$out/etcd" ]; }
 have_providers() { [ -x "$providers/cluster-api" ] && [ -x "$providers/cabpt" ] && [ -f "$providers/crds/.complete" ]; }
+have_clusterctl() { [ -x "$clusterctl" ]; }
 have_node() {
   [ -x "$out/kubelet" ] && [ -x "$out/kube-controller-manager" ] && [ -x "$out/kube-scheduler" ] &&
     [ -x "$out/pause" ] && [ -x "$runtime/containerd" ] && [ -x "$runtime/ctr" ] &&
@@ -39,8 +43,9 @@ have_node() {
 link_versions() {
   ln -sfn "$(basename "$providers")" "$out/capi"
   ln -sfn "$(basename "$runtime")" "$out/containerd"
+  ln -sfn "$(basename "$clusterctl")" "$out/clusterctl"
 }
-if have_control_plane && have_providers && have_node; then
+if have_control_plane && have_providers && have_node && have_clusterctl; then
   link_versions
   echo "$out"
   exit 0
@@ -89,6 +94,19 @@ build_providers() {
     cp config/crd/bases/*.yaml "$providers/crds/")
   mv "$providers/cabpt.partial" "$providers/cabpt"
   touch "$providers/crds/.complete"
+}
+
+# clusterctl, from the Cluster API module tree as the core manager (its api module the
+# published one).
+build_clusterctl() {
+  local capi
+  capi="$(module_tree sigs.k8s.io/cluster-api "$CAPI_VERSION" clusterctl)"
+  (cd "$capi" &&
+    go mod edit -dropreplace=sigs.k8s.io/cluster-api/api -require="sigs.k8s.io/cluster-api/api@$CAPI_VERSION" &&
+    log "building clusterctl $CAPI_VERSION" &&
+    CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X sigs.k8s.io/cluster-api/version.gitVersion=$CAPI_VERSION" \
+      -o "$clusterctl.partial" ./cmd/clusterctl)
+  mv "$clusterctl.partial" "$clusterctl"
 }
 
 # A scratch module that requires k8s.io/kubernetes with its staging modules resolved, in
@@ -171,6 +189,7 @@ build_node() {
 
 have_control_plane || build_control_plane
 have_providers || build_providers
+have_clusterctl || build_clusterctl
 have_node || build_node
 link_versions
 echo "$out"

@@ -2,7 +2,9 @@
 //! manager and the real Talos bootstrap provider (`cluster_api.rs`): the guide's cluster
 //! from `deploy/examples/cluster/`, claims by class under contention, release and reuse,
 //! and the failure paths (wrong BMC password, a server in use, missing bootstrap data,
-//! no BMC, an appliance and an apiserver restarted mid-provision).
+//! no BMC, an appliance and an apiserver restarted mid-provision); and the real clusterctl
+//! reading `deploy/clusterctl` as a local repository (the components, the default
+//! template provisioned, the clusterclass flavor accepted).
 
 use std::time::Duration;
 
@@ -1227,4 +1229,223 @@ fn racks_are_failure_domains_and_each_machine_lands_in_the_rack_it_asks_for() {
     });
     let on = bmcs.iter().filter(|b| b.ipmitool_says_on()).count();
     assert_eq!(on, 3, "exactly the three placed machines were powered on");
+}
+
+/// A clusterctl repository holding Arges's release (`deploy/clusterctl`) as v0.1.0, with
+/// a clusterctl config naming it (`clusterctl.yaml` in the folder).
+fn clusterctl_repository() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let version = dir.path().join("infrastructure-arges/v0.1.0");
+    std::fs::create_dir_all(&version).unwrap();
+    let release = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/clusterctl");
+    for entry in std::fs::read_dir(release).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, version.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("clusterctl.yaml"),
+        format!(
+            "providers:\n  - name: arges\n    type: InfrastructureProvider\n    url: {}/infrastructure-components.yaml\nCLUSTERCTL_DISABLE_VERSIONCHECK: \"true\"\n",
+            version.display()
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+/// Runs the real clusterctl (built from the Cluster API release the tests use) with the
+/// repository's config against `cp`, with `env`; its standard output.
+fn clusterctl(
+    cp: &ControlPlane,
+    repo: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> String {
+    let out = std::process::Command::new(test_support::control_plane::bin_dir().join("clusterctl"))
+        .arg("--config")
+        .arg(repo.join("clusterctl.yaml"))
+        .args(args)
+        .env("KUBECONFIG", cp.kubeconfig())
+        // Its overrides folder and state stay in the test's folder.
+        .env("XDG_CONFIG_HOME", repo)
+        .env("HOME", repo)
+        .envs(env.iter().copied())
+        .output()
+        .expect("clusterctl runs");
+    assert!(
+        out.status.success(),
+        "clusterctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Every object of a YAML stream.
+fn yaml_objects(text: &str) -> Vec<serde_json::Value> {
+    use serde::Deserialize;
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|d| serde_json::Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+#[test]
+#[ignore = "real kube-apiserver, Cluster API and clusterctl (built from Go modules); tests/run-all.sh runs it"]
+fn clusterctl_reads_the_release_and_its_template_makes_a_cluster_that_provisions() {
+    let (cp, capi) = control_plane();
+    let a = provider_appliance(&cp, "");
+    let repo = clusterctl_repository();
+    let arges = ["--infrastructure", "arges:v0.1.0"];
+
+    // The provider as clusterctl installs it: its variables listed, substituted, every
+    // object labelled as the provider's, and accepted by the apiserver.
+    let mut args = vec!["generate", "provider"];
+    args.extend(arges);
+    let described = clusterctl(
+        &cp,
+        repo.path(),
+        &[&args[..], &["--describe"]].concat(),
+        &[],
+    );
+    for v in [
+        "ARGES_WATCH_NAMESPACE",
+        "ARGES_LOG_LEVEL",
+        "ARGES_DHCP_MODE",
+        "ARGES_RELEASE",
+        "ARGES_DATA_DIR",
+    ] {
+        assert!(described.contains(v), "{v} is not listed:\n{described}");
+    }
+    let components = clusterctl(&cp, repo.path(), &args, &[("ARGES_WATCH_NAMESPACE", NS)]);
+    let objects = yaml_objects(&components);
+    assert!(objects.len() > 10, "{components}");
+    for o in &objects {
+        let labels = &o["metadata"]["labels"];
+        assert_eq!(
+            labels["cluster.x-k8s.io/provider"], "infrastructure-arges",
+            "{}",
+            o["metadata"]["name"]
+        );
+        assert!(
+            labels.get("clusterctl.cluster.x-k8s.io").is_some(),
+            "{}",
+            o["metadata"]["name"]
+        );
+    }
+    let deployment = objects.iter().find(|o| o["kind"] == "Deployment").unwrap();
+    let manager = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(manager["name"], "manager");
+    let watched = manager["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "ARGES_WATCH_NAMESPACE")
+        .unwrap();
+    assert_eq!(watched["value"], NS);
+    let out = cp.kubectl_stdin(
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=clusterctl",
+            "-f",
+            "-",
+        ],
+        &components,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A Server of the class the template names, with its BMC.
+    server_bmc_secret(&cp);
+    let bmc = Bmc::start();
+    let uuid = register_machine(&a, 1);
+    wait_for_server(&cp, &uuid);
+    accept_with_bmc(&cp, &uuid, &bmc);
+    apply(
+        &cp,
+        "apiVersion: metal.arges.dev/v1alpha1\nkind: ServerClass\nmetadata:\n  name: control-plane\nspec:\n  qualifiers:\n    vendors: [QEMU]\n",
+    );
+
+    // The default flavor: generated, applied, provisioned (CABPT makes the Talos
+    // configuration from the template's TalosConfig).
+    let values = [
+        ("CONTROL_PLANE_ENDPOINT_HOST", "10.0.0.30"),
+        ("CONTROL_PLANE_SERVER_CLASS", "control-plane"),
+        ("WORKER_SERVER_CLASS", "control-plane"),
+    ];
+    let mut args = vec![
+        "generate",
+        "cluster",
+        "example-9",
+        "--target-namespace",
+        NS,
+        "--kubernetes-version",
+        "v1.35.4",
+    ];
+    args.extend(arges);
+    let cluster = clusterctl(&cp, repo.path(), &args, &values);
+    apply(&cp, &cluster);
+    wait_ready(
+        &cp,
+        &a,
+        &capi,
+        "example-9-control-plane-0",
+        "True/Provisioned",
+        180,
+    );
+    assert_eq!(
+        cp.field(
+            &["metalmachine", "example-9-control-plane-0", "-n", NS],
+            "{.spec.providerID}"
+        ),
+        format!("arges://{uuid}")
+    );
+    assert!(bmc.ipmitool_says_on(), "powered through its Server's BMC");
+    assert_eq!(
+        cp.field(
+            &["cluster", "example-9", "-n", NS],
+            "{.spec.controlPlaneEndpoint.host}"
+        ),
+        "10.0.0.30",
+        "the template's endpoint reached the Cluster"
+    );
+
+    // The clusterclass flavor: its ClusterClass comes with it, and every object but the
+    // Talos control-plane provider's template is accepted. That provider is not installed
+    // here, and clusterctl looks the class's templates up in a cluster it can reach: this
+    // generation reaches none.
+    let offline = [&values[..], &[("KUBECONFIG", "/nonexistent")]].concat();
+    let cc = clusterctl(
+        &cp,
+        repo.path(),
+        &[&args[..], &["--flavor", "clusterclass"]].concat(),
+        &offline,
+    );
+    let kept: Vec<serde_json::Value> = yaml_objects(&cc)
+        .into_iter()
+        .filter(|o| o["kind"] != "TalosControlPlaneTemplate")
+        .collect();
+    let kinds: Vec<&str> = kept.iter().filter_map(|o| o["kind"].as_str()).collect();
+    assert!(
+        kinds.contains(&"ClusterClass") && kinds.contains(&"MetalClusterTemplate"),
+        "{kinds:?}"
+    );
+    let text = kept
+        .iter()
+        .map(|o| serde_yaml_ng::to_string(o).unwrap())
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let out = cp.kubectl_stdin(
+        &["apply", "--server-side", "--dry-run=server", "-f", "-"],
+        &text,
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

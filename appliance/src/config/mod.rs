@@ -253,6 +253,21 @@ impl Config {
             k.identity = identity_from_host_name(&host);
             crate::controller::config::check_identity(&k.identity).map_err(place)?;
         }
+        // In a pod, its own namespace (where its Lease's Role is, wherever clusterctl's
+        // --target-namespace put it), whatever the file says.
+        if let Some(k) = &mut self.kubernetes
+            && k.kubeconfig.is_none()
+            && let Ok(ns) = std::env::var(NAMESPACE_ENV)
+            && !ns.is_empty()
+        {
+            if !crate::controller::config::is_dns_label(&ns) {
+                return Err(place(Invalid::new(
+                    "kubernetes.namespace",
+                    format!("{NAMESPACE_ENV}={ns:?} is not a namespace name"),
+                )));
+            }
+            k.namespace = ns;
+        }
         Ok(self)
     }
 
@@ -396,6 +411,10 @@ impl Config {
 /// The variable that names the host when the file gives no identity: in a pod, the
 /// node's name (deploy/mgmt sets it from `spec.nodeName`).
 const IDENTITY_ENV: &str = "ARGES_IDENTITY";
+
+/// The variable naming an in-cluster appliance's own namespace (deploy/mgmt sets it from
+/// the pod's `metadata.namespace`).
+const NAMESPACE_ENV: &str = "ARGES_NAMESPACE";
 
 /// A host's name as an identity: its first DNS label, lower case (`Rack-1.dc.example` is
 /// `rack-1`), since a node or host name may be a full domain name and an identity is a

@@ -167,6 +167,19 @@ fn config_map() -> Result<Value, ComponentsError> {
     }))
 }
 
+/// `image` as a canonical reference: a name without a registry is Docker Hub's, a
+/// one-part name under `library/` (what a runtime pulls for `arges-appliance:0.1.0`).
+fn canonical_image(image: &str) -> String {
+    let first = image.split('/').next().unwrap_or_default();
+    let has_registry =
+        image.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    match (has_registry, image.contains('/')) {
+        (true, _) => image.to_string(),
+        (false, true) => format!("docker.io/{image}"),
+        (false, false) => format!("docker.io/library/{image}"),
+    }
+}
+
 /// The appliance's Deployment: deploy/mgmt's, reading the ConfigMap above by its plain
 /// name, with the variables in place.
 fn deployment() -> Result<Value, ComponentsError> {
@@ -180,6 +193,12 @@ fn deployment() -> Result<Value, ComponentsError> {
         .iter_mut()
         .find(|c| c["name"] == MANAGER)
         .ok_or_else(|| missing(format!("appliance.yaml has no container {MANAGER:?}")))?;
+    // clusterctl parses images as canonical references (its `images:` overrides): the
+    // short name deploy/mgmt uses, as every runtime reads it.
+    let image = manager["image"]
+        .as_str()
+        .ok_or_else(|| missing("the manager has no image"))?;
+    manager["image"] = json!(canonical_image(image));
     let env = manager["env"]
         .as_array_mut()
         .ok_or_else(|| missing("the manager has no env"))?;
@@ -326,6 +345,7 @@ mod tests {
                 Some(json!(watched.unwrap_or("")))
             );
             assert_eq!(env("ARGES_LOG"), Some(json!("info")));
+            assert_eq!(manager["image"], "docker.io/library/arges-appliance:0.1.0");
             let host = pod["volumes"]
                 .as_array()
                 .unwrap()
@@ -531,5 +551,13 @@ mod tests {
             Value::Array(a) => a.iter().for_each(|v| collect_refs(v, out)),
             _ => {}
         }
+    }
+
+    #[test]
+    fn images_are_written_as_canonical_references() {
+        assert_eq!(canonical_image("a:1"), "docker.io/library/a:1");
+        assert_eq!(canonical_image("org/a:1"), "docker.io/org/a:1");
+        assert_eq!(canonical_image("ghcr.io/org/a:1"), "ghcr.io/org/a:1");
+        assert_eq!(canonical_image("localhost:5000/a:1"), "localhost:5000/a:1");
     }
 }

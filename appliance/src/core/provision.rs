@@ -22,6 +22,9 @@ pub struct ClaimRequest {
     pub machine: String,
     pub uid: String,
     pub cluster: Option<String>,
+    /// The uid of the Server object the claim is taken through (one management
+    /// cluster's copy of the Server).
+    pub server_object: Option<String>,
 }
 
 impl Core {
@@ -57,6 +60,7 @@ impl Core {
             installed_at: None,
             installed_by: None,
             paused: false,
+            server_object: req.server_object.clone(),
         };
         let (s, fresh) = blocking(move || Ok(inv.claim(&key, claim, &config)?))
             .await

@@ -14,6 +14,7 @@ fn claim(machine: &str) -> ClaimRequest {
         machine: format!("default/{machine}"),
         uid: format!("uid-{machine}"),
         cluster: Some("c1".into()),
+        server_object: None,
     }
 }
 

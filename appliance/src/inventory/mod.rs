@@ -306,8 +306,12 @@ impl Inventory {
         let mut fresh = false;
         let s = self.edit(id, |txn, s| {
             let p = &mut s.provisioning;
-            match &p.claim {
-                Some(held) if held.same_holder(&claim.machine, &claim.uid) => {}
+            match &mut p.claim {
+                Some(held) if held.same_holder(&claim.machine, &claim.uid) => {
+                    if claim.server_object.is_some() {
+                        held.server_object = claim.server_object;
+                    }
+                }
                 Some(held) => {
                     return Err(InventoryError::Conflict(format!(
                         "server {id} is in use by {}",
@@ -840,6 +844,7 @@ mod tests {
             installed_at: None,
             installed_by: None,
             paused: false,
+            server_object: None,
         }
     }
 

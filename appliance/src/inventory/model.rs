@@ -127,6 +127,11 @@ pub struct Claim {
     /// paused claim, whose machine may be gone from this cluster only.
     #[serde(default)]
     pub paused: bool,
+    /// The uid of the Server object the claim was last taken through: one management
+    /// cluster's copy. After `clusterctl move` the new cluster's copy takes the claim
+    /// back; the old cluster's sweep, which sees only its own copy, then leaves it alone.
+    #[serde(default)]
+    pub server_object: Option<String>,
 }
 
 impl Claim {

@@ -117,24 +117,51 @@ pub(super) async fn claim_named(
     // The inventory holds this very claim while the Server shows none: its status was
     // lost (`clusterctl move` does not carry status) and the appliance's own push may
     // show it in use and not clean already. The claim is taken back as it stands.
-    if claim_of(s).is_none() && inventory_holds(ctx, s, claim).await {
+    let local = inventory_claim(ctx, s).await;
+    if claim_of(s).is_none()
+        && local
+            .as_ref()
+            .is_some_and(|c| c.same_holder(&claim.machine, &claim.uid))
+    {
         tracing::info!(server = %s.name_any(), machine = %claim.machine, "the Server lost its claim's status; taking it back for the machine that holds it");
         return Ok(take_claim(ctx, s, claim).await?);
     }
     if let Some((reason, message)) = unavailable(s) {
         return Err(Blocked::failed(reason, message, RETRY * 2).into());
     }
+    // The Server may not show it yet (moved here, its status not pushed): the local
+    // record of another machine's claim decides.
+    if let Some(held) = local {
+        return Err(Blocked::failed(
+            "ServerInUse",
+            format!("Server {} is in use by {}", s.name_any(), held.machine),
+            RETRY * 2,
+        )
+        .into());
+    }
     Ok(take_claim(ctx, s, claim).await?)
 }
 
-/// Whether this appliance's inventory holds `s` for `claim`'s machine.
-async fn inventory_holds(ctx: &Context, s: &ServerResource, claim: &ServerClaim) -> bool {
+/// The claim this appliance's inventory holds on `s`, if any (an unreadable record
+/// reads as none: the Server's own status then decides).
+async fn inventory_claim(ctx: &Context, s: &ServerResource) -> Option<crate::inventory::Claim> {
     ctx.core
         .server(&crate::controller::servers::inventory_id(s))
         .await
         .ok()
         .and_then(|local| local.provisioning.claim)
-        .is_some_and(|c| c.same_holder(&claim.machine, &claim.uid))
+}
+
+/// Whether this appliance's inventory holds `s` for machine `machine` with claim `uid`.
+pub(super) async fn inventory_holds(
+    ctx: &Context,
+    s: &ServerResource,
+    machine: &str,
+    uid: &str,
+) -> bool {
+    inventory_claim(ctx, s)
+        .await
+        .is_some_and(|c| c.same_holder(machine, uid))
 }
 
 /// A free Server of `class` (this appliance's own), claimed; the first that can be.
@@ -185,6 +212,11 @@ pub(super) async fn claim_from_class(
         .iter()
         .filter(|s| server_classes::matches(&class_obj.spec, s) && unavailable(s).is_none())
     {
+        // Free by its status, held by the local record (moved here, status not pushed
+        // yet): not a candidate.
+        if inventory_claim(ctx, s).await.is_some() {
+            continue;
+        }
         match take_claim(ctx, s, claim).await {
             Ok(taken) => {
                 ctx.caches.claimed(&claim.uid, &taken.name_any());

@@ -86,9 +86,22 @@ pub async fn run(
     let machines_cache = machines.as_reader();
     let capi_machines = capi_watch(&ctx, "Machine", "machines", machines, cancel.clone())
         .filter_map(|m| std::future::ready(infrastructure_of(&m)));
-    // A Cluster's change (its pause above all) wakes the MetalMachines of its Machines.
-    let cluster_machines = clusters
-        .flat_map(move |c| futures_util::stream::iter(metal_machines_of(&machines_cache, &c)));
+    // A Cluster's pause, unpause or provisioning wakes the MetalMachines of its Machines
+    // (its other writes do not: a fleet's status updates cost no reconciles).
+    let mut seen = std::collections::HashMap::new();
+    let cluster_machines = clusters.flat_map(move |c| {
+        let state = (
+            super::paused(&c, Some(&c)),
+            c.data["status"]["initialization"]["infrastructureProvisioned"].as_bool(),
+        );
+        let key = (c.namespace().unwrap_or_default(), c.name_any());
+        let woken = if seen.insert(key, state) == Some(state) {
+            Vec::new()
+        } else {
+            metal_machines_of(&machines_cache, &c)
+        };
+        futures_util::stream::iter(woken)
+    });
     let machines: Api<MetalMachine> = ctx.capi_api();
     let servers: Api<ServerResource> = Api::all(ctx.client.clone());
     let controller = Controller::new(machines, watcher::Config::default());

@@ -159,22 +159,33 @@ async fn record_pause(
     ctx: &Context,
     named: Option<&ServerResource>,
 ) -> Result<(), Step> {
+    let (key, uid) = (machine_key(mm), claim_uid(mm));
     if let Some(server) = named {
-        ctx.core
-            .pause_claim(
-                &inventory_id(server),
-                &machine_key(mm),
-                &claim_uid(mm),
-                true,
-            )
-            .await
-            .or_else(|e| match e {
-                CoreError::NotFound(_) => Ok(false),
-                e => Err(e),
-            })?;
+        let id = inventory_id(server);
+        match ctx.core.pause_claim(&id, &key, &uid, true).await {
+            Ok(_) | Err(CoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // The Server says this machine holds it, the inventory does not record the
+        // pause: the mark stays, and the move waits (and gives up) rather than outrun it.
+        if super::claims::held_by(server, &key, &uid)
+            && !super::claims::inventory_holds(ctx, server, &key, &uid).await
+        {
+            tracing::warn!(metalmachine = %key, server = %server.name_any(), "paused, but the local record does not hold this machine's claim: clusterctl move stays blocked");
+            return Ok(());
+        }
     }
+    // The claim uid goes with the machine wherever it moves (a machine paused since
+    // before it was marked gets it now).
+    let mut annotations = serde_json::Map::new();
     if mm.annotations().contains_key(BLOCK_MOVE) {
-        let patch = json!({"metadata": {"annotations": {BLOCK_MOVE: null}}});
+        annotations.insert(BLOCK_MOVE.into(), json!(null));
+    }
+    if !mm.annotations().contains_key(CLAIM_UID_ANNOTATION) {
+        annotations.insert(CLAIM_UID_ANNOTATION.into(), json!(uid));
+    }
+    if !annotations.is_empty() {
+        let patch = json!({"metadata": {"annotations": annotations}});
         api.patch(&mm.name_any(), &patch_params(), &Patch::Merge(&patch))
             .await?;
     }
@@ -414,6 +425,7 @@ async fn stage(
         machine: claim.machine.clone(),
         uid: claim.uid.clone(),
         cluster: claim.cluster.clone(),
+        server_object: server.uid(),
     };
     match ctx
         .core

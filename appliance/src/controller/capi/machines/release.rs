@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::super::{DELETE_FOR_MOVE, FINALIZER, ReconcileError, count, patch_params};
 use super::claims::{
-    claim_of, claim_uid, held_by, machine_key, ours, own_servers_selector, release_claim,
+    claim_of, claim_uid, held_by, inventory_holds, machine_key, ours, own_servers_selector,
+    release_claim,
 };
 use super::{KIND, power::network_boot};
 use crate::bmc::PowerAction;
@@ -62,7 +63,9 @@ pub(super) async fn delete(
             if !ours(ctx, &s) {
                 return Ok(Action::await_change());
             }
-            if held_by(&s, &key, &uid) {
+            // The inventory's word counts too: a machine moved here and deleted before
+            // it took its Server's claim back holds the server all the same.
+            if held_by(&s, &key, &uid) || inventory_holds(ctx, &s, &key, &uid).await {
                 say_deleting(mm, api, &s).await;
                 release_server(ctx, &s, &uid, Some(mm)).await?;
             }
@@ -197,16 +200,22 @@ fn holds(mm: Option<&MetalMachine>, uid: &str, s: &ServerResource) -> bool {
     })
 }
 
-/// Whether the inventory records the claim on `s` as paused: its Cluster was paused
-/// (by `clusterctl move`, which then deletes it here), so a machine gone from this
-/// cluster may live on in another. Only an unpause, or an operator, ends that.
-async fn paused_here(ctx: &Context, s: &ServerResource) -> bool {
-    ctx.core
-        .server(&inventory_id(s))
-        .await
-        .ok()
-        .and_then(|l| l.provisioning.claim)
-        .is_some_and(|c| c.paused)
+/// Whether the inventory keeps the claim on `s` from the sweep: its Cluster was paused
+/// (`clusterctl move` pauses, copies, then deletes here), or the claim was taken back
+/// through another management cluster's copy of the Server (it moved there), so a
+/// machine gone from this cluster lives on in another. A record that cannot be read
+/// keeps it too: the sweep never releases on a guess.
+async fn kept_here(ctx: &Context, s: &ServerResource) -> bool {
+    match ctx.core.server(&inventory_id(s)).await {
+        Ok(local) => local.provisioning.claim.is_some_and(|c| {
+            c.paused
+                || c.server_object
+                    .as_deref()
+                    .is_some_and(|o| Some(o) != s.uid().as_deref())
+        }),
+        Err(CoreError::NotFound(_)) => false,
+        Err(_) => true,
+    }
 }
 
 /// Releases `s` if the machine its claim names is gone or bound to another server, as
@@ -219,8 +228,8 @@ async fn sweep_one(ctx: &Context, s: &ServerResource) {
     let api: Api<MetalMachine> = Api::namespaced(ctx.client.clone(), ns);
     match api.get_opt(name).await {
         Ok(mm) if holds(mm.as_ref(), &c.uid, s) => {}
-        Ok(_) if paused_here(ctx, s).await => {
-            tracing::debug!(server = %s.name_any(), machine = %c.machine, "the machine holding this server is gone, but its cluster was paused (moved away?): kept");
+        Ok(_) if kept_here(ctx, s).await => {
+            tracing::debug!(server = %s.name_any(), machine = %c.machine, "the machine holding this server is gone from this cluster, but it was paused or moved away: kept");
         }
         Ok(_) => {
             tracing::warn!(server = %s.name_any(), machine = %c.machine, "the machine holding this server is gone or bound to another; releasing it");

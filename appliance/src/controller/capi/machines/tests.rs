@@ -130,6 +130,7 @@ fn claim_of(machine: &str) -> ClaimRequest {
         machine: format!("ns1/{machine}"),
         uid: format!("uid-{machine}"),
         cluster: Some("c1".into()),
+        server_object: None,
     }
 }
 
@@ -824,4 +825,57 @@ async fn a_machine_moved_here_takes_its_server_back_without_powering_it() {
     assert_eq!(after.powered_at, before.powered_at, "not powered again");
     assert_eq!(after.claimed_at, before.claimed_at, "the same claim");
     assert!(!after.paused, "unpaused by the reconcile that found it");
+}
+
+#[tokio::test]
+async fn a_moved_machine_deleted_before_it_took_its_claim_back_still_gives_it_back() {
+    let (core, a, _) = core_with_two().await;
+    core.claim_server(&a.uuid, claim_of("cp-0"), BOOTSTRAP.as_bytes().to_vec())
+        .await
+        .unwrap();
+    let (ctx, mut api) = Context::test(core);
+    let mm = Mm::test().bound_to(&a.uuid).moved().deleted();
+    let task = start(&ctx, &mm);
+    // The Server as moved: no claim in its status; the inventory's record decides.
+    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
+        .await
+        .reply(&server(&a));
+    assert_eq!(status_patch(&mut api, &mm).await, "Ready=False/Deleting");
+    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
+        .await
+        .reply(&server(&a));
+    let fin = api.expect("PATCH", MM_PATH).await;
+    assert_eq!(fin.body["metadata"]["finalizers"], json!([]));
+    fin.reply(&mm.0);
+    api.until_done(task).await.unwrap();
+    let local = ctx.core.server(&a.uuid).await.unwrap();
+    assert!(local.provisioning.claim.is_none() && local.provisioning.dirty);
+}
+
+#[tokio::test]
+async fn a_server_the_inventory_holds_for_another_machine_is_not_taken() {
+    let (core, a, _) = core_with_two().await;
+    core.claim_server(&a.uuid, claim_of("other"), BOOTSTRAP.as_bytes().to_vec())
+        .await
+        .unwrap();
+    let (ctx, mut api) = Context::test(core);
+    let mm = Mm::test().bound_to(&a.uuid);
+    let task = start(&ctx, &mm);
+    // Its status shows no claim yet (moved here, not pushed).
+    api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
+        .await
+        .reply(&server(&a));
+    answer_bootstrap(&mut api).await;
+    let conditions = status_patch(&mut api, &mm).await;
+    assert!(
+        conditions.contains("Ready=False/ServerInUse"),
+        "{conditions}"
+    );
+    api.until_done(task).await.unwrap();
+    let local = ctx.core.server(&a.uuid).await.unwrap();
+    assert_eq!(
+        local.provisioning.claim.map(|c| c.machine),
+        Some("ns1/other".into()),
+        "the other machine's claim stands"
+    );
 }
