@@ -27,40 +27,31 @@ fn every_sample_config_is_valid() {
     assert!(checked >= 3, "sample configs not found in {deploy}");
 }
 
-#[test]
-fn checked_in_crds_match_the_rust_types() {
-    let out = run(Command::new(bin()).arg("crds"));
+/// `arges <command>` prints what `file` (under deploy/) holds, or the test says how to
+/// regenerate it.
+fn generated_matches(command: &str, file: &str) {
+    let out = run(Command::new(bin()).arg(command));
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds/arges.yaml");
+    let path = format!("{}/../deploy/{file}", env!("CARGO_MANIFEST_DIR"));
     let checked_in = std::fs::read_to_string(path).unwrap();
     assert!(
         String::from_utf8_lossy(&out.stdout) == checked_in,
-        "deploy/crds/arges.yaml is stale: run `cargo run -- crds > deploy/crds/arges.yaml`"
+        "deploy/{file} is stale: run `cargo run -- {command} > deploy/{file}`"
     );
 }
 
 #[test]
+fn checked_in_crds_match_the_rust_types() {
+    generated_matches("crds", "crds/arges.yaml");
+}
+
+#[test]
 fn checked_in_provider_components_match_their_sources() {
-    let out = run(Command::new(bin()).arg("components"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/clusterctl/infrastructure-components.yaml"
-    );
-    let checked_in = std::fs::read_to_string(path).unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout) == checked_in,
-        "deploy/clusterctl/infrastructure-components.yaml is stale: run \
-         `cargo run -- components > deploy/clusterctl/infrastructure-components.yaml`"
-    );
+    generated_matches("components", "clusterctl/infrastructure-components.yaml");
 }
 
 /// Every rule's error is tested where the rule lives (the config module's unit tests);

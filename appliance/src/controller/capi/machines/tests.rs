@@ -158,6 +158,32 @@ async fn core_with_two() -> (Core, Machine, Machine) {
     (core, a, b)
 }
 
+/// [`core_with_two`], the first server claimed and staged by `ns1/cp-0`.
+async fn core_with_cp0_claim() -> (Core, Machine) {
+    let (core, a, _) = core_with_two().await;
+    core.claim_server(&a.uuid, claim_of("cp-0"), BOOTSTRAP.as_bytes().to_vec())
+        .await
+        .unwrap();
+    (core, a)
+}
+
+/// The end of a release: the finalizer goes, and server `id` is free of its claim and
+/// dirty (its wipe to come).
+async fn finalizer_goes_and_the_server_is_released(
+    api: &mut ApiServer,
+    ctx: &Context,
+    mm: &Mm,
+    task: tokio::task::JoinHandle<Result<Action, crate::controller::capi::ReconcileError>>,
+    id: &str,
+) {
+    let fin = api.expect("PATCH", MM_PATH).await;
+    assert_eq!(fin.body["metadata"]["finalizers"], json!([]));
+    fin.reply(&mm.0);
+    api.until_done(task).await.unwrap();
+    let local = ctx.core.server(id).await.unwrap();
+    assert!(local.provisioning.claim.is_none() && local.provisioning.dirty);
+}
+
 /// Runs one reconcile of `mm` in a task; the test answers its requests on `api`.
 fn start(
     ctx: &Arc<Context>,
@@ -518,10 +544,7 @@ async fn a_bind_lost_to_another_appliance_gives_the_claim_back() {
 
 #[tokio::test]
 async fn deleting_releases_the_server_then_lets_the_machine_go() {
-    let (core, a, _) = core_with_two().await;
-    core.claim_server(&a.uuid, claim_of("cp-0"), BOOTSTRAP.as_bytes().to_vec())
-        .await
-        .unwrap();
+    let (core, a) = core_with_cp0_claim().await;
     let (ctx, mut api) = Context::test(core);
     let mm = Mm::test().bound_to(&a.uuid).deleted();
     let task = start(&ctx, &mm);
@@ -538,12 +561,7 @@ async fn deleting_releases_the_server_then_lets_the_machine_go() {
         "released with a wipe: dirty until it reports"
     );
     cleared.reply(&server(&a));
-    let fin = api.expect("PATCH", MM_PATH).await;
-    assert_eq!(fin.body["metadata"]["finalizers"], json!([]));
-    fin.reply(&mm.0);
-    api.until_done(task).await.unwrap();
-    let local = ctx.core.server(&a.uuid).await.unwrap();
-    assert!(local.provisioning.claim.is_none() && local.provisioning.dirty);
+    finalizer_goes_and_the_server_is_released(&mut api, &ctx, &mm, task, &a.uuid).await;
 }
 
 #[tokio::test]
@@ -717,10 +735,7 @@ async fn a_new_machine_is_marked_with_its_claim_uid_and_blocks_moves() {
 
 #[tokio::test]
 async fn a_paused_cluster_is_recorded_with_the_claim_before_the_block_move_mark_goes() {
-    let (core, a, _) = core_with_two().await;
-    core.claim_server(&a.uuid, claim_of("cp-0"), BOOTSTRAP.as_bytes().to_vec())
-        .await
-        .unwrap();
+    let (core, a) = core_with_cp0_claim().await;
     let (ctx, mut api) = Context::test(core);
     let mm = Mm::test().bound_to(&a.uuid);
     api.cached_capi(&[capi_machine()], &[cluster(true, true)]);
@@ -744,10 +759,7 @@ async fn a_paused_cluster_is_recorded_with_the_claim_before_the_block_move_mark_
 
 #[tokio::test]
 async fn a_machine_deleted_by_clusterctl_move_gives_nothing_back() {
-    let (core, a, _) = core_with_two().await;
-    core.claim_server(&a.uuid, claim_of("cp-0"), BOOTSTRAP.as_bytes().to_vec())
-        .await
-        .unwrap();
+    let (core, a) = core_with_cp0_claim().await;
     let (ctx, mut api) = Context::test(core);
     let mut mm = Mm::test().bound_to(&a.uuid).deleted();
     // clusterctl's JSON patch leaves this one annotation.
@@ -761,10 +773,7 @@ async fn a_machine_deleted_by_clusterctl_move_gives_nothing_back() {
 
 #[tokio::test]
 async fn a_machine_moved_here_takes_its_server_back_without_powering_it() {
-    let (core, a, _) = core_with_two().await;
-    core.claim_server(&a.uuid, claim_of("cp-0"), BOOTSTRAP.as_bytes().to_vec())
-        .await
-        .unwrap();
+    let (core, a) = core_with_cp0_claim().await;
     core.mark_powered(&a.uuid, "uid-cp-0").await.unwrap();
     core.pause_claim(&a.uuid, "ns1/cp-0", "uid-cp-0", true)
         .await
@@ -783,6 +792,7 @@ async fn a_machine_moved_here_takes_its_server_back_without_powering_it() {
     // The Server as moved (no claim in its status) after the appliance's own push (in
     // use and not clean: its inventory holds it).
     let mut moved = server(&a);
+    moved["metadata"]["uid"] = json!("server-copy-in-b");
     moved["status"] = json!({"clean": false, "phase": "Claimed"});
     api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
         .await
@@ -825,14 +835,16 @@ async fn a_machine_moved_here_takes_its_server_back_without_powering_it() {
     assert_eq!(after.powered_at, before.powered_at, "not powered again");
     assert_eq!(after.claimed_at, before.claimed_at, "the same claim");
     assert!(!after.paused, "unpaused by the reconcile that found it");
+    assert_eq!(
+        after.server_object.as_deref(),
+        Some("server-copy-in-b"),
+        "held through this cluster's copy of the Server now: the old cluster's sweep leaves it"
+    );
 }
 
 #[tokio::test]
 async fn a_moved_machine_deleted_before_it_took_its_claim_back_still_gives_it_back() {
-    let (core, a, _) = core_with_two().await;
-    core.claim_server(&a.uuid, claim_of("cp-0"), BOOTSTRAP.as_bytes().to_vec())
-        .await
-        .unwrap();
+    let (core, a) = core_with_cp0_claim().await;
     let (ctx, mut api) = Context::test(core);
     let mm = Mm::test().bound_to(&a.uuid).moved().deleted();
     let task = start(&ctx, &mm);
@@ -844,12 +856,7 @@ async fn a_moved_machine_deleted_before_it_took_its_claim_back_still_gives_it_ba
     api.expect("GET", &format!("{SERVERS}/{}", a.uuid))
         .await
         .reply(&server(&a));
-    let fin = api.expect("PATCH", MM_PATH).await;
-    assert_eq!(fin.body["metadata"]["finalizers"], json!([]));
-    fin.reply(&mm.0);
-    api.until_done(task).await.unwrap();
-    let local = ctx.core.server(&a.uuid).await.unwrap();
-    assert!(local.provisioning.claim.is_none() && local.provisioning.dirty);
+    finalizer_goes_and_the_server_is_released(&mut api, &ctx, &mm, task, &a.uuid).await;
 }
 
 #[tokio::test]
