@@ -61,7 +61,7 @@ echo "$out/arges-appliance.tar"
 [ -n "$test_bin" ] || exit 0
 # The providers' release images hold their static manager as /manager and run it as
 # 65532 (distroless's nonroot), which their manifests expect.
-for b in capi/cluster-api capi/cabpt pause; do
+for b in capi/cluster-api capi/cabpt pause cert-manager/controller cert-manager/cainjector cert-manager/webhook; do
   [ -x "$test_bin/$b" ] || { echo "error: $test_bin/$b is missing: run tests/k8s/build-binaries.sh" >&2; exit 1; }
 done
 echo "==> $CAPI_IMAGE, $CABPT_IMAGE, $PAUSE_IMAGE" >&2
@@ -73,4 +73,13 @@ echo "==> $CAPI_IMAGE, $CABPT_IMAGE, $PAUSE_IMAGE" >&2
   --entrypoint /manager --user 65532:65532 >&2
 "$out/image" --tag "$PAUSE_IMAGE" --out "$out/pause.tar" --add "$test_bin/pause:/pause" \
   --entrypoint /pause --user 65535:65535 >&2
-printf '%s\n' "$out/cluster-api.tar" "$out/cabpt.tar" "$out/pause.tar"
+# cert-manager's three, as its release images: the binary as their entrypoint, run as
+# non-root (its chart asks for runAsNonRoot).
+for c in controller cainjector webhook; do
+  "$out/image" --tag "$CERT_MANAGER_REGISTRY/cert-manager-$c:$CERT_MANAGER_VERSION" \
+    --out "$out/cert-manager-$c.tar" --add "$test_bin/cert-manager/$c:/app/cmd/$c/$c" \
+    --add /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt \
+    --entrypoint "/app/cmd/$c/$c" --user 1000:1000 >&2
+done
+printf '%s\n' "$out/cluster-api.tar" "$out/cabpt.tar" "$out/pause.tar" \
+  "$out"/cert-manager-{controller,cainjector,webhook}.tar

@@ -31,10 +31,15 @@ out="$cache/k8s/kubernetes-$K8S_VERSION-etcd-$ETCD_VERSION/bin"
 providers="$out/capi-$CAPI_VERSION-cabpt-$CABPT_VERSION-static"
 runtime="$out/containerd-$CONTAINERD_VERSION"
 clusterctl="$out/clusterctl-$CAPI_VERSION"
+cert_manager="$out/cert-manager-$CERT_MANAGER_VERSION"
 
 have_control_plane() { [ -x "$out/kube-apiserver" ] && [ -x "$out/kubectl" ] && [ -x "$out/etcd" ]; }
 have_providers() { [ -x "$providers/cluster-api" ] && [ -x "$providers/cabpt" ] && [ -f "$providers/crds/.complete" ]; }
 have_clusterctl() { [ -x "$clusterctl" ]; }
+have_cert_manager() {
+  [ -x "$cert_manager/controller" ] && [ -x "$cert_manager/cainjector" ] && [ -x "$cert_manager/webhook" ] &&
+    [ -f "$cert_manager/cert-manager.yaml" ]
+}
 have_node() {
   [ -x "$out/kubelet" ] && [ -x "$out/kube-controller-manager" ] && [ -x "$out/kube-scheduler" ] &&
     [ -x "$out/pause" ] && [ -x "$runtime/containerd" ] && [ -x "$runtime/ctr" ] &&
@@ -44,8 +49,9 @@ link_versions() {
   ln -sfn "$(basename "$providers")" "$out/capi"
   ln -sfn "$(basename "$runtime")" "$out/containerd"
   ln -sfn "$(basename "$clusterctl")" "$out/clusterctl"
+  ln -sfn "$(basename "$cert_manager")" "$out/cert-manager"
 }
-if have_control_plane && have_providers && have_node && have_clusterctl; then
+if have_control_plane && have_providers && have_node && have_clusterctl && have_cert_manager; then
   link_versions
   echo "$out"
   exit 0
@@ -107,6 +113,50 @@ build_clusterctl() {
     CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X sigs.k8s.io/cluster-api/version.gitVersion=$CAPI_VERSION" \
       -o "$clusterctl.partial" ./cmd/clusterctl)
   mv "$clusterctl.partial" "$clusterctl"
+}
+
+# cert-manager's controller, cainjector and webhook (static), from a scratch module that
+# requires its release with the release's own replace directives, and its manifest: its
+# chart from the module, rendered by helm (built from its module) with its CRDs.
+build_cert_manager() {
+  local dir src gomod
+  rm -rf "$cert_manager"
+  mkdir -p "$cert_manager" "$work/cert-manager"
+  src="$(go mod download -json "github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')"
+  [ -d "$src" ] || { echo "error: cannot download cert-manager $CERT_MANAGER_VERSION" >&2; exit 1; }
+  dir="$work/cert-manager"
+  (cd "$dir" &&
+    go mod init arges.test/cert-manager >/dev/null 2>&1 &&
+    go mod edit -require="github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION" &&
+    # The release's replace directives (one per line, or in a block), as old=new.
+    for r in $(awk '/^replace \($/ {b=1; next} b && /^\)/ {b=0; next}
+        /^replace / {sub(/^replace /, ""); print; next} b {print}' "$src/go.mod" |
+        awk -F' => ' '{split($1, o, " "); split($2, n, " ");
+          printf "%s%s=%s%s\n", o[1], (o[2] ? "@" o[2] : ""), n[1], (n[2] ? "@" n[2] : "")}'); do
+      go mod edit -replace="$r"
+    done &&
+    log "building cert-manager $CERT_MANAGER_VERSION (controller, cainjector, webhook)" &&
+    for c in controller cainjector webhook; do
+      CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X github.com/cert-manager/cert-manager/pkg/util.AppVersion=$CERT_MANAGER_VERSION" \
+        -o "$cert_manager/$c" "github.com/cert-manager/cert-manager/cmd/$c" || exit 1
+    done)
+  log "building helm $HELM_VERSION (to render cert-manager's chart)"
+  GOBIN="$work/helm" CGO_ENABLED=0 go install "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
+  local chart="$work/cert-manager-chart"
+  cp -r "$src/deploy/charts/cert-manager" "$chart"
+  chmod -R u+w "$chart"
+  sed -e "s/^version: .*/version: $CERT_MANAGER_VERSION/" -e "s/^appVersion: .*/appVersion: $CERT_MANAGER_VERSION/" \
+    -e 's/{{IS_PRERELEASE}}/false/' "$chart/Chart.template.yaml" > "$chart/Chart.yaml"
+  rm "$chart/Chart.template.yaml"
+  cp "$src"/deploy/crds/crd-*.yaml "$chart/templates/"
+  { printf 'apiVersion: v1\nkind: Namespace\nmetadata:\n  name: cert-manager\n---\n'
+    "$work/helm/helm" template cert-manager "$chart" --namespace cert-manager \
+      --set installCRDs=true --set startupapicheck.enabled=false \
+      --set image.repository="$CERT_MANAGER_REGISTRY/cert-manager-controller" \
+      --set cainjector.image.repository="$CERT_MANAGER_REGISTRY/cert-manager-cainjector" \
+      --set webhook.image.repository="$CERT_MANAGER_REGISTRY/cert-manager-webhook"
+  } > "$cert_manager/cert-manager.yaml.partial"
+  mv "$cert_manager/cert-manager.yaml.partial" "$cert_manager/cert-manager.yaml"
 }
 
 # A scratch module that requires k8s.io/kubernetes with its staging modules resolved, in
@@ -190,6 +240,7 @@ build_node() {
 have_control_plane || build_control_plane
 have_providers || build_providers
 have_clusterctl || build_clusterctl
+have_cert_manager || build_cert_manager
 have_node || build_node
 link_versions
 echo "$out"
