@@ -419,3 +419,72 @@ fn is_error(line: &str) -> bool {
         || line.contains("\"level\":\"error\"")
         || line.contains("\tERROR\t")
 }
+
+/// Work in progress (issue 19): `clusterctl init` onto the real node, from a local
+/// repository of every provider (tests/k8s/clusterctl-repository.sh), cert-manager
+/// included.
+#[test]
+#[ignore = "a real node and clusterctl in network namespaces (root); work in progress"]
+fn clusterctl_init_installs_every_provider_onto_the_node() {
+    let lab = Lab::prepare("ctl");
+    let cp = ControlPlane::for_node(&lab.lan());
+    let node = Node::start(&cp, NODE, APPLIANCE_IP);
+    for image in [
+        "pause",
+        "cluster-api",
+        "cabpt",
+        "arges-appliance",
+        "cert-manager-controller",
+        "cert-manager-cainjector",
+        "cert-manager-webhook",
+    ] {
+        node.import(&images().join(format!("{image}.tar")));
+    }
+    cp.kubectl(&["label", "node", NODE, "metal.arges.dev/head-node=true"]);
+    let repo_dir = lab.dir.path().join("clusterctl");
+    let ok = Command::new("bash")
+        .arg(repo().join("tests/k8s/clusterctl-repository.sh"))
+        .arg(bin_dir())
+        .arg(&repo_dir)
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "tests/k8s/clusterctl-repository.sh failed");
+    let started = Instant::now();
+    let out = test_support::command_in(Some(&lab.lan()), bin_dir().join("clusterctl"))
+        .arg("--config")
+        .arg(repo_dir.join("clusterctl.yaml"))
+        .args([
+            "init",
+            "--core",
+            "cluster-api:v1.14.2",
+            "--bootstrap",
+            "talos:v0.6.11",
+            "--infrastructure",
+            "arges:v0.1.0",
+            "--control-plane",
+            "-",
+            "--wait-providers",
+            "--wait-provider-timeout",
+            "300",
+        ])
+        .env("KUBECONFIG", cp.kubeconfig())
+        .env("HOME", &repo_dir)
+        .env("XDG_CONFIG_HOME", &repo_dir)
+        .output()
+        .expect("clusterctl runs");
+    assert!(
+        out.status.success(),
+        "clusterctl init failed:\n{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        state(&cp, &node)
+    );
+    eprintln!(
+        "clusterctl init to providers ready: {:.1} s\n{}",
+        started.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{}", cp.kubectl(&["get", "pods", "-A"]));
+}
