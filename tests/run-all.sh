@@ -76,7 +76,7 @@ command -v go >/dev/null || { echo "error: go is needed to build the test contro
 ARGES_K8S_BIN="$(bash tests/k8s/build-binaries.sh)"
 export ARGES_K8S_BIN
 
-step "images (the appliance; Cluster API core, CABPT and pause for the tests' node)"
+step "images (the appliance; Cluster API core, CABPT, cert-manager and pause for the tests' node)"
 images="${CARGO_TARGET_DIR:-target}/images"
 deploy/build-images.sh --test-images "$ARGES_K8S_BIN" "$images" >/dev/null
 ARGES_IMAGES="$(cd "$images" && pwd)"

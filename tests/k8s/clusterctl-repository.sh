@@ -3,7 +3,8 @@
 # <version>/<file>), holding every provider `clusterctl init --infrastructure arges
 # --bootstrap talos` installs, at the releases the tests use (deploy/versions.env), made
 # from their own Go modules: Cluster API core (core/config/default) and CABPT
-# (config/default) built with kubectl's kustomize, their release images named, with their
+# (config/default) built with kubectl's kustomize, their release images named (pulled only
+# if not present: the tests' node imports them and reaches no registry), with their
 # metadata.yaml; Arges from deploy/clusterctl; cert-manager's manifest from
 # tests/k8s/build-binaries.sh. And clusterctl.yaml, the config naming them all.
 #
@@ -30,7 +31,8 @@ provider() {
   local name="${7%:*}"
   name="${name##*/}"
   "$bin/kubectl" kustomize "$4/$5" 2>/dev/null |
-    sed -e "s#image: .*/$name:.*#image: $7#" -e "s#image: controller:latest#image: $7#" > "$to/$3"
+    sed -e "s#image: .*/$name:.*#image: $7#" -e "s#image: controller:latest#image: $7#" \
+      -e "s#imagePullPolicy: Always#imagePullPolicy: IfNotPresent#" > "$to/$3"
   grep -q "image: $7" "$to/$3" || { echo "error: $1: no manager image to set in $4/$5" >&2; exit 1; }
   cp "$4/$6" "$to/metadata.yaml"
 }

@@ -420,11 +420,12 @@ fn is_error(line: &str) -> bool {
         || line.contains("\tERROR\t")
 }
 
-/// Work in progress (issue 19): `clusterctl init` onto the real node, from a local
-/// repository of every provider (tests/k8s/clusterctl-repository.sh), cert-manager
-/// included.
+/// `clusterctl init` onto the real node, as a Cluster API user installs providers: from a
+/// local repository of every provider (tests/k8s/clusterctl-repository.sh), cert-manager
+/// first (built from its Go module), then Cluster API core, CABPT and Arges, each in its
+/// namespace, every pod Running and Ready.
 #[test]
-#[ignore = "a real node and clusterctl in network namespaces (root); work in progress"]
+#[ignore = "a real node and clusterctl in network namespaces (root); tests/run-all.sh runs it"]
 fn clusterctl_init_installs_every_provider_onto_the_node() {
     let lab = Lab::prepare("ctl");
     let cp = ControlPlane::for_node(&lab.lan());
@@ -486,5 +487,49 @@ fn clusterctl_init_installs_every_provider_onto_the_node() {
         started.elapsed().as_secs_f64(),
         String::from_utf8_lossy(&out.stderr)
     );
-    eprintln!("{}", cp.kubectl(&["get", "pods", "-A"]));
+    let pods = cp.kubectl(&["get", "pods", "-A", "--no-headers"]);
+    eprintln!("{pods}");
+    for (ns, deployment) in [
+        ("cert-manager", "cert-manager-"),
+        ("cert-manager", "cert-manager-cainjector-"),
+        ("cert-manager", "cert-manager-webhook-"),
+        ("capi-system", "capi-controller-manager-"),
+        ("cabpt-system", "cabpt-controller-manager-"),
+        ("arges-system", "arges-appliance-"),
+    ] {
+        within(
+            120,
+            &format!("{ns}/{deployment}* Running and Ready"),
+            || {
+                cp.kubectl(&["get", "pods", "-n", ns, "--no-headers"])
+                    .lines()
+                    .any(|l| {
+                        let f: Vec<&str> = l.split_whitespace().collect();
+                        f.len() >= 3
+                            && f[0].starts_with(deployment)
+                            && !f[0][deployment.len()..].starts_with("cainjector")
+                            && !f[0][deployment.len()..].starts_with("webhook")
+                            && f[2] == "Running"
+                            && f[1].split_once('/').is_some_and(|(r, t)| r == t)
+                    })
+                    .then_some(())
+            },
+            || state(&cp, &node),
+        );
+    }
+    // The provider inventory clusterctl keeps: every provider at the version asked for.
+    let providers = cp.kubectl(&["get", "providers", "-A", "--no-headers"]);
+    for (name, version) in [
+        ("cluster-api", "v1.14.2"),
+        ("bootstrap-talos", "v0.6.11"),
+        ("infrastructure-arges", "v0.1.0"),
+    ] {
+        assert!(
+            providers
+                .lines()
+                .any(|l| l.contains(name) && l.contains(version)),
+            "{name} {version} not in clusterctl's inventory:
+{providers}"
+        );
+    }
 }
