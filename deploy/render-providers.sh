@@ -13,6 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=versions.env
 . deploy/versions.env
+# shellcheck source=go-modules.sh
+. deploy/go-modules.sh
 namespace="${ARGES_NAMESPACE:-arges-system}"
 kubectl="${KUBECTL:-kubectl}"
 out="${1:-deploy/mgmt/providers}"
@@ -22,13 +24,6 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 (cd deploy/tools && go build -o "$work/providers" ./providers)
 
-# The folder of module $1 at version $2 in the module cache.
-module_dir() {
-  local dir
-  dir="$(go mod download -json "$1@$2" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')"
-  [ -d "$dir" ] || { echo "error: cannot download $1@$2" >&2; exit 1; }
-  echo "$dir"
-}
 
 # render NAME MODULE VERSION CONFIG_DIR IMAGE
 render() {

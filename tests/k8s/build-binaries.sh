@@ -21,6 +21,8 @@ K8S_VERSION="${ARGES_K8S_VERSION:-v1.35.4}"
 ETCD_VERSION="${ARGES_ETCD_VERSION:-v3.6.14}"
 # shellcheck source=../../deploy/versions.env
 . "$(dirname "$0")/../../deploy/versions.env"
+# shellcheck source=../../deploy/go-modules.sh
+. "$(dirname "$0")/../../deploy/go-modules.sh"
 CAPI_VERSION="${ARGES_CAPI_VERSION:-$CAPI_VERSION}"
 CABPT_VERSION="${ARGES_CABPT_VERSION:-$CABPT_VERSION}"
 CONTAINERD_VERSION="${ARGES_CONTAINERD_VERSION:-v2.2.9}"
@@ -69,8 +71,7 @@ log() { echo "[control plane] $*" >&2; }
 # module, so its go.sum and replace directives apply as in the release.
 module_tree() {
   local dir
-  dir="$(go mod download -json "$1@$2" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')"
-  [ -d "$dir" ] || { echo "error: cannot download $1@$2" >&2; exit 1; }
+  dir="$(module_dir "$1" "$2")"
   mkdir -p "$work/src"
   cp -r "$dir" "$work/src/$3"
   chmod -R u+w "$work/src/$3"
@@ -119,11 +120,11 @@ build_clusterctl() {
 # requires its release with the release's own replace directives, and its manifest: its
 # chart from the module, rendered by helm (built from its module) with its CRDs.
 build_cert_manager() {
-  local dir src gomod
+  local dir src
   rm -rf "$cert_manager"
   mkdir -p "$cert_manager" "$work/cert-manager"
-  src="$(go mod download -json "github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')"
-  [ -d "$src" ] || { echo "error: cannot download cert-manager $CERT_MANAGER_VERSION" >&2; exit 1; }
+  src="$(module_dir github.com/cert-manager/cert-manager "$CERT_MANAGER_VERSION")"
+  [ -d "$src" ] || exit 1
   dir="$work/cert-manager"
   (cd "$dir" &&
     go mod init arges.test/cert-manager >/dev/null 2>&1 &&

@@ -15,13 +15,9 @@ bin="${1:?the folder of tests/k8s/build-binaries.sh}"
 out="${2:?an output folder}"
 # shellcheck source=../../deploy/versions.env
 . deploy/versions.env
+# shellcheck source=../../deploy/go-modules.sh
+. deploy/go-modules.sh
 export GOFLAGS="-mod=mod"
-module_dir() {
-  local dir
-  dir="$(go mod download -json "$1@$2" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')"
-  [ -d "$dir" ] || { echo "error: cannot download $1@$2" >&2; exit 1; }
-  echo "$dir"
-}
 
 # provider LABEL VERSION FILE MODULE_DIR CONFIG METADATA IMAGE
 provider() {

@@ -9,6 +9,7 @@
 //! command line; and the guide's cluster, applied with kubectl, provisions the machine
 //! through that command line.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -35,18 +36,31 @@ fn images() -> &'static Path {
             return PathBuf::from(d);
         }
         let out = std::env::temp_dir().join(format!("arges-images-{}", std::process::id()));
-        let ok = Command::new("bash")
-            .arg(repo().join("deploy/build-images.sh"))
-            .arg("--test-images")
-            .arg(bin_dir())
-            .arg(&out)
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "deploy/build-images.sh --test-images failed");
+        run_script(
+            "deploy/build-images.sh",
+            &[
+                "--test-images".as_ref(),
+                bin_dir().as_os_str(),
+                out.as_os_str(),
+            ],
+            &[],
+        );
         out
     })
+}
+
+/// Runs the repository's script `script` with `args` and `env` (its output quiet); the
+/// test fails if it does.
+fn run_script(script: &str, args: &[&OsStr], env: &[(&str, &OsStr)]) {
+    let ok = Command::new("bash")
+        .arg(repo().join(script))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "{script} {args:?} failed");
 }
 
 /// A copy of `deploy/`'s Kubernetes folders, with the providers rendered into
@@ -66,15 +80,11 @@ fn guide_tree(dir: &Path, environment_arg: &str) -> PathBuf {
                 .unwrap_or(false);
             assert!(ok, "cannot copy deploy/{folder}");
         }
-        let ok = Command::new("bash")
-            .arg(repo().join("deploy/render-providers.sh"))
-            .arg(deploy.join("mgmt/providers"))
-            .env("KUBECTL", bin_dir().join("kubectl"))
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "deploy/render-providers.sh failed");
+        run_script(
+            "deploy/render-providers.sh",
+            &[deploy.join("mgmt/providers").as_os_str()],
+            &[("KUBECTL", bin_dir().join("kubectl").as_os_str())],
+        );
     }
     let mgmt = deploy.join("mgmt");
     std::fs::write(
@@ -443,15 +453,11 @@ fn clusterctl_init_installs_every_provider_onto_the_node() {
     }
     cp.kubectl(&["label", "node", NODE, "metal.arges.dev/head-node=true"]);
     let repo_dir = lab.dir.path().join("clusterctl");
-    let ok = Command::new("bash")
-        .arg(repo().join("tests/k8s/clusterctl-repository.sh"))
-        .arg(bin_dir())
-        .arg(&repo_dir)
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "tests/k8s/clusterctl-repository.sh failed");
+    run_script(
+        "tests/k8s/clusterctl-repository.sh",
+        &[bin_dir().as_os_str(), repo_dir.as_os_str()],
+        &[],
+    );
     let started = Instant::now();
     let out = test_support::command_in(Some(&lab.lan()), bin_dir().join("clusterctl"))
         .arg("--config")

@@ -109,32 +109,31 @@ impl Core {
     }
 
     /// Records whether the Cluster of the machine holding server `id` (its
-    /// `namespace/name` and claim uid) is paused; nothing when another holds it. Whether
-    /// it changed.
+    /// `namespace/name` and claim uid) is paused. `None` when that machine does not hold
+    /// it (nothing is recorded), else whether the record changed.
     pub async fn pause_claim(
         &self,
         id: &str,
         machine: &str,
         uid: &str,
         paused: bool,
-    ) -> Result<bool> {
+    ) -> Result<Option<bool>> {
         let inv = Arc::clone(&self.inventory);
         let (key, machine, uid) = (id.to_string(), machine.to_string(), uid.to_string());
         let (s, changed) = blocking(move || {
-            let mut changed = false;
+            let mut changed = None;
             let s = inv.update(&key, |s| {
                 if let Some(c) = &mut s.provisioning.claim
                     && c.same_holder(&machine, &uid)
-                    && c.paused != paused
                 {
+                    changed = Some(c.paused != paused);
                     c.paused = paused;
-                    changed = true;
                 }
             })?;
             Ok((s, changed))
         })
         .await?;
-        if changed {
+        if changed == Some(true) {
             tracing::info!(id = %s.id, paused, "claim's cluster paused");
         }
         Ok(changed)

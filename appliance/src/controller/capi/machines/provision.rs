@@ -161,16 +161,18 @@ async fn record_pause(
 ) -> Result<(), Step> {
     let (key, uid) = (machine_key(mm), claim_uid(mm));
     if let Some(server) = named {
-        let id = inventory_id(server);
-        match ctx.core.pause_claim(&id, &key, &uid, true).await {
-            Ok(_) | Err(CoreError::NotFound(_)) => {}
+        let recorded = match ctx
+            .core
+            .pause_claim(&inventory_id(server), &key, &uid, true)
+            .await
+        {
+            Ok(held) => held.is_some(),
+            Err(CoreError::NotFound(_)) => false,
             Err(e) => return Err(e.into()),
-        }
+        };
         // The Server says this machine holds it, the inventory does not record the
         // pause: the mark stays, and the move waits (and gives up) rather than outrun it.
-        if super::claims::held_by(server, &key, &uid)
-            && !super::claims::inventory_holds(ctx, server, &key, &uid).await
-        {
+        if !recorded && super::claims::held_by(server, &key, &uid) {
             tracing::warn!(metalmachine = %key, server = %server.name_any(), "paused, but the local record does not hold this machine's claim: clusterctl move stays blocked");
             return Ok(());
         }
