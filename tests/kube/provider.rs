@@ -6,6 +6,8 @@
 //! reading `deploy/clusterctl` as a local repository (the components, the default
 //! template provisioned, the clusterclass flavor accepted).
 
+mod moves;
+
 use std::time::Duration;
 
 use crate::{UUID_1, UUID_2, accept, boot_script, ensure_namespace, register, wait_for_server};

@@ -22,7 +22,7 @@ use crate::lab::{self, APPLIANCE_IP, Firmware, Lab, Machine, discovery_dir};
 use test_support::control_plane::{ControlPlane, bin_dir};
 use test_support::ipmi_sim::{Bmc, GENERIC};
 use test_support::node::Node;
-use test_support::{repo, within};
+use test_support::{repo, run_script, within};
 
 const NS: &str = "arges-system";
 const NODE: &str = "head-1";
@@ -47,20 +47,6 @@ fn images() -> &'static Path {
         );
         out
     })
-}
-
-/// Runs the repository's script `script` with `args` and `env` (its output quiet); the
-/// test fails if it does.
-fn run_script(script: &str, args: &[&OsStr], env: &[(&str, &OsStr)]) {
-    let ok = Command::new("bash")
-        .arg(repo().join(script))
-        .args(args)
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "{script} {args:?} failed");
 }
 
 /// A copy of `deploy/`'s Kubernetes folders, with the providers rendered into

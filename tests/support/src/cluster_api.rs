@@ -113,7 +113,11 @@ impl ClusterApi {
             manifests.push_str(&serde_json::to_string(&crd).expect("json"));
             manifests.push('\n');
         }
-        let out = cp.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &manifests);
+        // Forced: over a clusterctl install, these take the conversion settings back.
+        let out = cp.kubectl_stdin(
+            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+            &manifests,
+        );
         assert!(
             out.status.success(),
             "the Cluster API CRDs do not apply: {}",

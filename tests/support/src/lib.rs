@@ -25,4 +25,6 @@ pub use appliance::{
     ADMIN_TOKEN, Appliance, REG_TOKEN, curl, param, random_file, raw_http, runtime,
 };
 pub use fixtures::Registration;
-pub use process::{bin, command_in, eventually, free_port, log_tail, repo, require, run, within};
+pub use process::{
+    bin, command_in, eventually, free_port, log_tail, repo, require, run, run_script, within,
+};

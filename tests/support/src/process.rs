@@ -2,9 +2,10 @@
 //! commands run inside a network namespace a test made, free ports, and waiting for a
 //! condition with a bound.
 
+use std::ffi::OsStr;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Fails the test with a clear reason when a peer program is missing.
@@ -110,6 +111,20 @@ pub fn log_tail(path: &Path, max: usize) -> String {
         .unwrap_or(0);
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     format!("--- {name} ---\n{}", &text[cut..])
+}
+
+/// Runs the repository's script `script` with `args` and `env` (its output quiet); the
+/// test fails if it does.
+pub fn run_script(script: &str, args: &[&OsStr], env: &[(&str, &OsStr)]) {
+    let ok = Command::new("bash")
+        .arg(repo().join(script))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "{script} {args:?} failed");
 }
 
 /// The repository's root (for its deploy files, test data and built plugins).
