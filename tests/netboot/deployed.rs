@@ -9,9 +9,8 @@
 //! command line; and the guide's cluster, applied with kubectl, provisions the machine
 //! through that command line.
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Instant;
 
