@@ -414,20 +414,38 @@ fn clusterctl_move_carries_a_provisioned_cluster_without_touching_a_machine() {
         );
     }
 
-    // What the new cluster sees, as clusterctl describes it.
-    let described = clusterctl(
-        &b_cp,
-        repo.path(),
-        &[
-            "describe",
-            "cluster",
-            "example-9",
-            "-n",
-            NS,
-            "--show-conditions",
-            "all",
-        ],
-        &[],
+    // What the new cluster sees, as clusterctl describes it: every Machine, with the
+    // conditions Arges sets (the MetalCluster's and each MetalMachine's Ready, mirrored
+    // by Cluster API) once Cluster API has read them again.
+    let describe = || {
+        clusterctl(
+            &b_cp,
+            repo.path(),
+            &[
+                "describe",
+                "cluster",
+                "example-9",
+                "-n",
+                NS,
+                "--show-conditions",
+                "all",
+                "--grouping=false",
+            ],
+            &[],
+        )
+    };
+    let described = within(
+        120,
+        "clusterctl describe shows both machines' infrastructure ready",
+        || {
+            let text = describe();
+            (text
+                .matches("is powered and booting its install environment")
+                .count()
+                >= 2)
+                .then_some(text)
+        },
+        describe,
     );
     eprintln!("{described}");
     for (machine, _) in &after {
@@ -436,6 +454,10 @@ fn clusterctl_move_carries_a_provisioned_cluster_without_touching_a_machine() {
             "{machine} is not described:\n{described}"
         );
     }
+    assert!(
+        described.contains("the control plane answers at 10.0.0.30:6443"),
+        "the MetalCluster's condition:\n{described}"
+    );
 
     // A delete in the new cluster releases the servers as before (this appliance powers
     // a released server off).
