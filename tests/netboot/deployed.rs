@@ -443,11 +443,21 @@ fn clusterctl_init_installs_every_provider_onto_the_node() {
         &[bin_dir().as_os_str(), repo_dir.as_os_str()],
         &[],
     );
+    let clusterctl = |args: &[&str], env: &[(&str, &str)]| {
+        test_support::command_in(Some(&lab.lan()), bin_dir().join("clusterctl"))
+            .arg("--config")
+            .arg(repo_dir.join("clusterctl.yaml"))
+            .args(args)
+            .env("KUBECONFIG", cp.kubeconfig())
+            .env("HOME", &repo_dir)
+            .env("XDG_CONFIG_HOME", &repo_dir)
+            .envs(env.iter().copied())
+            .output()
+            .expect("clusterctl runs")
+    };
     let started = Instant::now();
-    let out = test_support::command_in(Some(&lab.lan()), bin_dir().join("clusterctl"))
-        .arg("--config")
-        .arg(repo_dir.join("clusterctl.yaml"))
-        .args([
+    let out = clusterctl(
+        &[
             "init",
             "--core",
             "cluster-api:v1.14.2",
@@ -460,12 +470,9 @@ fn clusterctl_init_installs_every_provider_onto_the_node() {
             "--wait-providers",
             "--wait-provider-timeout",
             "300",
-        ])
-        .env("KUBECONFIG", cp.kubeconfig())
-        .env("HOME", &repo_dir)
-        .env("XDG_CONFIG_HOME", &repo_dir)
-        .output()
-        .expect("clusterctl runs");
+        ],
+        &[],
+    );
     assert!(
         out.status.success(),
         "clusterctl init failed:\n{}{}\n{}",
@@ -523,4 +530,59 @@ fn clusterctl_init_installs_every_provider_onto_the_node() {
 {providers}"
         );
     }
+
+    // The default template through the providers' own admission webhooks (served with
+    // cert-manager's certificates): accepted and defaulted by Cluster API, and the
+    // appliance clusterctl installed takes its MetalCluster up.
+    let out = clusterctl(
+        &[
+            "generate",
+            "cluster",
+            "example-9",
+            "--target-namespace",
+            "default",
+            "--kubernetes-version",
+            "v1.35.4",
+            "--worker-machine-count",
+            "1",
+            "--infrastructure",
+            "arges:v0.1.0",
+        ],
+        &[
+            ("CONTROL_PLANE_ENDPOINT_HOST", "10.0.0.30"),
+            ("CONTROL_PLANE_SERVER_CLASS", "control-plane"),
+            ("WORKER_SERVER_CLASS", "workers"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "clusterctl generate cluster: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let applied = cp.kubectl_stdin(&["apply", "-f", "-"], &String::from_utf8_lossy(&out.stdout));
+    assert!(
+        applied.status.success(),
+        "the generated cluster through the webhooks: {}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    assert_eq!(
+        cp.field(
+            &["machinedeployment", "example-9-workers"],
+            "{.spec.selector.matchLabels.cluster\\.x-k8s\\.io/deployment-name}"
+        ),
+        "example-9-workers",
+        "Cluster API's defaulting webhook filled the selector in"
+    );
+    within(
+        120,
+        "the MetalCluster Ready from the appliance clusterctl installed",
+        || {
+            (cp.field(
+                &["metalcluster", "example-9"],
+                r#"{.status.conditions[?(@.type=="Ready")].status}"#,
+            ) == "True")
+                .then_some(())
+        },
+        || state(&cp, &node),
+    );
 }
