@@ -104,18 +104,111 @@ pub async fn server(args: ServerArgs) -> Result<()> {
         ServerCommand::Arm { server } => ("POST", format!("{}/arm", server_path(server))),
         ServerCommand::Disarm { server } => ("POST", format!("{}/disarm", server_path(server))),
         ServerCommand::Show { server } => ("GET", server_path(server)),
+        ServerCommand::Boots { server, .. } => ("GET", format!("{}/boots", server_path(server))),
     };
     let (status, answer) = call(&args.admin, method, &path, None).await?;
     if args.admin.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
     } else if let Some(e) = answer["error"].as_str() {
         println!("error: {e}");
+    } else if let ServerCommand::Boots { last, .. } = &args.command {
+        print!("{}", boots_text(&answer, *last));
     } else {
         println!("{}", window_summary(&answer));
     }
     match status {
         200 => Ok(()),
         s => bail!("the appliance answered {s}"),
+    }
+}
+
+/// A server's last `last` boots, a line per step: time into the boot, the gap since the
+/// step before, and what happened.
+fn boots_text(answer: &Value, last: usize) -> String {
+    let boots = answer["boots"].as_array().map_or(&[][..], Vec::as_slice);
+    if boots.is_empty() {
+        return format!(
+            "{}: no boot witnessed since the appliance started\n",
+            answer["server"].as_str().unwrap_or("?")
+        );
+    }
+    let mut out = String::new();
+    for b in &boots[boots.len().saturating_sub(last)..] {
+        let started = b["started_ms"].as_u64().unwrap_or(0);
+        out.push_str(&format!(
+            "boot at {} ({} steps, {:.1} s{})\n",
+            httpdate::fmt_http_date(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(started)
+            ),
+            b["steps"].as_array().map_or(0, Vec::len),
+            b["last_ms"]
+                .as_u64()
+                .unwrap_or(started)
+                .saturating_sub(started) as f64
+                / 1000.0,
+            match b["dropped"].as_u64() {
+                Some(n) if n > 0 => format!(", {n} more not kept"),
+                _ => String::new(),
+            }
+        ));
+        for s in b["steps"].as_array().map_or(&[][..], Vec::as_slice) {
+            let at = s["at_ms"]
+                .as_u64()
+                .unwrap_or(started)
+                .saturating_sub(started);
+            out.push_str(&format!(
+                "  +{:>8.3} s  (gap {:>7.3} s)  {}\n",
+                at as f64 / 1000.0,
+                s["gap_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
+                step_text(s)
+            ));
+        }
+    }
+    out
+}
+
+/// One witnessed step in words.
+fn step_text(s: &Value) -> String {
+    let f = |k: &str| s[k].as_str().unwrap_or("").to_string();
+    let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    match s["step"].as_str().unwrap_or("?") {
+        "dhcp" => format!(
+            "proxyDHCP answered {} ({}): boot file {}",
+            f("client"),
+            f("firmware"),
+            f("boot_file")
+        ),
+        "tftp" => format!(
+            "TFTP {} {}: {} bytes in {} ms, blksize {}, window {}, {} retransmits",
+            f("file"),
+            f("outcome"),
+            n("bytes"),
+            n("millis"),
+            n("blksize"),
+            n("window"),
+            n("retransmits")
+        ),
+        "boot_script" => format!("/boot.ipxe: {} (decided by {})", f("action"), f("by")),
+        "fetch" => format!(
+            "GET {} {}: {} bytes in {} ms",
+            f("path"),
+            n("status"),
+            n("bytes"),
+            n("millis")
+        ),
+        "registered" => format!("registered as {}", f("uuid")),
+        "config_served" => format!("configuration served to {}", f("to")),
+        "done" => "install reported done".to_string(),
+        "power" => format!(
+            "BMC {}{}",
+            f("operation"),
+            if s["ok"].as_bool() == Some(false) {
+                " FAILED"
+            } else {
+                ""
+            }
+        ),
+        other => other.to_string(),
     }
 }
 

@@ -319,7 +319,12 @@ pub async fn run(
     if let (Some((_, pin)), Some(port)) = (&tls, bound.https.first().map(|a| a.port())) {
         core.set_agent_tls(port, pin.clone());
     }
-    let tftp = TftpServer::new(config.tftp.clone(), boot_files, Arc::clone(&metrics));
+    let tftp = TftpServer::new(
+        config.tftp.clone(),
+        boot_files,
+        Arc::clone(&metrics),
+        Arc::clone(core.timeline()),
+    );
     for addr in &config.tftp_listen {
         let s = UdpSocket::bind(addr).await.map_err(|e| {
             anyhow::anyhow!("cannot bind TFTP to {addr}: {e}{}", bind_hint(&e, addr))

@@ -237,6 +237,13 @@ pub enum ServerCommand {
     Disarm { server: String },
     /// The server's window and alarm.
     Show { server: String },
+    /// The server's boots as the appliance witnessed them, step by step with the gaps
+    /// between steps (the last `--last` boots).
+    Boots {
+        server: String,
+        #[arg(long, default_value_t = 1)]
+        last: usize,
+    },
 }
 
 /// What `arges bmc` does.

@@ -26,6 +26,7 @@ pub mod registration;
 pub mod sealing;
 pub mod shutdown;
 pub mod tftp;
+pub mod timeline;
 pub mod tls;
 
 /// The hex sha256 of a secret: how the inventory keeps the secrets it hands out.

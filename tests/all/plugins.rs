@@ -414,6 +414,26 @@ fn a_python_plugin_in_an_ordered_chain() {
         a.log().contains("refusing to boot b8:ca:3a:00:00:0a"),
         "the plugin's log line reaches the appliance log"
     );
+    // Each machine's boot timeline names the plugin that decided.
+    for (mac, action, by) in [
+        (MAC_A, "deny", "deny-list-py"),
+        ("52:54:00:00:00:77", "discover", "default-policy"),
+    ] {
+        let (code, body) = a.request(
+            "GET",
+            &format!("/api/v1/boots/{mac}"),
+            Some(test_support::ADMIN_TOKEN),
+            b"",
+        );
+        assert_eq!(code, 200);
+        let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let step = &m["boots"][0]["steps"][0];
+        assert_eq!(
+            (step["action"].as_str(), step["by"].as_str()),
+            (Some(action), Some(by)),
+            "{m}"
+        );
+    }
 }
 
 #[test]

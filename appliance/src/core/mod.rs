@@ -24,7 +24,7 @@ mod tests;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::json;
 
@@ -34,11 +34,12 @@ use crate::ipxe::{ScriptKind, TemplateError};
 use crate::metrics::Metrics;
 use crate::registration::{NextAction, RegistrationResponse, normalize_mac, normalize_uuid};
 use crate::sealing::Sealer;
+use crate::timeline::{Boot, Machine as WitnessedMachine, Step, Timeline, Who};
 pub use identity::RegistrationProof;
 use identity::{Admission, BootSecrets, BootSecretsFor};
 pub use policy::{
-    BootAction, BootPolicy, Decision, DefaultPolicy, HardwareSummary, InventoryFacts, MachineFacts,
-    PolicyError,
+    BootAction, BootPolicy, Decision, DecisionBy, DefaultPolicy, HardwareSummary, InventoryFacts,
+    MachineFacts, PolicyError,
 };
 pub use power::PowerReport;
 pub use provision::ClaimRequest;
@@ -136,7 +137,8 @@ pub struct Core {
     metrics: Arc<Metrics>,
     registration_token: String,
     admin_token: String,
-    boot_clock: BootClock,
+    /// Each machine's boots as witnessed, step by step (shared with the TFTP edge).
+    timeline: Arc<Timeline>,
     events: tokio::sync::broadcast::Sender<ServerEvent>,
     /// Environments defined in the cluster (Kubernetes mode), beside the config's.
     cluster_environments: RwLock<Arc<BTreeMap<String, Environment>>>,
@@ -174,48 +176,6 @@ pub struct DesiredState {
     pub labels: BTreeMap<String, String>,
     /// `spec.arm`: a value not acted on yet opens a window (and clears an alarm).
     pub arm: Option<String>,
-}
-
-/// When each machine (by MAC) was first answered by proxyDHCP in its current boot, so a
-/// registration can report how long power-on to registered took.
-#[derive(Debug, Default)]
-struct BootClock {
-    started: Mutex<HashMap<String, Instant>>,
-}
-
-impl BootClock {
-    /// A boot older than this is over: the next DHCP request starts a new one.
-    const BOOT_WINDOW: Duration = Duration::from_secs(30 * 60);
-    /// Bound on remembered machines (a rack is hundreds; a flood of forged MACs is not).
-    const MAX_MACHINES: usize = 16_384;
-
-    fn start(&self, mac: &str) {
-        let mut m = self.started.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if m.len() >= Self::MAX_MACHINES {
-            m.retain(|_, t| now.duration_since(*t) < Self::BOOT_WINDOW);
-        }
-        if m.len() >= Self::MAX_MACHINES && !m.contains_key(mac) {
-            return;
-        }
-        m.entry(mac.to_string())
-            .and_modify(|t| {
-                if now.duration_since(*t) >= Self::BOOT_WINDOW {
-                    *t = now;
-                }
-            })
-            .or_insert(now);
-    }
-
-    /// The time since the boot of any of `macs` started, ending that boot.
-    fn finish<'a>(&self, macs: impl IntoIterator<Item = &'a String>) -> Option<Duration> {
-        let mut m = self.started.lock().unwrap_or_else(|p| p.into_inner());
-        macs.into_iter()
-            .filter_map(|mac| m.remove(mac))
-            .map(|t| t.elapsed())
-            .filter(|d| *d < Self::BOOT_WINDOW)
-            .max()
-    }
 }
 
 impl std::fmt::Debug for Core {
@@ -281,7 +241,7 @@ impl Core {
             metrics,
             registration_token: tokens.registration,
             admin_token: tokens.admin,
-            boot_clock: BootClock::default(),
+            timeline: Arc::new(Timeline::new()),
             // Subscribers that fall this far behind resynchronise from the inventory.
             events: tokio::sync::broadcast::channel(1024).0,
             cluster_environments: RwLock::new(Arc::new(BTreeMap::new())),
@@ -370,12 +330,41 @@ impl Core {
             })
     }
 
-    /// A network-boot client was answered by proxyDHCP: its boot has begun.
-    pub fn network_boot_seen(&self, mac: &str) {
+    /// A network-boot client was answered by proxyDHCP (`answered`, a [`Step::Dhcp`]):
+    /// its boot has begun, or goes on. `from` is its address when it has one.
+    pub fn network_boot_seen(&self, mac: &str, from: Option<IpAddr>, answered: Step) {
         if let Some(mac) = normalize_mac(mac) {
-            self.boot_clock.start(&mac);
+            if let Some(ip) = from {
+                self.timeline.bind(ip, &mac, None);
+            }
+            self.timeline.witness(Who::Mac(&mac), answered);
             self.note_dhcp(&mac);
         }
+    }
+
+    /// Each machine's boots as witnessed (the TFTP edge records into it too).
+    pub fn timeline(&self) -> &Arc<Timeline> {
+        &self.timeline
+    }
+
+    /// Server `id`'s boots as witnessed, step by step, oldest first.
+    pub async fn server_boots(&self, id: &str) -> Result<Vec<Boot>> {
+        let s = self.server(id).await?;
+        Ok(self.timeline.boots_of(&s.macs))
+    }
+
+    /// The machines witnessed booting, registered or not (an unknown one by its MAC, or
+    /// by its address until its MAC is known), the most recently active first.
+    pub fn witnessed(&self, limit: usize) -> Vec<WitnessedMachine> {
+        self.timeline.recent(limit)
+    }
+
+    /// One witnessed machine by MAC (or `ip:<address>`).
+    pub fn witnessed_one(&self, key: &str) -> Result<WitnessedMachine> {
+        let key = normalize_mac(key).unwrap_or_else(|| key.to_string());
+        self.timeline
+            .machine(&key)
+            .ok_or_else(|| CoreError::NotFound(format!("no boot of {key} was witnessed")))
     }
 
     /// The configuration the core runs with.
@@ -429,14 +418,21 @@ impl Core {
         // for everyone else.
         let lifecycle = server.as_ref().and_then(|s| self.lifecycle_boot(s));
         let installed_now = lifecycle.as_ref().is_some_and(|(_, done)| *done);
-        let mut action = match lifecycle {
-            Some((action, _)) => action,
-            None => match self.policy.decide(&facts).await {
-                Ok(a) => a,
+        let (mut action, mut by) = match lifecycle {
+            Some((action, _)) => (action, "cluster".to_string()),
+            None => match self.policy.decide_by(&facts).await {
+                Ok(decided) => decided,
                 Err(e) => {
                     self.metrics.policy_fallbacks.inc();
                     tracing::warn!(error = %e, kind = e.kind, "boot policy failed; using the built-in decision");
-                    self.fallback.decide_now(&facts)
+                    (
+                        self.fallback.decide_now(&facts),
+                        format!(
+                            "{} (after {} failed)",
+                            self.fallback.name(),
+                            self.policy.name()
+                        ),
+                    )
                 }
             },
         };
@@ -500,6 +496,7 @@ impl Core {
                             stored.id
                         ));
                         Metrics::inc(&self.metrics.boot_decisions, "action", "alarm");
+                        by = "alarm".into();
                     }
                     _ => {}
                 }
@@ -510,6 +507,23 @@ impl Core {
             }
         };
         Metrics::inc(&self.metrics.boot_decisions, "action", action.name());
+        if let Some(mac) = &mac {
+            // The script is asked for from the machine's address: what that address
+            // fetched before (and will fetch) is this machine's.
+            self.timeline.bind(req.source, mac, uuid.as_deref());
+        }
+        let step = Step::BootScript {
+            action: action.name().into(),
+            by,
+        };
+        match (&mac, &uuid) {
+            (Some(mac), _) => self.timeline.witness(Who::Mac(mac), step),
+            (None, Some(uuid)) => {
+                let macs = server.as_ref().map_or(&[][..], |s| &s.macs[..]);
+                self.timeline.witness(Who::Uuid(uuid, macs), step);
+            }
+            (None, None) => self.timeline.witness(Who::Address(req.source), step),
+        }
         let (script, env_name) = self.render(
             &action,
             &facts,

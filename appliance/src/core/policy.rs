@@ -93,12 +93,23 @@ pub struct PolicyError {
 /// A boxed future, so policies can be trait objects and still run async (plugins do).
 pub type Decision<'a> = Pin<Box<dyn Future<Output = Result<BootAction, PolicyError>> + Send + 'a>>;
 
+/// A decision with who made it (a plugin's name, or the policy's own).
+pub type DecisionBy<'a> =
+    Pin<Box<dyn Future<Output = Result<(BootAction, String), PolicyError>> + Send + 'a>>;
+
 /// Decides how a machine boots.
 pub trait BootPolicy: Send + Sync {
     /// A name for logs and metrics.
     fn name(&self) -> &str;
     /// Decides for `facts`.
     fn decide<'a>(&'a self, facts: &'a MachineFacts) -> Decision<'a>;
+    /// Decides for `facts` and says who did: a chain names the member that decided.
+    fn decide_by<'a>(&'a self, facts: &'a MachineFacts) -> DecisionBy<'a> {
+        Box::pin(async move {
+            let action = self.decide(facts).await?;
+            Ok((action, self.name().to_string()))
+        })
+    }
 }
 
 /// The behaviour a user gets with no plugins: unknown machines discover; registered but

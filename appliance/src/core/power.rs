@@ -3,6 +3,7 @@
 //! recording each outcome on the server. A failed BMC operation is not a core error: it
 //! is an outcome, recorded and returned with its reason.
 
+use crate::timeline::{Step, Who};
 use std::sync::Arc;
 
 use super::{Core, CoreError, Result, ServerEvent, blocking};
@@ -213,12 +214,23 @@ impl Core {
             self.events.clone(),
             id.to_string(),
         );
-        tokio::spawn(async move {
+        let report = tokio::spawn(async move {
             let outcome = manager.run(job).await;
             record_power(inv, events, &key, &operation, outcome).await
         })
         .await
-        .map_err(|e| CoreError::Internal(format!("the BMC operation task failed: {e}")))?
+        .map_err(|e| CoreError::Internal(format!("the BMC operation task failed: {e}")))?;
+        // A status read changes nothing on the machine: not a step of its boot.
+        if let (Ok(r), false) = (&report, matches!(operation, Operation::Status)) {
+            self.timeline.witness(
+                Who::Uuid(id, &server.macs),
+                Step::Power {
+                    operation: r.event.operation.clone(),
+                    ok: r.event.ok,
+                },
+            );
+        }
+        report
     }
 }
 

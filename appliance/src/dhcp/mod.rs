@@ -39,6 +39,7 @@ use crate::config::DhcpConfig;
 use crate::core::Core;
 use crate::limits::LogGate;
 use crate::metrics::Metrics;
+use crate::timeline::Step;
 pub use answer::{Arrival, ClientKind, Firmware, Ignored, Reply};
 
 const DHCP_CLIENT_PORT: u16 = 68;
@@ -332,7 +333,18 @@ impl DhcpServer {
                 ("firmware", reply.client.firmware.name()),
             ])
             .inc();
-        self.core.network_boot_seen(&reply.client.mac);
+        // On the PXE port, or with an address of its own, the client is at `r.from`.
+        let from = (role == Role::Pxe || reply.client_addr.is_some())
+            .then_some(std::net::IpAddr::V4(*r.from.ip()));
+        self.core.network_boot_seen(
+            &reply.client.mac,
+            from,
+            Step::Dhcp {
+                client: reply.client.kind.name().into(),
+                firmware: reply.client.firmware.name().into(),
+                boot_file: reply.boot_file.clone(),
+            },
+        );
         tracing::info!(
             mac = %reply.client.mac,
             arch = reply.client.arch,

@@ -6,6 +6,9 @@
 //! | POST | `/api/v1/register` | the agent registers a machine (bearer: a boot's registration secret, or the shared token) |
 //! | GET | `/api/v1/servers` | list servers |
 //! | GET, DELETE | `/api/v1/servers/{id}` | get or delete a server |
+//! | GET | `/api/v1/servers/{id}/boots` | the server's boots as witnessed, step by step (DHCP, TFTP, script, fetches, registration, config, done, power) with times and gaps |
+//! | GET | `/api/v1/boots` | every machine witnessed booting, registered or not, latest first (`?limit=`, default 100) |
+//! | GET | `/api/v1/boots/{mac}` | one witnessed machine, by MAC (or `ip:<address>` before its MAC is known) |
 //! | POST | `/api/v1/servers/{id}/{accept,unaccept,cordon,uncordon}` | flags |
 //! | POST | `/api/v1/servers/{id}/arm` | open a provisioning window (and clear an alarm): the machine's next boot gets its secrets |
 //! | POST | `/api/v1/servers/{id}/disarm` | close the window and revoke its secret |
@@ -28,7 +31,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 
-use super::{Body, HttpContext, bearer, json, json_error, read_body, status_of};
+use super::{Body, HttpContext, bearer, json, json_error, query_param, read_body, status_of};
 use crate::bmc::{BmcSettings, BootSetting, Protocol, TlsSettings};
 use crate::core::{Core, CoreError, PowerReport, RegistrationProof, ServerEdit};
 use crate::inventory::CloseReason;
@@ -217,6 +220,20 @@ pub async fn admin(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> 
     let result = match (method, parts.as_slice()) {
         (Method::GET, ["servers"]) => core.servers().await.map(|s| json(StatusCode::OK, &s)),
         (Method::GET, ["servers", id]) => core.server(id).await.map(|s| json(StatusCode::OK, &s)),
+        (Method::GET, ["servers", id, "boots"]) => core.server_boots(id).await.map(|b| {
+            json(
+                StatusCode::OK,
+                &serde_json::json!({"server": id, "boots": b}),
+            )
+        }),
+        (Method::GET, ["boots"]) => {
+            let limit = query_param(&req, "limit")
+                .and_then(|l| l.parse::<usize>().ok())
+                .unwrap_or(100)
+                .min(crate::timeline::MAX_MACHINES);
+            Ok(json(StatusCode::OK, &core.witnessed(limit)))
+        }
+        (Method::GET, ["boots", key]) => core.witnessed_one(key).map(|m| json(StatusCode::OK, &m)),
         (Method::DELETE, ["servers", id]) => core
             .delete_server(id)
             .await

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::timeline::{Step, Who};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
@@ -248,11 +249,95 @@ async fn handle(
     role: Role,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let started = std::time::Instant::now();
+    let path = req.uri().path().to_string();
     let (route, resp) = route(Arc::clone(&ctx), peer, role, req).await;
     ctx.core
         .metrics()
         .http_request(route, resp.status().as_u16());
-    Ok(resp)
+    Ok(match route {
+        // A file a boot fetches (a kernel, an initrd, an iPXE binary): a step of that
+        // boot, recorded when its last byte went (or the client went away).
+        "env" | "assets" | "boot_file" => witness_fetch(&ctx, peer, path, started, resp),
+        _ => resp,
+    })
+}
+
+/// `resp` with its body counted; when the body ends or is dropped, the fetch goes into
+/// the timeline of the machine at `peer`.
+fn witness_fetch(
+    ctx: &HttpContext,
+    peer: SocketAddr,
+    path: String,
+    started: std::time::Instant,
+    resp: Response<Body>,
+) -> Response<Body> {
+    let timeline = Arc::clone(ctx.core.timeline());
+    let status = resp.status().as_u16();
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+        .saturating_sub(started.elapsed().as_millis() as u64);
+    let (parts, body) = resp.into_parts();
+    let counted = CountedBody {
+        inner: body,
+        bytes: 0,
+        done: Some(Box::new(move |bytes| {
+            timeline.witness_at(
+                Who::Address(peer.ip()),
+                at_ms,
+                Step::Fetch {
+                    path,
+                    status,
+                    bytes,
+                    millis: started.elapsed().as_millis() as u64,
+                },
+            );
+        })),
+    };
+    Response::from_parts(parts, counted.boxed())
+}
+
+/// A body that counts the bytes it yields and calls `done` with the count once, when it
+/// is dropped (after its end, or cut short).
+struct CountedBody {
+    inner: Body,
+    bytes: u64,
+    done: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
+}
+
+impl hyper::body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes += data.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for CountedBody {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(self.bytes);
+        }
+    }
 }
 
 /// What a listener serves, and over what.

@@ -14,7 +14,9 @@ use super::bindings::arges::plugin::types as wit;
 use super::config::PluginsConfig;
 use super::host::PluginState;
 use super::{FileStamp, Plugin, bindings, loader};
-use crate::core::{BootAction, BootPolicy, Decision, DefaultPolicy, MachineFacts, PolicyError};
+use crate::core::{
+    BootAction, BootPolicy, Decision, DecisionBy, DefaultPolicy, MachineFacts, PolicyError,
+};
 use crate::metrics::Metrics;
 
 /// How often the epoch advances; deadlines are counted in these ticks.
@@ -528,10 +530,14 @@ impl BootPolicy for PolicyChain {
     }
 
     fn decide<'a>(&'a self, facts: &'a MachineFacts) -> Decision<'a> {
+        Box::pin(async move { self.decide_by(facts).await.map(|(action, _)| action) })
+    }
+
+    fn decide_by<'a>(&'a self, facts: &'a MachineFacts) -> DecisionBy<'a> {
         Box::pin(async move {
             for plugin in self.host.plugins().iter().filter(|p| p.is_policy()) {
                 match self.host.decide(plugin, facts).await {
-                    Ok(Some(action)) => return Ok(action),
+                    Ok(Some(action)) => return Ok((action, plugin.name.to_string())),
                     Ok(None) => continue,
                     Err(e)
                         if self
@@ -546,11 +552,14 @@ impl BootPolicy for PolicyChain {
                         if let Some(held_back) = GATE.check() {
                             tracing::warn!(plugin = %plugin.name, kind = e.kind(), error = %e, held_back, "fail-closed boot policy failed; the boot is denied");
                         }
-                        return Ok(BootAction::Deny(format!(
-                            "boot policy {} failed ({}); it is fail-closed, so this boot is denied",
-                            plugin.name,
-                            e.kind()
-                        )));
+                        return Ok((
+                            BootAction::Deny(format!(
+                                "boot policy {} failed ({}); it is fail-closed, so this boot is denied",
+                                plugin.name,
+                                e.kind()
+                            )),
+                            format!("{} (fail-closed)", plugin.name),
+                        ));
                     }
                     Err(e) => {
                         return Err(PolicyError {
@@ -561,7 +570,11 @@ impl BootPolicy for PolicyChain {
                     }
                 }
             }
-            Ok(self.builtin.decide_now(facts))
+            // Every plugin passed.
+            Ok((
+                self.builtin.decide_now(facts),
+                self.builtin.name().to_string(),
+            ))
         })
     }
 }

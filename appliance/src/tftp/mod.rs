@@ -36,6 +36,7 @@ use crate::files::{FileError, FileRoot};
 use crate::limits::LogGate;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::timeline::{Step, Timeline, Who};
 use packet::ErrorCode;
 
 /// How long a transfer may spin for an ACK before blocking (see `TransferSocket::open`).
@@ -211,19 +212,27 @@ pub struct TftpServer {
     settings: TftpSettings,
     files: Arc<FileRoot>,
     metrics: Arc<Metrics>,
+    /// Each transfer is a step of its client's boot.
+    timeline: Arc<Timeline>,
     active: Mutex<Active>,
     /// Transfers may spin for ACKs while at most this many run.
     spin_below: usize,
 }
 
 impl TftpServer {
-    /// A server for `files`.
-    pub fn new(settings: TftpSettings, files: Arc<FileRoot>, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// A server for `files`, recording each transfer into `timeline`.
+    pub fn new(
+        settings: TftpSettings,
+        files: Arc<FileRoot>,
+        metrics: Arc<Metrics>,
+        timeline: Arc<Timeline>,
+    ) -> Arc<Self> {
         let spin_below = std::thread::available_parallelism().map_or(1, |n| n.get());
         Arc::new(TftpServer {
             settings,
             files,
             metrics,
+            timeline,
             active: Mutex::new(Active::default()),
             spin_below,
         })
@@ -417,12 +426,29 @@ impl TftpServer {
             }
         };
         let mut stats = transfer::TransferStats::default();
+        let started = std::time::Instant::now();
         let result =
             transfer::send_file(&sock, &req, file, &self.settings, &mut stats, &mut || {
                 slot.acknowledge()
             });
         self.metrics.tftp_bytes_sent.inc_by(stats.bytes);
         self.metrics.tftp_retransmits.inc_by(stats.retransmits);
+        self.timeline.witness(
+            Who::Address(peer.ip()),
+            Step::Tftp {
+                file: req.filename.clone(),
+                blksize: stats.blksize,
+                window: stats.window,
+                bytes: stats.bytes,
+                retransmits: stats.retransmits,
+                millis: started.elapsed().as_millis() as u64,
+                outcome: match &result {
+                    Ok(()) => "complete",
+                    Err(e) => e.kind(),
+                }
+                .into(),
+            },
+        );
         match result {
             Ok(()) => {
                 Metrics::inc(&self.metrics.tftp_transfers, "outcome", "complete");

@@ -205,6 +205,9 @@ impl Blocks {
 pub struct TransferStats {
     pub bytes: u64,
     pub retransmits: u64,
+    /// The block size and window agreed on.
+    pub blksize: u16,
+    pub window: u16,
 }
 
 /// Maps a 16-bit ACK onto the absolute block range `lo..=hi` (at most 65536 wide).
@@ -355,6 +358,8 @@ pub fn send_file(
     let (file, _netascii) = prepare(file, req.mode)?;
     // tsize announces what will be sent, which netascii conversion may have lengthened.
     let neg = negotiate(req, file.len, settings);
+    stats.blksize = neg.blksize;
+    stats.window = neg.windowsize;
     let mut blocks = Blocks::new(file, neg.blksize);
     let mut buf = vec![0u8; 2048];
 

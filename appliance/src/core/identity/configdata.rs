@@ -8,6 +8,7 @@ use super::super::{Core, CoreError, Result, blocking, secret_eq};
 use super::*;
 use crate::inventory::{InstalledBy, Tx, now};
 use crate::metrics::Metrics;
+use crate::timeline::{Step, Who};
 
 /// What a `/configdata` or done request came to.
 enum ConfigAccess {
@@ -47,6 +48,12 @@ impl Core {
                 }
                 if opened.is_ok() {
                     tracing::info!(id = %s.id, %source, retry, "configuration served");
+                    self.timeline.witness(
+                        Who::Uuid(&s.id, &s.macs),
+                        Step::ConfigServed {
+                            to: source.to_string(),
+                        },
+                    );
                 }
                 (
                     match &opened {
@@ -86,6 +93,8 @@ impl Core {
                 server.id
             )));
         }
+        self.timeline
+            .witness(Who::Uuid(&server.id, &server.macs), Step::Done);
         self.mark_installed(&server.id, InstalledBy::Reported).await
     }
 

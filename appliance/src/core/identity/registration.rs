@@ -9,6 +9,7 @@ use super::*;
 use crate::inventory::{Tx, now};
 use crate::metrics::Metrics;
 use crate::registration::{RegistrationMode, ValidRegistration};
+use crate::timeline::{Step, Who};
 
 /// How a registration proves itself.
 #[derive(Debug, Clone, Copy)]
@@ -135,7 +136,12 @@ impl Core {
             self.step("wiped", "ok");
             tracing::info!(id = %s.id, "wipe done; server free");
         }
-        if let Some(took) = self.boot_clock.finish(&s.macs) {
+        let took = self.timeline.since_boot_start(&s.macs);
+        self.timeline.witness(
+            Who::Uuid(&s.id, &s.macs),
+            Step::Registered { uuid: s.id.clone() },
+        );
+        if let Some(took) = took {
             self.metrics
                 .boot_to_registration_seconds
                 .observe(took.as_secs_f64());
