@@ -330,12 +330,11 @@ impl Timeline {
     pub fn witness_at(&self, who: Who<'_>, at_ms: u64, step: Step) {
         let mut s = self.lock();
         let key = s.key_of(&who);
-        if let Who::Uuid(u, _) = &who {
-            if !key.starts_with("uuid:")
-                && (s.mac_of_uuid.len() < MAX_MACHINES || s.mac_of_uuid.contains_key(*u))
-            {
-                s.mac_of_uuid.insert((*u).to_string(), key.clone());
-            }
+        if let Who::Uuid(u, _) = &who
+            && !key.starts_with("uuid:")
+            && (s.mac_of_uuid.len() < MAX_MACHINES || s.mac_of_uuid.contains_key(*u))
+        {
+            s.mac_of_uuid.insert((*u).to_string(), key.clone());
         }
         let m = s.entry(key);
         match &who {
