@@ -92,14 +92,62 @@ fn report(firmware: &str, lab: &Lab, wall: std::time::Duration) {
     );
 }
 
+/// The appliance witnessed the machine's first boot as `steps` (in this order, other
+/// steps between them allowed), every transfer complete; the timeline is printed.
+fn assert_boot_witnessed(lab: &Lab, m: &Machine, steps: &[&str]) {
+    let answer: Value =
+        serde_json::from_str(&lab.api("GET", &format!("/api/v1/servers/{}/boots", m.uuid), None))
+            .expect("boots JSON");
+    let boot = &answer["boots"][0];
+    let seen: Vec<&Value> = boot["steps"]
+        .as_array()
+        .map_or(vec![], |a| a.iter().collect());
+    let mut want = steps.iter().peekable();
+    for s in &seen {
+        if want.peek().is_some_and(|w| s["step"] == **w) {
+            want.next();
+        }
+        if s["step"] == "tftp" {
+            assert_eq!(s["outcome"], "complete", "{s}");
+        }
+        if s["step"] == "fetch" {
+            assert_eq!(s["status"], 200, "{s}");
+        }
+    }
+    let timeline: Vec<String> = seen
+        .iter()
+        .map(|s| {
+            format!(
+                "+{} ms {} {}",
+                s["gap_ms"],
+                s["step"].as_str().unwrap_or("?"),
+                s["file"]
+                    .as_str()
+                    .or(s["path"].as_str())
+                    .or(s["client"].as_str())
+                    .or(s["action"].as_str())
+                    .unwrap_or("")
+            )
+        })
+        .collect();
+    assert!(
+        want.peek().is_none(),
+        "the boot should read {steps:?}; witnessed:\n{}",
+        timeline.join("\n")
+    );
+    eprintln!("witnessed boot of {}:\n  {}", m.uuid, timeline.join("\n  "));
+}
+
 /// A new machine powers on in lab `tag`, registers and powers off; `counted` metrics
-/// show the path it took. Returns the lab, the machine and its Server.
+/// show the path it took, and its timeline the `steps` it went through. Returns the lab,
+/// the machine and its Server.
 fn discovers(
     tag: &str,
     firmware: Firmware,
     n: u8,
     label: &str,
     counted: &[&str],
+    steps: &[&str],
 ) -> (Lab, Machine, Value) {
     let mut lab = Lab::start(tag, "");
     let m = Machine::new(&lab, firmware, n);
@@ -123,6 +171,7 @@ fn discovers(
         lab.logs(&m.serial_log)
     );
     assert_counted(&lab, &m, counted);
+    assert_boot_witnessed(&lab, &m, steps);
     report(label, &lab, wall);
     (lab, m, s)
 }
@@ -136,6 +185,7 @@ fn bios_machine_registers_then_boots_its_environment() {
         1,
         "BIOS (SeaBIOS + iPXE ROM)",
         &["arges_dhcp_replies_total{client=\"ipxe\",firmware=\"bios\"}"],
+        &["dhcp", "boot_script", "fetch", "fetch", "registered"],
     );
     let serial = lab.serial(&m);
     assert!(
@@ -193,6 +243,15 @@ fn uefi_machine_loads_ipxe_efi_over_tftp_and_registers() {
             "arges_dhcp_replies_total{client=\"ipxe\",firmware=\"uefi_x86_64\"}",
             "arges_tftp_transfers_total{outcome=\"complete\"}",
         ],
+        &[
+            "dhcp",
+            "tftp",
+            "dhcp",
+            "boot_script",
+            "fetch",
+            "fetch",
+            "registered",
+        ],
     );
 }
 
@@ -207,6 +266,15 @@ fn uefi_http_boot_machine_loads_ipxe_efi_over_http_and_registers() {
         &[
             "arges_dhcp_replies_total{client=\"http\",firmware=\"uefi_x86_64\"}",
             "arges_http_requests_total{route=\"boot_file\",status=\"2xx\"}",
+        ],
+        &[
+            "dhcp",
+            "fetch",
+            "dhcp",
+            "boot_script",
+            "fetch",
+            "fetch",
+            "registered",
         ],
     );
 }

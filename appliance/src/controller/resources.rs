@@ -314,6 +314,25 @@ pub struct LastBoot {
     pub action: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<String>,
+    /// What the appliance witnessed of the machine's latest boot, step by step (the
+    /// whole timeline: `arges server boots`, `GET /api/v1/servers/{id}/boots`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witnessed: Option<WitnessedBoot>,
+}
+
+/// A summary of the latest boot the appliance witnessed.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WitnessedBoot {
+    /// RFC 3339: its first step (a proxyDHCP answer, a power-on).
+    pub started: String,
+    /// Steps witnessed.
+    pub steps: u32,
+    /// The latest step (`dhcp`, `tftp`, `boot_script`, `fetch`, `registered`,
+    /// `config_served`, `done`, `power`) and what it was about.
+    pub last_step: String,
+    /// Milliseconds from its first step to its latest.
+    pub millis: u64,
 }
 
 /// An address of a machine, in Cluster API's shape.

@@ -32,6 +32,7 @@ use super::resources::{APPLIANCE_LABEL, CONTROL_PLANE_RACK_LABEL, Server as Serv
 use crate::bmc::PowerFailure;
 use crate::core::{DesiredState, ServerEvent};
 use crate::inventory::Server;
+use crate::timeline::Boot;
 
 /// Annotation holding the inventory id when it differs from the Server's name.
 pub const ID_ANNOTATION: &str = "metal.arges.dev/inventory-id";
@@ -97,6 +98,23 @@ pub fn addresses(s: &Server) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A witnessed step in a few words: its kind and what it was about.
+fn step_summary(w: &crate::timeline::Witnessed) -> String {
+    use crate::timeline::Step;
+    match &w.step {
+        Step::Dhcp { client, .. } => format!("dhcp {client}"),
+        Step::Tftp { file, outcome, .. } => format!("tftp {file} {outcome}"),
+        Step::BootScript { action, by } => format!("boot_script {action} by {by}"),
+        Step::Fetch { path, status, .. } => format!("fetch {path} {status}"),
+        Step::Registered { .. } => "registered".into(),
+        Step::ConfigServed { .. } => "config_served".into(),
+        Step::Done => "done".into(),
+        Step::Power { operation, ok } => {
+            format!("power {operation}{}", if *ok { "" } else { " failed" })
+        }
+    }
+}
+
 /// Where the server stands in a cluster's life, for `kubectl get servers`.
 fn phase(s: &Server) -> &'static str {
     let p = &s.provisioning;
@@ -114,12 +132,19 @@ fn phase(s: &Server) -> &'static str {
 }
 
 /// The apply patch of the status the appliance observes.
-fn status_patch(s: &Server, identity: &str) -> serde_json::Value {
+fn status_patch(s: &Server, identity: &str, witnessed: Option<&Boot>) -> serde_json::Value {
     let addresses = addresses(s);
-    let last_boot = s
-        .boot_history
-        .back()
-        .map(|b| json!({"time": rfc3339(b.at), "action": b.action, "environment": b.environment}));
+    let witnessed = witnessed.map(|b| {
+        json!({
+            "started": rfc3339(b.started_ms / 1000),
+            "steps": b.steps.len() as u64 + u64::from(b.dropped),
+            "lastStep": b.last_step().map(step_summary).unwrap_or_default(),
+            "millis": b.duration_ms(),
+        })
+    });
+    let last_boot = s.boot_history.back().map(|b| {
+        json!({"time": rfc3339(b.at), "action": b.action, "environment": b.environment, "witnessed": witnessed})
+    });
     let registered = json!({
         "type": "Registered",
         "status": "True",
@@ -287,7 +312,11 @@ fn power_status(s: &Server) -> (Option<serde_json::Value>, Option<String>) {
 /// matches the last one that went through (and whose Server the cache shows) is skipped.
 fn patches(s: &Server, ctx: &Context) -> (serde_json::Value, serde_json::Value, [u8; 32]) {
     use sha2::{Digest, Sha256};
-    let (spec, status) = (spec_patch(s, ctx), status_patch(s, &ctx.identity));
+    let witnessed = ctx.core.timeline().boots_of(&s.macs).pop();
+    let (spec, status) = (
+        spec_patch(s, ctx),
+        status_patch(s, &ctx.identity, witnessed.as_ref()),
+    );
     let mut h = Sha256::new();
     h.update(spec.to_string());
     h.update(status.to_string());
