@@ -359,6 +359,9 @@ pub async fn run(
         }
     }
     start_controller(&config, &core, &mut tasks, &cancel);
+    // The audit writer outlives the drain: what the last requests record is stored.
+    let audit_stop = CancellationToken::new();
+    let audit_writer = tokio::spawn(Arc::clone(core.audit()).run(audit_stop.clone()));
     tracing::info!(
         http = ?bound.http, tftp = ?bound.tftp, dhcp = ?bound.dhcp,
         tftp_root = %config.tftp_root.display(), assets = %config.assets_dir.display(), data = %config.data_dir.display(),
@@ -393,6 +396,10 @@ pub async fn run(
         );
     }
     while tasks.join_next().await.is_some() {}
+    audit_stop.cancel();
+    if let Err(e) = audit_writer.await {
+        tracing::error!(error = %e, "the audit writer failed at the stop");
+    }
     tracing::info!("Arges appliance stopped");
     result
 }

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod app;
+pub mod audit;
 pub mod bmc;
 pub mod config;
 pub mod controller;

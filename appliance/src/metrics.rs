@@ -35,6 +35,10 @@ pub struct Metrics {
     pub secrets_issued: Family<Labels, Counter>,
     pub boot_script_seconds: Histogram,
     pub policy_fallbacks: Counter,
+    /// Audit entries stored, by outcome (ok, refused, failed).
+    pub audit_entries: Family<Labels, Counter>,
+    /// Audit entries dropped before they were stored (the inventory not taking them).
+    pub audit_dropped: Counter,
     pub plugin_calls: Family<PluginLabels, Counter>,
     pub plugin_loads: Family<PluginLabels, Counter>,
     pub plugin_call_seconds: Histogram,
@@ -89,6 +93,8 @@ impl Metrics {
             secrets_issued: Family::default(),
             boot_script_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             policy_fallbacks: Counter::default(),
+            audit_entries: Family::default(),
+            audit_dropped: Counter::default(),
             plugin_calls: Family::default(),
             plugin_loads: Family::default(),
             plugin_call_seconds: Histogram::new(exponential_buckets(0.000_005, 2.0, 18)),
@@ -184,6 +190,16 @@ impl Metrics {
             "boot_script_seconds",
             "Time to decide and render a boot script",
             m.boot_script_seconds.clone(),
+        );
+        r.register(
+            "audit_entries",
+            "Audit log entries stored, by outcome (ok, refused, failed)",
+            m.audit_entries.clone(),
+        );
+        r.register(
+            "audit_dropped",
+            "Audit log entries dropped before they were stored (the inventory was not taking them)",
+            m.audit_dropped.clone(),
         );
         r.register(
             "policy_fallbacks",

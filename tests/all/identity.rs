@@ -422,3 +422,95 @@ fn the_cli_arms_shows_and_disarms_a_window() {
     let (ok, _) = cli(&["arm", "no-such-server"]);
     assert!(!ok);
 }
+
+/// The audit log records who did what from where: admin changes (and a wrong token), a
+/// configuration served and one refused, a registration refused and a tripped window;
+/// in the API in order, in the JSON-lines file, and still there after a restart.
+#[test]
+fn every_change_secret_and_refusal_is_in_the_audit_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("audit.jsonl");
+    let mut a = provisioned_machine(&format!("[audit]\nfile = {:?}\n", file.display()));
+    arm(&a);
+    // A wrong admin token, a refused registration, a configuration served to the real
+    // machine and refused to a thief (which trips the window).
+    let (s, _, _) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Authorization: Bearer not-the-token",
+        &a.url(&format!("/api/v1/servers/{UUID_A}/cordon")),
+    ]);
+    assert_eq!(s, 401);
+    assert_eq!(register(&a, THIEF, "forged", &registration_a()).0, 401);
+    let (_, script) = boot_from(&a, REAL);
+    let token = param(&script, "token");
+    assert_eq!(configdata(&a, REAL, &token, false).0, 200);
+    assert_eq!(configdata(&a, THIEF, &token, false).0, 403);
+
+    let entries = |a: &Appliance| -> Vec<Value> {
+        let (s, v) = admin(a, "GET", "/api/v1/audit?after=0&limit=1000");
+        assert_eq!(s, 200, "{v}");
+        v.as_array().cloned().unwrap_or_default()
+    };
+    let find = |all: &[Value], action: &str, outcome: &str| -> Value {
+        all.iter()
+            .find(|e| {
+                e["action"].as_str().is_some_and(|x| x.contains(action)) && e["outcome"] == outcome
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("no {action} {outcome} in {all:#?}"))
+    };
+    let all = test_support::eventually(10, "the audit entries stored", || {
+        let all = entries(&a);
+        all.iter()
+            .any(|e| {
+                e["action"]
+                    .as_str()
+                    .is_some_and(|x| x.starts_with("alarm_"))
+            })
+            .then_some(all)
+    });
+    let accepted = find(&all, &format!("POST /api/v1/servers/{UUID_A}/accept"), "ok");
+    assert_eq!(
+        (accepted["who"].as_str(), accepted["from"].as_str()),
+        (Some("admin"), Some(REAL))
+    );
+    assert_eq!(accepted["server"], UUID_A);
+    let wrong = find(&all, "/cordon", "refused");
+    assert_eq!(wrong["who"], "unknown");
+    let refused = find(&all, "registration", "refused");
+    assert_eq!(refused["from"], THIEF);
+    let served = find(&all, "config_served", "ok");
+    assert_eq!(
+        (served["who"].as_str(), served["from"].as_str()),
+        (Some(format!("machine {UUID_A}").as_str()), Some(REAL))
+    );
+    let stolen = find(&all, "config_served", "refused");
+    assert_eq!(stolen["from"], THIEF);
+    assert!(
+        stolen["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "{stolen}"
+    );
+    find(&all, "alarm_", "refused");
+    // Reads are not recorded; numbers only grow.
+    assert!(
+        all.iter()
+            .all(|e| !e["action"].as_str().unwrap_or("").contains("admin GET")),
+        "{all:#?}"
+    );
+    let seqs: Vec<u64> = all.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    // The file has the same entries, one JSON line each.
+    let lines: Vec<Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines, all);
+    assert!(metrics(&a).contains("arges_audit_entries_total{outcome=\"refused\"}"));
+    // Kept across a stop and a start.
+    assert!(a.terminate().success());
+    a.restart_after_kill9();
+    assert_eq!(entries(&a)[..all.len()], all[..]);
+}

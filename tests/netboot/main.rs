@@ -93,7 +93,8 @@ fn report(firmware: &str, lab: &Lab, wall: std::time::Duration) {
 }
 
 /// The appliance witnessed the machine's first boot as `steps` (in this order, other
-/// steps between them allowed), every transfer complete; the timeline is printed.
+/// steps between them allowed; a transfer only once it finished); the timeline is
+/// printed.
 fn assert_boot_witnessed(lab: &Lab, m: &Machine, steps: &[&str]) {
     let answer: Value =
         serde_json::from_str(&lab.api("GET", &format!("/api/v1/servers/{}/boots", m.uuid), None))
@@ -104,14 +105,15 @@ fn assert_boot_witnessed(lab: &Lab, m: &Machine, steps: &[&str]) {
         .map_or(vec![], |a| a.iter().collect());
     let mut want = steps.iter().peekable();
     for s in &seen {
-        if want.peek().is_some_and(|w| s["step"] == **w) {
+        // A transfer counts when it finished (UEFI asks for the size first and aborts
+        // that read: the timeline shows it, the sequence skips it).
+        let finished = match s["step"].as_str() {
+            Some("tftp") => s["outcome"] == "complete",
+            Some("fetch") => s["status"] == 200,
+            _ => true,
+        };
+        if finished && want.peek().is_some_and(|w| s["step"] == **w) {
             want.next();
-        }
-        if s["step"] == "tftp" {
-            assert_eq!(s["outcome"], "complete", "{s}");
-        }
-        if s["step"] == "fetch" {
-            assert_eq!(s["status"], 200, "{s}");
         }
     }
     let timeline: Vec<String> = seen

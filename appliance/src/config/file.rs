@@ -47,6 +47,7 @@ pub struct ConfigFile {
     pub tokens: TokensSection,
     pub policy: PolicySection,
     pub windows: WindowsSection,
+    pub audit: crate::audit::AuditSection,
     pub discovery: DiscoverySection,
     /// Boot environments by name.
     pub environments: BTreeMap<String, EnvironmentSection>,

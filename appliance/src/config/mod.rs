@@ -169,6 +169,7 @@ pub struct Config {
     pub admin_token: TokenSource,
     pub policy: PolicyConfig,
     pub windows: WindowsConfig,
+    pub audit: crate::audit::AuditConfig,
     pub discovery_environment: String,
     pub wipe_environment: String,
     pub environments: BTreeMap<String, Environment>,
@@ -315,6 +316,7 @@ impl Config {
         let http = HttpConfig::try_from(&f.http)?;
         let policy = PolicyConfig::try_from(&f.policy)?;
         let windows = WindowsConfig::try_from(&f.windows)?;
+        let audit = crate::audit::AuditConfig::try_from(&f.audit)?;
         let registration_token = TokenSource::from_keys(
             &f.tokens.registration,
             &f.tokens.registration_file,
@@ -396,6 +398,7 @@ impl Config {
             admin_token,
             policy,
             windows,
+            audit,
             discovery_environment: envs.discovery,
             wipe_environment: envs.wipe,
             environments: envs.by_name,

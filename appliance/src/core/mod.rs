@@ -28,6 +28,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
+use crate::audit::{AuditLog, Outcome};
 use crate::config::{Config, Environment, LocalDiskMethod};
 use crate::inventory::{BootRecord, Inventory, InventoryError, Requester, SecretKind, Server, now};
 use crate::ipxe::{ScriptKind, TemplateError};
@@ -139,6 +140,8 @@ pub struct Core {
     admin_token: String,
     /// Each machine's boots as witnessed, step by step (shared with the TFTP edge).
     timeline: Arc<Timeline>,
+    /// Who did what: admin actions, changes from Kubernetes, secrets served, refusals.
+    audit: Arc<AuditLog>,
     events: tokio::sync::broadcast::Sender<ServerEvent>,
     /// Environments defined in the cluster (Kubernetes mode), beside the config's.
     cluster_environments: RwLock<Arc<BTreeMap<String, Environment>>>,
@@ -233,6 +236,11 @@ impl Core {
             config: config.policy.clone(),
         };
         let policy = policy.unwrap_or_else(|| Arc::new(fallback.clone()));
+        let audit = Arc::new(AuditLog::new(
+            Arc::clone(&inventory),
+            config.audit.clone(),
+            Arc::clone(&metrics),
+        ));
         Core {
             config,
             inventory,
@@ -242,6 +250,7 @@ impl Core {
             registration_token: tokens.registration,
             admin_token: tokens.admin,
             timeline: Arc::new(Timeline::new()),
+            audit,
             // Subscribers that fall this far behind resynchronise from the inventory.
             events: tokio::sync::broadcast::channel(1024).0,
             cluster_environments: RwLock::new(Arc::new(BTreeMap::new())),
@@ -345,6 +354,12 @@ impl Core {
     /// Each machine's boots as witnessed (the TFTP edge records into it too).
     pub fn timeline(&self) -> &Arc<Timeline> {
         &self.timeline
+    }
+
+    /// The audit log (the edges record the requests they refuse before the core sees
+    /// them; its writer task runs beside the servers).
+    pub fn audit(&self) -> &Arc<AuditLog> {
+        &self.audit
     }
 
     /// Server `id`'s boots as witnessed, step by step, oldest first.
@@ -783,6 +798,14 @@ impl Core {
             .filter(|a| current.arm_key.as_ref() != Some(a));
         if let Some(value) = &arm {
             self.arm(id, "spec.arm").await?;
+            self.audit.record(
+                "kubernetes",
+                None,
+                "server_armed",
+                Some(id),
+                Outcome::Ok,
+                Some(format!("spec.arm = {value:?}")),
+            );
             let inv = Arc::clone(&self.inventory);
             let (key, value) = (id.to_string(), value.clone());
             blocking(move || Ok(inv.update(&key, |s| s.arm_key = Some(value))?)).await?;
@@ -793,6 +816,19 @@ impl Core {
             && current.labels == want.labels
         {
             return Ok(arm.map(|_| current));
+        }
+        let mut what = Vec::new();
+        if current.accepted != want.accepted {
+            what.push(format!("accepted = {}", want.accepted));
+        }
+        if current.cordoned != want.cordoned {
+            what.push(format!("cordoned = {}", want.cordoned));
+        }
+        if current.environment != want.environment {
+            what.push(format!("environment = {:?}", want.environment));
+        }
+        if current.labels != want.labels {
+            what.push(format!("labels = {:?}", want.labels));
         }
         let inv = Arc::clone(&self.inventory);
         let key = id.to_string();
@@ -806,6 +842,14 @@ impl Core {
         })
         .await?;
         tracing::info!(id = %s.id, accepted = s.accepted, cordoned = s.cordoned, environment = s.environment.as_deref(), "server changed by the cluster");
+        self.audit.record(
+            "kubernetes",
+            None,
+            "server_spec_applied",
+            Some(&s.id),
+            Outcome::Ok,
+            Some(what.join(", ")),
+        );
         self.changed(&s.id);
         Ok(Some(s))
     }

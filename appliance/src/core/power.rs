@@ -3,6 +3,7 @@
 //! recording each outcome on the server. A failed BMC operation is not a core error: it
 //! is an outcome, recorded and returned with its reason.
 
+use crate::audit::Outcome as Audited;
 use crate::timeline::{Step, Who};
 use std::sync::Arc;
 
@@ -220,6 +221,30 @@ impl Core {
         })
         .await
         .map_err(|e| CoreError::Internal(format!("the BMC operation task failed: {e}")))?;
+        // Its BMC credentials were used (a status read, polled, is left out: it changes
+        // nothing and would bury the rest).
+        if !matches!(operation, Operation::Status) {
+            let (outcome, detail) = match &report {
+                Ok(r) if r.event.ok => (Audited::Ok, r.event.operation.clone()),
+                Ok(r) => (
+                    Audited::Failed,
+                    format!(
+                        "{}: {}",
+                        r.event.operation,
+                        r.event.message.clone().unwrap_or_default()
+                    ),
+                ),
+                Err(e) => (Audited::Failed, format!("{}: {e}", operation.describe())),
+            };
+            self.audit.record(
+                "appliance",
+                None,
+                "bmc_credentials_used",
+                Some(id),
+                outcome,
+                Some(detail),
+            );
+        }
         // A status read changes nothing on the machine: not a step of its boot.
         if let (Ok(r), false) = (&report, matches!(operation, Operation::Status)) {
             self.timeline.witness(

@@ -8,6 +8,7 @@
 //! | GET, DELETE | `/api/v1/servers/{id}` | get or delete a server |
 //! | GET | `/api/v1/servers/{id}/boots` | the server's boots as witnessed, step by step (DHCP, TFTP, script, fetches, registration, config, done, power) with times and gaps |
 //! | GET | `/api/v1/boots` | every machine witnessed booting, registered or not, latest first (`?limit=`, default 100) |
+//! | GET | `/api/v1/audit` | the audit log, oldest first: `?after=SEQ` (entries after it) or the newest; `?limit=` (default 200) |
 //! | GET | `/api/v1/boots/{mac}` | one witnessed machine, by MAC (or `ip:<address>` before its MAC is known) |
 //! | POST | `/api/v1/servers/{id}/{accept,unaccept,cordon,uncordon}` | flags |
 //! | POST | `/api/v1/servers/{id}/arm` | open a provisioning window (and clear an alarm): the machine's next boot gets its secrets |
@@ -32,6 +33,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 
 use super::{Body, HttpContext, bearer, json, json_error, query_param, read_body, status_of};
+use crate::audit::Outcome;
 use crate::bmc::{BmcSettings, BootSetting, Protocol, TlsSettings};
 use crate::core::{Core, CoreError, PowerReport, RegistrationProof, ServerEdit};
 use crate::inventory::CloseReason;
@@ -172,7 +174,39 @@ async fn json_body<T: for<'de> Deserialize<'de>>(
 }
 
 /// Everything else under `/api/v1/`.
-pub async fn admin(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> {
+pub async fn admin(ctx: &HttpContext, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = admin_routes(ctx, req).await;
+    let status = resp.status();
+    let server = path
+        .strip_prefix("/api/v1/servers/")
+        .and_then(|rest| rest.split('/').next())
+        .map(|id| {
+            percent_encoding::percent_decode_str(id)
+                .decode_utf8_lossy()
+                .into_owned()
+        });
+    // Every change, and every request a credential did not back; reads are not actions.
+    let (who, outcome) = match status {
+        StatusCode::UNAUTHORIZED => ("unknown", Outcome::Refused),
+        _ if method == Method::GET => return resp,
+        s if s.is_success() => ("admin", Outcome::Ok),
+        s if s.is_client_error() => ("admin", Outcome::Refused),
+        _ => ("admin", Outcome::Failed),
+    };
+    ctx.core.audit().record(
+        who,
+        Some(peer.ip()),
+        format!("admin {method} {path}"),
+        server.as_deref(),
+        outcome,
+        (!status.is_success()).then(|| format!("answered {}", status.as_u16())),
+    );
+    resp
+}
+
+async fn admin_routes(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> {
     // A browser sends the token only to the name it was given; a page rebinding its own
     // name to our address would get here with its name in Host.
     let host = req
@@ -234,6 +268,17 @@ pub async fn admin(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> 
             Ok(json(StatusCode::OK, &core.witnessed(limit)))
         }
         (Method::GET, ["boots", key]) => core.witnessed_one(key).map(|m| json(StatusCode::OK, &m)),
+        (Method::GET, ["audit"]) => {
+            let after = query_param(&req, "after").and_then(|a| a.parse::<u64>().ok());
+            let limit = query_param(&req, "limit")
+                .and_then(|l| l.parse::<usize>().ok())
+                .unwrap_or(200)
+                .min(10_000);
+            core.audit()
+                .entries(after, limit)
+                .map(|e| json(StatusCode::OK, &e))
+                .map_err(CoreError::from)
+        }
         (Method::DELETE, ["servers", id]) => core
             .delete_server(id)
             .await

@@ -235,7 +235,7 @@ async fn route(
             ("register", too_many())
         }
         (_, "/api/v1/register") => ("register", api::register(&ctx, peer, req).await),
-        (_, p) if p.starts_with("/api/v1/") => ("admin", api::admin(&ctx, req).await),
+        (_, p) if p.starts_with("/api/v1/") => ("admin", api::admin(&ctx, peer, req).await),
         _ => (
             "other",
             text(StatusCode::NOT_FOUND, format!("no such resource: {path}")),

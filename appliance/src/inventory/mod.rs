@@ -15,15 +15,16 @@ pub mod model;
 use std::path::Path;
 
 use redb::{
-    Database, MultimapTableDefinition, ReadableMultimapTable, ReadableTable, TableDefinition,
-    WriteTransaction,
+    Database, MultimapTableDefinition, ReadableMultimapTable, ReadableTable, ReadableTableMetadata,
+    TableDefinition, WriteTransaction,
 };
 
 use crate::bmc::BmcSettings;
 use crate::registration::ValidRegistration;
 pub use model::{
-    Alarm, AlarmKind, BootRecord, Claim, CloseReason, Grant, InstalledBy, PowerEvent, PowerRecord,
-    Provisioning, Refusal, Requester, SecretKind, SecretUse, Server, Window, WindowClose, now,
+    Alarm, AlarmKind, AuditEntry, BootRecord, Claim, CloseReason, Grant, InstalledBy, PowerEvent,
+    PowerRecord, Provisioning, Refusal, Requester, SecretKind, SecretUse, Server, Window,
+    WindowClose, now,
 };
 
 const SERVERS: TableDefinition<&str, &[u8]> = TableDefinition::new("servers");
@@ -36,6 +37,8 @@ const BY_UUID: MultimapTableDefinition<&str, &str> =
 /// Each server's window secret, hashed (see `core::identity`), apart from the record the
 /// admin API shows.
 const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("window_grants");
+/// The audit log: entries by sequence number, append-only, the oldest pruned.
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// Facts about the store itself (migrations done).
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Set once every configuration blob is sealed.
@@ -135,6 +138,7 @@ impl Inventory {
         txn.open_multimap_table(BY_UUID)?;
         txn.open_table(GRANTS)?;
         txn.open_table(META)?;
+        txn.open_table(AUDIT)?;
         txn.commit()?;
         Ok(Inventory { db })
     }
@@ -458,6 +462,73 @@ impl Inventory {
     /// Records a served boot.
     pub fn record_boot(&self, id: &str, record: BootRecord) -> Result<Server> {
         self.update(id, |s| s.push_boot(record))
+    }
+
+    /// Appends `entries` to the audit log in one commit, numbering them, then prunes
+    /// entries older than `min_at_ms` and the oldest past `max_entries`. The numbers given.
+    pub fn append_audit(
+        &self,
+        entries: &mut [AuditEntry],
+        min_at_ms: u64,
+        max_entries: u64,
+    ) -> Result<std::ops::RangeInclusive<u64>> {
+        let txn = self.db.begin_write()?;
+        let range = {
+            let mut t = txn.open_table(AUDIT)?;
+            let mut next = t.last()?.map_or(1, |(k, _)| k.value() + 1);
+            let first = next;
+            for e in entries.iter_mut() {
+                e.seq = next;
+                let bytes = serde_json::to_vec(e).unwrap_or_default();
+                t.insert(next, bytes.as_slice())?;
+                next += 1;
+            }
+            let mut stale = Vec::new();
+            let over = t.len()?.saturating_sub(max_entries);
+            for row in t.iter()? {
+                let (k, v) = row?;
+                let old = serde_json::from_slice::<AuditEntry>(v.value())
+                    .map_or(true, |e| e.at_ms < min_at_ms);
+                if (stale.len() as u64) < over || old {
+                    stale.push(k.value());
+                } else {
+                    break;
+                }
+            }
+            for k in stale {
+                t.remove(k)?;
+            }
+            first..=next.saturating_sub(1)
+        };
+        txn.commit()?;
+        Ok(range)
+    }
+
+    /// Audit entries after `after`, oldest first, at most `limit`.
+    pub fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(AUDIT)?;
+        let mut out = Vec::new();
+        for row in t.range(after.saturating_add(1)..)?.take(limit) {
+            let (k, v) = row?;
+            out.push(serde_json::from_slice(v.value()).map_err(|source| {
+                InventoryError::Corrupt {
+                    id: format!("audit {}", k.value()),
+                    source,
+                }
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// The newest `limit` audit entries, oldest first.
+    pub fn audit_tail(&self, limit: usize) -> Result<Vec<AuditEntry>> {
+        let last = {
+            let txn = self.db.begin_read()?;
+            let t = txn.open_table(AUDIT)?;
+            t.last()?.map_or(0, |(k, _)| k.value())
+        };
+        self.audit(last.saturating_sub(limit as u64), limit)
     }
 }
 

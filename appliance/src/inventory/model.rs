@@ -172,6 +172,32 @@ pub struct BootRecord {
     pub source: Option<IpAddr>,
 }
 
+/// One entry of the audit log: who did what to what, from where, when, and how it
+/// ended. Append-only; `seq` is given when it is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AuditEntry {
+    #[serde(default)]
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// `admin` (the admin token), `kubernetes`, `machine <uuid>`, `appliance`, or
+    /// `unknown` for a credential that proved nothing.
+    pub who: String,
+    /// The address the request came from, when there was one.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// What was done or asked: `admin POST /api/v1/servers/x/accept`,
+    /// `config_served`, `registration_refused`, …
+    pub action: String,
+    /// The server it was about.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// `ok`, `refused` or `failed`.
+    pub outcome: String,
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
 /// The power side of a server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct PowerRecord {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::super::{Core, CoreError, Result, blocking, secret_eq};
 use super::*;
+use crate::audit::Outcome;
 use crate::inventory::{InstalledBy, Tx, now};
 use crate::metrics::Metrics;
 use crate::timeline::{Step, Who};
@@ -67,6 +68,18 @@ impl Core {
             Err((label, e)) => (label, Err(e)),
         };
         Metrics::inc(&self.metrics.configdata, "result", label);
+        let (outcome, detail) = match &result {
+            Ok(_) => (Outcome::Ok, None),
+            Err(e) => (refusal(e), Some(e.to_string())),
+        };
+        self.audit.record(
+            format!("machine {uuid}"),
+            Some(source),
+            "config_served",
+            Some(uuid),
+            outcome,
+            detail,
+        );
         result
     }
 
@@ -84,6 +97,14 @@ impl Core {
             .await
             .map_err(|(label, e)| {
                 self.step("installed", label);
+                self.audit.record(
+                    format!("machine {uuid}"),
+                    Some(source),
+                    "install_reported",
+                    Some(uuid),
+                    refusal(&e),
+                    Some(e.to_string()),
+                );
                 e
             })?;
         if server.provisioning.claim.is_none() {
@@ -273,4 +294,13 @@ fn done_in(
         retry: false,
         first_for_claim: false,
     })
+}
+
+/// How a refused request reads in the audit log: refused when a credential or a rule
+/// said no, failed when something broke.
+pub(in crate::core) fn refusal(e: &CoreError) -> Outcome {
+    match e {
+        CoreError::Store(_) | CoreError::Internal(_) | CoreError::Template(_) => Outcome::Failed,
+        _ => Outcome::Refused,
+    }
 }

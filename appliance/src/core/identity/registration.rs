@@ -45,6 +45,32 @@ impl Core {
         proof: RegistrationProof<'_>,
         source: IpAddr,
     ) -> Result<crate::registration::RegistrationResponse> {
+        let uuid = req.uuid.clone();
+        let result = self.register_checked(req, proof, source).await;
+        let (outcome, detail) = match &result {
+            Ok(r) => (
+                crate::audit::Outcome::Ok,
+                Some(format!("as {}", r.server_id)),
+            ),
+            Err(e) => (super::configdata::refusal(e), Some(e.to_string())),
+        };
+        self.audit.record(
+            format!("machine {uuid}"),
+            Some(source),
+            "registration",
+            Some(&uuid),
+            outcome,
+            detail,
+        );
+        result
+    }
+
+    async fn register_checked(
+        &self,
+        req: crate::registration::RegistrationRequest,
+        proof: RegistrationProof<'_>,
+        source: IpAddr,
+    ) -> Result<crate::registration::RegistrationResponse> {
         let count =
             |label: &'static str| Metrics::inc(&self.metrics.registrations, "result", label);
         let hash = match proof {

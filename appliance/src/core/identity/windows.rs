@@ -41,6 +41,14 @@ impl Core {
             "{}; no secret goes out until an operator arms the server again",
             alarm.message
         );
+        self.audit.record(
+            "appliance",
+            Some(alarm.second.source),
+            format!("alarm_{}", alarm.kind.name()),
+            Some(&s.id),
+            crate::audit::Outcome::Refused,
+            Some(alarm.message.clone()),
+        );
         let _ = self
             .events
             .send(ServerEvent::Alarm(s.id.clone(), alarm.clone()));
