@@ -286,7 +286,62 @@ impl Metrics {
             "Requests and connections refused by an abuse limit, by edge and limit (connections, per_source_connections, idle, body_time, boot_rate, registration_rate, unaccepted)",
             m.limited.clone(),
         );
-        Metrics { registry, ..m }
+        let m = Metrics { registry, ..m };
+        m.zero_series();
+        m
+    }
+
+    /// Series an alert or the dashboard reads, present at 0 from the start: a counter
+    /// that first appears at 1 has no increase to alert on, and an absent series reads
+    /// as "no data" rather than "none".
+    fn zero_series(&self) {
+        let families: [(&Family<Labels, Counter>, &'static str, &[&'static str]); 7] = [
+            (
+                &self.identity_alarms,
+                "kind",
+                &["second_requester", "secret_replayed"],
+            ),
+            (&self.configdata, "result", &["served", "forbidden"]),
+            (&self.registrations, "result", &["created", "unauthorized"]),
+            (&self.tftp_transfers, "outcome", &["complete", "timeout"]),
+            (&self.tftp_errors, "kind", &["truncated"]),
+            (
+                &self.boot_decisions,
+                "action",
+                &["discover", "environment", "local-disk", "wipe", "deny"],
+            ),
+            (&self.dhcp_requests, "result", &["answered"]),
+        ];
+        for (family, key, values) in families {
+            for v in values {
+                let _ = family.get_or_create(&[(key, *v)]);
+            }
+        }
+        for v in ["ok", "refused", "failed"] {
+            let _ = self.audit_entries.get_or_create(&[("outcome", v)]);
+        }
+        for op in ["status", "power", "bootdev"] {
+            let _ = self
+                .bmc_operations
+                .get_or_create(&[("operation", op), ("result", "ok")]);
+        }
+        for direction in ["push", "pull"] {
+            for result in ["ok", "error"] {
+                let _ = self
+                    .controller_syncs
+                    .get_or_create(&[("direction", direction), ("result", result)]);
+            }
+        }
+        for step in ["claim", "config_served", "installed", "release", "wiped"] {
+            let _ = self
+                .provisioning_steps
+                .get_or_create(&[("step", step), ("result", "ok")]);
+        }
+        for (route, status) in [("boot", "2xx"), ("boot", "5xx"), ("env", "2xx")] {
+            let _ = self
+                .http_requests
+                .get_or_create(&[("route", route), ("status", status)]);
+        }
     }
 
     /// Counts one event in a single-label family.

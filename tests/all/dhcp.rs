@@ -15,7 +15,12 @@ fn pxe_request(xid: u32, arch: u16, user_class: Option<&[u8]>) -> Vec<u8> {
 }
 
 /// A PXE client's ProxyDHCP REQUEST (to the PXE port) from the machine with `mac`.
-fn pxe_request_of(mac: [u8; 6], xid: u32, arch: u16, user_class: Option<&[u8]>) -> Vec<u8> {
+pub(crate) fn pxe_request_of(
+    mac: [u8; 6],
+    xid: u32,
+    arch: u16,
+    user_class: Option<&[u8]>,
+) -> Vec<u8> {
     let mut m = Message::new_with_id(
         xid,
         Ipv4Addr::LOCALHOST,
@@ -37,7 +42,7 @@ fn pxe_request_of(mac: [u8; 6], xid: u32, arch: u16, user_class: Option<&[u8]>) 
     m.to_vec().unwrap()
 }
 
-fn exchange(sock: &UdpSocket, to: std::net::SocketAddr, pkt: &[u8]) -> Message {
+pub(crate) fn exchange(sock: &UdpSocket, to: std::net::SocketAddr, pkt: &[u8]) -> Message {
     sock.send_to(pkt, to).unwrap();
     let mut buf = [0u8; 1500];
     let (n, from) = sock.recv_from(&mut buf).expect("a proxyDHCP answer");

@@ -10,6 +10,7 @@ mod identity;
 mod ipmi;
 mod limits;
 mod loadtest;
+mod observability;
 mod plugins;
 mod power;
 mod redfish;

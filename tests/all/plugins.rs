@@ -26,7 +26,7 @@ pub fn built() -> &'static Path {
 
 /// One compile cache for every test, signed with one key, so big plugins are compiled
 /// once per run.
-fn cache_toml() -> String {
+pub(crate) fn cache_toml() -> String {
     format!(
         "cache_dir = \"{0}/plugin-cache\"\ncache_key_file = \"{0}/plugin-cache.key\"\n",
         env!("CARGO_TARGET_TMPDIR")
@@ -46,14 +46,14 @@ fn plugins_dir(a: &Appliance) -> PathBuf {
 }
 
 /// Places a file atomically, as an operator's `cp` + `mv` would.
-fn install(dir: &Path, name: &str, bytes: &[u8]) {
+pub(crate) fn install(dir: &Path, name: &str, bytes: &[u8]) {
     std::fs::create_dir_all(dir).unwrap();
     let tmp = dir.join(format!(".{name}.tmp"));
     std::fs::write(&tmp, bytes).unwrap();
     std::fs::rename(&tmp, dir.join(name)).unwrap();
 }
 
-fn shipped(name: &str) -> Vec<u8> {
+pub(crate) fn shipped(name: &str) -> Vec<u8> {
     std::fs::read(built().join(name)).unwrap()
 }
 

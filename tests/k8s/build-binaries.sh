@@ -10,7 +10,8 @@
 # $ARGES_CACHE/k8s/<versions>/bin, and reused while the pins stay the same. The providers
 # live in bin/capi-<versions>/ ({cluster-api,cabpt} and crds/), which bin/capi links to;
 # clusterctl, from the same Cluster API release, is bin/clusterctl-<version>, linked as
-# bin/clusterctl.
+# bin/clusterctl. promtool (Prometheus's rule checker, for deploy/observability) is
+# bin/promtool-<version>, linked as bin/promtool.
 # Prints the bin folder.
 #
 # k8s.io/kubernetes requires its ~30 staging modules (k8s.io/api, k8s.io/apiserver, …) at
@@ -34,10 +35,14 @@ providers="$out/capi-$CAPI_VERSION-cabpt-$CABPT_VERSION-static"
 runtime="$out/containerd-$CONTAINERD_VERSION"
 clusterctl="$out/clusterctl-$CAPI_VERSION"
 cert_manager="$out/cert-manager-$CERT_MANAGER_VERSION"
+# Prometheus's Go module versions are v0.<major*100+minor>.<patch>: v0.316.0 is 3.16.0.
+PROMETHEUS_VERSION="${ARGES_PROMETHEUS_VERSION:-v0.316.0}"
+promtool="$out/promtool-$PROMETHEUS_VERSION"
 
 have_control_plane() { [ -x "$out/kube-apiserver" ] && [ -x "$out/kubectl" ] && [ -x "$out/etcd" ]; }
 have_providers() { [ -x "$providers/cluster-api" ] && [ -x "$providers/cabpt" ] && [ -f "$providers/crds/.complete" ]; }
 have_clusterctl() { [ -x "$clusterctl" ]; }
+have_promtool() { [ -x "$promtool" ]; }
 have_cert_manager() {
   [ -x "$cert_manager/controller" ] && [ -x "$cert_manager/cainjector" ] && [ -x "$cert_manager/webhook" ] &&
     [ -f "$cert_manager/cert-manager.yaml" ]
@@ -52,8 +57,10 @@ link_versions() {
   ln -sfn "$(basename "$runtime")" "$out/containerd"
   ln -sfn "$(basename "$clusterctl")" "$out/clusterctl"
   ln -sfn "$(basename "$cert_manager")" "$out/cert-manager"
+  ln -sfn "$(basename "$promtool")" "$out/promtool"
 }
-if have_control_plane && have_providers && have_node && have_clusterctl && have_cert_manager; then
+if have_control_plane && have_providers && have_node && have_clusterctl && have_cert_manager &&
+  have_promtool; then
   link_versions
   echo "$out"
   exit 0
@@ -238,10 +245,21 @@ build_node() {
     CGO_ENABLED=0 go build -trimpath -tags urfave_cli_no_docs -ldflags "$cd_ldflags" -o "$runtime/containerd-shim-runc-v2" ./cmd/containerd-shim-runc-v2)
 }
 
+# promtool, from the Prometheus module (its cmd/promtool; go install takes the module's
+# own go.mod, which has no replace directive).
+build_promtool() {
+  log "building promtool $PROMETHEUS_VERSION"
+  local bin="$work/promtool"
+  GOBIN="$bin" CGO_ENABLED=0 go install -trimpath \
+    "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
+  mv "$bin/promtool" "$promtool"
+}
+
 have_control_plane || build_control_plane
 have_providers || build_providers
 have_clusterctl || build_clusterctl
 have_cert_manager || build_cert_manager
+have_promtool || build_promtool
 have_node || build_node
 link_versions
 echo "$out"

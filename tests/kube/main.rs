@@ -1,7 +1,7 @@
 //! Kubernetes mode against a real control plane (etcd + kube-apiserver built from Go
 //! modules): CRDs, Server sync with the real agent, kubectl driving the next boot,
 //! validation, an apiserver restart, least-privilege RBAC, and several appliances sharing
-//! one cluster.
+//! one cluster; and promtool over the alert rules of `deploy/observability`.
 //!
 //! The first run builds the control plane (minutes), so `cargo test` leaves these out
 //! (ignored); `tests/run-all.sh` builds it and runs them.
@@ -619,4 +619,38 @@ fn appliances_share_a_cluster_and_replicas_elect_one_leader() {
     assert!(replica.terminate().success(), "{}", replica.log());
     assert_eq!(holder(), "", "the Lease of {leading} given up");
     assert!(replica.log().contains("Lease released"));
+}
+
+/// `deploy/observability/alerts.yaml` is valid Prometheus rules, and its unit tests
+/// (`alerts-test.yaml`: a healthy appliance fires nothing, each trouble fires its alert
+/// with its labels and text) pass under promtool, built from the Prometheus module.
+#[test]
+#[ignore = "promtool (built from the Prometheus Go module); tests/run-all.sh runs it"]
+fn the_alert_rules_pass_promtool_and_their_unit_tests() {
+    let promtool = test_support::control_plane::bin_dir().join("promtool");
+    assert!(
+        promtool.is_file(),
+        "{} is missing: run tests/k8s/build-binaries.sh",
+        promtool.display()
+    );
+    let dir = test_support::repo().join("deploy/observability");
+    for args in [
+        ["check", "rules", "alerts.yaml"],
+        ["test", "rules", "alerts-test.yaml"],
+    ] {
+        let out = std::process::Command::new(&promtool)
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("SUCCESS"),
+            "promtool {args:?}:\n{text}"
+        );
+    }
 }
