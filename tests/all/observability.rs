@@ -121,7 +121,7 @@ fn every_alert_and_dashboard_query_names_what_the_appliance_exports() {
     let _ = curl(&[&format!("tftp://{}/ipxe.efi", a.tftp)]);
     for i in 1..=3 {
         let r = Registration::numbered(i);
-        let (_, script) = a.boot_script(r.uuid(), &r.mac(), "127.0.0.1");
+        let (_, script) = a.boot_script(r.uuid(), r.mac(), "127.0.0.1");
         if let Some(kernel) = script
             .lines()
             .find_map(|l| l.strip_prefix("kernel "))
