@@ -261,6 +261,7 @@ pub async fn run(
         assets: Arc::new(FileRoot::new(&config.assets_dir, config.cache)),
         boot_files: Arc::clone(&boot_files),
         guard: http::guard::Guard::new(config.http.limits.clone()),
+        sessions: http::console::Sessions::default(),
     });
     let admin_apart = !config.http.admin_listen.is_empty();
     let machines = http::Role::Machines {

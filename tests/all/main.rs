@@ -3,6 +3,7 @@
 mod agent;
 mod chassis;
 mod config;
+mod console;
 mod crash;
 mod dhcp;
 mod http;

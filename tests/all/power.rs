@@ -18,7 +18,7 @@ use test_support::ipmi_sim::{Bmc, SUPERMICRO};
 use test_support::{ADMIN_TOKEN, Appliance, Registration, raw_http, runtime};
 
 /// An appliance with every shipped driver (and the faulty one) in its plugins folder.
-fn appliance(extra: &str) -> Appliance {
+pub(crate) fn appliance(extra: &str) -> Appliance {
     let dir = Appliance::prepare(extra);
     let plugins = dir.path().join("data/plugins");
     std::fs::create_dir_all(&plugins).unwrap();
@@ -50,12 +50,12 @@ fn api(a: &Appliance, method: &str, path: &str, body: Value) -> (u16, Value) {
     (status, v)
 }
 
-fn set_bmc(a: &Appliance, id: &str, bmc: Value) {
+pub(crate) fn set_bmc(a: &Appliance, id: &str, bmc: Value) {
     let (status, v) = api(a, "PUT", &format!("/api/v1/servers/{id}/bmc"), bmc);
     assert_eq!(status, 200, "{v}");
 }
 
-fn ipmi_bmc(addr: SocketAddr, password: &str) -> Value {
+pub(crate) fn ipmi_bmc(addr: SocketAddr, password: &str) -> Value {
     json!({"address": addr.to_string(), "protocol": "ipmi", "username": "admin", "password": password})
 }
 

@@ -115,22 +115,6 @@ fn step_summary(w: &crate::timeline::Witnessed) -> String {
     }
 }
 
-/// Where the server stands in a cluster's life, for `kubectl get servers`.
-fn phase(s: &Server) -> &'static str {
-    let p = &s.provisioning;
-    if s.alarm.is_some() {
-        return "Alarm";
-    }
-    match &p.claim {
-        Some(c) if c.installed_at.is_some() => "Installed",
-        Some(c) if c.powered_at.is_some() || c.config_served_at.is_some() => "Installing",
-        Some(_) => "Claimed",
-        None if p.wipe_requested_at.is_some() => "Wiping",
-        None if p.dirty => "Dirty",
-        None => "Available",
-    }
-}
-
 /// The apply patch of the status the appliance observes.
 fn status_patch(s: &Server, identity: &str, witnessed: Option<&Boot>) -> serde_json::Value {
     let addresses = addresses(s);
@@ -215,7 +199,7 @@ fn status_patch(s: &Server, identity: &str, witnessed: Option<&Boot>) -> serde_j
             "lastBoot": last_boot,
             "power": state,
             "clean": !s.provisioning.dirty,
-            "phase": phase(s),
+            "phase": s.phase(),
             "conditions": conditions,
         },
     });

@@ -189,6 +189,15 @@ impl std::fmt::Debug for Core {
     }
 }
 
+/// How a failed request reads in the audit log: refused when a credential or a rule
+/// said no, failed when something broke.
+pub fn audit_outcome(e: &CoreError) -> Outcome {
+    match e {
+        CoreError::Store(_) | CoreError::Internal(_) | CoreError::Template(_) => Outcome::Failed,
+        _ => Outcome::Refused,
+    }
+}
+
 /// The appliance's two long-lived tokens.
 #[derive(Clone)]
 pub struct Tokens {

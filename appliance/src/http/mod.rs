@@ -11,6 +11,7 @@ mod api;
 mod assets;
 mod boot;
 pub mod config;
+pub mod console;
 pub mod guard;
 
 use std::convert::Infallible;
@@ -43,6 +44,8 @@ pub struct HttpContext {
     pub boot_files: Arc<FileRoot>,
     /// The abuse limits.
     pub guard: Arc<guard::Guard>,
+    /// The console's sessions.
+    pub sessions: console::Sessions,
 }
 
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
@@ -176,7 +179,10 @@ async fn route(
 ) -> (&'static str, Response<Body>) {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    let admin_path = path.starts_with("/api/v1/") && path != "/api/v1/register";
+    // The console goes wherever the admin API goes.
+    let admin_path = (path.starts_with("/api/v1/") && path != "/api/v1/register")
+        || path == "/console"
+        || path.starts_with("/console/");
     let common = matches!(path.as_str(), "/healthz" | "/metrics");
     match role {
         Role::Admin if !admin_path && !common => {
@@ -236,6 +242,9 @@ async fn route(
         }
         (_, "/api/v1/register") => ("register", api::register(&ctx, peer, req).await),
         (_, p) if p.starts_with("/api/v1/") => ("admin", api::admin(&ctx, peer, req).await),
+        (_, p) if p == "/console" || p.starts_with("/console/") => {
+            ("console", console::console(&ctx, peer, req).await)
+        }
         _ => (
             "other",
             text(StatusCode::NOT_FOUND, format!("no such resource: {path}")),

@@ -474,6 +474,23 @@ pub struct Grant {
 }
 
 impl Server {
+    /// Where the server stands in a cluster's life (`kubectl get servers`, the console):
+    /// `Alarm`, `Installed`, `Installing`, `Claimed`, `Wiping`, `Dirty` or `Available`.
+    pub fn phase(&self) -> &'static str {
+        let p = &self.provisioning;
+        if self.alarm.is_some() {
+            return "Alarm";
+        }
+        match &p.claim {
+            Some(c) if c.installed_at.is_some() => "Installed",
+            Some(c) if c.powered_at.is_some() || c.config_served_at.is_some() => "Installing",
+            Some(_) => "Claimed",
+            None if p.wipe_requested_at.is_some() => "Wiping",
+            None if p.dirty => "Dirty",
+            None => "Available",
+        }
+    }
+
     /// Records a refused registration in the bounded list.
     pub fn push_refusal(&mut self, refusal: Refusal) {
         self.refusals.push_back(refusal);

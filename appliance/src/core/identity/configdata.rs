@@ -70,7 +70,7 @@ impl Core {
         Metrics::inc(&self.metrics.configdata, "result", label);
         let (outcome, detail) = match &result {
             Ok(_) => (Outcome::Ok, None),
-            Err(e) => (refusal(e), Some(e.to_string())),
+            Err(e) => (crate::core::audit_outcome(e), Some(e.to_string())),
         };
         self.audit.record(
             format!("machine {uuid}"),
@@ -102,7 +102,7 @@ impl Core {
                     Some(source),
                     "install_reported",
                     Some(uuid),
-                    refusal(&e),
+                    crate::core::audit_outcome(&e),
                     Some(e.to_string()),
                 );
                 e
@@ -294,13 +294,4 @@ fn done_in(
         retry: false,
         first_for_claim: false,
     })
-}
-
-/// How a refused request reads in the audit log: refused when a credential or a rule
-/// said no, failed when something broke.
-pub(in crate::core) fn refusal(e: &CoreError) -> Outcome {
-    match e {
-        CoreError::Store(_) | CoreError::Internal(_) | CoreError::Template(_) => Outcome::Failed,
-        _ => Outcome::Refused,
-    }
 }

@@ -52,7 +52,7 @@ impl Core {
                 crate::audit::Outcome::Ok,
                 Some(format!("as {}", r.server_id)),
             ),
-            Err(e) => (super::configdata::refusal(e), Some(e.to_string())),
+            Err(e) => (crate::core::audit_outcome(e), Some(e.to_string())),
         };
         self.audit.record(
             format!("machine {uuid}"),
