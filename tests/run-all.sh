@@ -15,10 +15,12 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # OVMF, dnsmasq as the site's DHCP server, busybox-static and cpio for the initramfs,
 # iproute2 for the namespaces; OpenIPMI's ipmi_sim and ipmitool for the BMC tests; runc,
 # the CNI plugins and util-linux's nsenter and unshare for the tests' Kubernetes node;
-# gcc for its pause container.
+# gcc for its pause container; chromium, its WebDriver and a font for the console's
+# browser test.
 packages=(curl tftp-hpa atftp binutils ca-certificates python3-venv wrk
   qemu-system-x86 ipxe-qemu ipxe ovmf dnsmasq-base busybox-static cpio gzip iproute2
-  openipmi ipmitool runc containernetworking-plugins util-linux gcc libc6-dev)
+  openipmi ipmitool runc containernetworking-plugins util-linux gcc libc6-dev
+  chromium chromium-driver fonts-dejavu-core)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -206,3 +206,235 @@ fn the_fleet_page_stays_small_and_quick_with_five_thousand_servers() {
         took.as_secs_f64() * 1000.0
     );
 }
+
+/// A headless Chromium driven over WebDriver (Debian's chromium and chromedriver).
+struct Browser {
+    driver: std::process::Child,
+    base: String,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let port = test_support::free_port();
+        test_support::require("chromedriver");
+        test_support::require("chromium");
+        let driver = std::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chromedriver starts (Debian package chromium-driver)");
+        let base = format!("http://127.0.0.1:{port}");
+        test_support::eventually(20, "chromedriver answering", || {
+            let (s, _, _) = curl(&[&format!("{base}/status")]);
+            (s == 200).then_some(())
+        });
+        let chromium = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .map(|d| d.join("chromium"))
+            .find(|p| p.is_file())
+            .expect("chromium on PATH");
+        let profile = tempfile::tempdir().unwrap();
+        let mut b = Browser {
+            driver,
+            base,
+            session: String::new(),
+            _profile: profile,
+        };
+        let caps = serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium.display().to_string(),
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
+                         format!("--user-data-dir={}", b._profile.path().display())]
+            }
+        }}});
+        let v = b.call("POST", "/session", Some(caps));
+        b.session = v["sessionId"]
+            .as_str()
+            .expect("a WebDriver session")
+            .to_string();
+        b
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+        let url = format!("{}{path}", self.base);
+        let body = body.map(|b| b.to_string());
+        let mut args = vec!["-X", method, "-H", "Content-Type: application/json"];
+        if let Some(b) = &body {
+            args.extend(["--data-binary", b]);
+        }
+        args.push(&url);
+        let (_, out, _) = curl(&args);
+        let v: serde_json::Value = serde_json::from_slice(&out)
+            .unwrap_or_else(|_| panic!("{method} {path}: {}", String::from_utf8_lossy(&out)));
+        v.get("value").cloned().unwrap_or(v)
+    }
+
+    fn s(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+        self.call(method, &format!("/session/{}{path}", self.session), body)
+    }
+
+    fn goto(&self, url: &str) {
+        self.s("POST", "/url", Some(serde_json::json!({ "url": url })));
+    }
+
+    fn find(&self, css: &str) -> String {
+        let v = self.s(
+            "POST",
+            "/element",
+            Some(serde_json::json!({"using": "css selector", "value": css})),
+        );
+        v.as_object()
+            .and_then(|o| o.values().next())
+            .and_then(|e| e.as_str())
+            .unwrap_or_else(|| panic!("no element {css}: {v}\n{}", self.source()))
+            .to_string()
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let e = self.find(css);
+        self.s(
+            "POST",
+            &format!("/element/{e}/value"),
+            Some(serde_json::json!({ "text": text })),
+        );
+    }
+
+    fn click(&self, css: &str) {
+        let e = self.find(css);
+        self.s(
+            "POST",
+            &format!("/element/{e}/click"),
+            Some(serde_json::json!({})),
+        );
+    }
+
+    fn source(&self) -> String {
+        self.s("GET", "/source", None)
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    fn accept_dialog(&self) -> String {
+        let text = self.s("GET", "/alert/text", None);
+        self.s("POST", "/alert/accept", Some(serde_json::json!({})));
+        text.as_str().unwrap_or_default().to_string()
+    }
+
+    fn resize(&self, width: u32, height: u32) {
+        self.s(
+            "POST",
+            "/window/rect",
+            Some(serde_json::json!({"width": width, "height": height})),
+        );
+    }
+
+    /// Saves a screenshot of the page as `name`.png among the test's artefacts.
+    fn screenshot(&self, name: &str) -> std::path::PathBuf {
+        use base64::Engine;
+        let png = self.s("GET", "/screenshot", None);
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().expect("a screenshot"))
+            .expect("base64");
+        assert!(bytes.starts_with(b"\x89PNG"), "a PNG");
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn wait_for(&self, what: &str, text: &str) -> String {
+        test_support::eventually(20, what, || {
+            let s = self.source();
+            s.contains(text).then_some(s)
+        })
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = self.s("DELETE", "", None);
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+#[test]
+fn a_real_browser_logs_in_watches_a_boot_live_powers_a_server_and_finds_it_audited() {
+    let a = crate::power::appliance("");
+    let r = Registration::numbered(9);
+    let id = r.uuid().to_string();
+    let _ = a.boot_script(&id, r.mac(), "127.0.0.1");
+    a.register(&r);
+    let bmc = Bmc::start();
+    crate::power::set_bmc(&a, &id, crate::power::ipmi_bmc(bmc.addr, "password"));
+    let b = Browser::start();
+
+    // A wrong token gets the login page again; the right one, the fleet.
+    b.goto(&a.url("/console/"));
+    b.wait_for("the login page", "Admin token");
+    b.screenshot("login");
+    b.type_into("#token", "not-the-token");
+    b.click("button[type=submit]");
+    b.wait_for("the refusal", "not the admin token");
+    b.type_into("#token", ADMIN_TOKEN);
+    b.click("button[type=submit]");
+    b.wait_for("the fleet", &id);
+    b.screenshot("fleet");
+    b.resize(390, 844);
+    b.screenshot("fleet-phone");
+    b.resize(1280, 900);
+
+    // Live boots: a machine that starts booting shows without a reload.
+    b.goto(&a.url("/console/boots"));
+    b.wait_for("the live page", "Live boots");
+    let newcomer = "52:54:00:00:0a:0b";
+    let _ = a.boot_script(
+        "00000000-0000-4000-8000-0000000a0a0b",
+        newcomer,
+        "127.0.0.1",
+    );
+    b.wait_for("the new boot, pushed live", newcomer);
+    b.screenshot("live-boots");
+
+    // The server's page: its timeline; power on through ipmi_sim, confirmed.
+    b.goto(&a.url(&format!("/console/servers/{id}")));
+    b.wait_for("the server page", "/boot.ipxe: discover");
+    b.screenshot("server");
+    b.click("form[data-confirm='Power this server on?'] button");
+    let asked = b.accept_dialog();
+    assert_eq!(asked, "Power this server on?");
+    b.wait_for("the action done", "power-on: done");
+    assert!(bmc.ipmitool_says_on(), "powered on from the browser");
+    b.wait_for("the power step in the timeline", "BMC power on");
+
+    // A forged cross-site form (another origin posting to the console) changes nothing.
+    let forged = format!(
+        "data:text/html,<form method=post action='{}'><input name=action value=cordon><input name=csrf value=x></form><script>document.forms[0].submit()</script>",
+        a.url(&format!("/console/servers/{id}/action"))
+    );
+    b.goto(&forged);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (_, server) = a.request(
+        "GET",
+        &format!("/api/v1/servers/{id}"),
+        Some(ADMIN_TOKEN),
+        b"",
+    );
+    let server: serde_json::Value = serde_json::from_slice(&server).unwrap();
+    assert_eq!(server["cordoned"], false, "the forged post did nothing");
+
+    // The audit log page has the power-on, by the console, from this browser.
+    test_support::eventually(10, "the power-on audited", || {
+        b.goto(&a.url("/console/audit"));
+        b.source().contains("console power-on").then_some(())
+    });
+    let shot = b.screenshot("audit");
+    eprintln!("console screenshots: {}", shot.parent().unwrap().display());
+}

@@ -261,8 +261,10 @@ fn timeline(b: &Boot) -> Markup {
                     @let (kind, words) = step_words(&s.step);
                     @let at = s.at_ms.saturating_sub(b.started_ms);
                     li class=(format!("step {kind}")) {
-                        span.track {
-                            span.bar style=(format!("margin-left:{:.1}%", at as f64 * 100.0 / total)) {}
+                        // SVG geometry, not a style attribute: the page's CSP allows no
+                        // inline style.
+                        svg.track viewBox="0 0 1000 10" preserveAspectRatio="none" role="img" aria-label=(format!("at {:.0}% of the boot", at as f64 * 100.0 / total)) {
+                            rect.bar x=(format!("{:.0}", at as f64 * 988.0 / total)) y="0" width="12" height="10" rx="2" {}
                         }
                         span.when { "+" (format!("{:.3}", at as f64 / 1000.0)) " s" }
                         span.gap { "(+" (format!("{:.3}", s.gap_ms as f64 / 1000.0)) " s)" }
