@@ -129,6 +129,14 @@ fn the_console_logs_in_shows_the_fleet_acts_with_csrf_and_audits_everything() {
         "the power-on is a step of the timeline: {page}"
     );
 
+    // Plugins: the drivers loaded, the one that powered the machine called.
+    let (_, plugins) = browse(&jar, &[&url("/console/plugins")]);
+    assert!(
+        plugins.contains("4 in the chain") && plugins.contains("driver-faults"),
+        "{plugins}"
+    );
+    assert!(plugins.contains("<td>ipmi</td>"), "{plugins}");
+
     // Live boots: the events stream carries the machine.
     let (_, events) = browse(&jar, &["--max-time", "2", &url("/console/boots/events")]);
     assert!(
@@ -429,6 +437,10 @@ fn a_real_browser_logs_in_watches_a_boot_live_powers_a_server_and_finds_it_audit
     );
     let server: serde_json::Value = serde_json::from_slice(&server).unwrap();
     assert_eq!(server["cordoned"], false, "the forged post did nothing");
+
+    b.goto(&a.url("/console/plugins"));
+    b.wait_for("the plugins page", "in the chain");
+    b.screenshot("plugins");
 
     // The audit log page has the power-on, by the console, from this browser.
     test_support::eventually(10, "the power-on audited", || {

@@ -162,6 +162,7 @@ fn layout(title: &str, csrf: Option<&str>, content: Markup) -> Markup {
                         nav {
                             a href="/console/" { "Fleet" }
                             a href="/console/boots" { "Live boots" }
+                            a href="/console/plugins" { "Plugins" }
                             a href="/console/audit" { "Audit log" }
                             form method="post" action="/console/logout" {
                                 input type="hidden" name="csrf" value=(csrf);
@@ -458,6 +459,81 @@ fn boots_fragment(machines: &[crate::timeline::Machine]) -> Markup {
     }
 }
 
+/// What the metrics say of each plugin: its loads and its calls by result.
+#[derive(Default)]
+struct PluginFigures {
+    loads: std::collections::BTreeMap<String, u64>,
+    calls: std::collections::BTreeMap<String, u64>,
+}
+
+/// The plugins page, read from the appliance's own metrics (loads and calls by plugin
+/// and result, the plugins in the chain, the mean decision time).
+fn plugins_page(metrics: &str, csrf: &str) -> Markup {
+    let mut by_plugin: std::collections::BTreeMap<String, PluginFigures> = Default::default();
+    let mut active = 0.0;
+    let (mut seconds, mut count) = (0.0, 0.0);
+    for line in metrics.lines() {
+        let value = |l: &str| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let label = |l: &str, k: &str| {
+            l.split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .map(String::from)
+        };
+        if line.starts_with("arges_plugins_active ") {
+            active = value(line);
+        } else if line.starts_with("arges_plugin_call_seconds_sum") {
+            seconds = value(line);
+        } else if line.starts_with("arges_plugin_call_seconds_count") {
+            count = value(line);
+        }
+        for (prefix, loads) in [
+            ("arges_plugin_loads_total{", true),
+            ("arges_plugin_calls_total{", false),
+        ] {
+            if line.starts_with(prefix)
+                && let (Some(plugin), Some(result)) = (label(line, "plugin"), label(line, "result"))
+            {
+                let f = by_plugin.entry(plugin).or_default();
+                let m = if loads { &mut f.loads } else { &mut f.calls };
+                *m.entry(result).or_default() += value(line) as u64;
+            }
+        }
+    }
+    let ok = |r: &str| matches!(r, "decided" | "pass" | "ok" | "compiled" | "cached");
+    layout(
+        "Plugins",
+        Some(csrf),
+        html! {
+            h1 { "Plugins" }
+            p.summary {
+                (active) " in the chain · "
+                @if count > 0.0 { "mean decision " (format!("{:.3}", seconds / count * 1000.0)) " ms over " (count) " calls" }
+                @else { "no decision yet" }
+            }
+            table.plugins {
+                thead { tr { th { "Plugin" } th { "Loads" } th { "Calls" } th { "Failing" } } }
+                tbody {
+                    @for (name, f) in &by_plugin {
+                        @let failing: u64 = f.calls.iter().chain(&f.loads).filter(|(r, _)| !ok(r)).map(|(_, n)| n).sum();
+                        tr {
+                            td { (name) }
+                            td { @for (r, n) in &f.loads { (r) ": " (n) " " } }
+                            td { @for (r, n) in &f.calls { (r) ": " (n) " " } }
+                            td class=(if failing > 0 { "phase alarm" } else { "" }) { (failing) }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
 fn audit_page(entries: &[crate::inventory::AuditEntry], csrf: &str) -> Markup {
     layout(
         "Audit log",
@@ -558,6 +634,10 @@ pub async fn console(
             ),
         ),
         (&Method::GET, "/console/boots/events") => live_events(ctx),
+        (&Method::GET, "/console/plugins") => page(
+            StatusCode::OK,
+            plugins_page(&core.metrics().render(), &csrf),
+        ),
         (&Method::GET, "/console/audit") => match core.audit().entries(None, 500) {
             Ok(entries) => page(StatusCode::OK, audit_page(&entries, &csrf)),
             Err(e) => error_page(&CoreError::from(e), &csrf),
