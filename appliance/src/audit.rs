@@ -19,7 +19,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Invalid;
-use crate::inventory::{AuditEntry, Inventory};
+use crate::inventory::{AuditEntry, Inventory, now_ms};
 use crate::metrics::Metrics;
 
 /// Entries held for the writer at most; past it the oldest go.
@@ -125,12 +125,6 @@ impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AuditLog")
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl AuditLog {

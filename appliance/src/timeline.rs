@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::inventory::now_ms;
+
 /// Quiet this long ends a boot: the next step starts another.
 pub const BOOT_IDLE: Duration = Duration::from_secs(10 * 60);
 /// Boots kept per machine.
@@ -240,12 +242,6 @@ impl std::fmt::Debug for Timeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Timeline")
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn address_key(ip: IpAddr) -> String {

@@ -423,6 +423,22 @@ fn guide_cluster_provisioned(
     bmc
 }
 
+/// Machines 1 to `n` registered on `a`, each accepted with a BMC of its own, and the
+/// ServerClass `qemu` that takes them: their BMCs and UUIDs.
+fn qemu_class_of(cp: &ControlPlane, a: &Appliance, n: u32) -> (Vec<Bmc>, Vec<String>) {
+    let bmcs: Vec<Bmc> = (0..n).map(|_| Bmc::start()).collect();
+    let uuids: Vec<String> = (1..=n).map(|i| register_machine(a, i)).collect();
+    for (uuid, bmc) in uuids.iter().zip(&bmcs) {
+        wait_for_server(cp, uuid);
+        accept_with_bmc(cp, uuid, bmc);
+    }
+    apply(
+        cp,
+        "apiVersion: metal.arges.dev/v1alpha1\nkind: ServerClass\nmetadata:\n  name: qemu\nspec:\n  qualifiers:\n    vendors: [QEMU]\n",
+    );
+    (bmcs, uuids)
+}
+
 /// Registers machine `i` (a QEMU machine with one disk) over the API; its UUID.
 fn register_machine(a: &Appliance, i: u32) -> String {
     a.register(&Registration::numbered(i))
@@ -543,16 +559,7 @@ fn machines_of_a_class_never_share_a_server_and_freed_servers_are_reused() {
     let (cp, capi) = control_plane();
     let a = provider_appliance(&cp, "release = \"power-off\"");
     server_bmc_secret(&cp);
-    let bmcs: Vec<Bmc> = (0..6).map(|_| Bmc::start()).collect();
-    let uuids: Vec<String> = (1..=6).map(|i| register_machine(&a, i)).collect();
-    for (uuid, bmc) in uuids.iter().zip(&bmcs) {
-        wait_for_server(&cp, uuid);
-        accept_with_bmc(&cp, uuid, bmc);
-    }
-    apply(
-        &cp,
-        "apiVersion: metal.arges.dev/v1alpha1\nkind: ServerClass\nmetadata:\n  name: qemu\nspec:\n  qualifiers:\n    vendors: [QEMU]\n",
-    );
+    let (bmcs, _) = qemu_class_of(&cp, &a, 6);
     eventually(60, "the class counts six free servers", || {
         (cp.field(&["serverclass", "qemu"], "{.status.available}") == "6").then_some(())
     });

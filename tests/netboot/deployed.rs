@@ -458,19 +458,10 @@ fn clusterctl_init_installs_every_provider_onto_the_node() {
     let started = Instant::now();
     let out = clusterctl(
         &[
-            "init",
-            "--core",
-            "cluster-api:v1.14.2",
-            "--bootstrap",
-            "talos:v0.6.11",
-            "--infrastructure",
-            "arges:v0.1.0",
-            "--control-plane",
-            "-",
-            "--wait-providers",
-            "--wait-provider-timeout",
-            "300",
-        ],
+            &test_support::cluster_api::CLUSTERCTL_INIT[..],
+            &["--wait-providers", "--wait-provider-timeout", "300"],
+        ]
+        .concat(),
         &[],
     );
     assert!(
@@ -535,19 +526,7 @@ fn clusterctl_init_installs_every_provider_onto_the_node() {
     // cert-manager's certificates): accepted and defaulted by Cluster API, and the
     // appliance clusterctl installed takes its MetalCluster up.
     let out = clusterctl(
-        &[
-            "generate",
-            "cluster",
-            "example-9",
-            "--target-namespace",
-            "default",
-            "--kubernetes-version",
-            "v1.35.4",
-            "--worker-machine-count",
-            "1",
-            "--infrastructure",
-            "arges:v0.1.0",
-        ],
+        &test_support::cluster_api::generate_example_9("default"),
         &[
             ("CONTROL_PLANE_ENDPOINT_HOST", "10.0.0.30"),
             ("CONTROL_PLANE_SERVER_CLASS", "control-plane"),

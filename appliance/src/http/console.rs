@@ -435,9 +435,7 @@ fn server_page(s: &Server, boots: &[Boot], csrf: &str, notice: Option<&str>) -> 
 }
 
 fn boots_fragment(machines: &[crate::timeline::Machine]) -> Markup {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = crate::inventory::now_ms();
     html! {
         table.live {
             thead { tr { th { "Machine" } th { "Server" } th { "Boot started" } th { "Latest step" } th { "Since" } } }

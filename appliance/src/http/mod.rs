@@ -283,10 +283,7 @@ fn witness_fetch(
 ) -> Response<Body> {
     let timeline = Arc::clone(ctx.core.timeline());
     let status = resp.status().as_u16();
-    let at_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-        .saturating_sub(started.elapsed().as_millis() as u64);
+    let at_ms = crate::inventory::now_ms().saturating_sub(started.elapsed().as_millis() as u64);
     let (parts, body) = resp.into_parts();
     let counted = CountedBody {
         inner: body,

@@ -24,7 +24,7 @@ use crate::registration::ValidRegistration;
 pub use model::{
     Alarm, AlarmKind, AuditEntry, BootRecord, Claim, CloseReason, Grant, InstalledBy, PowerEvent,
     PowerRecord, Provisioning, Refusal, Requester, SecretKind, SecretUse, Server, Window,
-    WindowClose, now,
+    WindowClose, now, now_ms,
 };
 
 const SERVERS: TableDefinition<&str, &[u8]> = TableDefinition::new("servers");

@@ -515,3 +515,10 @@ pub fn now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or_default()
 }
+
+/// Milliseconds since the Unix epoch (the timeline's and the audit log's clock).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -55,22 +55,7 @@ fn management_cluster(repo: &Path) -> (ControlPlane, ClusterApi) {
         "crd/certificates.cert-manager.io",
         "crd/issuers.cert-manager.io",
     ]);
-    clusterctl(
-        &cp,
-        repo,
-        &[
-            "init",
-            "--core",
-            "cluster-api:v1.14.2",
-            "--bootstrap",
-            "talos:v0.6.11",
-            "--infrastructure",
-            "arges:v0.1.0",
-            "--control-plane",
-            "-",
-        ],
-        &[],
-    );
+    clusterctl(&cp, repo, &test_support::cluster_api::CLUSTERCTL_INIT, &[]);
     cp.kubectl(&[
         "delete",
         "validatingwebhookconfigurations,mutatingwebhookconfigurations",
@@ -243,32 +228,11 @@ fn clusterctl_move_carries_a_provisioned_cluster_without_touching_a_machine() {
         "arges-system",
         "clusterctl.cluster.x-k8s.io/move=",
     ]);
-    let bmcs = [Bmc::start(), Bmc::start()];
-    let uuids: Vec<String> = (1..=2).map(|i| register_machine(&a, i)).collect();
-    for (uuid, bmc) in uuids.iter().zip(&bmcs) {
-        wait_for_server(&a_cp, uuid);
-        accept_with_bmc(&a_cp, uuid, bmc);
-    }
-    apply(
-        &a_cp,
-        "apiVersion: metal.arges.dev/v1alpha1\nkind: ServerClass\nmetadata:\n  name: qemu\nspec:\n  qualifiers:\n    vendors: [QEMU]\n",
-    );
+    let (bmcs, uuids) = qemu_class_of(&a_cp, &a, 2);
 
     // The template's cluster, one control-plane machine and one worker; its kubeconfig
     // names the workload "cluster" (the second apiserver, where the nodes appear).
-    let args = [
-        "generate",
-        "cluster",
-        "example-9",
-        "--target-namespace",
-        NS,
-        "--kubernetes-version",
-        "v1.35.4",
-        "--worker-machine-count",
-        "1",
-        "--infrastructure",
-        "arges:v0.1.0",
-    ];
+    let args = test_support::cluster_api::generate_example_9(NS);
     let values = [
         ("CONTROL_PLANE_ENDPOINT_HOST", "10.0.0.30"),
         ("CONTROL_PLANE_SERVER_CLASS", "qemu"),

@@ -18,6 +18,38 @@ use base64::Engine;
 use crate::control_plane::{ControlPlane, bin_dir};
 use crate::process::free_port;
 
+/// `clusterctl init` of every provider the tests install, at the releases they pin
+/// (deploy/versions.env), from the local repository (tests/k8s/clusterctl-repository.sh).
+pub const CLUSTERCTL_INIT: [&str; 9] = [
+    "init",
+    "--core",
+    "cluster-api:v1.14.2",
+    "--bootstrap",
+    "talos:v0.6.11",
+    "--infrastructure",
+    "arges:v0.1.0",
+    "--control-plane",
+    "-",
+];
+
+/// `clusterctl generate cluster example-9` from Arges's default template into `namespace`:
+/// one control-plane machine and one worker, at the tests' Kubernetes release.
+pub fn generate_example_9(namespace: &str) -> [&str; 11] {
+    [
+        "generate",
+        "cluster",
+        "example-9",
+        "--target-namespace",
+        namespace,
+        "--kubernetes-version",
+        "v1.35.4",
+        "--worker-machine-count",
+        "1",
+        "--infrastructure",
+        "arges:v0.1.0",
+    ]
+}
+
 /// The running Cluster API controllers.
 pub struct ClusterApi {
     dir: PathBuf,
