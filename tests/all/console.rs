@@ -376,12 +376,18 @@ impl Drop for Browser {
 #[test]
 fn a_real_browser_logs_in_watches_a_boot_live_powers_a_server_and_finds_it_audited() {
     let a = crate::power::appliance("");
-    let r = Registration::numbered(9);
-    let id = r.uuid().to_string();
-    let _ = a.boot_script(&id, r.mac(), "127.0.0.1");
-    a.register(&r);
+    // A machine boots and the real agent registers it (the recorded machine "a").
+    let id = "8c5e3f00-77aa-4b1e-9a00-0000000000a1".to_string();
+    let _ = a.boot_script(&id, "b8:ca:3a:00:00:0a", "127.0.0.1");
+    let agent = a.agent("a", test_support::REG_TOKEN, Some(&id));
+    assert!(
+        agent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&agent.stderr)
+    );
     let bmc = Bmc::start();
     crate::power::set_bmc(&a, &id, crate::power::ipmi_bmc(bmc.addr, "password"));
+    test_support::random_file(&a.tftp_root().join("ipxe.efi"), 100_000, 9);
     let b = Browser::start();
 
     // A wrong token gets the login page again; the right one, the fleet.
@@ -399,21 +405,42 @@ fn a_real_browser_logs_in_watches_a_boot_live_powers_a_server_and_finds_it_audit
     b.screenshot("fleet-phone");
     b.resize(1280, 900);
 
-    // Live boots: a machine that starts booting shows without a reload.
+    // Live boots: a boot storm (the appliance's own loadtest, bounded) fills the page
+    // while it is open, with no reload.
     b.goto(&a.url("/console/boots"));
     b.wait_for("the live page", "Live boots");
-    let newcomer = "52:54:00:00:0a:0b";
-    let _ = a.boot_script(
-        "00000000-0000-4000-8000-0000000a0a0b",
-        newcomer,
-        "127.0.0.1",
+    let storm = std::process::Command::new(test_support::bin())
+        .args([
+            "loadtest",
+            "--http",
+            &a.http.to_string(),
+            "--tftp",
+            &a.tftp.to_string(),
+        ])
+        .args([
+            "--token",
+            test_support::REG_TOKEN,
+            "--machines",
+            "20",
+            "--concurrency",
+            "4",
+        ])
+        .args(["--max-seconds", "60"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("arges loadtest");
+    let live = b.wait_for("the storm's machines, pushed live", "10adbeef-");
+    assert!(
+        live.contains("data-updated"),
+        "updated by the event stream, not a reload"
     );
-    b.wait_for("the new boot, pushed live", newcomer);
     b.screenshot("live-boots");
+    let storm = storm.wait_with_output().expect("the loadtest ends");
+    assert!(storm.status.success(), "the loadtest");
 
     // The server's page: its timeline; power on through ipmi_sim, confirmed.
     b.goto(&a.url(&format!("/console/servers/{id}")));
-    b.wait_for("the server page", "/boot.ipxe: discover");
+    b.wait_for("the server page", "registered as");
     b.screenshot("server");
     b.click("form[data-confirm='Power this server on?'] button");
     let asked = b.accept_dialog();

@@ -196,6 +196,20 @@ fn registration_becomes_a_server_and_kubectl_drives_the_next_boot() {
     // Registered, not accepted: local disk.
     let mac = "b8:ca:3a:00:00:0a";
     assert!(boot_script(&a, UUID_1, mac).contains("boot from local disk"));
+    // The Server's last boot, with what the appliance witnessed of it.
+    let witnessed = eventually(30, "the Server's lastBoot with its witnessed steps", || {
+        let s: serde_json::Value = cp.get(&["server", UUID_1]);
+        let last = &s["status"]["lastBoot"];
+        (last["action"] == "local-disk"
+            && last["witnessed"]["lastStep"]
+                .as_str()?
+                .starts_with("boot_script local-disk"))
+        .then(|| last["witnessed"].clone())
+    });
+    assert!(
+        witnessed["steps"].as_u64() >= Some(2),
+        "registered, then the script: {witnessed}"
+    );
     // The admin API defers to the cluster.
     let (code, body) = a.request(
         "POST",
