@@ -668,3 +668,68 @@ fn the_alert_rules_pass_promtool_and_their_unit_tests() {
         );
     }
 }
+
+/// In Kubernetes mode the console also takes the token of a Kubernetes user: the
+/// appliance (with the shipped RBAC) asks TokenReview who it is and SubjectAccessReview
+/// whether it may update Servers. A user allowed to gets a session, audited by name; one
+/// that is not, or a token the cluster does not know, gets the login page.
+#[test]
+#[ignore = "real kube-apiserver (built from Go modules); tests/run-all.sh runs it"]
+fn a_kubernetes_user_allowed_to_update_servers_logs_into_the_console() {
+    let cp = ControlPlane::start();
+    cp.apply_crds();
+    let rbac = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac/rbac.yaml");
+    cp.kubectl(&["apply", "-f", rbac]);
+    let a = appliance(&cp.service_account_kubeconfig(), "rack-1");
+    let operators = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: operator, namespace: default}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: viewer, namespace: default}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: fleet-operator}\nrules:\n- {apiGroups: [metal.arges.dev], resources: [servers], verbs: [get, list, update, patch]}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: fleet-operator}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: fleet-operator}\nsubjects:\n- {kind: ServiceAccount, name: operator, namespace: default}\n";
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], operators);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = |sa: &str| {
+        cp.kubectl(&["create", "token", sa, "-n", "default", "--duration=1h"])
+            .trim()
+            .to_string()
+    };
+    let login = |t: &str| {
+        let (s, _, headers) = test_support::curl(&[
+            "--data-urlencode",
+            &format!("token={t}"),
+            &a.url("/console/login"),
+        ]);
+        (s, headers.contains("set-cookie: arges_session="))
+    };
+    // The controller sets the reviewer as it starts: until then only the admin token.
+    let operator = token("operator");
+    eventually(30, "the operator's token accepted", || {
+        (login(&operator) == (303, true)).then_some(())
+    });
+    assert_eq!(
+        login(&token("viewer")),
+        (401, false),
+        "no right to update Servers"
+    );
+    assert_eq!(login("not-a-token"), (401, false));
+    assert_eq!(
+        login(ADMIN_TOKEN),
+        (303, true),
+        "the admin token still works"
+    );
+    eventually(10, "the logins audited by name", || {
+        let (_, body) = a.request("GET", "/api/v1/audit?after=0", Some(ADMIN_TOKEN), b"");
+        let all: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        let all = all.as_array()?;
+        let by = |who: &str, outcome: &str| {
+            all.iter().any(|e| {
+                e["action"] == "console login" && e["who"] == who && e["outcome"] == outcome
+            })
+        };
+        (by(
+            "kubernetes system:serviceaccount:default:operator (console)",
+            "ok",
+        ) && by("unknown", "refused"))
+        .then_some(())
+    });
+}

@@ -175,6 +175,9 @@ pub async fn run(
             instance: Some(holder.clone()),
         },
     );
+    core.set_reviewer(Arc::new(super::reviews::KubeReviewer {
+        client: client.clone(),
+    }));
     let (caches, writers) = Caches::new();
     let ctx = Arc::new(Context {
         client: client.clone(),

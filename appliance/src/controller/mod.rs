@@ -32,6 +32,8 @@ pub mod lease;
 #[cfg(feature = "kubernetes")]
 pub mod resources;
 #[cfg(feature = "kubernetes")]
+mod reviews;
+#[cfg(feature = "kubernetes")]
 pub mod server_classes;
 #[cfg(feature = "kubernetes")]
 pub mod servers;

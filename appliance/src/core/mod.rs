@@ -155,6 +155,8 @@ pub struct Core {
     dhcp_seen: Mutex<HashMap<String, u64>>,
     /// Where agents register over HTTPS (its port) and the certificate they pin.
     agent_tls: std::sync::OnceLock<(u16, String)>,
+    /// Kubernetes mode: who a console credential other than the admin token is.
+    reviewer: std::sync::OnceLock<Arc<dyn CredentialReviewer>>,
 }
 
 /// A change to the inventory, for edges that mirror it (the Kubernetes controller).
@@ -196,6 +198,22 @@ pub fn audit_outcome(e: &CoreError) -> Outcome {
         CoreError::Store(_) | CoreError::Internal(_) | CoreError::Template(_) => Outcome::Failed,
         _ => Outcome::Refused,
     }
+}
+
+/// Says who a credential is, from outside the core (Kubernetes mode: the cluster).
+pub trait CredentialReviewer: Send + Sync {
+    /// The user `token` authenticates as, if that user may operate the fleet; `Err` when
+    /// the reviewer could not be asked.
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = std::result::Result<Option<String>, String>>
+                + Send
+                + 'a,
+        >,
+    >;
 }
 
 /// The appliance's two long-lived tokens.
@@ -268,6 +286,7 @@ impl Core {
             boot_secrets: BootSecrets::default(),
             dhcp_seen: Mutex::new(HashMap::new()),
             agent_tls: std::sync::OnceLock::new(),
+            reviewer: std::sync::OnceLock::new(),
         }
     }
 
@@ -404,6 +423,25 @@ impl Core {
     /// Whether `token` is the admin token.
     pub fn is_admin(&self, token: &str) -> bool {
         secret_eq(token, &self.admin_token)
+    }
+
+    /// Kubernetes mode: console credentials other than the admin token are asked of
+    /// `reviewer` (the cluster's TokenReview and SubjectAccessReview).
+    pub fn set_reviewer(&self, reviewer: Arc<dyn CredentialReviewer>) {
+        let _ = self.reviewer.set(reviewer);
+    }
+
+    /// The operator a console credential names: `admin` for the admin token; in
+    /// Kubernetes mode, `kubernetes <user>` for a token of a user the cluster allows to
+    /// update Servers; `None` for anything else.
+    pub async fn operator(&self, token: &str) -> Result<Option<String>> {
+        if self.is_admin(token) {
+            return Ok(Some("admin".into()));
+        }
+        match self.reviewer.get() {
+            Some(r) if !token.is_empty() => r.review(token).await.map_err(CoreError::Internal),
+            _ => Ok(None),
+        }
     }
 
     /// Whether `token` is the registration token.

@@ -1,7 +1,9 @@
 //! The operator's console at `/console/`: server-rendered HTML (maud), a few lines of our
 //! own JavaScript (confirmations, live updates), served wherever the admin API is.
 //!
-//! Access: the admin token, typed once into the login form, is exchanged for a session
+//! Access: the admin token (or, in Kubernetes mode, the token of a Kubernetes user the
+//! cluster allows to update Servers: TokenReview, then SubjectAccessReview), typed once
+//! into the login form, is exchanged for a session
 //! (a random id in an `HttpOnly`, `SameSite=Strict` cookie scoped to `/console`, eight
 //! hours); the appliance keeps only the id's sha256. Every action is a POST carrying the
 //! session's CSRF token and, when the browser sends one, an `Origin` naming this host: a
@@ -48,6 +50,8 @@ pub struct Sessions {
 
 struct Session {
     csrf: String,
+    /// Who logged in (`admin`, or `kubernetes <user>`), for the audit log.
+    who: String,
     expires: Instant,
 }
 
@@ -62,8 +66,8 @@ fn hash(id: &str) -> String {
 }
 
 impl Sessions {
-    /// A new session: its id (for the cookie).
-    fn open(&self) -> String {
+    /// A new session for `who`: its id (for the cookie).
+    fn open(&self, who: &str) -> String {
         let id = random_hex();
         let mut m = self.by_hash.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
@@ -80,18 +84,19 @@ impl Sessions {
             hash(&id),
             Session {
                 csrf: random_hex(),
+                who: who.to_string(),
                 expires: now + SESSION,
             },
         );
         id
     }
 
-    /// The CSRF token of the live session `id`.
-    fn csrf_of(&self, id: &str) -> Option<String> {
+    /// The CSRF token and the operator of the live session `id`.
+    fn csrf_of(&self, id: &str) -> Option<(String, String)> {
         let m = self.by_hash.lock().unwrap_or_else(|p| p.into_inner());
         m.get(&hash(id))
             .filter(|s| s.expires > Instant::now())
-            .map(|s| s.csrf.clone())
+            .map(|s| (s.csrf.clone(), s.who.clone()))
     }
 
     fn close(&self, id: &str) {
@@ -603,7 +608,8 @@ pub async fn console(
         _ => {}
     }
     let session = cookie(&req);
-    let Some((id, csrf)) = session.and_then(|id| ctx.sessions.csrf_of(&id).map(|c| (id, c))) else {
+    let Some((id, (csrf, who))) = session.and_then(|id| ctx.sessions.csrf_of(&id).map(|c| (id, c)))
+    else {
         return login_page(StatusCode::UNAUTHORIZED, None);
     };
     let core = &ctx.core;
@@ -682,7 +688,7 @@ pub async fn console(
                 Err(e) => (crate::core::audit_outcome(e), Some(e.to_string())),
             };
             core.audit().record(
-                "admin (console)",
+                format!("{who} (console)"),
                 Some(peer.ip()),
                 format!("console {action}"),
                 Some(&sid),
@@ -770,23 +776,33 @@ async fn login(ctx: &HttpContext, peer: SocketAddr, req: Request<Incoming>) -> R
     }
     let form = form_of(req).await;
     let token = form.get("token").map(String::as_str).unwrap_or_default();
-    if !ctx.core.is_admin(token) {
-        ctx.core.audit().record(
-            "unknown",
-            Some(peer.ip()),
-            "console login",
-            None,
-            Outcome::Refused,
-            Some("wrong admin token".into()),
-        );
-        return login_page(
-            StatusCode::UNAUTHORIZED,
-            Some("That is not the admin token."),
-        );
-    }
-    let id = ctx.sessions.open();
+    let who = match ctx.core.operator(token).await {
+        Ok(Some(who)) => who,
+        Ok(None) => {
+            ctx.core.audit().record(
+                "unknown",
+                Some(peer.ip()),
+                "console login",
+                None,
+                Outcome::Refused,
+                Some("not the admin token, nor a Kubernetes user allowed to update Servers".into()),
+            );
+            return login_page(
+                StatusCode::UNAUTHORIZED,
+                Some("That is not the admin token."),
+            );
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "a console login could not be reviewed");
+            return login_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some("The credential could not be checked just now; try again."),
+            );
+        }
+    };
+    let id = ctx.sessions.open(&who);
     ctx.core.audit().record(
-        "admin (console)",
+        format!("{who} (console)"),
         Some(peer.ip()),
         "console login",
         None,
@@ -899,8 +915,9 @@ mod tests {
     #[test]
     fn sessions_are_found_by_their_id_only_and_close() {
         let s = Sessions::default();
-        let id = s.open();
-        let csrf = s.csrf_of(&id).expect("a live session");
+        let id = s.open("admin");
+        let (csrf, who) = s.csrf_of(&id).expect("a live session");
+        assert_eq!(who, "admin");
         assert_eq!(csrf.len(), 64);
         assert!(s.csrf_of(&random_hex()).is_none());
         assert!(
