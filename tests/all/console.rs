@@ -409,23 +409,16 @@ fn a_real_browser_logs_in_watches_a_boot_live_powers_a_server_and_finds_it_audit
     // while it is open, with no reload.
     b.goto(&a.url("/console/boots"));
     b.wait_for("the live page", "Live boots");
-    let storm = std::process::Command::new(test_support::bin())
+    let storm = a
+        .loadtest()
         .args([
-            "loadtest",
-            "--http",
-            &a.http.to_string(),
-            "--tftp",
-            &a.tftp.to_string(),
-        ])
-        .args([
-            "--token",
-            test_support::REG_TOKEN,
             "--machines",
             "20",
             "--concurrency",
             "4",
+            "--max-seconds",
+            "60",
         ])
-        .args(["--max-seconds", "60"])
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("arges loadtest");

@@ -2,31 +2,21 @@
 
 use std::process::Command;
 
-use test_support::{ADMIN_TOKEN, Appliance, REG_TOKEN, bin, random_file, run};
+use test_support::{ADMIN_TOKEN, Appliance, bin, random_file, run};
 
 #[test]
 fn a_small_boot_storm_registers_every_machine() {
     let a = Appliance::start("");
     random_file(&a.tftp_root().join("ipxe.efi"), 100_000, 50);
-    let out = run(Command::new(bin())
-        .args([
-            "loadtest",
-            "--http",
-            &a.http.to_string(),
-            "--tftp",
-            &a.tftp.to_string(),
-            "--token",
-            REG_TOKEN,
-        ])
-        .args([
-            "--machines",
-            "40",
-            "--concurrency",
-            "10",
-            "--max-seconds",
-            "120",
-            "--json",
-        ]));
+    let out = run(a.loadtest().args([
+        "--machines",
+        "40",
+        "--concurrency",
+        "10",
+        "--max-seconds",
+        "120",
+        "--json",
+    ]));
     assert!(
         out.status.success(),
         "{}\n{}",

@@ -242,6 +242,15 @@ impl Appliance {
         run(&mut cmd)
     }
 
+    /// `arges loadtest` aimed at this appliance with the shared registration token; the
+    /// caller adds the storm's size and bounds.
+    pub fn loadtest(&self) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.args(["loadtest", "--http", &self.http.to_string()])
+            .args(["--tftp", &self.tftp.to_string(), "--token", REG_TOKEN]);
+        cmd
+    }
+
     /// Registers `machine` over the API with the shared token; its UUID.
     pub fn register(&self, machine: &Registration) -> String {
         let (code, resp) =
