@@ -299,7 +299,10 @@ impl Metrics {
             (
                 &self.identity_alarms,
                 "kind",
-                &["second_requester", "secret_replayed"],
+                &[
+                    crate::inventory::AlarmKind::SecondRequester.name(),
+                    crate::inventory::AlarmKind::SecretReplayed.name(),
+                ],
             ),
             (&self.configdata, "result", &["served", "forbidden"]),
             (&self.registrations, "result", &["created", "unauthorized"]),

@@ -74,6 +74,71 @@ pub enum Step {
 }
 
 impl Step {
+    /// Its kind, as the API names it (`dhcp`, `tftp`, `boot_script`, `fetch`,
+    /// `registered`, `config_served`, `done`, `power`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Step::Dhcp { .. } => "dhcp",
+            Step::Tftp { .. } => "tftp",
+            Step::BootScript { .. } => "boot_script",
+            Step::Fetch { .. } => "fetch",
+            Step::Registered { .. } => "registered",
+            Step::ConfigServed { .. } => "config_served",
+            Step::Done => "done",
+            Step::Power { .. } => "power",
+        }
+    }
+
+    /// Its kind and what it was about, in a few words (a Server's `lastBoot`).
+    pub fn summary(&self) -> String {
+        let about = match self {
+            Step::Dhcp { client, .. } => client.clone(),
+            Step::Tftp { file, outcome, .. } => format!("{file} {outcome}"),
+            Step::BootScript { action, by } => format!("{action} by {by}"),
+            Step::Fetch { path, status, .. } => format!("{path} {status}"),
+            Step::Power { operation, ok } => {
+                format!("{operation}{}", if *ok { "" } else { " failed" })
+            }
+            Step::Registered { .. } | Step::ConfigServed { .. } | Step::Done => {
+                return self.name().into();
+            }
+        };
+        format!("{} {about}", self.name())
+    }
+
+    /// What happened, in words with its figures (the console).
+    pub fn describe(&self) -> String {
+        match self {
+            Step::Dhcp {
+                client, boot_file, ..
+            } => format!("proxyDHCP → {client}: {boot_file}"),
+            Step::Tftp {
+                file,
+                bytes,
+                millis,
+                outcome,
+                blksize,
+                window,
+                retransmits,
+            } => format!(
+                "TFTP {file}: {outcome}, {bytes} B in {millis} ms (blksize {blksize}, window {window}, {retransmits} retransmits)"
+            ),
+            Step::BootScript { action, by } => format!("/boot.ipxe: {action} (by {by})"),
+            Step::Fetch {
+                path,
+                status,
+                bytes,
+                millis,
+            } => format!("GET {path}: {status}, {bytes} B in {millis} ms"),
+            Step::Registered { uuid } => format!("registered as {uuid}"),
+            Step::ConfigServed { to } => format!("configuration served to {to}"),
+            Step::Done => "install reported done".into(),
+            Step::Power { operation, ok } => {
+                format!("BMC {operation}{}", if *ok { "" } else { " (failed)" })
+            }
+        }
+    }
+
     /// Whether this step begins a boot of its own.
     fn starts_boot(&self) -> bool {
         match self {
@@ -354,6 +419,15 @@ impl Timeline {
         }
     }
 
+    /// The latest boot of the machine with any of `macs` (a server's).
+    pub fn last_boot(&self, macs: &[String]) -> Option<Boot> {
+        let s = self.lock();
+        macs.iter()
+            .filter_map(|m| s.machines.get(m)?.boots.back())
+            .max_by_key(|b| b.started_ms)
+            .cloned()
+    }
+
     /// The boots of the machine with any of `macs` (a server's), oldest first.
     pub fn boots_of(&self, macs: &[String]) -> Vec<Boot> {
         let s = self.lock();
@@ -379,14 +453,20 @@ impl Timeline {
         all.into_iter().take(limit).cloned().collect()
     }
 
-    /// The time from the start of the current boot of any of `macs` to now, once per
-    /// boot (the boot-to-registration figure).
+    /// The time from the start of the current boot of any of `macs` to now, while that
+    /// boot has not registered yet: once per boot (the boot-to-registration figure; a
+    /// retried registration is not counted again).
     pub fn since_boot_start(&self, macs: &[String]) -> Option<Duration> {
         let now = now_ms();
         let s = self.lock();
         macs.iter()
             .filter_map(|m| s.machines.get(m)?.boots.back())
             .filter(|b| now.saturating_sub(b.last_ms) < BOOT_IDLE.as_millis() as u64)
+            .filter(|b| {
+                !b.steps
+                    .iter()
+                    .any(|w| matches!(w.step, Step::Registered { .. }))
+            })
             .map(|b| Duration::from_millis(now.saturating_sub(b.started_ms)))
             .max()
     }
@@ -524,6 +604,21 @@ mod tests {
         let boots = t.boots_of(&[MAC.to_string()]);
         assert_eq!(boots.len(), 4, "{boots:#?}");
         assert_eq!(names(&boots[1]), ["dhcp", "power"]);
+    }
+
+    #[test]
+    fn boot_to_registration_is_measured_once_per_boot() {
+        let t = Timeline::new();
+        let macs = [MAC.to_string()];
+        t.witness(Who::Mac(MAC), dhcp("pxe"));
+        assert!(t.since_boot_start(&macs).is_some(), "a boot under way");
+        let registered = Step::Registered { uuid: "u".into() };
+        t.witness(Who::Uuid("u", &macs), registered);
+        assert!(
+            t.since_boot_start(&macs).is_none(),
+            "a retried registration"
+        );
+        assert_eq!(t.last_boot(&macs).map(|b| b.steps.len()), Some(2));
     }
 
     #[test]

@@ -98,23 +98,6 @@ pub fn addresses(s: &Server) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// A witnessed step in a few words: its kind and what it was about.
-fn step_summary(w: &crate::timeline::Witnessed) -> String {
-    use crate::timeline::Step;
-    match &w.step {
-        Step::Dhcp { client, .. } => format!("dhcp {client}"),
-        Step::Tftp { file, outcome, .. } => format!("tftp {file} {outcome}"),
-        Step::BootScript { action, by } => format!("boot_script {action} by {by}"),
-        Step::Fetch { path, status, .. } => format!("fetch {path} {status}"),
-        Step::Registered { .. } => "registered".into(),
-        Step::ConfigServed { .. } => "config_served".into(),
-        Step::Done => "done".into(),
-        Step::Power { operation, ok } => {
-            format!("power {operation}{}", if *ok { "" } else { " failed" })
-        }
-    }
-}
-
 /// The apply patch of the status the appliance observes.
 fn status_patch(s: &Server, identity: &str, witnessed: Option<&Boot>) -> serde_json::Value {
     let addresses = addresses(s);
@@ -122,7 +105,7 @@ fn status_patch(s: &Server, identity: &str, witnessed: Option<&Boot>) -> serde_j
         json!({
             "started": rfc3339(b.started_ms / 1000),
             "steps": b.steps.len() as u64 + u64::from(b.dropped),
-            "lastStep": b.last_step().map(step_summary).unwrap_or_default(),
+            "lastStep": b.last_step().map(|w| w.step.summary()).unwrap_or_default(),
             "millis": b.duration_ms(),
         })
     });
@@ -296,7 +279,7 @@ fn power_status(s: &Server) -> (Option<serde_json::Value>, Option<String>) {
 /// matches the last one that went through (and whose Server the cache shows) is skipped.
 fn patches(s: &Server, ctx: &Context) -> (serde_json::Value, serde_json::Value, [u8; 32]) {
     use sha2::{Digest, Sha256};
-    let witnessed = ctx.core.timeline().boots_of(&s.macs).pop();
+    let witnessed = ctx.core.timeline().last_boot(&s.macs);
     let (spec, status) = (
         spec_patch(s, ctx),
         status_patch(s, &ctx.identity, witnessed.as_ref()),

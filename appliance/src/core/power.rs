@@ -221,8 +221,8 @@ impl Core {
         })
         .await
         .map_err(|e| CoreError::Internal(format!("the BMC operation task failed: {e}")))?;
-        // Its BMC credentials were used (a status read, polled, is left out: it changes
-        // nothing and would bury the rest).
+        // Its BMC credentials were used, and the machine saw a step of its boot (a status
+        // read, polled, is left out of both: it changes nothing and would bury the rest).
         if !matches!(operation, Operation::Status) {
             let (outcome, detail) = match &report {
                 Ok(r) if r.event.ok => (Audited::Ok, r.event.operation.clone()),
@@ -244,16 +244,15 @@ impl Core {
                 outcome,
                 Some(detail),
             );
-        }
-        // A status read changes nothing on the machine: not a step of its boot.
-        if let (Ok(r), false) = (&report, matches!(operation, Operation::Status)) {
-            self.timeline.witness(
-                Who::Uuid(id, &server.macs),
-                Step::Power {
-                    operation: r.event.operation.clone(),
-                    ok: r.event.ok,
-                },
-            );
+            if let Ok(r) = &report {
+                self.timeline.witness(
+                    Who::Uuid(id, &server.macs),
+                    Step::Power {
+                        operation: r.event.operation.clone(),
+                        ok: r.event.ok,
+                    },
+                );
+            }
         }
         report
     }

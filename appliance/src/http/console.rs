@@ -32,7 +32,7 @@ use crate::audit::Outcome;
 use crate::bmc::PowerAction;
 use crate::core::{CoreError, ServerEdit};
 use crate::inventory::Server;
-use crate::timeline::{Boot, Step};
+use crate::timeline::Boot;
 
 /// How long a session lasts.
 const SESSION: Duration = Duration::from_secs(8 * 3600);
@@ -213,45 +213,6 @@ fn ago(unix: u64) -> String {
     }
 }
 
-fn step_words(s: &Step) -> (&'static str, String) {
-    match s {
-        Step::Dhcp {
-            client, boot_file, ..
-        } => ("dhcp", format!("proxyDHCP → {client}: {boot_file}")),
-        Step::Tftp {
-            file,
-            bytes,
-            millis,
-            outcome,
-            blksize,
-            window,
-            retransmits,
-        } => (
-            "tftp",
-            format!(
-                "TFTP {file}: {outcome}, {bytes} B in {millis} ms (blksize {blksize}, window {window}, {retransmits} retransmits)"
-            ),
-        ),
-        Step::BootScript { action, by } => ("script", format!("/boot.ipxe: {action} (by {by})")),
-        Step::Fetch {
-            path,
-            status,
-            bytes,
-            millis,
-        } => (
-            "fetch",
-            format!("GET {path}: {status}, {bytes} B in {millis} ms"),
-        ),
-        Step::Registered { uuid } => ("registered", format!("registered as {uuid}")),
-        Step::ConfigServed { to } => ("config", format!("configuration served to {to}")),
-        Step::Done => ("done", "install reported done".into()),
-        Step::Power { operation, ok } => (
-            "power",
-            format!("BMC {operation}{}", if *ok { "" } else { " (failed)" }),
-        ),
-    }
-}
-
 /// A boot drawn as a timeline: one bar per step, placed by its time in the boot.
 fn timeline(b: &Boot) -> Markup {
     let total = b.duration_ms().max(1) as f64;
@@ -264,7 +225,7 @@ fn timeline(b: &Boot) -> Markup {
             }
             ol {
                 @for s in &b.steps {
-                    @let (kind, words) = step_words(&s.step);
+                    @let (kind, words) = (s.step.name(), s.step.describe());
                     @let at = s.at_ms.saturating_sub(b.started_ms);
                     li class=(format!("step {kind}")) {
                         // SVG geometry, not a style attribute: the page's CSP allows no
@@ -452,7 +413,7 @@ fn boots_fragment(machines: &[crate::timeline::Machine]) -> Markup {
                             td { (m.mac.clone().or(m.address.map(|a| a.to_string())).unwrap_or_default()) }
                             td { @if let Some(u) = &m.uuid { a href=(format!("/console/servers/{u}")) { (u) } } @else { "unknown" } }
                             td { (format!("{:.0} s ago", now.saturating_sub(b.started_ms) as f64 / 1000.0)) }
-                            td { @if let Some(l) = last { (step_words(&l.step).1) } }
+                            td { @if let Some(l) = last { (l.step.describe()) } }
                             td { (format!("{:.1} s", now.saturating_sub(b.last_ms) as f64 / 1000.0)) }
                         }
                     }
