@@ -360,9 +360,18 @@ pub async fn run(
         }
     }
     start_controller(&config, &core, &mut tasks, &cancel);
-    // The audit writer outlives the drain: what the last requests record is stored.
+    // The audit and timeline writers outlive the drain: what the last requests record is
+    // stored.
     let audit_stop = CancellationToken::new();
     let audit_writer = tokio::spawn(Arc::clone(core.audit()).run(audit_stop.clone()));
+    let timeline_file = config.data_dir.join("timeline.json");
+    match core.timeline().load(&timeline_file) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(machines = n, "boot timeline read back"),
+        Err(e) => tracing::warn!(error = %e, "starting with an empty boot timeline"),
+    }
+    let timeline_writer =
+        tokio::spawn(Arc::clone(core.timeline()).keep_snapshot(timeline_file, audit_stop.clone()));
     tracing::info!(
         http = ?bound.http, tftp = ?bound.tftp, dhcp = ?bound.dhcp,
         tftp_root = %config.tftp_root.display(), assets = %config.assets_dir.display(), data = %config.data_dir.display(),
@@ -400,6 +409,9 @@ pub async fn run(
     audit_stop.cancel();
     if let Err(e) = audit_writer.await {
         tracing::error!(error = %e, "the audit writer failed at the stop");
+    }
+    if let Err(e) = timeline_writer.await {
+        tracing::error!(error = %e, "the boot timeline writer failed at the stop");
     }
     tracing::info!("Arges appliance stopped");
     result

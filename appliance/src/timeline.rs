@@ -3,8 +3,10 @@
 //! report, power operation) with its time, grouped into boots, by MAC.
 //!
 //! Kept in memory and bounded (machines, boots per machine, steps per boot): it answers
-//! "where is this boot now, where did it stop, and how long did each step take"; the
-//! inventory keeps what must outlive a restart. TFTP and file fetches know a client only
+//! "where is this boot now, where did it stop, and how long did each step take". A
+//! snapshot goes to `DATA/timeline.json` when it changed (at most every
+//! [`SNAPSHOT_EVERY`]) and at the stop, and is read back at the start, so a restart
+//! keeps the machines' recent boots. TFTP and file fetches know a client only
 //! by its address, so their steps wait under that address until a step that knows both
 //! (a proxyDHCP request on the PXE port, a boot script asked for with its MAC) ties the
 //! address to a machine; a machine that never gets that far still shows, by address.
@@ -17,10 +19,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::inventory::now_ms;
 
@@ -32,9 +37,11 @@ pub const BOOTS_PER_MACHINE: usize = 8;
 pub const STEPS_PER_BOOT: usize = 64;
 /// Machines (and unbound addresses) remembered; the longest quiet is forgotten first.
 pub const MAX_MACHINES: usize = 16_384;
+/// How often a changed timeline is written to disk.
+pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(30);
 
 /// One thing the appliance did for, or saw of, a machine.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "step", rename_all = "snake_case")]
 pub enum Step {
     /// proxyDHCP answered: which client (`pxe`, `ipxe`, `http`), which firmware, and the
@@ -157,7 +164,7 @@ impl Step {
 
 /// A step with its time (milliseconds since the Unix epoch) and the gap since the step
 /// before it in the same boot.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Witnessed {
     pub at_ms: u64,
     pub gap_ms: u64,
@@ -166,7 +173,7 @@ pub struct Witnessed {
 }
 
 /// One boot: its steps in time order.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Boot {
     pub started_ms: u64,
     pub last_ms: u64,
@@ -229,7 +236,7 @@ impl Boot {
 }
 
 /// What is known of one machine (or of an address not yet tied to one).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Machine {
     /// Its MAC, or `None` while only its address is known.
     pub mac: Option<String>,
@@ -301,6 +308,8 @@ struct State {
 #[derive(Default)]
 pub struct Timeline {
     state: Mutex<State>,
+    /// Bumped by every change; the snapshot writer compares it with what it wrote.
+    changes: AtomicU64,
 }
 
 impl std::fmt::Debug for Timeline {
@@ -382,6 +391,12 @@ impl Timeline {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The state for a change (counted for the snapshot writer).
+    fn change(&self) -> std::sync::MutexGuard<'_, State> {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        self.lock()
+    }
+
     /// Records `step` for `who`, now.
     pub fn witness(&self, who: Who<'_>, step: Step) {
         self.witness_at(who, now_ms(), step);
@@ -389,7 +404,7 @@ impl Timeline {
 
     /// Records `step` for `who` at `at_ms` (for steps timed at their start).
     pub fn witness_at(&self, who: Who<'_>, at_ms: u64, step: Step) {
-        let mut s = self.lock();
+        let mut s = self.change();
         let key = s.key_of(&who);
         if let Who::Uuid(u, _) = &who
             && !key.starts_with("uuid:")
@@ -409,7 +424,7 @@ impl Timeline {
     /// Ties `ip` to `mac` (and `uuid`, when known): later steps seen by address go to
     /// the machine, and those already seen move into its boots.
     pub fn bind(&self, ip: IpAddr, mac: &str, uuid: Option<&str>) {
-        let mut s = self.lock();
+        let mut s = self.change();
         s.bind(ip, mac);
         if let Some(u) = uuid {
             if s.mac_of_uuid.len() < MAX_MACHINES || s.mac_of_uuid.contains_key(u) {
@@ -470,6 +485,95 @@ impl Timeline {
             .map(|b| Duration::from_millis(now.saturating_sub(b.started_ms)))
             .max()
     }
+
+    /// Reads the snapshot at `path` back (machines and the ties of their addresses and
+    /// UUIDs), returning how many machines it held; a missing file is an empty timeline.
+    pub fn load(&self, path: &Path) -> Result<usize, SnapshotError> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(SnapshotError::Io(path.to_path_buf(), e)),
+        };
+        let machines: Vec<Machine> = serde_json::from_slice(&bytes)
+            .map_err(|e| SnapshotError::Format(path.to_path_buf(), e))?;
+        let mut s = self.lock();
+        let n = machines.len().min(MAX_MACHINES);
+        for m in machines.into_iter().take(MAX_MACHINES) {
+            let key = match (&m.mac, m.address) {
+                (Some(mac), _) => mac.clone(),
+                (None, Some(ip)) => address_key(ip),
+                (None, None) => continue,
+            };
+            if let (Some(mac), Some(ip)) = (&m.mac, m.address) {
+                s.mac_of_address.insert(ip, mac.clone());
+            }
+            if let (Some(mac), Some(uuid)) = (&m.mac, &m.uuid) {
+                s.mac_of_uuid.insert(uuid.clone(), mac.clone());
+            }
+            s.machines.insert(key, m);
+        }
+        Ok(n)
+    }
+
+    /// Writes every machine to `path` (a temporary file, synced, then renamed: a crash
+    /// leaves the old snapshot or the new one).
+    pub fn save(&self, path: &Path) -> Result<usize, SnapshotError> {
+        let machines: Vec<Machine> = self.lock().machines.values().cloned().collect();
+        let io = |e| SnapshotError::Io(path.to_path_buf(), e);
+        let bytes = serde_json::to_vec(&machines)
+            .map_err(|e| SnapshotError::Format(path.to_path_buf(), e))?;
+        let tmp = path.with_extension("json.tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(&bytes).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, path).map_err(io)?;
+        Ok(machines.len())
+    }
+
+    /// Writes a snapshot to `path` whenever the timeline changed, at most every
+    /// [`SNAPSHOT_EVERY`], and a last one when `cancel` fires.
+    pub async fn keep_snapshot(
+        self: std::sync::Arc<Self>,
+        path: PathBuf,
+        cancel: CancellationToken,
+    ) {
+        let mut written = self.changes.load(Ordering::Relaxed);
+        loop {
+            let stop = tokio::select! {
+                _ = cancel.cancelled() => true,
+                _ = tokio::time::sleep(SNAPSHOT_EVERY) => false,
+            };
+            let now = self.changes.load(Ordering::Relaxed);
+            if now != written {
+                let (me, p) = (std::sync::Arc::clone(&self), path.clone());
+                match tokio::task::spawn_blocking(move || me.save(&p)).await {
+                    Ok(Ok(n)) => {
+                        written = now;
+                        tracing::debug!(machines = n, path = %path.display(), "boot timeline saved");
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot save the boot timeline; trying again later")
+                    }
+                    Err(e) => tracing::error!(error = %e, "the boot timeline writer failed"),
+                }
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+}
+
+/// Why a timeline snapshot could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{0}: {1}")]
+    Io(PathBuf, #[source] std::io::Error),
+    #[error("{0} is not a boot timeline: {1}")]
+    Format(PathBuf, #[source] serde_json::Error),
 }
 
 #[cfg(test)]
@@ -619,6 +723,36 @@ mod tests {
             "a retried registration"
         );
         assert_eq!(t.last_boot(&macs).map(|b| b.steps.len()), Some(2));
+    }
+
+    #[test]
+    fn a_snapshot_brings_boots_and_ties_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timeline.json");
+        let t = Timeline::new();
+        assert_eq!(t.load(&path).unwrap(), 0, "no snapshot yet");
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        t.witness_at(Who::Mac(MAC), 1_000, dhcp("pxe"));
+        t.bind(ip, MAC, Some("uuid-9"));
+        t.witness_at(Who::Address("10.0.0.10".parse().unwrap()), 1_100, tftp("x"));
+        assert_eq!(t.save(&path).unwrap(), 2);
+        let back = Timeline::new();
+        assert_eq!(back.load(&path).unwrap(), 2);
+        assert_eq!(
+            back.boots_of(&[MAC.to_string()]),
+            t.boots_of(&[MAC.to_string()])
+        );
+        // The address and the UUID still lead to the machine.
+        back.witness_at(Who::Address(ip), 2_000, tftp("undionly.kpxe"));
+        back.witness_at(Who::Uuid("uuid-9", &[]), 3_000, Step::Done);
+        assert_eq!(
+            names(&back.boots_of(&[MAC.to_string()])[0]),
+            ["dhcp", "tftp", "done"]
+        );
+        assert!(back.machine("ip:10.0.0.10").is_some());
+        std::fs::write(&path, b"{").unwrap();
+        let e = Timeline::new().load(&path).unwrap_err().to_string();
+        assert!(e.contains("is not a boot timeline"), "{e}");
     }
 
     #[test]

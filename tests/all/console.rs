@@ -82,6 +82,45 @@ fn the_console_logs_in_shows_the_fleet_acts_with_csrf_and_audits_everything() {
         !none.contains(&format!("/console/servers/{id}")),
         "a search that matches nothing"
     );
+    // A second machine in another rack: the rack and label filters tell them apart.
+    let other = Registration::numbered(8);
+    a.register(&other);
+    for (server, labels) in [
+        (&id, r#"{"rack":"r1","role":"worker"}"#),
+        (&other.uuid().to_string(), r#"{"rack":"r2"}"#),
+    ] {
+        let (code, body) = a.request(
+            "PUT",
+            &format!("/api/v1/servers/{server}/labels"),
+            Some(ADMIN_TOKEN),
+            labels.as_bytes(),
+        );
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    let fleet_page = |query: &str| {
+        let (s, page) = browse(&jar, &[&url(&format!("/console/?{query}"))]);
+        assert_eq!(s, 200, "{query}");
+        page
+    };
+    let shows = |query: &str| {
+        let page = fleet_page(query);
+        (
+            page.contains(&format!("/console/servers/{id}\"")),
+            page.contains(&format!("/console/servers/{}\"", other.uuid())),
+        )
+    };
+    let all = fleet_page("");
+    assert!(
+        all.contains("r1: 1") && all.contains("r2: 1"),
+        "by rack: {all}"
+    );
+    assert_eq!(shows("rack=r1"), (true, false));
+    assert_eq!(shows("rack=r2"), (false, true));
+    assert_eq!(shows("label=role%3Dworker"), (true, false));
+    assert_eq!(shows("label=%21role"), (false, true));
+    assert_eq!(shows("label=%3Dworker"), (false, false));
+    let bad = fleet_page("label=%3Dworker");
+    assert!(bad.contains("is not a label requirement"), "{bad}");
 
     let (s, page) = browse(&jar, &[&url(&format!("/console/servers/{id}"))]);
     assert_eq!(s, 200);

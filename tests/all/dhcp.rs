@@ -164,7 +164,7 @@ fn a_request_naming_a_relay_the_config_does_not_name_gets_no_answer() {
 #[test]
 fn a_boot_is_witnessed_step_by_step_and_shown_by_server_and_by_mac() {
     use test_support::{ADMIN_TOKEN, Registration, curl, param, random_file};
-    let a =
+    let mut a =
         Appliance::start("[dhcp]\nmode = \"proxy\"\nlisten = []\npxe_listen = [\"127.0.0.1:0\"]\n");
     let machine = "127.0.0.7";
     let reg = Registration::numbered(1);
@@ -280,4 +280,20 @@ fn a_boot_is_witnessed_step_by_step_and_shown_by_server_and_by_mac() {
     ] {
         assert!(text.contains(line), "{line:?} not in:\n{text}");
     }
+
+    // A restart keeps the boots, and the address still leads to the machine.
+    let before = api(&format!("/api/v1/servers/{}/boots", reg.uuid()));
+    a.restart();
+    let api = |path: &str| {
+        let (code, body) = a.request("GET", path, Some(ADMIN_TOKEN), b"");
+        assert_eq!(code, 200, "{path}: {}", String::from_utf8_lossy(&body));
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+    };
+    let after = api(&format!("/api/v1/servers/{}/boots", reg.uuid()));
+    assert_eq!(before, after, "the boots after a restart");
+    let (code, _) = a.boot_script(reg.uuid(), mac, machine);
+    assert_eq!(code, 200);
+    let after = api(&format!("/api/v1/servers/{}/boots", reg.uuid()));
+    let steps = after["boots"][0]["steps"].as_array().unwrap();
+    assert_eq!(steps.last().unwrap()["step"], "boot_script", "{after}");
 }

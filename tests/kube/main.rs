@@ -243,6 +243,22 @@ fn registration_becomes_a_server_and_kubectl_drives_the_next_boot() {
         s.contains("/env/from-cluster/vmlinuz").then_some(s)
     });
     assert!(script.contains(&format!("arges.uuid={UUID_1}")), "{script}");
+    // The audit log names what changed and which manager changed it.
+    let entry = eventually(10, "the change in the audit log", || {
+        let (_, body) = a.request("GET", "/api/v1/audit?limit=1000", Some(ADMIN_TOKEN), b"");
+        let all: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        all.as_array()?
+            .iter()
+            .find(|e| {
+                e["action"] == "server_spec_applied"
+                    && e["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("from-cluster"))
+            })
+            .cloned()
+    });
+    assert_eq!(entry["who"], "kubernetes kubectl-patch", "{entry}");
+    assert_eq!(entry["server"], UUID_1, "{entry}");
     // The environment's files are served.
     let (code, body) = a.request("GET", "/env/from-cluster/vmlinuz", None, b"");
     assert_eq!((code, body.as_slice()), (200, b"kernel".as_slice()));

@@ -425,7 +425,35 @@ fn desired(s: &ServerResource) -> DesiredState {
         environment: s.spec.environment_ref.as_ref().map(|r| r.name.clone()),
         labels,
         arm: s.spec.arm.clone(),
+        changed_by: spec_manager(s),
     }
+}
+
+/// The field manager that changed the Server's spec or labels last, other than an
+/// appliance (whose managers are `arges-<identity>`): `kubectl-patch`, `kubectl-label`,
+/// a controller's name. The apiserver records only the manager, not the user; the
+/// user is in the apiserver's own audit log.
+fn spec_manager(s: &ServerResource) -> Option<String> {
+    s.metadata
+        .managed_fields
+        .as_deref()?
+        .iter()
+        .filter(|m| {
+            m.manager
+                .as_deref()
+                .is_some_and(|n| !n.starts_with("arges-"))
+        })
+        .filter(|m| {
+            m.fields_v1.as_ref().is_some_and(|f| {
+                f.0.get("f:spec").is_some()
+                    || f.0
+                        .get("f:metadata")
+                        .and_then(|m| m.get("f:labels"))
+                        .is_some()
+            })
+        })
+        .max_by_key(|m| m.time.as_ref().map(|t| t.0))
+        .and_then(|m| m.manager.clone())
 }
 
 /// The inventory id of a Server: its annotation, else its name.

@@ -181,6 +181,9 @@ pub struct DesiredState {
     pub labels: BTreeMap<String, String>,
     /// `spec.arm`: a value not acted on yet opens a window (and clears an alarm).
     pub arm: Option<String>,
+    /// Who changed it last, as the cluster says (the field manager of the latest change
+    /// to its spec or labels, e.g. `kubectl-patch`): the audit log's actor.
+    pub changed_by: Option<String>,
 }
 
 impl std::fmt::Debug for Core {
@@ -843,10 +846,14 @@ impl Core {
             .arm
             .clone()
             .filter(|a| current.arm_key.as_ref() != Some(a));
+        let who = match &want.changed_by {
+            Some(manager) => format!("kubernetes {manager}"),
+            None => "kubernetes".to_string(),
+        };
         if let Some(value) = &arm {
             self.arm(id, "spec.arm").await?;
             self.audit.record(
-                "kubernetes",
+                who.clone(),
                 None,
                 "server_armed",
                 Some(id),
@@ -890,7 +897,7 @@ impl Core {
         .await?;
         tracing::info!(id = %s.id, accepted = s.accepted, cordoned = s.cordoned, environment = s.environment.as_deref(), "server changed by the cluster");
         self.audit.record(
-            "kubernetes",
+            who,
             None,
             "server_spec_applied",
             Some(&s.id),

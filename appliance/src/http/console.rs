@@ -243,11 +243,99 @@ fn timeline(b: &Boot) -> Markup {
     }
 }
 
-fn fleet(servers: &[Server], q: &str, phase: &str, page_no: usize, csrf: &str) -> Markup {
+/// The label that names a server's rack (set it with `PUT /api/v1/servers/{id}/labels`,
+/// or as a Server's label in Kubernetes mode).
+pub const RACK_LABEL: &str = "rack";
+
+/// One requirement of a label filter, as `kubectl -l` writes it: `key=value` (or `==`),
+/// `key!=value`, `key` (has it), `!key` (has it not).
+#[derive(Debug, PartialEq)]
+enum LabelRequirement<'a> {
+    Equals(&'a str, &'a str),
+    NotEquals(&'a str, &'a str),
+    Exists(&'a str),
+    Absent(&'a str),
+}
+
+/// Parses a comma-separated label filter; the requirement it cannot read, in its error.
+fn parse_label_filter(filter: &str) -> Result<Vec<LabelRequirement<'_>>, String> {
+    filter
+        .split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            let req = if let Some((k, v)) = r.split_once("!=") {
+                LabelRequirement::NotEquals(k.trim(), v.trim())
+            } else if let Some((k, v)) = r.split_once("==").or_else(|| r.split_once('=')) {
+                LabelRequirement::Equals(k.trim(), v.trim())
+            } else if let Some(k) = r.strip_prefix('!') {
+                LabelRequirement::Absent(k.trim())
+            } else {
+                LabelRequirement::Exists(r)
+            };
+            let key = match &req {
+                LabelRequirement::Equals(k, _)
+                | LabelRequirement::NotEquals(k, _)
+                | LabelRequirement::Exists(k)
+                | LabelRequirement::Absent(k) => *k,
+            };
+            if key.is_empty() || key.contains(char::is_whitespace) {
+                return Err(format!(
+                    "{r:?} is not a label requirement (key=value, key!=value, key or !key)"
+                ));
+            }
+            Ok(req)
+        })
+        .collect()
+}
+
+fn labels_match(
+    reqs: &[LabelRequirement<'_>],
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    reqs.iter().all(|r| match r {
+        LabelRequirement::Equals(k, v) => labels.get(*k).is_some_and(|x| x == v),
+        LabelRequirement::NotEquals(k, v) => labels.get(*k).is_none_or(|x| x != v),
+        LabelRequirement::Exists(k) => labels.contains_key(*k),
+        LabelRequirement::Absent(k) => !labels.contains_key(*k),
+    })
+}
+
+/// What the fleet page is asked to show.
+#[derive(Debug, Default)]
+struct FleetQuery {
+    q: String,
+    phase: String,
+    rack: String,
+    label: String,
+    page: usize,
+}
+
+fn fleet(servers: &[Server], query: &FleetQuery, csrf: &str) -> Markup {
+    let FleetQuery {
+        q,
+        phase,
+        rack,
+        label,
+        page: page_no,
+    } = query;
     let q_low = q.to_ascii_lowercase();
+    let (requirements, label_error) = match parse_label_filter(label) {
+        Ok(r) => (r, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
+    fn rack_of(s: &Server) -> Option<&str> {
+        s.labels.get(RACK_LABEL).map(String::as_str)
+    }
     let matching: Vec<&Server> = servers
         .iter()
         .filter(|s| phase.is_empty() || s.phase().eq_ignore_ascii_case(phase))
+        .filter(|s| match rack.as_str() {
+            "" => true,
+            "-" => rack_of(s).is_none(),
+            r => rack_of(s) == Some(r),
+        })
+        .filter(|s| label_error.is_none() && labels_match(&requirements, &s.labels))
         .filter(|s| {
             q_low.is_empty()
                 || s.id.to_ascii_lowercase().contains(&q_low)
@@ -256,15 +344,17 @@ fn fleet(servers: &[Server], q: &str, phase: &str, page_no: usize, csrf: &str) -
         })
         .collect();
     let mut by_phase: std::collections::BTreeMap<&str, usize> = Default::default();
+    let mut by_rack: std::collections::BTreeMap<&str, usize> = Default::default();
     for s in servers {
         *by_phase.entry(s.phase()).or_default() += 1;
+        *by_rack.entry(rack_of(s).unwrap_or("-")).or_default() += 1;
     }
     let pages = matching.len().div_ceil(PAGE).max(1);
-    let page_no = page_no.min(pages - 1);
+    let page_no = (*page_no).min(pages - 1);
     let shown = matching.iter().skip(page_no * PAGE).take(PAGE);
     let link = |p: usize| {
         let mut l = String::from("/console/?");
-        for (k, v) in [("q", q), ("phase", phase)] {
+        for (k, v) in [("q", q), ("phase", phase), ("rack", rack), ("label", label)] {
             if !v.is_empty() {
                 let _ = write!(
                     l,
@@ -285,6 +375,16 @@ fn fleet(servers: &[Server], q: &str, phase: &str, page_no: usize, csrf: &str) -
                 (servers.len()) " servers"
                 @for (p, n) in &by_phase { " · " a href=(format!("/console/?phase={p}")) { (p) ": " (n) } }
             }
+            @if by_rack.len() > 1 || !by_rack.contains_key("-") {
+                p.summary {
+                    "By rack"
+                    @for (r, n) in &by_rack {
+                        " · " a href=(format!("/console/?rack={}", form_urlencoded::byte_serialize(r.as_bytes()).collect::<String>())) {
+                            (if *r == "-" { "no rack" } else { r }) ": " (n)
+                        }
+                    }
+                }
+            }
             form.filters method="get" action="/console/" {
                 input type="search" name="q" value=(q) placeholder="UUID, MAC or serial" aria-label="Search";
                 select name="phase" aria-label="Phase" {
@@ -293,15 +393,24 @@ fn fleet(servers: &[Server], q: &str, phase: &str, page_no: usize, csrf: &str) -
                         option value=(p) selected[phase == p] { (p) }
                     }
                 }
+                select name="rack" aria-label="Rack" {
+                    option value="" selected[rack.is_empty()] { "Every rack" }
+                    @for r in by_rack.keys() {
+                        option value=(r) selected[rack == r] { (if *r == "-" { "no rack" } else { r }) }
+                    }
+                }
+                input type="search" name="label" value=(label) placeholder="labels: role=worker,!gpu" aria-label="Labels";
                 button type="submit" { "Filter" }
             }
+            @if let Some(e) = &label_error { p.error { (e) } }
             table.servers {
-                thead { tr { th { "Server" } th { "Phase" } th { "Vendor" } th { "Serial" } th { "Environment" } th { "Power" } th { "Flags" } } }
+                thead { tr { th { "Server" } th { "Phase" } th { "Rack" } th { "Vendor" } th { "Serial" } th { "Environment" } th { "Power" } th { "Flags" } } }
                 tbody {
                     @for s in shown {
                         tr {
                             td { a href=(format!("/console/servers/{}", s.id)) { (s.id) } }
                             td class=(format!("phase {}", s.phase().to_ascii_lowercase())) { (s.phase()) }
+                            td { (rack_of(s).unwrap_or("—")) }
                             td { (s.hardware.vendor) " " (s.hardware.product) }
                             td { (s.hardware.serial) }
                             td { (s.environment.as_deref().unwrap_or("—")) }
@@ -577,12 +686,16 @@ pub async fn console(
     match (&method, path.as_str()) {
         (&Method::GET, "/console" | "/console/") => match core.servers().await {
             Ok(servers) => {
-                let q = query_param(&req, "q").unwrap_or_default();
-                let phase = query_param(&req, "phase").unwrap_or_default();
-                let page_no = query_param(&req, "page")
-                    .and_then(|p| p.parse().ok())
-                    .unwrap_or(0);
-                page(StatusCode::OK, fleet(&servers, &q, &phase, page_no, &csrf))
+                let query = FleetQuery {
+                    q: query_param(&req, "q").unwrap_or_default(),
+                    phase: query_param(&req, "phase").unwrap_or_default(),
+                    rack: query_param(&req, "rack").unwrap_or_default(),
+                    label: query_param(&req, "label").unwrap_or_default(),
+                    page: query_param(&req, "page")
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or(0),
+                };
+                page(StatusCode::OK, fleet(&servers, &query, &csrf))
             }
             Err(e) => error_page(&e, &csrf),
         },
@@ -872,6 +985,23 @@ fn live_events(ctx: &HttpContext) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_filters_read_as_kubectl_writes_them() {
+        let labels: std::collections::BTreeMap<String, String> =
+            [("role", "worker"), ("rack", "r1")]
+                .map(|(k, v)| (k.into(), v.into()))
+                .into();
+        let ok = |f: &str| labels_match(&parse_label_filter(f).unwrap(), &labels);
+        assert!(ok(""));
+        assert!(ok("role=worker, rack==r1"));
+        assert!(ok("role!=cp,!gpu,rack"));
+        assert!(!ok("role=cp"));
+        assert!(!ok("gpu"));
+        assert!(!ok("role=worker,!rack"));
+        let e = parse_label_filter("role=worker,=x").unwrap_err();
+        assert!(e.contains("\"=x\" is not a label requirement"), "{e}");
+    }
 
     #[test]
     fn sessions_are_found_by_their_id_only_and_close() {

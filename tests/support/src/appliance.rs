@@ -215,6 +215,14 @@ impl Appliance {
         }
     }
 
+    /// Stops with SIGTERM (asserting a clean exit) and starts again on the same folder
+    /// and ports.
+    pub fn restart(&mut self) {
+        let status = self.terminate();
+        assert!(status.success(), "{status}:\n{}", self.log());
+        self.spawn();
+    }
+
     /// Kills and starts again on the same folder and ports.
     pub fn restart_after_kill9(&mut self) {
         self.kill9();
