@@ -41,7 +41,8 @@ pub struct Metrics {
     pub audit_dropped: Counter,
     pub plugin_calls: Family<PluginLabels, Counter>,
     pub plugin_loads: Family<PluginLabels, Counter>,
-    pub plugin_call_seconds: Histogram,
+    /// Time of one plugin call, by plugin (a chain's plugins told apart).
+    pub plugin_call_seconds: Family<PluginName, Histogram, fn() -> Histogram>,
     pub plugins_active: Gauge,
     pub dhcp_requests: Family<Labels, Counter>,
     pub dhcp_replies: Family<Labels2, Counter>,
@@ -59,6 +60,12 @@ pub struct Metrics {
 
 /// Labels naming a plugin (names are operator-chosen file names, so bounded by the folder).
 pub type PluginLabels = [(&'static str, String); 2];
+/// A plugin's name alone, same rule.
+pub type PluginName = [(&'static str, String); 1];
+
+fn plugin_call_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_005, 2.0, 18))
+}
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,7 +104,7 @@ impl Metrics {
             audit_dropped: Counter::default(),
             plugin_calls: Family::default(),
             plugin_loads: Family::default(),
-            plugin_call_seconds: Histogram::new(exponential_buckets(0.000_005, 2.0, 18)),
+            plugin_call_seconds: Family::new_with_constructor(plugin_call_histogram),
             plugins_active: Gauge::default(),
             dhcp_requests: Family::default(),
             dhcp_replies: Family::default(),
@@ -218,7 +225,7 @@ impl Metrics {
         );
         r.register(
             "plugin_call_seconds",
-            "Time of one plugin decision, instantiation included",
+            "Time of one plugin call by plugin, instantiation included",
             m.plugin_call_seconds.clone(),
         );
         r.register(
@@ -372,14 +379,17 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a plugin call.
-    pub fn plugin_call(&self, plugin: &str, result: &'static str) {
+    /// Counts a plugin call and its time.
+    pub fn plugin_call(&self, plugin: &str, result: &'static str, took: std::time::Duration) {
         self.plugin_calls
             .get_or_create(&[
                 ("plugin", plugin.to_string()),
                 ("result", result.to_string()),
             ])
             .inc();
+        self.plugin_call_seconds
+            .get_or_create(&[("plugin", plugin.to_string())])
+            .observe(took.as_secs_f64());
     }
 
     /// Counts a plugin load.
@@ -404,6 +414,54 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every metric registered in `Metrics::new`, as it is exported (a family with no
+    /// series yet is not rendered, so they are read from this file).
+    fn registered_names() -> Vec<String> {
+        let source = include_str!("metrics.rs");
+        let fields = &source[..source.find("impl std::fmt::Debug for Metrics").unwrap()];
+        source
+            .split(".register(")
+            .skip(1)
+            .filter_map(|call| {
+                let name = call.split('"').nth(1)?;
+                let field = call.split("m.").nth(1)?.split(".clone()").next()?;
+                let kind = fields
+                    .split(&format!("pub {field}: "))
+                    .nth(1)?
+                    .split('\n')
+                    .next()?;
+                Some(if kind.contains("Counter") {
+                    format!("arges_{name}_total")
+                } else {
+                    format!("arges_{name}")
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_lists_every_metric() {
+        let readme = include_str!("../../README.md");
+        let names = registered_names();
+        let rendered = Metrics::new().render();
+        assert!(names.len() >= 30, "{names:?}");
+        for name in &names {
+            assert!(
+                readme.contains(&format!("`{name}`")),
+                "README.md does not list {name}"
+            );
+        }
+        // The names read from the source are the exported ones.
+        for name in [
+            "arges_http_requests_total",
+            "arges_plugins_active",
+            "arges_boot_script_seconds",
+        ] {
+            assert!(names.iter().any(|n| n == name), "{name} in {names:?}");
+            assert!(rendered.contains(name), "{name} exported");
+        }
+    }
 
     #[test]
     fn renders_registered_metrics() {

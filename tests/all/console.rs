@@ -175,6 +175,14 @@ fn the_console_logs_in_shows_the_fleet_acts_with_csrf_and_audits_everything() {
         "{plugins}"
     );
     assert!(plugins.contains("<td>ipmi</td>"), "{plugins}");
+    let ipmi_row = plugins
+        .split("<tr>")
+        .find(|r| r.contains("<td>ipmi</td>"))
+        .unwrap_or_default();
+    assert!(
+        ipmi_row.matches(" ms</td>").count() == 2,
+        "the ipmi driver's call time, mean and 95%: {ipmi_row}"
+    );
 
     // Live boots: the events stream carries the machine.
     let (_, events) = browse(&jar, &["--max-time", "2", &url("/console/boots/events")]);

@@ -537,10 +537,34 @@ fn boots_fragment(machines: &[crate::timeline::Machine]) -> Markup {
 struct PluginFigures {
     loads: std::collections::BTreeMap<String, u64>,
     calls: std::collections::BTreeMap<String, u64>,
+    seconds: f64,
+    count: f64,
+    /// The call-time histogram's cumulative buckets: (upper bound, calls).
+    buckets: Vec<(f64, f64)>,
+}
+
+impl PluginFigures {
+    /// The bucket bound under which `q` of the calls finished (an upper bound, as
+    /// Prometheus's `histogram_quantile` reads a bucket).
+    fn quantile(&self, q: f64) -> Option<f64> {
+        let want = self.count * q;
+        self.buckets
+            .iter()
+            .find(|(_, n)| *n >= want && *n > 0.0)
+            .map(|(le, _)| *le)
+    }
+}
+
+fn millis(seconds: f64) -> String {
+    if seconds.is_infinite() {
+        "more than 1.3 s".into()
+    } else {
+        format!("{:.3} ms", seconds * 1000.0)
+    }
 }
 
 /// The plugins page, read from the appliance's own metrics (loads and calls by plugin
-/// and result, the plugins in the chain, the mean decision time).
+/// and result, the plugins in the chain, each plugin's call time).
 fn plugins_page(metrics: &str, csrf: &str) -> Markup {
     let mut by_plugin: std::collections::BTreeMap<String, PluginFigures> = Default::default();
     let mut active = 0.0;
@@ -560,10 +584,20 @@ fn plugins_page(metrics: &str, csrf: &str) -> Markup {
         };
         if line.starts_with("arges_plugins_active ") {
             active = value(line);
-        } else if line.starts_with("arges_plugin_call_seconds_sum") {
-            seconds = value(line);
-        } else if line.starts_with("arges_plugin_call_seconds_count") {
-            count = value(line);
+        } else if line.starts_with("arges_plugin_call_seconds")
+            && let Some(plugin) = label(line, "plugin")
+        {
+            let f = by_plugin.entry(plugin).or_default();
+            if line.starts_with("arges_plugin_call_seconds_sum") {
+                seconds += value(line);
+                f.seconds = value(line);
+            } else if line.starts_with("arges_plugin_call_seconds_count") {
+                count += value(line);
+                f.count = value(line);
+            } else if let Some(le) = label(line, "le") {
+                f.buckets
+                    .push((le.parse().unwrap_or(f64::INFINITY), value(line)));
+            }
         }
         for (prefix, loads) in [
             ("arges_plugin_loads_total{", true),
@@ -586,11 +620,11 @@ fn plugins_page(metrics: &str, csrf: &str) -> Markup {
             h1 { "Plugins" }
             p.summary {
                 (active) " in the chain · "
-                @if count > 0.0 { "mean decision " (format!("{:.3}", seconds / count * 1000.0)) " ms over " (count) " calls" }
+                @if count > 0.0 { "mean call " (millis(seconds / count)) " over " (count) " calls" }
                 @else { "no decision yet" }
             }
             table.plugins {
-                thead { tr { th { "Plugin" } th { "Loads" } th { "Calls" } th { "Failing" } } }
+                thead { tr { th { "Plugin" } th { "Loads" } th { "Calls" } th { "Failing" } th { "Mean call" } th { "95% under" } } }
                 tbody {
                     @for (name, f) in &by_plugin {
                         @let failing: u64 = f.calls.iter().chain(&f.loads).filter(|(r, _)| !ok(r)).map(|(_, n)| n).sum();
@@ -599,6 +633,8 @@ fn plugins_page(metrics: &str, csrf: &str) -> Markup {
                             td { @for (r, n) in &f.loads { (r) ": " (n) " " } }
                             td { @for (r, n) in &f.calls { (r) ": " (n) " " } }
                             td class=(if failing > 0 { "phase alarm" } else { "" }) { (failing) }
+                            td { @if f.count > 0.0 { (millis(f.seconds / f.count)) } @else { "—" } }
+                            td { (f.quantile(0.95).map(millis).unwrap_or_else(|| "—".into())) }
                         }
                     }
                 }

@@ -37,10 +37,7 @@ impl Drivers for PluginHost {
                 Ok(_) => "ok",
                 Err(e) => e.kind().as_str(),
             };
-            self.metrics.plugin_call(driver, label);
-            self.metrics
-                .plugin_call_seconds
-                .observe(started.elapsed().as_secs_f64());
+            self.metrics.plugin_call(driver, label, started.elapsed());
             (link, result)
         })
     }

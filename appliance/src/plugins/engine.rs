@@ -233,10 +233,8 @@ impl PluginHost {
             Ok(None) => "pass",
             Err(e) => e.kind(),
         };
-        self.metrics.plugin_call(&plugin.name, label);
         self.metrics
-            .plugin_call_seconds
-            .observe(started.elapsed().as_secs_f64());
+            .plugin_call(&plugin.name, label, started.elapsed());
         result
     }
 
