@@ -57,17 +57,18 @@ pub enum Command {
 #[cfg(feature = "plugins")]
 #[derive(Debug, Subcommand)]
 pub enum PluginCommand {
-    /// Load a plugin and say what it is, or exactly why it cannot be used.
+    /// Load a plugin and say what it is, or exactly why it cannot be used (an import the
+    /// host does not provide, an export the contract lacks).
     Check {
         /// The .wasm component.
         file: PathBuf,
     },
-    /// Dry run: one decision for the facts in a JSON file, and the time it took.
+    /// Dry run: one decision for one machine's facts, and the time it took.
     Decide {
         /// The .wasm component.
         file: PathBuf,
-        /// Machine facts as JSON (the shape `arges plugin decide --help` documents in the README).
-        #[arg(long)]
+        /// The machine, as a YAML, JSON or TOML file.
+        #[arg(long, value_name = "FILE", long_help = FACTS_HELP)]
         facts: PathBuf,
         /// A key of the plugin's config table, as KEY=VALUE (repeatable).
         #[arg(long = "config", value_name = "KEY=VALUE")]
@@ -76,7 +77,103 @@ pub enum PluginCommand {
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
+    /// Runs a table of cases (a machine's facts and the decision it must get) and prints
+    /// a pass/fail line per case with the decision and its time; fails if any case does.
+    Test {
+        /// The .wasm component.
+        file: PathBuf,
+        /// The cases, as a YAML, JSON or TOML file.
+        #[arg(long, value_name = "FILE", long_help = CASES_HELP)]
+        cases: PathBuf,
+        /// A key of the plugin's config table, as KEY=VALUE (repeatable; over the file's).
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        config: Vec<String>,
+        /// Deadline of each call, milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
+    /// Writes a new boot-policy project: a small buildable starter with its build
+    /// script, a README, the contract and a cases file.
+    New {
+        /// The plugin's name: its file will be NAME.wasm and its config table
+        /// [plugins.config.NAME].
+        name: String,
+        /// The language of the starter.
+        #[arg(long, value_enum)]
+        lang: StarterLang,
+        /// Where to write it (default: ./NAME); it must not exist or be empty.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
+
+/// The languages `arges plugin new` has a starter for.
+#[cfg(feature = "plugins")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StarterLang {
+    /// Rust with wit-bindgen (cargo, target wasm32-wasip2).
+    Rust,
+    /// Python with componentize-py.
+    Python,
+    /// JavaScript with componentize-js.
+    Js,
+}
+
+#[cfg(feature = "plugins")]
+impl std::fmt::Display for StarterLang {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StarterLang::Rust => "Rust",
+            StarterLang::Python => "Python",
+            StarterLang::Js => "JavaScript",
+        })
+    }
+}
+
+#[cfg(feature = "plugins")]
+const FACTS_HELP: &str = "The machine, as a YAML, JSON or TOML file (by its extension; \
+YAML or JSON without one). Every field may be left out: a missing one has the value an \
+unregistered machine has (no labels, all-zero hardware). Names are written as in \
+wit/plugin.wit (client-address) or with underscores (client_address).
+
+  uuid: 4c4c4544-0000-0000-0000-000000000001
+  mac: 52:54:00:00:00:01
+  arch: x86_64
+  client-address: 10.0.0.7          # default 192.0.2.10
+  inventory:
+    registered: true
+    server-id: 4c4c4544-0000-0000-0000-000000000001
+    accepted: true
+    cordoned: false
+    environment: talos
+    labels: {rack: r1}              # or as in the WIT: [[rack, r1]]
+  hardware:
+    vendor: Dell Inc.
+    product: PowerEdge R640
+    cpus: 32
+    memory-bytes: 137438953472
+    disks: 2
+    nics: 4";
+
+#[cfg(feature = "plugins")]
+const CASES_HELP: &str = "The cases, as a YAML, JSON or TOML file: the plugin's config \
+table (as [plugins.config.NAME] in appliance.toml) and a list of cases, each a machine's \
+facts (as `arges plugin decide --facts` takes them) and what it must get: an action \
+(pass, discover, environment, local-disk, wipe, script, deny, or error for a failing \
+call), an action and its exact value (`environment talos`), or a table with the action \
+and a part of its value.
+
+  config:
+    environment: talos
+  cases:
+    - name: a quarantined machine is refused
+      facts: {inventory: {labels: {quarantine: \"true\"}}}
+      expect: deny
+    - name: an accepted machine installs talos
+      facts: {inventory: {registered: true, accepted: true}}
+      expect: environment talos
+    - facts: {mac: \"52:54:00:00:00:01\"}
+      expect: {action: deny, contains: deny list}";
 
 /// `arges run`
 #[derive(Debug, Args)]

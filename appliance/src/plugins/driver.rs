@@ -151,6 +151,7 @@ fn failure_of(e: &PluginError) -> PowerFailure {
         | PluginError::PinMismatch { .. }
         | PluginError::Invalid { .. }
         | PluginError::WrongWorld { .. }
+        | PluginError::UnprovidedImports { .. }
         | PluginError::Engine(_) => PowerFailure::Plugin,
     }
 }

@@ -57,6 +57,15 @@ pub enum PluginError {
     Invalid { plugin: String, message: String },
     #[error("plugin {plugin}: not an arges:plugin@0.1.0 boot-policy or bmc-driver: {message}")]
     WrongWorld { plugin: String, message: String },
+    #[error(
+        "plugin {plugin}: imports {}, which the host does not provide. {}",
+        imports.join(", "),
+        super::loader::PROVIDED_IMPORTS_HELP
+    )]
+    UnprovidedImports {
+        plugin: String,
+        imports: Vec<String>,
+    },
     #[error("plugin {plugin}: ran past its deadline of {deadline:?}")]
     Timeout { plugin: String, deadline: Duration },
     #[error("plugin {plugin}: exceeded its memory cap of {cap} bytes")]
@@ -82,6 +91,7 @@ impl PluginError {
             PluginError::PinMismatch { .. } => "pin_mismatch",
             PluginError::Invalid { .. } => "invalid",
             PluginError::WrongWorld { .. } => "wrong_world",
+            PluginError::UnprovidedImports { .. } => "unprovided_imports",
             PluginError::Timeout { .. } => "timeout",
             PluginError::Memory { .. } => "memory",
             PluginError::Trap { .. } => "trap",

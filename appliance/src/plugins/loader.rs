@@ -245,6 +245,40 @@ fn compile_cached(
     Ok((component, false))
 }
 
+/// The interfaces a plugin may import, by package (any version the linker accepts):
+/// the contract's own, and the WASI interfaces every component toolchain's runtime
+/// imports, granted nothing (no directories, no sockets, no environment).
+const PROVIDED_PACKAGES: [&str; 7] = [
+    "arges:plugin/",
+    "wasi:cli/",
+    "wasi:clocks/",
+    "wasi:random/",
+    "wasi:io/",
+    "wasi:filesystem/",
+    "wasi:sockets/",
+];
+
+/// What [`PluginError::UnprovidedImports`] tells the author to do.
+pub const PROVIDED_IMPORTS_HELP: &str = "A plugin may import arges:plugin/log and \
+arges:plugin/config (a bmc-driver also arges:plugin/ipmi and arges:plugin/http, to its own \
+BMC), and wasi:cli, wasi:clocks, wasi:random, wasi:io, \
+wasi:filesystem (no directories) and wasi:sockets (every connection refused); anything \
+else (wasi:http, …) is refused. Build without it: for JavaScript, \
+`componentize-js --disable http fetch-event` (the starter of `arges plugin new --lang js` \
+does); for Rust, drop the crate that pulls it in (a wasi-http client); \
+`wasm-tools component wit FILE` lists what a component imports.";
+
+/// The component's imports the host does not provide at all.
+fn unprovided_imports(engine: &Engine, component: &Component) -> Vec<String> {
+    component
+        .component_type()
+        .imports(engine)
+        .map(|(name, _)| name)
+        .filter(|name| !PROVIDED_PACKAGES.iter().any(|p| name.starts_with(p)))
+        .map(String::from)
+        .collect()
+}
+
 /// Names what a component exports, for "wrong world" errors.
 fn describe(engine: &Engine, component: &Component) -> String {
     let ty = component.component_type();
@@ -287,7 +321,17 @@ pub fn load(
         plugin: name.clone(),
         message: format!("{e:#}; {}", describe(engine, &component)),
     };
-    let pre = linker.instantiate_pre(&component).map_err(wrong)?;
+    let pre = linker.instantiate_pre(&component).map_err(|e| {
+        let imports = unprovided_imports(engine, &component);
+        if imports.is_empty() {
+            wrong(e)
+        } else {
+            PluginError::UnprovidedImports {
+                plugin: name.clone(),
+                imports,
+            }
+        }
+    })?;
     // A boot policy exports `decide`; a driver exports `probe`.
     let entry = match BootPolicyPre::new(pre.clone()) {
         Ok(p) => Entry::Policy(p),
