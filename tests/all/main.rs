@@ -12,6 +12,7 @@ mod ipmi;
 mod limits;
 mod loadtest;
 mod observability;
+mod plugin_kit;
 mod plugins;
 mod power;
 mod redfish;

@@ -374,10 +374,11 @@ fn hot_reload_replace_keep_last_good_remove() {
 }
 
 #[test]
-fn a_python_plugin_in_an_ordered_chain() {
+fn python_and_javascript_plugins_in_an_ordered_chain() {
     let dir = Appliance::prepare(&format!(
-        "[plugins]\n{}order = [\"deny-list-py\", \"default-policy\"]\n\
+        "[plugins]\n{}timeout_ms = 5000\norder = [\"deny-list-py\", \"rack-gate-js\", \"default-policy\"]\n\
          [plugins.config.deny-list-py]\nmacs = \"{MAC_A}, 00:11:22:33:44:55\"\n\
+         [plugins.config.rack-gate-js]\nclosed_racks = \"r6, r7\"\n\
          [plugins.config.default-policy]\ndefault_environment = \"talos\"\n",
         cache_toml()
     ));
@@ -388,8 +389,9 @@ fn a_python_plugin_in_an_ordered_chain() {
         &shipped("default-policy.wasm"),
     );
     install(&plugins, "deny-list-py.wasm", &shipped("deny-list-py.wasm"));
+    install(&plugins, "rack-gate-js.wasm", &shipped("rack-gate-js.wasm"));
     let a = Appliance::start_in(dir, &[]);
-    a.wait_metric("arges_plugins_active 2");
+    a.wait_metric("arges_plugins_active 3");
     let (s, script) = boot_script(&a, UUID_A, MAC_A);
     assert_eq!(s, 200);
     assert!(
@@ -399,15 +401,44 @@ fn a_python_plugin_in_an_ordered_chain() {
     // Not listed: the Python plugin passes, default-policy decides (unknown: discover).
     let (_, script) = boot_script(&a, OTHER_UUID, "52:54:00:00:00:77");
     assert!(script.contains("/env/discovery/vmlinuz"), "{script}");
+    // A machine in a closed rack: the JavaScript plugin refuses it, in its words.
+    let racked = test_support::Registration::numbered(3);
+    a.register(&racked);
+    let (code, _) = a.request(
+        "PUT",
+        &format!("/api/v1/servers/{}/labels", racked.uuid()),
+        Some(test_support::ADMIN_TOKEN),
+        br#"{"rack":"r7"}"#,
+    );
+    assert_eq!(code, 200);
+    let (_, script) = boot_script(&a, racked.uuid(), racked.mac());
+    assert!(
+        script.contains(&format!(
+            "echo Arges: boot denied for {}: rack r7 is closed (config closed_racks)\n",
+            racked.uuid()
+        )),
+        "{script}"
+    );
     let m = a.metrics();
     for want in [
         "{plugin=\"deny-list-py\",result=\"decided\"} 1",
-        "{plugin=\"deny-list-py\",result=\"pass\"} 1",
+        "{plugin=\"deny-list-py\",result=\"pass\"} 2",
+        "{plugin=\"rack-gate-js\",result=\"pass\"} 1",
+        "{plugin=\"rack-gate-js\",result=\"decided\"} 1",
         "{plugin=\"default-policy\",result=\"decided\"} 1",
     ] {
         assert!(
             m.contains(&format!("arges_plugin_calls_total{want}")),
             "{want}:\n{m}"
+        );
+    }
+    // Each plugin's call time, apart.
+    for plugin in ["deny-list-py", "rack-gate-js", "default-policy"] {
+        assert!(
+            m.contains(&format!(
+                "arges_plugin_call_seconds_count{{plugin=\"{plugin}\"}}"
+            )),
+            "{plugin}'s call time:\n{m}"
         );
     }
     assert!(
@@ -470,7 +501,10 @@ fn plugin_check_and_decide_commands() {
         .args(["plugin", "check"])
         .arg(built().join("hardware-policy.wasm")));
     assert!(out.status.success(), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("arges:plugin/boot-policy@0.1.0"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!(
+        "arges:plugin/boot-policy@{}",
+        arges::plugins::CONTRACT_VERSION
+    )));
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("wrong.wasm"), wat_fixture("wrong-world")).unwrap();
     let out = run(Command::new(bin())
@@ -478,7 +512,7 @@ fn plugin_check_and_decide_commands() {
         .arg(dir.path().join("wrong.wasm")));
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not an arges:plugin@0.1.0 boot-policy"),
+        String::from_utf8_lossy(&out.stderr).contains("not an arges:plugin@0.1.1 boot-policy"),
         "{out:?}"
     );
     let facts = dir.path().join("facts.json");

@@ -105,8 +105,9 @@ async fn check(file: std::path::PathBuf) -> Result<()> {
         p.name, p.name
     );
     println!(
-        "  world:   arges:plugin/{}@0.1.0 ({})",
+        "  world:   arges:plugin/{}@{} ({})",
         p.world(),
+        arges::plugins::CONTRACT_VERSION,
         if p.is_policy() {
             "exports decide"
         } else {

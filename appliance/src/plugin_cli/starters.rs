@@ -82,7 +82,8 @@ pub fn write(name: &str, lang: StarterLang, dir: &Path) -> Result<Vec<PathBuf>> 
     for (file, template, executable) in templates(lang) {
         let text = template
             .replace("{{name}}", name)
-            .replace("{{crate}}", &crate_name);
+            .replace("{{crate}}", &crate_name)
+            .replace("{{version}}", arges::plugins::CONTRACT_VERSION);
         let path = dir.join(file);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)

@@ -55,7 +55,10 @@ pub enum PluginError {
     },
     #[error("plugin {plugin}: not a WebAssembly component: {message}")]
     Invalid { plugin: String, message: String },
-    #[error("plugin {plugin}: not an arges:plugin@0.1.0 boot-policy or bmc-driver: {message}")]
+    #[error(
+        "plugin {plugin}: not an arges:plugin@{} boot-policy or bmc-driver: {message}",
+        super::CONTRACT_VERSION
+    )]
     WrongWorld { plugin: String, message: String },
     #[error(
         "plugin {plugin}: imports {}, which the host does not provide. {}",

@@ -24,6 +24,10 @@
 
 pub mod config;
 
+/// The version of the contract (`wit/plugin.wit`) this host speaks. Components built
+/// against any `0.1.x` load (wasmtime's linker matches semver-compatible versions).
+pub const CONTRACT_VERSION: &str = "0.1.1";
+
 #[cfg(feature = "plugins")]
 pub mod bindings;
 #[cfg(feature = "plugins")]
@@ -45,3 +49,16 @@ use engine::{ticks, truncate};
 pub use host::PluginState;
 #[cfg(feature = "plugins")]
 pub use loader::{FileStamp, Plugin};
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_contract_version_is_the_wit_package_version() {
+        let wit = include_str!("../../../wit/plugin.wit");
+        let package = format!("\npackage arges:plugin@{};", super::CONTRACT_VERSION);
+        assert!(
+            wit.contains(&package),
+            "wit/plugin.wit must declare{package}"
+        );
+    }
+}

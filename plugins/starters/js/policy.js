@@ -9,8 +9,8 @@
 // undefined; a list of pairs is an array of [key, value]; a variant is {tag, val} with
 // the WIT's name as tag ('local-disk'); returning is `ok`, and throwing a string is
 // `err` (logged, and the built-in decision is used).
-import { log } from 'arges:plugin/log@0.1.0';
-import { get } from 'arges:plugin/config@0.1.0';
+import { log } from 'arges:plugin/log@{{version}}';
+import { get } from 'arges:plugin/config@{{version}}';
 
 export function decide(facts) {
   const labels = new Map(facts.inventory.labels);
