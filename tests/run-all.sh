@@ -31,6 +31,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# Node.js and npm install componentize-js (the JavaScript plugin and starter).
+if ! command -v npm >/dev/null 2>&1; then
+  step "installing nodejs npm"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends nodejs npm
+fi
+
 if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
   # shellcheck disable=SC1091
   . "$HOME/.cargo/env"
@@ -46,7 +53,7 @@ step "cargo fmt --check"
 cargo fmt --all --check
 cargo fmt --all --check --manifest-path plugins/Cargo.toml
 
-step "plugins (wasm32-wasip2 components, and the Python one)"
+step "plugins (wasm32-wasip2 components, the Python and the JavaScript one)"
 bash plugins/build.sh
 cargo clippy --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --locked --target-dir "${CARGO_TARGET_DIR:-plugins/target}/plugins" -- -D warnings
 

@@ -5,7 +5,7 @@
 //! (a deny reason with spaces and parentheses reads as written in the served script), the
 //! source changed, rebuilt, replaced and hot-reloaded. Prints each language's figures
 //! (component size, build, cold compile, cached load, warm decision) side by side with
-//! `--nocapture`. The JavaScript one also builds with componentize-js's defaults, which
+//! `--nocapture`, and keeps them in `CARGO_TARGET_TMPDIR/plugin-kit/`. The JavaScript one also builds with componentize-js's defaults, which
 //! import `wasi:http`, and checks that the refusal names the interface.
 //! And a component built against the contract's previous version still loads.
 
@@ -79,7 +79,7 @@ fn loaded(check: &str) -> Duration {
         .find_map(|l| l.trim().strip_prefix("loaded:"))
         .expect("a loaded: line");
     let d = line.split_whitespace().next().unwrap();
-    let (n, unit) = d.split_at(d.find(|c: char| c.is_ascii_alphabetic()).unwrap());
+    let (n, unit) = d.split_at(d.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap());
     let n: f64 = n.parse().unwrap();
     Duration::from_secs_f64(match unit {
         "s" => n,
@@ -88,6 +88,17 @@ fn loaded(check: &str) -> Duration {
         "ns" => n / 1e9,
         u => panic!("unit {u} in {line}"),
     })
+}
+
+/// `arges plugin new NAME --lang LANG` into `work/NAME`.
+fn new_project(work: &Path, name: &str, lang: &str) -> PathBuf {
+    let project = work.join(name);
+    let p = project.display().to_string();
+    ok(
+        &arges(&["plugin", "new", name, "--lang", lang, "--dir", &p], work),
+        "plugin new",
+    );
+    project
 }
 
 fn boot_script(a: &Appliance, uuid: &str, mac: &str) -> String {
@@ -101,12 +112,7 @@ fn outsider_flow(lang: &str, source: &str) {
     let work = tempfile::tempdir().unwrap();
     let tmp = work.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
-    let project = work.path().join(&name);
-    let p = project.display().to_string();
-    ok(
-        &arges(&["plugin", "new", &name, "--lang", lang, "--dir", &p], &tmp),
-        "plugin new",
-    );
+    let project = new_project(work.path(), &name, lang);
     let build_time = build(lang, &project);
     let wasm = project.join(format!("{name}.wasm"));
     let w = wasm.display().to_string();
@@ -240,7 +246,7 @@ fn outsider_flow(lang: &str, source: &str) {
             .then_some(())
     });
 
-    eprintln!(
+    let figures = format!(
         "plugin kit, {lang:>6}: component {:>10} bytes | build {:>6.1} s | cold compile {:>8.1} ms | cached load {:>6.1} ms | warm decision {:>4} µs",
         size,
         build_time.as_secs_f64(),
@@ -248,6 +254,11 @@ fn outsider_flow(lang: &str, source: &str) {
         loaded(&cached).as_secs_f64() * 1e3,
         warm_us
     );
+    eprintln!("{figures}");
+    // Kept beside the test binaries too, to read after a run without --nocapture.
+    let kept = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-kit");
+    std::fs::create_dir_all(&kept).unwrap();
+    std::fs::write(kept.join(format!("{lang}.txt")), figures + "\n").unwrap();
 }
 
 #[test]
@@ -265,15 +276,7 @@ fn a_javascript_plugin_from_new_to_hot_reload_and_an_import_the_host_lacks_named
     outsider_flow("js", "policy.js");
     // componentize-js's defaults import wasi:http: refused, with the interface named.
     let work = tempfile::tempdir().unwrap();
-    let project = work.path().join("kit-http");
-    let p = project.display().to_string();
-    ok(
-        &arges(
-            &["plugin", "new", "kit-http", "--lang", "js", "--dir", &p],
-            work.path(),
-        ),
-        "plugin new",
-    );
+    let project = new_project(work.path(), "kit-http", "js");
     let manifest = project.join("package.json");
     let text = std::fs::read_to_string(&manifest).unwrap();
     std::fs::write(&manifest, text.replace(" --disable http fetch-event", "")).unwrap();
@@ -300,15 +303,7 @@ fn a_javascript_plugin_from_new_to_hot_reload_and_an_import_the_host_lacks_named
 fn a_component_built_against_the_previous_contract_version_loads() {
     // The Rust starter with its contract set back to 0.1.0.
     let work = tempfile::tempdir().unwrap();
-    let project = work.path().join("kit-v010");
-    let p = project.display().to_string();
-    ok(
-        &arges(
-            &["plugin", "new", "kit-v010", "--lang", "rust", "--dir", &p],
-            work.path(),
-        ),
-        "plugin new",
-    );
+    let project = new_project(work.path(), "kit-v010", "rust");
     let wit = project.join("wit/plugin.wit");
     let text = std::fs::read_to_string(&wit).unwrap();
     let current = format!("package arges:plugin@{};", arges::plugins::CONTRACT_VERSION);

@@ -14,10 +14,18 @@ struct Policy;
 impl Guest for Policy {
     fn decide(facts: MachineFacts) -> Result<BootAction, String> {
         let label = |key: &str| {
-            facts.inventory.labels.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+            facts
+                .inventory
+                .labels
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
         };
         if label("quarantine") == Some("true") {
-            log(Level::Warn, &format!("refusing {:?}: quarantined", facts.mac));
+            log(
+                Level::Warn,
+                &format!("refusing {:?}: quarantined", facts.mac),
+            );
             // Shown on the machine's console as written.
             return Ok(BootAction::Deny(
                 "quarantined (label quarantine=true): ask the operator".into(),
