@@ -245,6 +245,16 @@ pub async fn run(
         )
         .with_power(Arc::new(power)),
     );
+    // The boots witnessed before the last stop, read back before anything is served.
+    let timeline_file = config.data_dir.join("timeline.json");
+    {
+        let (timeline, file) = (Arc::clone(core.timeline()), timeline_file.clone());
+        match tokio::task::spawn_blocking(move || timeline.load(&file)).await? {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(machines = n, "boot timeline read back"),
+            Err(e) => tracing::warn!(error = %e, "starting with an empty boot timeline"),
+        }
+    }
     let mut bound = Bound {
         http: Vec::new(),
         https: Vec::new(),
@@ -364,12 +374,6 @@ pub async fn run(
     // stored.
     let audit_stop = CancellationToken::new();
     let audit_writer = tokio::spawn(Arc::clone(core.audit()).run(audit_stop.clone()));
-    let timeline_file = config.data_dir.join("timeline.json");
-    match core.timeline().load(&timeline_file) {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(machines = n, "boot timeline read back"),
-        Err(e) => tracing::warn!(error = %e, "starting with an empty boot timeline"),
-    }
     let timeline_writer =
         tokio::spawn(Arc::clone(core.timeline()).keep_snapshot(timeline_file, audit_stop.clone()));
     tracing::info!(

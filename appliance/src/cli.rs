@@ -73,8 +73,8 @@ pub enum PluginCommand {
         /// A key of the plugin's config table, as KEY=VALUE (repeatable).
         #[arg(long = "config", value_name = "KEY=VALUE")]
         config: Vec<String>,
-        /// Deadline of the call, milliseconds.
-        #[arg(long, default_value_t = 1000)]
+        /// Deadline of the call, milliseconds (the appliance's default).
+        #[arg(long, default_value_t = 50)]
         timeout_ms: u64,
     },
     /// Runs a table of cases (a machine's facts and the decision it must get) and prints
@@ -88,8 +88,8 @@ pub enum PluginCommand {
         /// A key of the plugin's config table, as KEY=VALUE (repeatable; over the file's).
         #[arg(long = "config", value_name = "KEY=VALUE")]
         config: Vec<String>,
-        /// Deadline of each call, milliseconds.
-        #[arg(long, default_value_t = 1000)]
+        /// Deadline of each call, milliseconds (the appliance's default).
+        #[arg(long, default_value_t = 50)]
         timeout_ms: u64,
     },
     /// Writes a new boot-policy project: a small buildable starter with its build

@@ -63,8 +63,12 @@ pub type PluginLabels = [(&'static str, String); 2];
 /// A plugin's name alone, same rule.
 pub type PluginName = [(&'static str, String); 1];
 
+/// 5 µs (a warm decision) to about 42 s (a BMC driver step waiting on its BMC).
+pub const PLUGIN_CALL_BUCKETS: (f64, f64, u16) = (0.000_005, 2.0, 24);
+
 fn plugin_call_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.000_005, 2.0, 18))
+    let (start, factor, count) = PLUGIN_CALL_BUCKETS;
+    Histogram::new(exponential_buckets(start, factor, count))
 }
 
 impl std::fmt::Debug for Metrics {

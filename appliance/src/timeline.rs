@@ -391,10 +391,12 @@ impl Timeline {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The state for a change (counted for the snapshot writer).
+    /// The state for a change, counted for the snapshot writer while the lock is held:
+    /// a snapshot that reads the count under the lock holds every change it counts.
     fn change(&self) -> std::sync::MutexGuard<'_, State> {
+        let guard = self.lock();
         self.changes.fetch_add(1, Ordering::Relaxed);
-        self.lock()
+        guard
     }
 
     /// Records `step` for `who`, now.
@@ -412,7 +414,11 @@ impl Timeline {
         {
             s.mac_of_uuid.insert((*u).to_string(), key.clone());
         }
-        let m = s.entry(key);
+        let by_mac = !key.starts_with("ip:") && !key.starts_with("uuid:");
+        let m = s.entry(key.clone());
+        if by_mac && m.mac.is_none() {
+            m.mac = Some(key);
+        }
         match &who {
             Who::Mac(mac) => m.mac = Some((*mac).to_string()),
             Who::Address(ip) => m.address = m.address.or(Some(*ip)),
@@ -487,23 +493,33 @@ impl Timeline {
     }
 
     /// Reads the snapshot at `path` back (machines and the ties of their addresses and
-    /// UUIDs), returning how many machines it held; a missing file is an empty timeline.
+    /// UUIDs), returning how many machines it held; a missing file is an empty timeline,
+    /// and one that cannot be read is moved aside to `timeline.json.bad`. Called before
+    /// anything is witnessed: what it reads replaces what is there.
     pub fn load(&self, path: &Path) -> Result<usize, SnapshotError> {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(SnapshotError::Io(path.to_path_buf(), e)),
         };
-        let machines: Vec<Machine> = serde_json::from_slice(&bytes)
-            .map_err(|e| SnapshotError::Format(path.to_path_buf(), e))?;
+        let machines: Vec<Machine> = match serde_json::from_slice(&bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                // Kept aside for a look, not overwritten by the next snapshot.
+                let _ = std::fs::rename(path, path.with_extension("json.bad"));
+                return Err(SnapshotError::Format(path.to_path_buf(), e));
+            }
+        };
         let mut s = self.lock();
-        let n = machines.len().min(MAX_MACHINES);
+        let mut n = 0;
         for m in machines.into_iter().take(MAX_MACHINES) {
-            let key = match (&m.mac, m.address) {
-                (Some(mac), _) => mac.clone(),
-                (None, Some(ip)) => address_key(ip),
-                (None, None) => continue,
+            let key = match (&m.mac, m.address, &m.uuid) {
+                (Some(mac), _, _) => mac.clone(),
+                (None, Some(ip), _) => address_key(ip),
+                (None, None, Some(uuid)) => format!("uuid:{uuid}"),
+                (None, None, None) => continue,
             };
+            n += 1;
             if let (Some(mac), Some(ip)) = (&m.mac, m.address) {
                 s.mac_of_address.insert(ip, mac.clone());
             }
@@ -515,22 +531,34 @@ impl Timeline {
         Ok(n)
     }
 
-    /// Writes every machine to `path` (a temporary file, synced, then renamed: a crash
-    /// leaves the old snapshot or the new one).
-    pub fn save(&self, path: &Path) -> Result<usize, SnapshotError> {
-        let machines: Vec<Machine> = self.lock().machines.values().cloned().collect();
+    /// Writes every machine to `path` (a temporary file, owner-only since it names
+    /// machines and their addresses, synced, then renamed: a crash leaves the old snapshot
+    /// or the new one). Returns the machines written and the change count they hold.
+    pub fn save(&self, path: &Path) -> Result<(usize, u64), SnapshotError> {
+        let (machines, changes) = {
+            let s = self.lock();
+            let machines: Vec<Machine> = s.machines.values().cloned().collect();
+            (machines, self.changes.load(Ordering::Relaxed))
+        };
         let io = |e| SnapshotError::Io(path.to_path_buf(), e);
         let bytes = serde_json::to_vec(&machines)
             .map_err(|e| SnapshotError::Format(path.to_path_buf(), e))?;
         let tmp = path.with_extension("json.tmp");
         {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io)?;
             f.write_all(&bytes).map_err(io)?;
             f.sync_all().map_err(io)?;
         }
         std::fs::rename(&tmp, path).map_err(io)?;
-        Ok(machines.len())
+        Ok((machines.len(), changes))
     }
 
     /// Writes a snapshot to `path` whenever the timeline changed, at most every
@@ -550,8 +578,8 @@ impl Timeline {
             if now != written {
                 let (me, p) = (std::sync::Arc::clone(&self), path.clone());
                 match tokio::task::spawn_blocking(move || me.save(&p)).await {
-                    Ok(Ok(n)) => {
-                        written = now;
+                    Ok(Ok((n, held))) => {
+                        written = held;
                         tracing::debug!(machines = n, path = %path.display(), "boot timeline saved");
                     }
                     Ok(Err(e)) => {
@@ -735,9 +763,12 @@ mod tests {
         t.witness_at(Who::Mac(MAC), 1_000, dhcp("pxe"));
         t.bind(ip, MAC, Some("uuid-9"));
         t.witness_at(Who::Address("10.0.0.10".parse().unwrap()), 1_100, tftp("x"));
-        assert_eq!(t.save(&path).unwrap(), 2);
+        // Known by UUID only (a BMC operation before any boot): kept too.
+        t.witness_at(Who::Uuid("uuid-only", &[]), 1_200, Step::Done);
+        assert_eq!(t.save(&path).unwrap().0, 3);
         let back = Timeline::new();
-        assert_eq!(back.load(&path).unwrap(), 2);
+        assert_eq!(back.load(&path).unwrap(), 3);
+        assert!(back.machine("uuid:uuid-only").is_some());
         assert_eq!(
             back.boots_of(&[MAC.to_string()]),
             t.boots_of(&[MAC.to_string()])
@@ -750,9 +781,13 @@ mod tests {
             ["dhcp", "tftp", "done"]
         );
         assert!(back.machine("ip:10.0.0.10").is_some());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
         std::fs::write(&path, b"{").unwrap();
         let e = Timeline::new().load(&path).unwrap_err().to_string();
         assert!(e.contains("is not a boot timeline"), "{e}");
+        assert!(path.with_extension("json.bad").exists(), "kept aside");
     }
 
     #[test]

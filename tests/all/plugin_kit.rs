@@ -35,7 +35,7 @@ fn plugin_target() -> PathBuf {
 }
 
 fn arges(args: &[&str], tmp: &Path) -> std::process::Output {
-    run(Command::new(bin()).args(args).env("TMPDIR", tmp))
+    run(Command::new(bin()).args(args).env("XDG_CACHE_HOME", tmp))
 }
 
 fn ok(out: &std::process::Output, what: &str) -> String {

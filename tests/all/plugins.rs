@@ -376,7 +376,7 @@ fn hot_reload_replace_keep_last_good_remove() {
 #[test]
 fn python_and_javascript_plugins_in_an_ordered_chain() {
     let dir = Appliance::prepare(&format!(
-        "[plugins]\n{}timeout_ms = 5000\norder = [\"deny-list-py\", \"rack-gate-js\", \"default-policy\"]\n\
+        "[plugins]\n{}order = [\"deny-list-py\", \"rack-gate-js\", \"default-policy\"]\n\
          [plugins.config.deny-list-py]\nmacs = \"{MAC_A}, 00:11:22:33:44:55\"\n\
          [plugins.config.rack-gate-js]\nclosed_racks = \"r6, r7\"\n\
          [plugins.config.default-policy]\ndefault_environment = \"talos\"\n",

@@ -257,7 +257,7 @@ fn registration_becomes_a_server_and_kubectl_drives_the_next_boot() {
             })
             .cloned()
     });
-    assert_eq!(entry["who"], "kubernetes kubectl-patch", "{entry}");
+    assert_eq!(entry["who"], "kubernetes manager=kubectl-patch", "{entry}");
     assert_eq!(entry["server"], UUID_1, "{entry}");
     // The environment's files are served.
     let (code, body) = a.request("GET", "/env/from-cluster/vmlinuz", None, b"");

@@ -429,20 +429,18 @@ fn desired(s: &ServerResource) -> DesiredState {
     }
 }
 
-/// The field manager that changed the Server's spec or labels last, other than an
-/// appliance (whose managers are `arges-<identity>`): `kubectl-patch`, `kubectl-label`,
-/// a controller's name. The apiserver records only the manager, not the user; the
-/// user is in the apiserver's own audit log.
+/// The field manager that changed the Server's spec or labels last (`kubectl-patch`,
+/// `kubectl-label`, a controller's name), as `manager=NAME`; none when that was an
+/// appliance (`arges-<identity>`). The apiserver records only the manager, not the user
+/// (the user is in the apiserver's own audit log), and anyone may name a manager: the
+/// name is cut to a plain charset and marked as a manager's, so it cannot pass for a
+/// console user.
 fn spec_manager(s: &ServerResource) -> Option<String> {
-    s.metadata
+    let latest = s
+        .metadata
         .managed_fields
         .as_deref()?
         .iter()
-        .filter(|m| {
-            m.manager
-                .as_deref()
-                .is_some_and(|n| !n.starts_with("arges-"))
-        })
         .filter(|m| {
             m.fields_v1.as_ref().is_some_and(|f| {
                 f.0.get("f:spec").is_some()
@@ -452,8 +450,17 @@ fn spec_manager(s: &ServerResource) -> Option<String> {
                         .is_some()
             })
         })
-        .max_by_key(|m| m.time.as_ref().map(|t| t.0))
-        .and_then(|m| m.manager.clone())
+        .max_by_key(|m| m.time.as_ref().map(|t| t.0))?;
+    let name = latest.manager.as_deref()?;
+    if name.starts_with("arges-") {
+        return None;
+    }
+    let plain: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        .take(64)
+        .collect();
+    Some(format!("manager={plain}"))
 }
 
 /// The inventory id of a Server: its annotation, else its name.

@@ -181,8 +181,8 @@ pub struct DesiredState {
     pub labels: BTreeMap<String, String>,
     /// `spec.arm`: a value not acted on yet opens a window (and clears an alarm).
     pub arm: Option<String>,
-    /// Who changed it last, as the cluster says (the field manager of the latest change
-    /// to its spec or labels, e.g. `kubectl-patch`): the audit log's actor.
+    /// Who changed it last, as the cluster says (`manager=NAME`, the field manager of the
+    /// latest change to its spec or labels): the audit log's actor.
     pub changed_by: Option<String>,
 }
 

@@ -279,9 +279,17 @@ fn parse_label_filter(filter: &str) -> Result<Vec<LabelRequirement<'_>>, String>
                 | LabelRequirement::Exists(k)
                 | LabelRequirement::Absent(k) => *k,
             };
-            if key.is_empty() || key.contains(char::is_whitespace) {
+            let value = match &req {
+                LabelRequirement::Equals(_, v) | LabelRequirement::NotEquals(_, v) => v,
+                _ => "",
+            };
+            let plain = |t: &str| {
+                t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+            };
+            if key.is_empty() || !plain(key) || !plain(value) {
                 return Err(format!(
-                    "{r:?} is not a label requirement (key=value, key!=value, key or !key)"
+                    "{r:?} is not a label requirement (key=value, key!=value, key or !key; set-based ones such as `in (a,b)` are not taken)"
                 ));
             }
             Ok(req)
@@ -557,7 +565,9 @@ impl PluginFigures {
 
 fn millis(seconds: f64) -> String {
     if seconds.is_infinite() {
-        "more than 1.3 s".into()
+        let (start, factor, count) = crate::metrics::PLUGIN_CALL_BUCKETS;
+        let last = start * factor.powi(i32::from(count) - 1);
+        format!("more than {last:.0} s")
     } else {
         format!("{:.3} ms", seconds * 1000.0)
     }
@@ -1035,8 +1045,10 @@ mod tests {
         assert!(!ok("role=cp"));
         assert!(!ok("gpu"));
         assert!(!ok("role=worker,!rack"));
-        let e = parse_label_filter("role=worker,=x").unwrap_err();
-        assert!(e.contains("\"=x\" is not a label requirement"), "{e}");
+        for bad in ["role=worker,=x", "!a=b", "a=b=c", "env in (a", "a b"] {
+            let e = parse_label_filter(bad).unwrap_err();
+            assert!(e.contains("is not a label requirement"), "{bad}: {e}");
+        }
     }
 
     #[test]

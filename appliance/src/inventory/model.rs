@@ -180,9 +180,10 @@ pub struct AuditEntry {
     pub seq: u64,
     /// Milliseconds since the Unix epoch.
     pub at_ms: u64,
-    /// `admin` (the admin token), `kubernetes <user> (console)`, `kubernetes <field
-    /// manager>` (a change to a Server, e.g. `kubernetes kubectl-patch`), `machine <uuid>`,
-    /// `appliance`, or `unknown` for a credential that proved nothing.
+    /// `admin` (the admin token), `kubernetes <user> (console)`, `kubernetes
+    /// manager=<field manager>` (a change to a Server, e.g. `kubernetes
+    /// manager=kubectl-patch`), `machine <uuid>`, `appliance`, or `unknown` for a
+    /// credential that proved nothing.
     pub who: String,
     /// The address the request came from, when there was one.
     #[serde(default)]

@@ -47,13 +47,18 @@ pub struct CaseFile {
 #[serde(untagged)]
 pub enum ExpectFile {
     Words(String),
-    Table {
-        action: String,
-        #[serde(default)]
-        value: Option<String>,
-        #[serde(default)]
-        contains: Option<String>,
-    },
+    Table(ExpectTable),
+}
+
+/// `expect` as a table; a misspelt key is refused, never ignored.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectTable {
+    action: String,
+    #[serde(default)]
+    value: Option<String>,
+    #[serde(default)]
+    contains: Option<String>,
 }
 
 /// The actions a case may expect, as the WIT names them.
@@ -84,11 +89,11 @@ impl ExpectFile {
                 Some((a, v)) => (a.to_string(), Some(v.trim().to_string()), None),
                 None => (w.trim().to_string(), None, None),
             },
-            ExpectFile::Table {
+            ExpectFile::Table(ExpectTable {
                 action,
                 value,
                 contains,
-            } => (action, value, contains),
+            }) => (action, value, contains),
         };
         let action = action.replace('_', "-");
         if !ACTIONS.contains(&action.as_str()) {
@@ -96,6 +101,10 @@ impl ExpectFile {
                 "expect: {action:?} is not an action (the actions are {})",
                 ACTIONS.join(", ")
             ));
+        }
+        let valueless = !matches!(action.as_str(), "environment" | "script" | "deny" | "error");
+        if valueless && (value.is_some() || contains.is_some()) {
+            return Err(format!("expect: {action} has no value to match"));
         }
         Ok(Expect {
             action,
@@ -184,6 +193,12 @@ mod tests {
                 .holds(&Ok(Some(BootAction::LocalDisk)))
         );
         assert!(expect("error").unwrap().holds(&Err("trapped".into())));
+        assert!(
+            serde_yaml_ng::from_str::<ExpectFile>("{action: deny, contians: x}").is_err(),
+            "a misspelt key"
+        );
+        let e = expect("pass quickly").unwrap_err();
+        assert!(e.contains("pass has no value to match"), "{e}");
         let e = expect("boot").unwrap_err();
         assert!(
             e.contains("\"boot\" is not an action (the actions are pass, discover"),

@@ -25,8 +25,7 @@ fn host(
     timeout: Duration,
 ) -> Result<(Arc<PluginHost>, Plugin)> {
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let cache = std::env::temp_dir().join("arges-plugin-cache");
-    let mut settings = PluginsConfig::with_defaults(dir, cache);
+    let mut settings = PluginsConfig::with_defaults(dir, own_cache()?);
     settings.timeout = timeout;
     if let Ok(name) = arges::plugins::loader::plugin_name(file) {
         settings.config.insert(name, config);
@@ -34,6 +33,38 @@ fn host(
     let host = PluginHost::new(settings, Arc::new(Metrics::new()))?;
     let plugin = host.load_file(file)?;
     Ok((host, plugin))
+}
+
+/// The user's own compile cache (`$XDG_CACHE_HOME/arges/plugin-cache`, else under
+/// `~/.cache`), in a folder only they may write: the key that signs compiled plugins
+/// lives beside it, and a shared temporary folder would let another user plant both.
+fn own_cache() -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .context(
+            "neither XDG_CACHE_HOME nor HOME is set: no folder for the plugin compile cache",
+        )?;
+    let root = base.join("arges");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&root)
+        .with_context(|| format!("cannot create {}", root.display()))?;
+    let meta =
+        std::fs::metadata(&root).with_context(|| format!("cannot read {}", root.display()))?;
+    // SAFETY: geteuid(2) reads this process's effective user id; it cannot fail.
+    let me = unsafe { libc::geteuid() };
+    anyhow::ensure!(
+        meta.uid() == me && meta.permissions().mode() & 0o022 == 0,
+        "{} is not this user's own folder (owner {}, mode {:o}): not keeping compiled plugins there",
+        root.display(),
+        meta.uid(),
+        meta.permissions().mode() & 0o777
+    );
+    Ok(root.join("plugin-cache"))
 }
 
 /// `--config KEY=VALUE` flags as the plugin's table entries.

@@ -259,7 +259,8 @@ const PROVIDED_PACKAGES: [&str; 7] = [
 ];
 
 /// What [`PluginError::UnprovidedImports`] tells the author to do.
-pub const PROVIDED_IMPORTS_HELP: &str = "A plugin may import arges:plugin/log and \
+pub const PROVIDED_IMPORTS_HELP: &str = "This appliance speaks arges:plugin 0.1.x. \
+A plugin may import arges:plugin/log and \
 arges:plugin/config (a bmc-driver also arges:plugin/ipmi and arges:plugin/http, to its own \
 BMC), and wasi:cli, wasi:clocks, wasi:random, wasi:io, \
 wasi:filesystem (no directories) and wasi:sockets (every connection refused); anything \
@@ -268,13 +269,24 @@ else (wasi:http, …) is refused. Build without it: for JavaScript, \
 does); for Rust, drop the crate that pulls it in (a wasi-http client); \
 `wasm-tools component wit FILE` lists what a component imports.";
 
-/// The component's imports the host does not provide at all.
+/// The component's imports the host does not provide at all: another package's, or
+/// this contract's at a minor version it does not speak.
 fn unprovided_imports(engine: &Engine, component: &Component) -> Vec<String> {
+    let speaks = super::CONTRACT_VERSION
+        .rsplit_once('.')
+        .map_or(super::CONTRACT_VERSION, |(minor, _)| minor);
     component
         .component_type()
         .imports(engine)
         .map(|(name, _)| name)
-        .filter(|name| !PROVIDED_PACKAGES.iter().any(|p| name.starts_with(p)))
+        .filter(|name| {
+            let provided = PROVIDED_PACKAGES.iter().any(|p| name.starts_with(p));
+            let other_version = name.starts_with("arges:plugin/")
+                && name
+                    .split_once('@')
+                    .is_some_and(|(_, v)| !v.starts_with(&format!("{speaks}.")));
+            !provided || other_version
+        })
         .map(String::from)
         .collect()
 }

@@ -60,5 +60,10 @@ mod tests {
             wit.contains(&package),
             "wit/plugin.wit must declare{package}"
         );
+        let (minor, _) = super::CONTRACT_VERSION.rsplit_once('.').unwrap();
+        assert!(
+            super::loader::PROVIDED_IMPORTS_HELP.contains(&format!("arges:plugin {minor}.x")),
+            "the refusal names the version spoken"
+        );
     }
 }

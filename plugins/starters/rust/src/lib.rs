@@ -38,7 +38,9 @@ impl Guest for Policy {
         }
         let inv = &facts.inventory;
         match config::get("environment") {
-            Some(env) if inv.accepted && !inv.cordoned => Ok(BootAction::Environment(env)),
+            Some(env) if !env.is_empty() && inv.accepted && !inv.cordoned => {
+                Ok(BootAction::Environment(env))
+            }
             // No opinion: the next plugin in the chain decides, or the built-in policy.
             _ => Ok(BootAction::Pass),
         }
