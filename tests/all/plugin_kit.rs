@@ -319,6 +319,17 @@ fn a_component_built_against_the_previous_contract_version_loads() {
     let bytes = std::fs::read(&wasm).unwrap();
     let imports_old = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
     assert!(imports_old("arges:plugin/log@0.1.0"), "built against 0.1.0");
+    let checked = ok(
+        &arges(
+            &["plugin", "check", &wasm.display().to_string()],
+            work.path(),
+        ),
+        "plugin check",
+    );
+    assert!(
+        checked.contains("arges:plugin/boot-policy@0.1.0 (exports decide; this appliance speaks"),
+        "{checked}"
+    );
     let cases = project.join("cases.yaml").display().to_string();
     let tested = ok(
         &arges(

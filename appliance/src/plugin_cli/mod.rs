@@ -136,14 +136,17 @@ async fn check(file: std::path::PathBuf) -> Result<()> {
         p.name, p.name
     );
     println!(
-        "  world:   arges:plugin/{}@{} ({})",
+        "  world:   arges:plugin/{}@{} ({}; this appliance speaks {})",
         p.world(),
-        arges::plugins::CONTRACT_VERSION,
+        p.contract
+            .as_deref()
+            .unwrap_or(arges::plugins::CONTRACT_VERSION),
         if p.is_policy() {
             "exports decide"
         } else {
             "exports probe, power-state, set-power, set-boot-device, boot-device"
-        }
+        },
+        arges::plugins::CONTRACT_VERSION,
     );
     println!("  sha256:  {}", p.sha256);
     println!(

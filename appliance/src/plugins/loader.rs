@@ -64,6 +64,9 @@ pub struct Plugin {
     pub from_cache: bool,
     /// How long loading took.
     pub load_time: std::time::Duration,
+    /// The contract version the component was built against (from its `arges:plugin`
+    /// imports), when it imports any.
+    pub contract: Option<String>,
     pub(crate) entry: Entry,
     pub(crate) config: Arc<Vec<(String, String)>>,
     pub(crate) permits: Arc<Semaphore>,
@@ -291,6 +294,15 @@ fn unprovided_imports(engine: &Engine, component: &Component) -> Vec<String> {
         .collect()
 }
 
+/// The version of the first `arges:plugin` interface the component imports.
+fn contract_version(engine: &Engine, component: &Component) -> Option<String> {
+    component
+        .component_type()
+        .imports(engine)
+        .find_map(|(name, _)| name.strip_prefix("arges:plugin/")?.split_once('@'))
+        .map(|(_, version)| version.to_string())
+}
+
 /// Names what a component exports, for "wrong world" errors.
 fn describe(engine: &Engine, component: &Component) -> String {
     let ty = component.component_type();
@@ -368,6 +380,7 @@ pub fn load(
         stamp,
         from_cache,
         load_time: started.elapsed(),
+        contract: contract_version(engine, &component),
         entry,
         permits: Arc::new(Semaphore::new(settings.max_instances as usize)),
         idle: std::sync::Mutex::new(Vec::new()),
