@@ -543,21 +543,7 @@ impl Timeline {
         let io = |e| SnapshotError::Io(path.to_path_buf(), e);
         let bytes = serde_json::to_vec(&machines)
             .map_err(|e| SnapshotError::Format(path.to_path_buf(), e))?;
-        let tmp = path.with_extension("json.tmp");
-        {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, path).map_err(io)?;
+        crate::sealing::write_private(path, &bytes).map_err(io)?;
         Ok((machines.len(), changes))
     }
 
