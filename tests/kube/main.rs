@@ -454,8 +454,7 @@ fn an_apiserver_restart_loses_nothing_and_boots_go_on_meanwhile() {
 fn the_shipped_rbac_is_enough_and_no_more() {
     let cp = ControlPlane::start();
     cp.apply_crds();
-    let rbac = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac/rbac.yaml");
-    cp.kubectl(&["apply", "-f", rbac]);
+    cp.apply_rbac();
     let kubeconfig = cp.service_account_kubeconfig();
     let dir = Appliance::prepare(
         "[kubernetes]\nidentity = \"rack-sa\"\nnamespace = \"arges-system\"\n[bmc]\npoll_ms = 200\n",
@@ -694,8 +693,7 @@ fn the_alert_rules_pass_promtool_and_their_unit_tests() {
 fn a_kubernetes_user_allowed_to_update_servers_logs_into_the_console() {
     let cp = ControlPlane::start();
     cp.apply_crds();
-    let rbac = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac/rbac.yaml");
-    cp.kubectl(&["apply", "-f", rbac]);
+    cp.apply_rbac();
     let a = appliance(&cp.service_account_kubeconfig(), "rack-1");
     let operators = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: operator, namespace: default}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: viewer, namespace: default}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: fleet-operator}\nrules:\n- {apiGroups: [metal.arges.dev], resources: [servers], verbs: [get, list, update, patch]}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: fleet-operator}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: fleet-operator}\nsubjects:\n- {kind: ServiceAccount, name: operator, namespace: default}\n";
     let out = cp.kubectl_stdin(&["apply", "-f", "-"], operators);

@@ -25,8 +25,7 @@ fn control_plane() -> (ControlPlane, ClusterApi) {
     let cp = ControlPlane::start();
     cp.apply_crds();
     ensure_namespace(&cp);
-    let rbac = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac/rbac.yaml");
-    cp.kubectl(&["apply", "-f", rbac]);
+    cp.apply_rbac();
     let capi = ClusterApi::start(&cp);
     cp.kubectl(&["create", "namespace", NS]);
     (cp, capi)
@@ -377,13 +376,7 @@ fn the_guide_s_cluster_is_provisioned_by_real_cluster_api_and_cabpt() {
         let s = cp.field(&["server", UUID_1], "{.status.clean}/{.status.phase}");
         (s == "true/Available").then_some(())
     });
-    let (_, body) = a.request(
-        "GET",
-        &format!("/api/v1/servers/{UUID_1}"),
-        Some(ADMIN_TOKEN),
-        b"",
-    );
-    let s: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let s = a.server_json(UUID_1);
     assert_eq!(s["has_config"], false, "the bootstrap data is gone: {s}");
 }
 

@@ -273,15 +273,9 @@ fn parse_label_filter(filter: &str) -> Result<Vec<LabelRequirement<'_>>, String>
             } else {
                 LabelRequirement::Exists(r)
             };
-            let key = match &req {
-                LabelRequirement::Equals(k, _)
-                | LabelRequirement::NotEquals(k, _)
-                | LabelRequirement::Exists(k)
-                | LabelRequirement::Absent(k) => *k,
-            };
-            let value = match &req {
-                LabelRequirement::Equals(_, v) | LabelRequirement::NotEquals(_, v) => v,
-                _ => "",
+            let (key, value) = match &req {
+                LabelRequirement::Equals(k, v) | LabelRequirement::NotEquals(k, v) => (*k, *v),
+                LabelRequirement::Exists(k) | LabelRequirement::Absent(k) => (*k, ""),
             };
             let plain = |t: &str| {
                 t.chars()
@@ -422,7 +416,7 @@ fn fleet(servers: &[Server], query: &FleetQuery, csrf: &str) -> Markup {
                             td { (s.hardware.vendor) " " (s.hardware.product) }
                             td { (s.hardware.serial) }
                             td { (s.environment.as_deref().unwrap_or("—")) }
-                            td { (s.power.state.map(|p| format!("{p:?}").to_ascii_lowercase()).unwrap_or_else(|| "—".into())) }
+                            td { (power_word(s).unwrap_or_else(|| "—".into())) }
                             td {
                                 @if s.accepted { span.flag { "accepted" } }
                                 @if s.cordoned { span.flag { "cordoned" } }
@@ -439,6 +433,11 @@ fn fleet(servers: &[Server], query: &FleetQuery, csrf: &str) -> Markup {
             }
         },
     )
+}
+
+/// The server's last known power state, in a word (`on`, `off`).
+fn power_word(s: &Server) -> Option<String> {
+    s.power.state.map(|p| format!("{p:?}").to_ascii_lowercase())
 }
 
 fn action_form(id: &str, csrf: &str, action: &str, label: &str, confirm: &str) -> Markup {
@@ -493,7 +492,7 @@ fn server_page(s: &Server, boots: &[Boot], csrf: &str, notice: Option<&str>) -> 
             section.power {
                 h2 { "Power" }
                 p {
-                    "State: " (s.power.state.map(|p| format!("{p:?}").to_ascii_lowercase()).unwrap_or_else(|| "unknown".into()))
+                    "State: " (power_word(s).unwrap_or_else(|| "unknown".into()))
                     @if let Some(b) = &s.bmc { " · BMC " (b.address) }
                     @else { " · no BMC" }
                 }
@@ -510,7 +509,7 @@ fn server_page(s: &Server, boots: &[Boot], csrf: &str, notice: Option<&str>) -> 
             }
             section.boots {
                 h2 { "Boots" }
-                @if boots.is_empty() { p { "No boot witnessed since the appliance started." } }
+                @if boots.is_empty() { p { "No boot witnessed yet." } }
                 @for b in boots.iter().rev() { (timeline(b)) }
             }
         },
@@ -578,7 +577,6 @@ fn millis(seconds: f64) -> String {
 fn plugins_page(metrics: &str, csrf: &str) -> Markup {
     let mut by_plugin: std::collections::BTreeMap<String, PluginFigures> = Default::default();
     let mut active = 0.0;
-    let (mut seconds, mut count) = (0.0, 0.0);
     for line in metrics.lines() {
         let value = |l: &str| {
             l.rsplit(' ')
@@ -599,10 +597,8 @@ fn plugins_page(metrics: &str, csrf: &str) -> Markup {
         {
             let f = by_plugin.entry(plugin).or_default();
             if line.starts_with("arges_plugin_call_seconds_sum") {
-                seconds += value(line);
                 f.seconds = value(line);
             } else if line.starts_with("arges_plugin_call_seconds_count") {
-                count += value(line);
                 f.count = value(line);
             } else if let Some(le) = label(line, "le") {
                 f.buckets
@@ -623,6 +619,8 @@ fn plugins_page(metrics: &str, csrf: &str) -> Markup {
         }
     }
     let ok = |r: &str| matches!(r, "decided" | "pass" | "ok" | "compiled" | "cached");
+    let seconds: f64 = by_plugin.values().map(|f| f.seconds).sum();
+    let count: f64 = by_plugin.values().map(|f| f.count).sum();
     layout(
         "Plugins",
         Some(csrf),
@@ -946,22 +944,15 @@ async fn act(ctx: &HttpContext, id: &str, action: &str) -> Result<(), CoreError>
         efi: true,
     };
     match action {
-        "accept" => core
-            .edit_server(id, ServerEdit::Accepted(true))
-            .await
-            .map(drop),
-        "unaccept" => core
-            .edit_server(id, ServerEdit::Accepted(false))
-            .await
-            .map(drop),
-        "cordon" => core
-            .edit_server(id, ServerEdit::Cordoned(true))
-            .await
-            .map(drop),
-        "uncordon" => core
-            .edit_server(id, ServerEdit::Cordoned(false))
-            .await
-            .map(drop),
+        "accept" | "unaccept" | "cordon" | "uncordon" => {
+            let edit = match action {
+                "accept" => ServerEdit::Accepted(true),
+                "unaccept" => ServerEdit::Accepted(false),
+                "cordon" => ServerEdit::Cordoned(true),
+                _ => ServerEdit::Cordoned(false),
+            };
+            core.edit_server(id, edit).await.map(drop)
+        }
         "arm" => core.arm(id, "the console").await.map(drop),
         "power-on" | "power-off" | "power-cycle" => {
             let a = match action {

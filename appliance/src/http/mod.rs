@@ -48,6 +48,11 @@ pub struct HttpContext {
     pub sessions: console::Sessions,
 }
 
+/// Whether `path` is the console's.
+fn console_path(path: &str) -> bool {
+    path == "/console" || path.starts_with("/console/")
+}
+
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(
         Full::new(body.into())
@@ -180,9 +185,8 @@ async fn route(
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     // The console goes wherever the admin API goes.
-    let admin_path = (path.starts_with("/api/v1/") && path != "/api/v1/register")
-        || path == "/console"
-        || path.starts_with("/console/");
+    let admin_path =
+        (path.starts_with("/api/v1/") && path != "/api/v1/register") || console_path(&path);
     let common = matches!(path.as_str(), "/healthz" | "/metrics");
     match role {
         Role::Admin if !admin_path && !common => {
@@ -242,9 +246,7 @@ async fn route(
         }
         (_, "/api/v1/register") => ("register", api::register(&ctx, peer, req).await),
         (_, p) if p.starts_with("/api/v1/") => ("admin", api::admin(&ctx, peer, req).await),
-        (_, p) if p == "/console" || p.starts_with("/console/") => {
-            ("console", console::console(&ctx, peer, req).await)
-        }
+        (_, p) if console_path(p) => ("console", console::console(&ctx, peer, req).await),
         _ => (
             "other",
             text(StatusCode::NOT_FOUND, format!("no such resource: {path}")),

@@ -278,6 +278,23 @@ impl Appliance {
         raw_http(self.http, method, path, token, body)
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log()))
     }
+
+    /// Server `id` as the admin API shows it.
+    pub fn server_json(&self, id: &str) -> serde_json::Value {
+        let (code, body) = self.request(
+            "GET",
+            &format!("/api/v1/servers/{id}"),
+            Some(ADMIN_TOKEN),
+            b"",
+        );
+        assert_eq!(
+            code,
+            200,
+            "GET server {id}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        serde_json::from_slice(&body).expect("a server as JSON")
+    }
 }
 
 impl Drop for Appliance {

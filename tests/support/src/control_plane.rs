@@ -256,8 +256,14 @@ impl ControlPlane {
         command_in(self.netns.as_deref(), program)
     }
 
+    /// Applies the shipped RBAC (`deploy/rbac/rbac.yaml`).
+    pub fn apply_rbac(&self) {
+        let rbac = repo().join("deploy/rbac/rbac.yaml");
+        self.kubectl(&["apply", "-f", &rbac.display().to_string()]);
+    }
+
     /// A kubeconfig of the shipped RBAC's service account (`arges` in `arges-system`,
-    /// from `deploy/rbac/rbac.yaml`, applied by the caller).
+    /// from `deploy/rbac/rbac.yaml`: [`ControlPlane::apply_rbac`] first).
     pub fn service_account_kubeconfig(&self) -> PathBuf {
         let token = self.kubectl(&[
             "create",
